@@ -1,0 +1,1 @@
+"""Shared building blocks for the DeepSpeed GPT training recipes."""

@@ -1,0 +1,126 @@
+"""Typed command-line arguments: dataclasses with help text, and one parser builder.
+
+Each recipe and tool declares its flags as a dataclass; `parse_args` turns the
+fields into an argparse parser (defaults and help shown in `--help`) and back.
+Flags own the model, data, run length, intervals, output and seed; everything about
+batches, precision, ZeRO, optimizer and scheduler lives in the DeepSpeed JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, TypeVar
+
+A = TypeVar("A")
+
+
+def flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A dataclass field carrying its help text (and any extra argparse options)."""
+    metadata = {"help": help, **argparse_kwargs}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults, and keep the docstring's usage examples as written."""
+
+
+def build_parser(spec: type, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description or (spec.__doc__ or "").strip(),
+        formatter_class=_HelpFormatter,
+    )
+    hints = typing.get_type_hints(spec)
+    for f in dataclasses.fields(spec):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help", "")
+        positional = meta.pop("positional", False)
+        tp = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs: dict[str, Any] = {"help": help_text, "default": default}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is list:
+            kwargs["type"] = typing.get_args(tp)[0]
+            kwargs["nargs"] = "*"
+        else:
+            kwargs["type"] = tp
+        kwargs.update(meta)
+        if positional:
+            parser.add_argument(f.name, **kwargs)
+        else:
+            parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def parse_args(spec: type[A], argv: Sequence[str] | None = None, description: str | None = None) -> A:
+    namespace = build_parser(spec, description).parse_args(argv)
+    return spec(**vars(namespace))
+
+
+@dataclass
+class PretrainArgs:
+    """Pretrain a GPT-style causal LM with DeepSpeed data parallelism (ZeRO 0-3 by config)."""
+
+    deepspeed_config: str = flag(
+        "ds_configs/zero2.json",
+        "DeepSpeed JSON: owns micro-batch, accumulation, precision, ZeRO stage, offload, "
+        "optimizer, scheduler and clipping",
+    )
+    data: str = flag(
+        "data/stdlib",
+        "folder written by tools/prepare_data.py (the default is prepared on first use)",
+    )
+    model: str = flag("gpt2-nano", "model preset name (see --list_models) or a model config JSON")
+    output_dir: str = flag("runs/pretrain", "folder for metrics.jsonl, config.json and checkpoints/")
+    max_steps: int = flag(400, "optimizer steps (global batches) to train for")
+    seq_len: Optional[int] = flag(None, "tokens per sample; default: the model's context length")
+    seed: int = flag(1234, "seed for initialisation and the data order")
+    log_interval: int = flag(10, "steps between metrics lines")
+    eval_interval: int = flag(100, "steps between validation passes (0: only at the end)")
+    eval_batches: int = flag(8, "global batches of validation data per evaluation")
+    save_interval: int = flag(0, "steps between checkpoints (0: only at the end)")
+    resume: bool = flag(False, "continue from the latest checkpoint in OUTPUT_DIR/checkpoints")
+    overwrite: bool = flag(False, "allow starting a fresh run in a non-empty OUTPUT_DIR")
+    list_models: bool = flag(False, "print the model presets and exit")
+    # Set by the deepspeed launcher; the rank is read from the environment instead.
+    local_rank: int = flag(-1, argparse.SUPPRESS)
+
+
+@dataclass
+class PrepareDataArgs:
+    """Tokenise text into packed, memory-mappable token files for pretraining.
+
+    With no INPUT and no --tokenizer, prepares the built-in default: the Python standard
+    library's source with a byte-level BPE tokenizer trained on it.
+    """
+
+    inputs: list[str] = flag(
+        [],
+        "text files, folders, globs, JSONL/Parquet files, a datasets folder (save_to_disk) or a hub name",
+        positional=True,
+        metavar="INPUT",
+    )
+    output: str = flag("data/stdlib", "data folder to write (train.bin, val.bin, meta.json, tokenizer/)")
+    tokenizer: Optional[str] = flag(None, "Hugging Face tokenizer folder; default: train a byte-level BPE on the inputs")
+    vocab_size: int = flag(8192, "vocabulary size when training a tokenizer")
+    val_fraction: float = flag(0.02, "fraction of documents held out for validation")
+    seed: int = flag(1234, "seed for the document shuffle and split")
+    text_field: str = flag("text", "field holding the text in JSONL/Parquet/datasets inputs")
+    split: str = flag("train", "split to read from saved or hub datasets")
+    file_pattern: str = flag("*", "files to take from input folders (a glob, e.g. '*.txt')")
+    num_proc: int = flag(0, "tokenising processes (0: one per core)")
+    overwrite: bool = flag(False, "replace an existing data folder prepared from other inputs")

@@ -1,0 +1,168 @@
+"""Load and check a DeepSpeed JSON, resolve batch arithmetic and fill run-dependent "auto" values.
+
+The JSON is the only owner of batch sizes, precision, ZeRO stage, offload, optimizer,
+scheduler and clipping. The recipe may fill only values that depend on the run itself
+(listed in AUTO_FILLERS) and logs every value it fills.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch: int  # samples per rank per forward pass
+    grad_accum: int  # micro-steps per optimizer step
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    @property
+    def per_rank(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"DeepSpeed config {path} does not exist (see ds_configs/ for examples)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"DeepSpeed config {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}")
+    if not isinstance(cfg, dict):
+        raise UserError(f"DeepSpeed config {path} must hold a JSON object, not {type(cfg).__name__}")
+    return cfg
+
+
+def _positive_int(cfg: dict, key: str) -> int | None:
+    value = cfg.get(key)
+    if value is None or value == "auto":
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"DeepSpeed config: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def resolve_batch(cfg: dict[str, Any], world_size: int) -> BatchPlan:
+    """Derive the missing batch value from the other two and check that they agree.
+
+    DeepSpeed requires train_batch_size == micro_batch * grad_accum * world_size; any two
+    determine the third. The resolved values are written back so DeepSpeed sees all three.
+    """
+    total, micro, accum = (_positive_int(cfg, k) for k in BATCH_KEYS)
+    if micro is None and total is None:
+        raise UserError("DeepSpeed config: set train_micro_batch_size_per_gpu (or train_batch_size)")
+    if total is not None:
+        if micro is None:
+            accum = accum or 1
+            micro, rest = divmod(total, accum * world_size)
+            if rest or micro == 0:
+                raise UserError(
+                    f"DeepSpeed config: train_batch_size {total} is not divisible by "
+                    f"gradient_accumulation_steps {accum} x world size {world_size}"
+                )
+        elif accum is None:
+            accum, rest = divmod(total, micro * world_size)
+            if rest or accum == 0:
+                raise UserError(
+                    f"DeepSpeed config: train_batch_size {total} is not divisible by "
+                    f"train_micro_batch_size_per_gpu {micro} x world size {world_size}"
+                )
+        elif total != micro * accum * world_size:
+            raise UserError(
+                f"DeepSpeed config: train_batch_size {total} != train_micro_batch_size_per_gpu {micro} "
+                f"x gradient_accumulation_steps {accum} x world size {world_size} "
+                f"(= {micro * accum * world_size}); fix one of them or drop train_batch_size"
+            )
+    plan = BatchPlan(micro_batch=micro, grad_accum=accum or 1, world_size=world_size)
+    cfg["train_micro_batch_size_per_gpu"] = plan.micro_batch
+    cfg["gradient_accumulation_steps"] = plan.grad_accum
+    cfg["train_batch_size"] = plan.global_batch
+    return plan
+
+
+def precision(cfg: dict[str, Any]) -> str:
+    """'bf16', 'fp16' or 'fp32', as the config asks."""
+    bf16 = (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False)
+    fp16 = (cfg.get("fp16") or {}).get("enabled", False)
+    if bf16 and fp16:
+        raise UserError("DeepSpeed config enables both bf16 and fp16; enable one of them")
+    return "bf16" if bf16 else "fp16" if fp16 else "fp32"
+
+
+def zero_stage(cfg: dict[str, Any]) -> int:
+    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"DeepSpeed config: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return stage
+
+
+def check_device_support(cfg: dict[str, Any], device_type: str) -> None:
+    # DeepSpeed's CPU accelerator rejects fp16 deep inside initialize(); say so up front.
+    if precision(cfg) == "fp16" and device_type == "cpu":
+        raise UserError(
+            "fp16 is not supported on CPU (DeepSpeed: 'Type fp16 is not supported on your device'); "
+            "use a bf16 config such as ds_configs/zero2.json"
+        )
+
+
+def _warmup_steps(max_steps: int) -> int:
+    return max(1, round(0.05 * max_steps))
+
+
+# "auto" values the recipe may fill: (section, key) -> function of the run.
+AUTO_FILLERS = {
+    ("scheduler", "total_num_steps"): lambda run: run["max_steps"],
+    ("scheduler", "warmup_num_steps"): lambda run: _warmup_steps(run["max_steps"]),
+}
+
+
+def fill_auto(cfg: dict[str, Any], max_steps: int) -> dict[str, Any]:
+    """Fill run-dependent "auto" values in place; returns {dotted key: value} of what was filled.
+
+    Any other "auto" is an error: the JSON owns those settings and must state them.
+    """
+    run = {"max_steps": max_steps}
+    filled: dict[str, Any] = {}
+    sched_params = (cfg.get("scheduler") or {}).get("params") or {}
+    for (section, key), fill in AUTO_FILLERS.items():
+        if section == "scheduler" and sched_params.get(key) == "auto":
+            sched_params[key] = fill(run)
+            filled[f"scheduler.params.{key}"] = sched_params[key]
+    leftover = [k for k, v in _walk(cfg) if v == "auto"]
+    if leftover:
+        raise UserError(
+            f"DeepSpeed config: {', '.join(leftover)} is 'auto', but the recipe fills only "
+            f"{', '.join('.'.join((s, 'params', k)) for s, k in AUTO_FILLERS)}; give a value"
+        )
+    return filled
+
+
+def _walk(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk(value, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix, node
+
+
+def resolve(path: str | Path, world_size: int, max_steps: int, device_type: str) -> tuple[dict, BatchPlan, dict]:
+    """Load, check and resolve a DeepSpeed JSON for this run: (config, batch plan, filled values)."""
+    cfg = copy.deepcopy(load_config(path))
+    zero_stage(cfg)
+    check_device_support(cfg, device_type)
+    plan = resolve_batch(cfg, world_size)
+    filled = fill_auto(cfg, max_steps)
+    return cfg, plan, filled

@@ -1,0 +1,165 @@
+"""Turn raw text into a prepared data folder: tokenise once, pack, split, memory-map later.
+
+Writing goes to a temporary folder that is renamed into place when complete, so an
+interrupted run never leaves a folder that looks prepared, and an existing folder is
+only replaced when the user asks (--overwrite).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import sources
+from .data import META_FILE, TOKENIZER_DIR, read_meta, token_dtype
+from .errors import UserError
+from .tokenizer import load_tokenizer, text_batches, train_bpe
+
+FORMAT_VERSION = 1
+DEFAULT_DATA_DIR = "data/stdlib"
+
+
+@dataclass
+class PrepareOptions:
+    inputs: list[str]
+    output: str
+    tokenizer: str | None = None
+    vocab_size: int = 8192
+    val_fraction: float = 0.02
+    seed: int = 1234
+    text_field: str = "text"
+    split: str = "train"
+    file_pattern: str = "*"
+    num_proc: int = 0
+    overwrite: bool = False
+
+
+def _encode_batch(batch: dict, tokenizer) -> dict:
+    ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    ids = [seq + [eos] for seq in ids]
+    return {"ids": ids, "length": [len(seq) for seq in ids]}
+
+
+def _split_documents(num_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle documents once and hold out a fraction for validation (at least one document)."""
+    order = np.random.default_rng(seed).permutation(num_docs)
+    num_val = max(1, round(val_fraction * num_docs))
+    if num_val >= num_docs:
+        raise UserError(f"the inputs hold {num_docs} document(s): too few to hold out a validation split")
+    return order[num_val:], order[:num_val]
+
+
+def _write_split(tokenized, indices: np.ndarray, path: Path, dtype: np.dtype, desc: str) -> int:
+    lengths = np.asarray(tokenized["length"], dtype=np.int64)[indices]
+    total = int(lengths.sum())
+    out = np.memmap(path, dtype=dtype, mode="w+", shape=(total,))
+    pos = 0
+    subset = tokenized.select(indices)
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=desc) as bar:
+        for batch in subset.iter(batch_size=1024):
+            chunk = np.concatenate([np.asarray(seq, dtype=dtype) for seq in batch["ids"]])
+            out[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+            bar.update(len(chunk))
+    out.flush()
+    del out
+    return total
+
+
+def _default_num_proc(num_docs: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, num_docs // 8 or 1))
+
+
+def prepare(opts: PrepareOptions) -> dict:
+    """Prepare (or reuse) a data folder; returns its metadata."""
+    inputs = opts.inputs
+    default_corpus = not inputs
+    if default_corpus:
+        inputs = [str(p) for p in sources.default_corpus_files()]
+    if not 0 < opts.val_fraction < 1:
+        raise UserError(f"--val_fraction must lie between 0 and 1, got {opts.val_fraction}")
+    expanded = sources.expand(inputs, opts.file_pattern)
+    out_dir = Path(opts.output)
+    options = {
+        "format": FORMAT_VERSION,
+        "tokenizer": str(Path(opts.tokenizer).resolve()) if opts.tokenizer else f"bpe-{opts.vocab_size}",
+        "val_fraction": opts.val_fraction,
+        "seed": opts.seed,
+        "text_field": opts.text_field,
+        "split": opts.split,
+    }
+    digest = sources.fingerprint(expanded, options)
+
+    if (out_dir / META_FILE).is_file():
+        existing = json.loads((out_dir / META_FILE).read_text())
+        if existing.get("fingerprint") == digest:
+            read_meta(out_dir)  # still complete and intact
+            print(f"Reusing prepared data in {out_dir} (same inputs and options)")
+            return existing
+    if out_dir.exists() and any(out_dir.iterdir()) and not opts.overwrite:
+        raise UserError(
+            f"output folder {out_dir} already holds other data; choose another --output or pass --overwrite"
+        )
+
+    texts = sources.load_texts(expanded, opts.text_field, opts.split)
+    if opts.tokenizer:
+        tokenizer = load_tokenizer(opts.tokenizer)
+    else:
+        print(f"Training a byte-level BPE tokenizer (vocabulary {opts.vocab_size}) on {len(texts)} documents")
+        tokenizer = train_bpe(text_batches(texts), opts.vocab_size, length=len(texts))
+    vocab_size = len(tokenizer)
+    dtype = token_dtype(vocab_size)
+
+    num_proc = opts.num_proc or _default_num_proc(len(texts))
+    tokenized = texts.map(
+        _encode_batch,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer},
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=texts.column_names,
+        desc="Tokenizing",
+    )
+    train_idx, val_idx = _split_documents(len(tokenized), opts.val_fraction, opts.seed)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        counts = {}
+        for split, idx in (("train", train_idx), ("val", val_idx)):
+            tokens = _write_split(tokenized, idx, tmp / f"{split}.bin", dtype, f"Writing {split}")
+            counts[split] = {"file": f"{split}.bin", "tokens": tokens, "documents": int(len(idx))}
+        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        meta = {
+            "format": FORMAT_VERSION,
+            "fingerprint": digest,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "sources": "python-stdlib" if default_corpus else inputs,
+            "tokenizer": TOKENIZER_DIR,
+            "tokenizer_source": opts.tokenizer or f"byte-level BPE trained here, vocabulary {opts.vocab_size}",
+            "vocab_size": vocab_size,
+            "eos_token_id": tokenizer.eos_token_id,
+            "dtype": dtype.name,
+            "documents_separated_by": "eos",
+            "splits": counts,
+            "options": options,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)  # only reached with --overwrite, or when the folder was empty
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = ", ".join(f"{s}: {c['tokens']:,} tokens in {c['documents']:,} documents" for s, c in counts.items())
+    print(f"Prepared {out_dir} ({dtype.name}, vocabulary {vocab_size}; {summary})")
+    return meta

@@ -1,0 +1,155 @@
+"""Where text comes from: local files, folders, globs, JSONL/Parquet, saved datasets, the hub.
+
+Everything is loaded with `datasets` into one Dataset with a single "text" column.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import sysconfig
+from pathlib import Path
+from typing import Iterable
+
+import datasets
+
+from .errors import UserError, first_line
+
+JSON_SUFFIXES = {".json", ".jsonl"}
+PARQUET_SUFFIXES = {".parquet"}
+# Suffixes that mark an input as a local file even if it does not exist (no hub lookup).
+LOCAL_LOOKING_SUFFIXES = JSON_SUFFIXES | PARQUET_SUFFIXES | {".txt", ".md", ".py", ".rst", ".csv"}
+
+# Parts of the standard library that are not prose or code people write: test suites,
+# generated character tables and build configuration.
+_STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "encodings", "__pycache__", "lib2to3"}
+
+
+def default_corpus_files() -> list[Path]:
+    """The Python standard library's own source, minus tests: real text on every machine that runs us."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if _STDLIB_SKIP_DIRS.intersection(rel.parts[:-1]) or rel.parts[0].startswith("config-"):
+            continue
+        if rel.name.startswith("_sysconfigdata") or path.stat().st_size == 0:
+            continue
+        files.append(path)
+    return files
+
+
+def _kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        return "json"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    return "text"
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (
+        path / "state.json"
+    ).is_file()
+
+
+def _looks_like_hub_name(spec: str) -> bool:
+    return not spec.startswith((".", "/", "~")) and Path(spec).suffix.lower() not in LOCAL_LOOKING_SUFFIXES
+
+
+def expand(inputs: Iterable[str], file_pattern: str) -> list[tuple[str, str]]:
+    """Classify each input as ('files:KIND', path), ('saved', dir) or ('hub', name)."""
+    out: list[tuple[str, str]] = []
+    for spec in inputs:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            if _is_saved_dataset(path):
+                out.append(("saved", str(path)))
+                continue
+            files = sorted(p for p in path.rglob(file_pattern) if p.is_file() and p.stat().st_size)
+            if not files:
+                raise UserError(f"input folder {spec} holds no files matching {file_pattern!r} (see --file_pattern)")
+            out.extend((f"files:{_kind(p)}", str(p)) for p in files)
+        elif path.is_file():
+            if path.stat().st_size == 0:
+                raise UserError(f"input file {spec} is empty")
+            out.append((f"files:{_kind(path)}", str(path)))
+        elif glob.has_magic(spec):
+            files = sorted(p for p in map(Path, glob.glob(spec, recursive=True)) if p.is_file() and p.stat().st_size)
+            if not files:
+                raise UserError(f"input glob {spec!r} matches no files")
+            out.extend((f"files:{_kind(p)}", str(p)) for p in files)
+        elif _looks_like_hub_name(spec):
+            out.append(("hub", spec))
+        else:
+            raise UserError(f"input {spec} does not exist")
+    return out
+
+
+def fingerprint(expanded: list[tuple[str, str]], extra: dict) -> str:
+    """A digest of the inputs (paths, sizes, mtimes) and options, to reuse prepared data."""
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    for kind, spec in expanded:
+        h.update(f"{kind}\0{spec}\0".encode())
+        path = Path(spec)
+        targets = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for p in targets:
+            if p.exists():
+                st = p.stat()
+                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def _text_column(ds: datasets.Dataset, text_field: str, where: str) -> datasets.Dataset:
+    if text_field not in ds.column_names:
+        raise UserError(f"{where} has no field {text_field!r} (fields: {', '.join(ds.column_names)}); see --text_field")
+    ds = ds.select_columns([text_field])
+    return ds.rename_column(text_field, "text") if text_field != "text" else ds
+
+
+def _load_saved(path: str, split: str) -> datasets.Dataset:
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise UserError(f"saved dataset {path} has no split {split!r} (splits: {', '.join(loaded)}); see --split")
+        loaded = loaded[split]
+    return loaded
+
+
+def _load_hub(name: str, split: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as err:  # offline, unknown name, no such split: all user-fixable
+        raise UserError(f"input {name} is not a local path, and loading it from the hub failed: {first_line(err)}")
+
+
+def load_texts(expanded: list[tuple[str, str]], text_field: str = "text", split: str = "train") -> datasets.Dataset:
+    """Load all inputs into one Dataset with a "text" column (one row per document)."""
+    parts: list[datasets.Dataset] = []
+    by_kind: dict[str, list[str]] = {}
+    for kind, spec in expanded:
+        if kind.startswith("files:"):
+            by_kind.setdefault(kind.split(":", 1)[1], []).append(spec)
+        elif kind == "saved":
+            parts.append(_text_column(_load_saved(spec, split), text_field, f"saved dataset {spec}"))
+        else:
+            parts.append(_text_column(_load_hub(spec, split), text_field, f"hub dataset {spec}"))
+    for kind, files in by_kind.items():
+        try:
+            if kind == "text":
+                # One document per file, so EOS separates files, not lines.
+                ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
+            else:
+                ds = datasets.load_dataset(kind, data_files=files, split="train")
+        except UserError:
+            raise
+        except Exception as err:
+            raise UserError(f"could not read {kind} input ({files[0]}{' ...' if len(files) > 1 else ''}): {first_line(err)}")
+        parts.append(_text_column(ds, "text" if kind == "text" else text_field, f"{kind} input {files[0]}"))
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    ds = ds.filter(lambda batch: [bool(t) for t in batch["text"]], batched=True, desc="Dropping empty documents")
+    if len(ds) == 0:
+        raise UserError("the inputs hold no non-empty documents")
+    return ds

@@ -1,0 +1,57 @@
+"""Tokenizers: load any local Hugging Face tokenizer, or train a byte-level BPE one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .errors import UserError, first_line
+
+EOS_TOKEN = "<|endoftext|>"
+# Documents are packed into fixed windows, so the tokenizer should never truncate or warn.
+NO_LENGTH_LIMIT = int(1e30)
+
+
+def train_bpe(texts: Iterable[str | list[str]], vocab_size: int, length: int | None = None) -> PreTrainedTokenizerFast:
+    """Train a GPT-2-style byte-level BPE tokenizer (no unknown tokens; EOS is its one special token)."""
+    if vocab_size < 300:
+        raise UserError(f"--vocab_size {vocab_size} is too small for a byte-level BPE (needs 256 bytes + merges)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        model_max_length=NO_LENGTH_LIMIT,
+    )
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer folder (or hub name when online); it must define an EOS token."""
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    except Exception as err:
+        raise UserError(f"could not load tokenizer {name_or_path}: {first_line(err)}")
+    if tok.eos_token_id is None:
+        raise UserError(f"tokenizer {name_or_path} defines no EOS token, which separates packed documents")
+    tok.model_max_length = NO_LENGTH_LIMIT
+    return tok
+
+
+def text_batches(ds, batch_size: int = 1000) -> Iterator[list[str]]:
+    """Yield lists of texts from a Dataset with a "text" column, for tokenizer training."""
+    for batch in ds.iter(batch_size=batch_size):
+        yield batch["text"]
