@@ -163,3 +163,22 @@ def prepare(opts: PrepareOptions) -> dict:
     summary = ", ".join(f"{s}: {c['tokens']:,} tokens in {c['documents']:,} documents" for s, c in counts.items())
     print(f"Prepared {out_dir} ({dtype.name}, vocabulary {vocab_size}; {summary})")
     return meta
+
+
+def ensure_default_data(data_dir: str) -> None:
+    """Prepare the built-in default corpus on first use (other data is prepared explicitly).
+
+    Every rank may call this at once: a file lock lets the first prepare while the
+    others wait, then find the folder ready and reuse it.
+    """
+    path = Path(data_dir)
+    if (path / META_FILE).is_file() or path.resolve() != Path(DEFAULT_DATA_DIR).resolve():
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / META_FILE).is_file():
+            print(f"Preparing the default corpus in {path} (first use)", flush=True)
+            prepare(PrepareOptions(inputs=[], output=str(path)))

@@ -1,0 +1,91 @@
+"""Checkpoints through the DeepSpeed engine, plus what the engine does not store.
+
+Each checkpoint OUT/checkpoints/step<N>/ holds the engine's model and optimizer shards,
+the trainer state in client_state (step, tokens seen, batch layout), one RNG-state file
+per rank (the engine stores none), and the model config and tokenizer so the checkpoint
+can be exported on its own. `latest` is written last, atomically, after every rank has
+finished writing, so it never names an incomplete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .distributed import barrier
+from .errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+TRAINER_STATE_KEY = "trainer_state"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step}"
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    return tag if (ckpt_dir / tag).is_dir() else None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_latest(ckpt_dir: Path, tag: str) -> None:
+    tmp = ckpt_dir / f".{LATEST}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, ckpt_dir / LATEST)
+
+
+def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_files: list[Any]) -> Path:
+    """Save a checkpoint on every rank; `hf_files` are objects with save_pretrained (config, tokenizer)."""
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    tag = tag_for(trainer_state["step"])
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={TRAINER_STATE_KEY: trainer_state},
+                           save_latest=False)
+    tag_dir = ckpt_dir / tag
+    torch.save(_rng_state(), tag_dir / f"rng_state_rank{rank}.pt")
+    if rank == 0:
+        for obj in hf_files:
+            obj.save_pretrained(tag_dir)
+    barrier()
+    if rank == 0:
+        _write_latest(ckpt_dir, tag)
+    barrier()
+    return tag_dir
+
+
+def load(engine, out_dir: Path, rank: int) -> dict[str, Any] | None:
+    """Load the latest checkpoint into the engine; returns its trainer state, or None if there is none."""
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None or not client_state or TRAINER_STATE_KEY not in client_state:
+        raise UserError(f"checkpoint {ckpt_dir / tag} could not be loaded or was not written by these recipes")
+    rng_file = ckpt_dir / tag / f"rng_state_rank{rank}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state[TRAINER_STATE_KEY]

@@ -1,0 +1,88 @@
+"""Process-group set-up and the few collectives the loop needs, for any launcher.
+
+The deepspeed launcher, torchrun and `accelerate launch` all export RANK, LOCAL_RANK and
+WORLD_SIZE; a plain `python recipes/...` run is treated as a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def environment() -> DistEnv:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # torchrun exports LOCAL_WORLD_SIZE; the deepspeed launcher exports LOCAL_SIZE.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    return DistEnv(
+        rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        world_size=world,
+        local_world_size=local_world,
+    )
+
+
+def device_type() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(env: DistEnv) -> None:
+    """Start the process group (gloo on CPU, NCCL on GPU: DeepSpeed picks from the accelerator)."""
+    import deepspeed
+
+    if "MASTER_ADDR" not in os.environ:  # a bare `python` run: a world of one
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1")
+    if device_type() == "cpu":
+        # Launchers leave each rank at torch's default thread count; ranks sharing the
+        # cores would otherwise oversubscribe them and run several times slower.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // env.local_world_size))
+    else:
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().set_device(env.local_rank)
+    deepspeed.init_distributed()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

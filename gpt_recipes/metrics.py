@@ -1,0 +1,45 @@
+"""Metrics: a JSONL log written by rank 0, and memory readings."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Append-only JSONL of training and evaluation lines (rank 0 only).
+
+    On resume from step k, lines past k (logged after the checkpoint that is now being
+    resumed) are dropped, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int | None = None):
+        self.path = out_dir / METRICS_FILE
+        self.enabled = enabled
+        if not enabled:
+            return
+        kept: list[str] = []
+        if resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def peak_memory_mb(device_type: str) -> float:
+    """Peak device memory allocated (GPU) or peak resident memory of this process (CPU), in MiB."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux

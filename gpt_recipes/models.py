@@ -1,0 +1,127 @@
+"""GPT-style causal LMs from `transformers` model classes: presets, config files, checks.
+
+A model is named by a preset (below) or by a config JSON (a file, or a folder holding
+config.json) with a `model_type` such as "gpt2" or "llama". The vocabulary size comes from
+the tokenizer; pretraining presets have no dropout, so runs are deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .errors import UserError
+
+_GPT2_NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+_LLAMA_NO_DROPOUT = {"attention_dropout": 0.0, "mlp_bias": False, "attention_bias": False}
+
+
+def _gpt2(layers: int, width: int, heads: int, context: int) -> dict[str, Any]:
+    return {"model_type": "gpt2", "n_layer": layers, "n_embd": width, "n_head": heads, "n_positions": context,
+            **_GPT2_NO_DROPOUT}
+
+
+def _llama(layers: int, width: int, heads: int, kv_heads: int, ffn: int, context: int, tied: bool) -> dict[str, Any]:
+    return {"model_type": "llama", "num_hidden_layers": layers, "hidden_size": width,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "intermediate_size": ffn,
+            "max_position_embeddings": context, "tie_word_embeddings": tied, "rope_theta": 10000.0,
+            **_LLAMA_NO_DROPOUT}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small shapes that train in minutes on a CPU.
+    "gpt2-nano": _gpt2(4, 256, 4, 256),
+    "gpt2-micro": _gpt2(6, 384, 6, 256),
+    "llama-nano": _llama(4, 256, 4, 4, 688, 256, tied=True),
+    "llama-micro": _llama(6, 384, 6, 6, 1024, 256, tied=True),
+    # The GPT-2 family's published shapes (124M, 350M, 774M, 1.5B with the GPT-2 vocabulary).
+    "gpt2": _gpt2(12, 768, 12, 1024),
+    "gpt2-medium": _gpt2(24, 1024, 16, 1024),
+    "gpt2-large": _gpt2(36, 1280, 20, 1024),
+    "gpt2-xl": _gpt2(48, 1600, 25, 1024),
+    # Llama-family shapes at GPT-2-like sizes, and Llama 3.2 1B's shape.
+    "llama-125m": _llama(12, 768, 12, 12, 2048, 1024, tied=True),
+    "llama-350m": _llama(24, 1024, 16, 16, 2816, 1024, tied=True),
+    "llama-1b": _llama(16, 2048, 32, 8, 8192, 2048, tied=True),
+}
+
+
+def _read_config_file(spec: str) -> dict[str, Any]:
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise UserError(
+            f"model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config JSON file or folder"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"model config {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}")
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise UserError(f"model config {path} needs a \"model_type\" (e.g. \"gpt2\" or \"llama\")")
+    return raw
+
+
+def build_config(spec: str, vocab_size: int, eos_token_id: int) -> PretrainedConfig:
+    """A model config from a preset or JSON, sized for the tokenizer's vocabulary."""
+    raw = dict(PRESETS[spec]) if spec in PRESETS else _read_config_file(spec)
+    model_type = raw.pop("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"model_type {model_type!r} in {spec} is not a causal LM known to transformers")
+    declared = raw.get("vocab_size")
+    if declared is not None and declared < vocab_size:
+        raise UserError(
+            f"the tokenizer's vocabulary ({vocab_size}) exceeds the model's vocab_size ({declared}) in {spec}; "
+            "raise vocab_size or drop it to take the tokenizer's"
+        )
+    raw["vocab_size"] = declared or vocab_size
+    raw.update(bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=None)
+    config = AutoConfig.for_model(model_type, **raw)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def context_length(config: PretrainedConfig) -> int:
+    for key in ("n_positions", "max_position_embeddings"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise UserError(f"cannot tell the context length of a {config.model_type} config")
+
+
+def check_seq_len(config: PretrainedConfig, seq_len: int | None) -> int:
+    """The sequence length to train at: --seq_len, or the model's context length by default."""
+    limit = context_length(config)
+    if seq_len is None:
+        return limit
+    if seq_len < 1:
+        raise UserError(f"--seq_len must be positive, got {seq_len}")
+    if seq_len > limit:
+        raise UserError(f"--seq_len {seq_len} exceeds the model's {limit} positions; lower it or use a longer-context model")
+    return seq_len
+
+
+def build_model(config: PretrainedConfig) -> PreTrainedModel:
+    """Randomly initialised model in fp32 (the engine casts to the config's precision)."""
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    # Under ZeRO-3 a parameter's full size is in ds_numel; its local tensor is a shard.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def describe_presets() -> str:
+    lines = []
+    for name, raw in PRESETS.items():
+        config = build_config(name, vocab_size=8192, eos_token_id=0)
+        with torch.device("meta"):
+            params = count_parameters(AutoModelForCausalLM.from_config(config))
+        lines.append(f"{name:13s} {raw['model_type']:6s} {params / 1e6:8.1f}M parameters at vocabulary 8192, "
+                     f"context {context_length(config)}")
+    return "\n".join(lines)

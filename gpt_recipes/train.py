@@ -1,0 +1,167 @@
+"""The training loop shared by the recipes: step, log, evaluate, save.
+
+The loop never waits on the device except at logging, evaluation and save points: the
+per-step loss is accumulated on the device and reduced across ranks only when logged.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .data import GlobalBatchOrder, PackedTokens
+from .distributed import DistEnv, all_reduce
+from .ds_config import BatchPlan
+from .metrics import MetricsLog, peak_memory_mb
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over all target tokens not equal to -100 (in fp32)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int
+    seq_len: int
+    log_interval: int
+    eval_interval: int
+    save_interval: int
+    out_dir: Path
+    device_type: str
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+
+    def as_dict(self, **extra: Any) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, **extra}
+
+
+@dataclass
+class Batches:
+    """Training samples in their global order, and this rank's validation micro-batches."""
+
+    train: PackedTokens
+    order: GlobalBatchOrder
+    val: PackedTokens
+    val_micro_batches: list[np.ndarray]
+
+
+def _to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device):
+    non_blocking = device.type == "cuda"
+    return tuple(t.pin_memory().to(device, non_blocking=True) if non_blocking else t for t in batch)
+
+
+@torch.no_grad()
+def evaluate(engine, batches: Batches) -> float:
+    """Mean validation loss over all ranks' samples (every sample has the same token count)."""
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    for idx in batches.val_micro_batches:
+        inputs, targets = _to_device(batches.val.batch(idx), engine.device)
+        loss = lm_loss(engine(input_ids=inputs).logits, targets)
+        total[0] += loss.double() * targets.numel()
+        total[1] += targets.numel()
+    engine.train()
+    all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def _is_due(step: int, interval: int, last: bool) -> bool:
+    return last or (interval > 0 and step % interval == 0)
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def train(
+    engine,
+    batches: Batches,
+    plan: BatchPlan,
+    env: DistEnv,
+    cfg: LoopConfig,
+    state: TrainState,
+    metrics: MetricsLog,
+    save_checkpoint: Callable[[TrainState], Path],
+) -> TrainState:
+    say = tqdm.write if env.is_main else (lambda *_: None)
+    tokens_per_step = plan.global_batch * cfg.seq_len
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not env.is_main or not sys.stderr.isatty())
+
+    def run_eval() -> float:
+        val_loss = evaluate(engine, batches)
+        ppl = math.exp(min(val_loss, 50.0))
+        metrics.write({"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "val_ppl": ppl})
+        say(f"step {state.step:>6d} | val_loss {val_loss:.4f} | val_ppl {ppl:.2f}")
+        return val_loss
+
+    if state.step == 0:
+        run_eval()
+
+    loss_sum = torch.zeros((), device=engine.device)
+    steps_since_log = 0
+    window_start = time.perf_counter()
+    while state.step < cfg.max_steps:
+        for micro_step in range(plan.grad_accum):
+            idx = batches.order.micro_batch(state.step, env.rank, micro_step)
+            inputs, targets = _to_device(batches.train.batch(idx), engine.device)
+            loss = lm_loss(engine(input_ids=inputs).logits, targets)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach()
+        state.step += 1
+        state.tokens += tokens_per_step
+        steps_since_log += 1
+        bar.update(1)
+        last = state.step == cfg.max_steps
+
+        if _is_due(state.step, cfg.log_interval, last):
+            mean_loss = all_reduce(loss_sum.clone()).item() / (steps_since_log * plan.grad_accum * env.world_size)
+            peak = all_reduce(torch.tensor(peak_memory_mb(cfg.device_type)), torch.distributed.ReduceOp.MAX).item()
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": state.step,
+                "tokens": state.tokens,
+                "loss": mean_loss,
+                "lr": engine.get_lr()[0],
+                "grad_norm": _grad_norm(engine),
+                "step_time": elapsed / steps_since_log,
+                "tokens_per_sec": steps_since_log * tokens_per_step / elapsed,
+                "peak_mem_mb": peak,
+            }
+            metrics.write(record)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+            say(f"step {state.step:>6d} | loss {mean_loss:.4f} | lr {record['lr']:.2e} | "
+                f"{record['tokens_per_sec']:.0f} tok/s | {record['step_time'] * 1e3:.0f} ms/step | "
+                f"peak {peak:.0f} MiB")
+            loss_sum.zero_()
+            steps_since_log = 0
+            window_start = time.perf_counter()
+
+        pause_start = time.perf_counter()
+        if _is_due(state.step, cfg.eval_interval, last):
+            run_eval()
+        if _is_due(state.step, cfg.save_interval, last):
+            path = save_checkpoint(state)
+            say(f"step {state.step:>6d} | saved checkpoint {path}")
+        window_start += time.perf_counter() - pause_start  # keep eval and saving out of throughput
+    bar.close()
+    return state
