@@ -89,3 +89,22 @@ def load(engine, out_dir: Path, rank: int) -> dict[str, Any] | None:
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state[TRAINER_STATE_KEY]
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint, whatever its ZeRO stage and number of ranks.
+
+    ZeRO checkpoints hold the fp32 master weights partitioned across ranks' optimizer
+    files; DeepSpeed's zero_to_fp32 merges them. Without a ZeRO optimizer (stage 0 in
+    fp32) the module weights in the model-states file are the master weights.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None or not (ckpt_dir / tag).is_dir():
+        raise UserError(f"{ckpt_dir} holds no checkpoint{f' tagged {tag}' if tag else ''}")
+    tag_dir = ckpt_dir / tag
+    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {name: t.float() for name, t in states["module"].items()}

@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -53,26 +54,43 @@ def _split_documents(num_docs: int, val_fraction: float, seed: int) -> tuple[np.
     """Shuffle documents once and hold out a fraction for validation (at least one document)."""
     order = np.random.default_rng(seed).permutation(num_docs)
     num_val = max(1, round(val_fraction * num_docs))
-    if num_val >= num_docs:
-        raise UserError(f"the inputs hold {num_docs} document(s): too few to hold out a validation split")
     return order[num_val:], order[:num_val]
 
 
-def _write_split(tokenized, indices: np.ndarray, path: Path, dtype: np.dtype, desc: str) -> int:
-    lengths = np.asarray(tokenized["length"], dtype=np.int64)[indices]
-    total = int(lengths.sum())
+def _document_chunks(tokenized, indices: np.ndarray, dtype: np.dtype) -> Iterator[np.ndarray]:
+    for batch in tokenized.select(indices).iter(batch_size=1024):
+        yield np.concatenate([np.asarray(seq, dtype=dtype) for seq in batch["ids"]])
+
+
+def _split_streams(tokenized, val_fraction: float, seed: int, dtype: np.dtype) -> dict[str, tuple]:
+    """{split: (token count, document count, chunk iterator)} for train and val.
+
+    Several documents split by document; a single one (a book, one big file) by tokens,
+    its last `val_fraction` held out.
+    """
+    lengths = np.asarray(tokenized["length"], dtype=np.int64)
+    if len(lengths) == 1:
+        ids = np.asarray(tokenized[0]["ids"], dtype=dtype)
+        cut = len(ids) - max(2, round(val_fraction * len(ids)))
+        if cut < 2:
+            raise UserError(f"the input holds one document of {len(ids)} tokens: too little to split")
+        return {"train": (cut, 1, iter([ids[:cut]])), "val": (len(ids) - cut, 1, iter([ids[cut:]]))}
+    train_idx, val_idx = _split_documents(len(lengths), val_fraction, seed)
+    return {split: (int(lengths[idx].sum()), len(idx), _document_chunks(tokenized, idx, dtype))
+            for split, idx in (("train", train_idx), ("val", val_idx))}
+
+
+def _write_split(chunks: Iterator[np.ndarray], total: int, path: Path, dtype: np.dtype, desc: str) -> None:
     out = np.memmap(path, dtype=dtype, mode="w+", shape=(total,))
     pos = 0
-    subset = tokenized.select(indices)
     with tqdm(total=total, unit="tok", unit_scale=True, desc=desc) as bar:
-        for batch in subset.iter(batch_size=1024):
-            chunk = np.concatenate([np.asarray(seq, dtype=dtype) for seq in batch["ids"]])
+        for chunk in chunks:
             out[pos : pos + len(chunk)] = chunk
             pos += len(chunk)
             bar.update(len(chunk))
+    assert pos == total, f"wrote {pos} tokens, expected {total}"
     out.flush()
     del out
-    return total
 
 
 def _default_num_proc(num_docs: int) -> int:
@@ -129,15 +147,15 @@ def prepare(opts: PrepareOptions) -> dict:
         remove_columns=texts.column_names,
         desc="Tokenizing",
     )
-    train_idx, val_idx = _split_documents(len(tokenized), opts.val_fraction, opts.seed)
+    streams = _split_streams(tokenized, opts.val_fraction, opts.seed, dtype)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         counts = {}
-        for split, idx in (("train", train_idx), ("val", val_idx)):
-            tokens = _write_split(tokenized, idx, tmp / f"{split}.bin", dtype, f"Writing {split}")
-            counts[split] = {"file": f"{split}.bin", "tokens": tokens, "documents": int(len(idx))}
+        for split, (tokens, documents, chunks) in streams.items():
+            _write_split(chunks, tokens, tmp / f"{split}.bin", dtype, f"Writing {split}")
+            counts[split] = {"file": f"{split}.bin", "tokens": tokens, "documents": documents}
         tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         meta = {
             "format": FORMAT_VERSION,

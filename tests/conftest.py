@@ -1,0 +1,36 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # the launch helper module
+
+from gpt_recipes.prepare import PrepareOptions, prepare  # noqa: E402
+from gpt_recipes.sources import default_corpus_files  # noqa: E402
+
+# A tiny GPT-2 so multi-rank runs take seconds: real text, real tokenizer, real engine.
+TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64,
+             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+@pytest.fixture(scope="session")
+def corpus_files() -> list[str]:
+    """A slice of the default corpus (the standard library's source): ~1 MB of real text."""
+    files = [p for p in default_corpus_files() if p.parent.name in ("json", "email", "http", "logging", "asyncio")]
+    assert files, "standard library source not found"
+    return [str(p) for p in files]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, corpus_files) -> Path:
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    prepare(PrepareOptions(inputs=corpus_files, output=str(out), vocab_size=1024, val_fraction=0.1, num_proc=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny_gpt2.json"
+    path.write_text(json.dumps(TINY_GPT2))
+    return path

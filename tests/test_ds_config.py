@@ -1,0 +1,93 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from gpt_recipes import ds_config
+from gpt_recipes.errors import UserError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
+
+
+def test_batch_is_derived_from_any_two_values():
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}
+    plan = ds_config.resolve_batch(cfg, world_size=2)
+    assert (plan.micro_batch, plan.grad_accum, plan.global_batch) == (4, 2, 16)
+    assert cfg["train_batch_size"] == 16
+    assert ds_config.resolve_batch({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4}, 2).grad_accum == 2
+    assert ds_config.resolve_batch({"train_batch_size": 16, "gradient_accumulation_steps": 4}, 2).micro_batch == 2
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}, "!="),
+    ({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4}, "not divisible"),
+    ({"train_batch_size": 9, "gradient_accumulation_steps": 2}, "not divisible"),
+    ({"gradient_accumulation_steps": 2}, "set train_micro_batch_size_per_gpu"),
+    ({"train_micro_batch_size_per_gpu": 0}, "positive integer"),
+    ({"train_micro_batch_size_per_gpu": "8"}, "positive integer"),
+])
+def test_batch_sizes_that_do_not_add_up(cfg, match):
+    with pytest.raises(UserError, match=match):
+        ds_config.resolve_batch(cfg, world_size=2)
+
+
+def test_auto_values_are_filled_and_reported():
+    cfg = {"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "warmup_num_steps": "auto"}}}
+    filled = ds_config.fill_auto(cfg, max_steps=200)
+    assert cfg["scheduler"]["params"] == {"total_num_steps": 200, "warmup_num_steps": 10}
+    assert filled == {"scheduler.params.total_num_steps": 200, "scheduler.params.warmup_num_steps": 10}
+
+
+def test_auto_is_refused_where_the_json_owns_the_value():
+    with pytest.raises(UserError, match="optimizer.params.lr is 'auto'"):
+        ds_config.fill_auto({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}, max_steps=10)
+
+
+def test_fp16_on_cpu_is_a_clear_error():
+    with pytest.raises(UserError, match="fp16 is not supported on CPU.*bf16"):
+        ds_config.check_device_support({"fp16": {"enabled": True}}, "cpu")
+    ds_config.check_device_support({"fp16": {"enabled": True}}, "cuda")
+
+
+def test_precision_and_stage():
+    assert ds_config.precision({"bf16": {"enabled": True}}) == "bf16"
+    assert ds_config.precision({}) == "fp32"
+    with pytest.raises(UserError, match="both bf16 and fp16"):
+        ds_config.precision({"bf16": {"enabled": True}, "fp16": {"enabled": True}})
+    with pytest.raises(UserError, match="stage must be"):
+        ds_config.zero_stage({"zero_optimization": {"stage": 4}})
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        ds_config.load_config(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_micro_batch_size_per_gpu": 4,,}')
+    with pytest.raises(UserError, match="not valid JSON.*line 1"):
+        ds_config.load_config(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(UserError, match="JSON object"):
+        ds_config.load_config(bad)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_resolve(path):
+    raw = json.loads(path.read_text())
+    device = "cuda" if ds_config.precision(raw) == "fp16" else "cpu"
+    cfg, plan, filled = ds_config.resolve(path, world_size=2, max_steps=100, device_type=device)
+    assert plan.global_batch == cfg["train_batch_size"]
+    assert "scheduler.params.total_num_steps" in filled
+    # The JSON, not the recipe, owns optimizer and precision: nothing else may be "auto".
+    assert "auto" not in json.dumps(cfg)
+
+
+def test_shipped_configs_cover_the_stages_and_precisions():
+    raws = {p.stem: json.loads(p.read_text()) for p in CONFIGS}
+    assert {ds_config.zero_stage(raws[f"zero{s}"]) for s in range(4)} == {0, 1, 2, 3}
+    assert all(ds_config.precision(raws[f"zero{s}"]) == "bf16" for s in range(4))
+    assert any(ds_config.precision(r) == "fp16" and r["fp16"].get("loss_scale") == 0 for r in raws.values())
+    assert any("offload_optimizer" in r["zero_optimization"] for r in raws.values())
+    # DeepSpeed picks FusedAdam on GPU and DeepSpeedCPUAdam under offload for these types
+    # unless "torch_adam" forces torch's optimizer.
+    assert all(r["optimizer"]["type"] in ("Adam", "AdamW") and "torch_adam" not in r["optimizer"]["params"]
+               for r in raws.values())
