@@ -86,11 +86,11 @@ class PretrainArgs:
     )
     model: str = flag("gpt2-nano", "model preset name (see --list_models) or a model config JSON")
     output_dir: str = flag("runs/pretrain", "folder for metrics.jsonl, config.json and checkpoints/")
-    max_steps: int = flag(400, "optimizer steps (global batches) to train for")
+    max_steps: int = flag(200, "optimizer steps (global batches) to train for")
     seq_len: Optional[int] = flag(None, "tokens per sample; default: the model's context length")
     seed: int = flag(1234, "seed for initialisation and the data order")
     log_interval: int = flag(10, "steps between metrics lines")
-    eval_interval: int = flag(100, "steps between validation passes (0: only at the end)")
+    eval_interval: int = flag(50, "steps between validation passes (0: only at the end)")
     eval_batches: int = flag(8, "global batches of validation data per evaluation")
     save_interval: int = flag(0, "steps between checkpoints (0: only at the end)")
     resume: bool = flag(False, "continue from the latest checkpoint in OUTPUT_DIR/checkpoints")
@@ -124,3 +124,17 @@ class PrepareDataArgs:
     file_pattern: str = flag("*", "files to take from input folders (a glob, e.g. '*.txt')")
     num_proc: int = flag(0, "tokenising processes (0: one per core)")
     overwrite: bool = flag(False, "replace an existing data folder prepared from other inputs")
+
+
+@dataclass
+class TrainTokenizerArgs:
+    """Train a byte-level BPE tokenizer that AutoTokenizer.from_pretrained loads."""
+
+    inputs: list[str] = flag([], "text files, folders, globs, JSONL/Parquet files, a datasets folder or a hub name "
+                             "(default: the built-in corpus)", positional=True, metavar="INPUT")
+    output: str = flag("tokenizer", "folder to save the tokenizer to")
+    vocab_size: int = flag(8192, "vocabulary size, including the EOS token")
+    text_field: str = flag("text", "field holding the text in JSONL/Parquet/datasets inputs")
+    split: str = flag("train", "split to read from saved or hub datasets")
+    file_pattern: str = flag("*", "files to take from input folders (a glob, e.g. '*.txt')")
+    overwrite: bool = flag(False, "replace an existing non-empty output folder")

@@ -4,11 +4,11 @@
     # 2 ranks on one machine (CPU here, GPUs where present); ZeRO stage, precision,
     # batch sizes, optimizer and schedule come from the JSON:
     deepspeed --num_gpus 2 recipes/pretrain.py --deepspeed_config ds_configs/zero2.json \\
-        --data data/stdlib --model gpt2-nano --output_dir runs/pretrain --max_steps 400
+        --data data/stdlib --model gpt2-nano --output_dir runs/pretrain --max_steps 200
 
     # continue it later, from OUTPUT_DIR/checkpoints/latest:
     deepspeed --num_gpus 2 recipes/pretrain.py --deepspeed_config ds_configs/zero2.json \\
-        --output_dir runs/pretrain --max_steps 800 --resume
+        --output_dir runs/pretrain --max_steps 400 --resume
 
 Writes OUTPUT_DIR/config.json (the resolved run), metrics.jsonl (one line per log and
 evaluation) and checkpoints/step<N>/ with a `latest` tag.

@@ -13,6 +13,10 @@ from gpt_recipes.sources import default_corpus_files  # noqa: E402
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64,
              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
+TINY_LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "intermediate_size": 176, "max_position_embeddings": 64,
+              "tie_word_embeddings": False}
+
 
 @pytest.fixture(scope="session")
 def corpus_files() -> list[str]:
@@ -33,4 +37,11 @@ def tiny_data(tmp_path_factory, corpus_files) -> Path:
 def tiny_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny_gpt2.json"
     path.write_text(json.dumps(TINY_GPT2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny_llama.json"
+    path.write_text(json.dumps(TINY_LLAMA))
     return path

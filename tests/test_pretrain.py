@@ -37,11 +37,12 @@ def pretrain_args(cfg: str, data, model, out, steps: int, *extra: str) -> list[s
             "--max_steps", str(steps), *extra]
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_two_ranks_loss_falls(tmp_path, tiny_data, tiny_model, stage):
+@pytest.mark.parametrize("stage, family", [(0, "gpt2"), (1, "llama"), (2, "gpt2"), (3, "llama")])
+def test_two_ranks_loss_falls(tmp_path, tiny_data, tiny_model, tiny_llama, stage, family):
     out = tmp_path / "run"
     cfg = ds_json(tmp_path, stage, micro=4)  # the shipped bf16 config, smaller batch
-    launch("recipes/pretrain.py", pretrain_args(cfg, tiny_data, tiny_model, out, 20, "--log_interval", "5",
+    model = tiny_model if family == "gpt2" else tiny_llama
+    launch("recipes/pretrain.py", pretrain_args(cfg, tiny_data, model, out, 20, "--log_interval", "5",
                                                 "--eval_interval", "0"))
     train, evals = read_metrics(out)
     assert [r["step"] for r in train] == [5, 10, 15, 20]
@@ -54,6 +55,22 @@ def test_two_ranks_loss_falls(tmp_path, tiny_data, tiny_model, stage):
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["deepspeed"]["zero_optimization"]["stage"] == stage
     assert resolved["deepspeed"]["scheduler"]["params"]["total_num_steps"] == 20
+    assert resolved["model"]["model_type"] == family
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="fp16 is not supported on CPU (DeepSpeed: 'Type fp16 is not supported on your device')")
+def test_fp16_dynamic_loss_scaling_trains(tmp_path, tiny_data, tiny_model):
+    out = tmp_path / "run"
+    cfg = json.loads((REPO / "ds_configs" / "zero2_fp16.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=4)
+    path = tmp_path / "fp16.json"
+    path.write_text(json.dumps(cfg))
+    ranks = min(2, torch.cuda.device_count())
+    launch("recipes/pretrain.py", pretrain_args(str(path), tiny_data, tiny_model, out, 20, "--log_interval", "5"),
+           ranks=ranks)
+    train, evals = read_metrics(out)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
