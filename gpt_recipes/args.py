@@ -93,8 +93,9 @@ class PretrainArgs:
     eval_interval: int = flag(50, "steps between validation passes (0: only at the end)")
     eval_batches: int = flag(8, "global batches of validation data per evaluation")
     save_interval: int = flag(0, "steps between checkpoints (0: only at the end)")
+    export_hf: Optional[str] = flag(None, "after training, export the final checkpoint to this Hugging Face folder")
     resume: bool = flag(False, "continue from the latest checkpoint in OUTPUT_DIR/checkpoints")
-    overwrite: bool = flag(False, "allow starting a fresh run in a non-empty OUTPUT_DIR")
+    overwrite: bool = flag(False, "allow starting a fresh run in a non-empty OUTPUT_DIR (and replacing EXPORT_HF)")
     list_models: bool = flag(False, "print the model presets and exit")
     # Set by the deepspeed launcher; the rank is read from the environment instead.
     local_rank: int = flag(-1, argparse.SUPPRESS)
@@ -138,3 +139,19 @@ class TrainTokenizerArgs:
     split: str = flag("train", "split to read from saved or hub datasets")
     file_pattern: str = flag("*", "files to take from input folders (a glob, e.g. '*.txt')")
     overwrite: bool = flag(False, "replace an existing non-empty output folder")
+
+
+@dataclass
+class ConvertToHFArgs:
+    """Export a checkpoint written by the recipes to a Hugging Face model folder."""
+
+    checkpoint: str = flag("", "run folder, its checkpoints/ folder, or one step folder", positional=True,
+                           metavar="CHECKPOINT_DIR")
+    out_dir: str = flag("", "folder to write (config, generation config, safetensors, tokenizer)", positional=True,
+                        metavar="OUT_DIR")
+    tag: Optional[str] = flag(None, "checkpoint tag such as step200 (default: the 'latest' one)")
+    dtype: Optional[str] = flag(None, "fp32, bf16 or fp16 (default: the training precision)",
+                                choices=["fp32", "bf16", "fp16"])
+    max_shard_size: str = flag("2GB", "largest safetensors file before the weights are sharded")
+    force: bool = flag(False, "replace a non-empty OUT_DIR (only once the new folder is complete)")
+    verify: bool = flag(True, "reload the folder and compare its logits with the checkpoint's")

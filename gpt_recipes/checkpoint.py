@@ -9,6 +9,7 @@ finished writing, so it never names an incomplete checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -23,6 +24,8 @@ from .errors import UserError
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE_KEY = "trainer_state"
+# Plain-JSON facts about the run that tools read without loading any tensor file.
+TRAINING_INFO = "training.json"
 
 
 def tag_for(step: int) -> str:
@@ -58,8 +61,13 @@ def _write_latest(ckpt_dir: Path, tag: str) -> None:
     os.replace(tmp, ckpt_dir / LATEST)
 
 
-def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_files: list[Any]) -> Path:
-    """Save a checkpoint on every rank; `hf_files` are objects with save_pretrained (config, tokenizer)."""
+def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_files: list[Any],
+         training_info: dict[str, Any]) -> Path:
+    """Save a checkpoint on every rank.
+
+    `hf_files` are objects with save_pretrained (model config, tokenizer); `training_info`
+    (precision, ZeRO stage, world size) is written as JSON for the export tool.
+    """
     ckpt_dir = out_dir / CHECKPOINT_DIR
     tag = tag_for(trainer_state["step"])
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={TRAINER_STATE_KEY: trainer_state},
@@ -69,6 +77,7 @@ def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_fil
     if rank == 0:
         for obj in hf_files:
             obj.save_pretrained(tag_dir)
+        (tag_dir / TRAINING_INFO).write_text(json.dumps({**training_info, **trainer_state}, indent=2) + "\n")
     barrier()
     if rank == 0:
         _write_latest(ckpt_dir, tag)

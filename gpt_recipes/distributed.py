@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,9 @@ def init(env: DistEnv) -> None:
     """Start the process group (gloo on CPU, NCCL on GPU: DeepSpeed picks from the accelerator)."""
     import deepspeed
 
+    # DeepSpeed's ZeRO collectives call torch APIs that torch now marks deprecated; the
+    # warning repeats on every rank and says nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if "MASTER_ADDR" not in os.environ:  # a bare `python` run: a world of one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1")

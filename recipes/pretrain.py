@@ -11,7 +11,8 @@
         --output_dir runs/pretrain --max_steps 400 --resume
 
 Writes OUTPUT_DIR/config.json (the resolved run), metrics.jsonl (one line per log and
-evaluation) and checkpoints/step<N>/ with a `latest` tag.
+evaluation) and checkpoints/step<N>/ with a `latest` tag; with --export_hf DIR, also a
+Hugging Face model folder of the final weights, checked against the trained engine.
 """
 
 from dataclasses import asdict
@@ -23,6 +24,7 @@ from gpt_recipes import checkpoint, distributed, ds_config
 from gpt_recipes.args import PretrainArgs, parse_args
 from gpt_recipes.data import GlobalBatchOrder, PackedTokens, eval_micro_batches, read_meta
 from gpt_recipes.errors import UserError, cli_entry
+from gpt_recipes.export import check_output_folder, export_after_training
 from gpt_recipes.metrics import MetricsLog
 from gpt_recipes.models import build_config, build_model, check_seq_len, count_parameters, describe_presets
 from gpt_recipes.prepare import ensure_default_data
@@ -68,6 +70,8 @@ def main() -> None:
                         f"{seq_len + 1} tokens; prepare with a larger --val_fraction")
     out_dir = Path(args.output_dir)
     can_resume = check_output_dir(out_dir, args.resume, args.overwrite)
+    if args.export_hf:
+        check_output_folder(Path(args.export_hf), args.overwrite, force_flag="--overwrite")
 
     # 2. Start the ranks and build the model (same seed everywhere, so replicas start equal).
     distributed.init(env)
@@ -108,11 +112,21 @@ def main() -> None:
                       eval_interval=args.eval_interval, save_interval=args.save_interval, out_dir=out_dir,
                       device_type=device)
     trainer_extra = {"global_batch": plan.global_batch, "seq_len": seq_len, "seed": args.seed}
+    training_info = {"precision": ds_config.precision(ds_cfg), "zero_stage": ds_config.zero_stage(ds_cfg),
+                     "world_size": env.world_size}
 
     def save(s: TrainState) -> Path:
-        return checkpoint.save(engine, out_dir, s.as_dict(**trainer_extra), env.rank, [model_config, tokenizer])
+        return checkpoint.save(engine, out_dir, s.as_dict(**trainer_extra), env.rank, [model_config, tokenizer],
+                               training_info)
 
     train(engine, Batches(train_tokens, order, val_tokens, val_batches), plan, env, loop, state, metrics, save)
+
+    # 5. Optionally export the final checkpoint to a Hugging Face folder, checked against the engine.
+    if args.export_hf:
+        record = export_after_training(engine, out_dir, Path(args.export_hf), model_config, tokenizer.eos_token_id,
+                                       ds_config.zero_stage(ds_cfg), env.is_main, force=args.overwrite)
+        metrics.write({"step": state.step, **(record or {})})
+        distributed.barrier()
     say(f"Done: {state.step} steps, {state.tokens:,} tokens; outputs in {out_dir}")
 
 

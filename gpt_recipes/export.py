@@ -1,0 +1,302 @@
+"""Export a DeepSpeed checkpoint to a Hugging Face model folder, and check the result.
+
+Weights come from DeepSpeed's own consolidation (`zero_to_fp32`), which merges the fp32
+master weights of any ZeRO stage and any number of ranks. They are materialised once, as
+one fp32 copy; each safetensors shard is cast and written in turn, so the peak is about one
+fp32 copy of the model plus one shard. The folder is written next to its destination and
+renamed into place when complete, so an existing folder is never left half-replaced.
+
+After writing, the folder is loaded back with `from_pretrained` and its logits on a fixed
+batch are compared with those of the consolidated weights at the same dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
+
+from .checkpoint import CHECKPOINT_DIR, LATEST, TRAINING_INFO, consolidated_state_dict, latest_tag
+from .errors import UserError, first_line
+from .tokenizer import load_tokenizer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Reloaded logits must match the consolidated weights' at the same dtype: the computation
+# is the same, so only kernel-level rounding may differ.
+VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-3}
+
+
+@dataclass
+class ExportReport:
+    out_dir: Path
+    tag: str
+    dtype: torch.dtype
+    parameters: int
+    files: list[str]
+    max_logit_diff: float | None
+
+
+def _is_tag_dir(path: Path) -> bool:
+    # ZeRO-3 names its model-states files zero_pp_rank_<r>_mp_rank_00_model_states.pt.
+    return path.is_dir() and any(path.glob("*mp_rank_00_model_states.pt"))
+
+
+def resolve_checkpoint(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
+    """(checkpoints folder, tag) from a run folder, a checkpoints folder or a tag folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} does not exist or is not a folder")
+    if (path / CHECKPOINT_DIR).is_dir():
+        path = path / CHECKPOINT_DIR
+    elif _is_tag_dir(path) and tag is None:
+        return path.parent, path.name
+    tags = sorted(p.name for p in path.iterdir() if _is_tag_dir(p))
+    if not tags:
+        raise UserError(f"{path} is not a DeepSpeed checkpoint folder (no '{LATEST}' and no step folders)")
+    if tag is None:
+        tag = latest_tag(path)
+        if tag is None:
+            raise UserError(f"{path} has no '{LATEST}' tag; pass --tag (one of: {', '.join(tags)})")
+    if tag not in tags:
+        raise UserError(f"{path} holds no checkpoint tagged {tag!r} (available: {', '.join(tags)})")
+    return path, tag
+
+
+def _training_info(tag_dir: Path) -> dict:
+    info = tag_dir / TRAINING_INFO
+    return json.loads(info.read_text()) if info.is_file() else {}
+
+
+def _load_config(tag_dir: Path) -> PretrainedConfig:
+    if not (tag_dir / "config.json").is_file():
+        raise UserError(f"checkpoint {tag_dir} has no config.json (the model config); it was not written by these "
+                        "recipes or is incomplete")
+    try:
+        return AutoConfig.from_pretrained(tag_dir)
+    except Exception as err:
+        raise UserError(f"checkpoint {tag_dir} has an unreadable config.json: {first_line(err)}")
+
+
+def default_dtype(training_precision: str | None) -> torch.dtype:
+    """Save at the precision the model was trained in (its fp32 master weights cast to it)."""
+    return DTYPES.get(training_precision or "fp32", torch.float32)
+
+
+def _empty_model(config: PretrainedConfig):
+    """The model's structure with parameters on the meta device (no memory); buffers such as
+    rotary frequencies stay real, since checkpoints do not hold non-persistent buffers."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model.tie_weights()  # the meta placement replaced the tied parameter objects; tie them again
+    return model
+
+
+def _weights_to_save(config: PretrainedConfig, state: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    """The model's persistent tensors by name, once each: tied duplicates (lm_head = embeddings) dropped."""
+    model = _empty_model(config)
+    first_name: dict[int, str] = {}
+    wanted = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first_name:
+            continue
+        first_name[id(tensor)] = name
+        wanted.append(name)
+    missing = [n for n in wanted if n not in state]
+    if missing:
+        raise UserError(f"checkpoint {where} lacks weights the model config needs: {', '.join(missing[:5])}")
+    return {name: state[name] for name in wanted}
+
+
+def _write_weights(weights: dict[str, torch.Tensor], out: Path, dtype: torch.dtype, max_shard_size: str) -> list[str]:
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    # Plan shards from sizes at the target dtype without materialising any cast tensor.
+    sizes = {n: torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device="meta")
+             for n, t in weights.items()}
+    split = split_torch_state_dict_into_shards(sizes, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        shard = {n: (weights[n].to(dtype) if weights[n].is_floating_point() else weights[n]).contiguous()
+                 for n in names}
+        save_file(shard, str(out / filename), metadata={"format": "pt"})
+        del shard
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return sorted(split.filename_to_tensors)
+
+
+def verification_batch(config: PretrainedConfig, batch: int = 2, length: int = 32) -> torch.Tensor:
+    """A fixed batch of token ids, the same in every process that asks for it."""
+    length = min(length, getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", length))
+    return torch.randint(0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids).logits.float()
+
+
+def _reference_logits(config: PretrainedConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                      input_ids: torch.Tensor) -> torch.Tensor:
+    model = _empty_model(config)
+    model.load_state_dict(weights, strict=False, assign=True)  # shares the tensors: no extra copy
+    model.tie_weights()
+    model = model.to(dtype).eval()
+    return logits_of(model, input_ids)
+
+
+def check_output_folder(out_dir: Path, force: bool, force_flag: str = "--force") -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output {out_dir} exists and is not a folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise UserError(f"output folder {out_dir} is not empty; choose another or pass {force_flag} to replace it")
+
+
+def _prepare_output(out_dir: Path, force: bool) -> Path:
+    check_output_folder(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
+def _make_readable(folder: Path) -> None:
+    # mkdtemp creates the folder private (0700); give it the permissions a plain mkdir would.
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, dtype: str | None = None,
+           max_shard_size: str = "2GB", force: bool = False, verify: bool = True, log=print) -> ExportReport:
+    ckpt_dir, tag = resolve_checkpoint(checkpoint, tag)
+    tag_dir = ckpt_dir / tag
+    out_dir = Path(out_dir)
+    config = _load_config(tag_dir)
+    tokenizer = load_tokenizer(tag_dir) if (tag_dir / "tokenizer_config.json").is_file() else None
+    if tokenizer is None:
+        raise UserError(f"checkpoint {tag_dir} has no tokenizer files; it was not written by these recipes")
+    info = _training_info(tag_dir)
+    if dtype is None:
+        target = default_dtype(info.get("precision"))
+        log(f"Saving weights in {_name(target)}: the training precision ({info.get('precision', 'unknown')}); "
+            "the fp32 master weights are cast to it (--dtype fp32 keeps them exactly)")
+    else:
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        target = DTYPES[dtype]
+    tmp = _prepare_output(out_dir, force)
+    try:
+        log(f"Consolidating {tag_dir} (ZeRO-{info.get('zero_stage', '?')}, {info.get('world_size', '?')} ranks)")
+        weights = _weights_to_save(config, consolidated_state_dict(ckpt_dir, tag), tag_dir)
+        params = sum(t.numel() for t in weights.values())
+        files = _write_weights(weights, tmp, target, max_shard_size)
+        config.dtype = target
+        config.save_pretrained(tmp)
+        generation = GenerationConfig.from_model_config(config)
+        generation.pad_token_id = tokenizer.eos_token_id
+        generation.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        diff = None
+        if verify:
+            batch = verification_batch(config)
+            expected = _reference_logits(config, weights, target, batch)
+            del weights
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=target).eval()
+            diff = (logits_of(reloaded, batch) - expected).abs().max().item()
+            del reloaded
+            log(f"Verified: reloaded logits differ from the checkpoint's by at most {diff:.3g} ({_name(target)})")
+            if not diff <= VERIFY_TOLERANCE[target]:
+                raise UserError(f"export check failed: reloaded logits differ by {diff:.3g} "
+                                f"(> {VERIFY_TOLERANCE[target]:g}); the folder was not written")
+        _make_readable(tmp)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"Exported {params / 1e6:.2f}M parameters to {out_dir} ({', '.join(files)})")
+    return ExportReport(out_dir, tag, target, params, files, diff)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+@dataclass
+class EngineCheck:
+    """What the trained engine computes on the verification batch, to compare an export with."""
+
+    input_ids: torch.Tensor
+    logits: torch.Tensor
+    generated: torch.Tensor  # greedy continuation of input_ids[:1, :PROMPT_TOKENS]
+
+
+PROMPT_TOKENS = 8
+EXPORT_CHECK = "export_check.pt"
+NEW_TOKENS = 16
+
+
+@torch.no_grad()
+def engine_check(engine, config: PretrainedConfig, eos_token_id: int, zero_stage: int) -> EngineCheck:
+    """Run on every rank: under ZeRO-3 each forward gathers parameters collectively."""
+    batch = verification_batch(config)
+    engine.eval()
+    logits = engine(input_ids=batch.to(engine.device)).logits.float().cpu()
+    generated = engine.module.generate(
+        batch[:1, :PROMPT_TOKENS].to(engine.device), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+        do_sample=False, pad_token_id=eos_token_id, synced_gpus=zero_stage == 3 and torch.distributed.get_world_size() > 1,
+    ).cpu()
+    engine.train()
+    return EngineCheck(batch, logits, generated)
+
+
+def compare_with_engine(out_dir: Path, check: EngineCheck) -> tuple[float, bool]:
+    """(max |logits difference|, same greedy tokens) between an exported folder and the engine."""
+    model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    diff = (logits_of(model, check.input_ids) - check.logits).abs().max().item()
+    prompt = check.input_ids[:1, :PROMPT_TOKENS]
+    with torch.no_grad():
+        generated = model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                   pad_token_id=model.generation_config.pad_token_id)
+    return diff, torch.equal(generated, check.generated)
+
+
+def export_after_training(engine, run_dir: Path, export_dir: Path, config: PretrainedConfig, eos_token_id: int,
+                          zero_stage: int, is_main: bool, force: bool, log=print) -> dict | None:
+    """Export the run's final checkpoint (written by every rank) and check it against the live engine.
+
+    Call on every rank after the final save. Rank 0 exports; the engine's logits and greedy
+    tokens on a fixed batch are compared with the reloaded folder's and stored in
+    RUN_DIR/export_check.pt so the comparison can be repeated in any other process.
+    """
+    check = engine_check(engine, config, eos_token_id, zero_stage)
+    if not is_main:
+        return None
+    export(run_dir, export_dir, force=force, log=log)
+    diff, same_tokens = compare_with_engine(export_dir, check)
+    torch.save({"input_ids": check.input_ids, "logits": check.logits, "generated": check.generated},
+               run_dir / EXPORT_CHECK)
+    log(f"Export vs trained engine: max |logits difference| {diff:.3g}; greedy tokens "
+        f"{'identical' if same_tokens else 'DIFFER'}")
+    return {"export_dir": str(export_dir), "export_logit_diff_vs_engine": diff, "export_same_greedy_tokens": same_tokens}

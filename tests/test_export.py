@@ -1,0 +1,129 @@
+"""Export round trips: train on 2 ranks, export, reload with plain transformers in another process."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from launch import REPO, launch, run_python
+from test_pretrain import ds_json, pretrain_args
+from transformers import AutoModelForCausalLM
+
+from gpt_recipes.checkpoint import consolidated_state_dict
+
+pytestmark = pytest.mark.slow
+
+# Exported logits against the trained engine's on the same batch. fp32: rounding level.
+# bf16: both sides run the same bf16 weights through the same kernels, so they agree up to
+# bf16 rounding of the logits (|logit| < ~10, bf16 spacing there 2^-5 to 2^-4).
+TOLERANCE = {"fp32": 1e-4, "bf16": 6e-2}
+
+
+def hf_only(folder, check_file) -> dict:
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "hf_only_check.py"), str(folder), str(check_file)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("stage, family, precision", [
+    (0, "gpt2", "bf16"), (2, "llama", "fp32"), (3, "gpt2", "fp32"), (3, "llama", "bf16"),
+])
+def test_recipe_export_round_trip(tmp_path, tiny_data, tiny_model, tiny_llama, stage, family, precision):
+    out, hf = tmp_path / "run", tmp_path / "hf"
+    cfg = ds_json(tmp_path, stage, micro=2, fp32=precision == "fp32")
+    model = tiny_model if family == "gpt2" else tiny_llama
+    launch("recipes/pretrain.py", pretrain_args(cfg, tiny_data, model, out, 6, "--eval_interval", "0",
+                                                "--export_hf", str(hf)))
+    names = sorted(p.name for p in hf.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"]
+    result = hf_only(hf, out / "export_check.pt")
+    assert result["foreign_modules"] == []
+    assert result["class"] == ("GPT2LMHeadModel" if family == "gpt2" else "LlamaForCausalLM")
+    assert result["dtype"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[precision]
+    assert result["max_logit_diff"] <= TOLERANCE[precision], result
+    assert result["same_greedy_tokens"], result
+    assert result["pipeline_text"].startswith("def main(")
+    record = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "export_dir" in l][-1]
+    assert record["export_same_greedy_tokens"] and record["export_logit_diff_vs_engine"] <= TOLERANCE[precision]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory, tiny_data, tiny_model):
+    """A 2-rank ZeRO-2 bf16 run with checkpoints at steps 3 and 6."""
+    tmp = tmp_path_factory.mktemp("zero2")
+    out = tmp / "run"
+    launch("recipes/pretrain.py", pretrain_args(ds_json(tmp, 2, micro=2), tiny_data, tiny_model, out, 6,
+                                                "--eval_interval", "0", "--save_interval", "3"))
+    return out
+
+
+def test_convert_tool_named_tag_fp32_sharded(tmp_path, zero2_run):
+    hf = tmp_path / "hf"
+    proc = run_python("tools/convert_to_hf.py", [str(zero2_run / "checkpoints"), str(hf), "--tag", "step3",
+                                                 "--dtype", "fp32", "--max_shard_size", "100KB"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Verified: reloaded logits differ" in proc.stdout and "Peak resident memory" in proc.stdout
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    assert model.dtype == torch.float32
+    master = consolidated_state_dict(zero2_run / "checkpoints", "step3")
+    exported = model.state_dict()
+    assert max((exported[k] - master[k]).abs().max().item() for k in master if k in exported) == 0.0
+    latest = consolidated_state_dict(zero2_run / "checkpoints")  # step6: training moved the weights
+    assert any(not torch.equal(master[k], latest[k]) for k in master)
+
+
+def test_convert_tool_defaults_to_latest_and_training_precision(tmp_path, zero2_run):
+    hf = tmp_path / "hf"
+    proc = run_python("tools/convert_to_hf.py", [str(zero2_run), str(hf)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Saving weights in bf16: the training precision (bf16)" in proc.stdout
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    assert model.dtype == torch.bfloat16
+    master = consolidated_state_dict(zero2_run / "checkpoints", "step6")
+    exported = model.state_dict()
+    assert all(torch.equal(exported[k], master[k].to(torch.bfloat16)) for k in master if k in exported)
+
+
+def _broken_copy(tmp_path, zero2_run, remove):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(zero2_run / "checkpoints", copy)
+    for name in remove:
+        (copy / "step6" / name).unlink()
+    return copy
+
+
+@pytest.mark.parametrize("case", ["not a checkpoint", "no such tag", "no config", "no tokenizer", "output exists"])
+def test_bad_inputs(tmp_path, zero2_run, case):
+    out = tmp_path / "hf"
+    args = [str(zero2_run), str(out)]
+    if case == "not a checkpoint":
+        (tmp_path / "empty").mkdir()
+        args, pattern = [str(tmp_path / "empty"), str(out)], "is not a DeepSpeed checkpoint folder"
+    elif case == "no such tag":
+        args, pattern = [*args, "--tag", "step99"], r"no checkpoint tagged 'step99' \(available: step3, step6\)"
+    elif case == "no config":
+        args, pattern = [str(_broken_copy(tmp_path, zero2_run, ["config.json"])), str(out)], "has no config.json"
+    elif case == "no tokenizer":
+        copy = _broken_copy(tmp_path, zero2_run, ["tokenizer.json", "tokenizer_config.json"])
+        args, pattern = [str(copy), str(out)], "has no tokenizer files"
+    else:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        pattern = "is not empty; choose another or pass --force"
+    proc = run_python("tools/convert_to_hf.py", args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    import re
+    assert re.search(pattern, proc.stderr.strip().splitlines()[-1]), proc.stderr
+    if case == "output exists":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        proc = run_python("tools/convert_to_hf.py", [*args, "--force"])
+        assert proc.returncode == 0 and (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    else:
+        assert not out.exists()

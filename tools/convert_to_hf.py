@@ -1,0 +1,28 @@
+#!/usr/bin/env python
+"""Export a DeepSpeed checkpoint (any ZeRO stage, any number of ranks) to a Hugging Face folder.
+
+    python tools/convert_to_hf.py runs/quickstart exported/quickstart
+    python tools/convert_to_hf.py runs/quickstart/checkpoints exported/step100 --tag step100 --dtype fp32
+
+The folder loads with AutoModelForCausalLM/AutoTokenizer.from_pretrained and pipeline().
+The tool reloads what it wrote and compares logits with the checkpoint's weights; a
+mismatch is an error and leaves OUT_DIR untouched.
+"""
+
+from gpt_recipes.args import ConvertToHFArgs, parse_args
+from gpt_recipes.errors import cli_entry
+from gpt_recipes.export import export
+from gpt_recipes.metrics import peak_memory_mb
+
+
+@cli_entry
+def main() -> None:
+    args = parse_args(ConvertToHFArgs, description=__doc__)
+    report = export(args.checkpoint, args.out_dir, tag=args.tag, dtype=args.dtype,
+                    max_shard_size=args.max_shard_size, force=args.force, verify=args.verify)
+    fp32_mb = report.parameters * 4 / 2**20
+    print(f"Peak resident memory {peak_memory_mb('cpu'):.0f} MiB (the model is {fp32_mb:.0f} MiB in fp32)")
+
+
+if __name__ == "__main__":
+    main()
