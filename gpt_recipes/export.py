@@ -12,6 +12,7 @@ batch are compared with those of the consolidated weights at the same dtype.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -148,11 +149,16 @@ def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 def _reference_logits(config: PretrainedConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
                       input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the consolidated weights at the export dtype. Consumes `weights`: each tensor
+    is cast in place, so the fp32 copy shrinks as the cast copy grows."""
+    for name in list(weights):
+        if weights[name].is_floating_point():
+            weights[name] = weights[name].to(dtype)
     model = _empty_model(config)
     model.load_state_dict(weights, strict=False, assign=True)  # shares the tensors: no extra copy
+    weights.clear()
     model.tie_weights()
-    model = model.to(dtype).eval()
-    return logits_of(model, input_ids)
+    return logits_of(model.eval(), input_ids)
 
 
 def check_output_folder(out_dir: Path, force: bool, force_flag: str = "--force") -> None:
@@ -222,7 +228,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, 
         if verify:
             batch = verification_batch(config)
             expected = _reference_logits(config, weights, target, batch)
-            del weights
+            gc.collect()
             reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=target).eval()
             diff = (logits_of(reloaded, batch) - expected).abs().max().item()
             del reloaded
