@@ -14,7 +14,8 @@ data:
 
 quickstart: install data
 	deepspeed --num_gpus $(RANKS) recipes/pretrain.py --deepspeed_config ds_configs/zero2.json \
-		--data data/stdlib --model gpt2-nano --output_dir runs/quickstart --max_steps 200 --overwrite
+		--data data/stdlib --model gpt2-nano --output_dir runs/quickstart --max_steps 200 --overwrite \
+		--export_hf exported/quickstart
 
 test: install
 	$(PYTHON) -m pytest tests

@@ -72,20 +72,14 @@ def parse_args(spec: type[A], argv: Sequence[str] | None = None, description: st
 
 
 @dataclass
-class PretrainArgs:
-    """Pretrain a GPT-style causal LM with DeepSpeed data parallelism (ZeRO 0-3 by config)."""
+class RunArgs:
+    """Flags every training recipe shares (run length, intervals, output, seed)."""
 
     deepspeed_config: str = flag(
         "ds_configs/zero2.json",
         "DeepSpeed JSON: owns micro-batch, accumulation, precision, ZeRO stage, offload, "
         "optimizer, scheduler and clipping",
     )
-    data: str = flag(
-        "data/stdlib",
-        "folder written by tools/prepare_data.py (the default is prepared on first use)",
-    )
-    model: str = flag("gpt2-nano", "model preset name (see --list_models) or a model config JSON")
-    output_dir: str = flag("runs/pretrain", "folder for metrics.jsonl, config.json and checkpoints/")
     max_steps: int = flag(200, "optimizer steps (global batches) to train for")
     seq_len: Optional[int] = flag(None, "tokens per sample; default: the model's context length")
     seed: int = flag(1234, "seed for initialisation and the data order")
@@ -96,9 +90,36 @@ class PretrainArgs:
     export_hf: Optional[str] = flag(None, "after training, export the final checkpoint to this Hugging Face folder")
     resume: bool = flag(False, "continue from the latest checkpoint in OUTPUT_DIR/checkpoints")
     overwrite: bool = flag(False, "allow starting a fresh run in a non-empty OUTPUT_DIR (and replacing EXPORT_HF)")
-    list_models: bool = flag(False, "print the model presets and exit")
     # Set by the deepspeed launcher; the rank is read from the environment instead.
     local_rank: int = flag(-1, argparse.SUPPRESS)
+
+
+@dataclass
+class PretrainArgs(RunArgs):
+    """Pretrain a GPT-style causal LM with DeepSpeed data parallelism (ZeRO 0-3 by config)."""
+
+    data: str = flag(
+        "data/stdlib",
+        "folder written by tools/prepare_data.py (the default is prepared on first use)",
+    )
+    model: str = flag("gpt2-nano", "model preset name (see --list_models) or a model config JSON")
+    output_dir: str = flag("runs/pretrain", "folder for metrics.jsonl, config.json and checkpoints/")
+    list_models: bool = flag(False, "print the model presets and exit")
+
+
+@dataclass
+class FinetuneArgs(RunArgs):
+    """Fine-tune a Hugging Face causal LM on prompt/response or chat data (loss on responses only)."""
+
+    model_name_or_path: str = flag("exported/quickstart", "Hugging Face model folder (or hub name when online)")
+    data: str = flag("data/sft_demo/train.jsonl",
+                     "JSONL/Parquet file or datasets folder of 'messages' or 'prompt'/'response' rows "
+                     "(the default demo task is built on first use)")
+    val_data: Optional[str] = flag(None, "held-out rows; default: the demo's val.jsonl, or --val_fraction of --data")
+    val_fraction: float = flag(0.05, "fraction of --data held out when there is no --val_data")
+    pack: bool = flag(False, "pack several examples per sequence (attention and loss stay within each)")
+    truncate: bool = flag(False, "cut examples longer than --seq_len instead of dropping them")
+    output_dir: str = flag("runs/finetune", "folder for metrics.jsonl, config.json and checkpoints/")
 
 
 @dataclass

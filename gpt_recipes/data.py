@@ -84,11 +84,15 @@ class PackedTokens:
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.seq_len)
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """({"input_ids": first T tokens of each window}, the last T tokens as targets)."""
         T = self.seq_len
         windows = np.stack([self.tokens[i * T : i * T + T + 1] for i in indices]).astype(np.int64)
         x = torch.from_numpy(windows)
-        return x[:, :-1], x[:, 1:]
+        return {"input_ids": x[:, :-1]}, x[:, 1:]
+
+    def num_tokens(self, indices: np.ndarray) -> int:
+        return len(indices) * self.seq_len
 
 
 class GlobalBatchOrder:

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -19,15 +19,27 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .data import GlobalBatchOrder, PackedTokens
+from .data import GlobalBatchOrder
 from .distributed import DistEnv, all_reduce
 from .ds_config import BatchPlan
 from .metrics import MetricsLog, peak_memory_mb
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over all target tokens not equal to -100 (in fp32)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy (in fp32) over the targets that are not -100: their mean or sum."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
+
+
+class Samples(Protocol):
+    """What the loop trains and evaluates on: pretraining windows or fine-tuning examples."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(model inputs, next-token targets with -100 where no loss is taken)."""
+
+    def num_tokens(self, indices: np.ndarray) -> int:
+        """Tokens the model reads for these samples (padding excluded)."""
 
 
 @dataclass
@@ -54,27 +66,29 @@ class TrainState:
 class Batches:
     """Training samples in their global order, and this rank's validation micro-batches."""
 
-    train: PackedTokens
+    train: Samples
     order: GlobalBatchOrder
-    val: PackedTokens
+    val: Samples
     val_micro_batches: list[np.ndarray]
 
 
-def _to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device):
-    non_blocking = device.type == "cuda"
-    return tuple(t.pin_memory().to(device, non_blocking=True) if non_blocking else t for t in batch)
+def _to_device(batch: tuple[dict[str, torch.Tensor], torch.Tensor], device: torch.device):
+    inputs, targets = batch
+    if device.type == "cpu":
+        return inputs, targets
+    move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+    return {k: move(v) for k, v in inputs.items()}, move(targets)
 
 
 @torch.no_grad()
 def evaluate(engine, batches: Batches) -> float:
-    """Mean validation loss over all ranks' samples (every sample has the same token count)."""
+    """Mean loss per target token over all ranks' validation samples."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=engine.device)
     for idx in batches.val_micro_batches:
         inputs, targets = _to_device(batches.val.batch(idx), engine.device)
-        loss = lm_loss(engine(input_ids=inputs).logits, targets)
-        total[0] += loss.double() * targets.numel()
-        total[1] += targets.numel()
+        total[0] += lm_loss(engine(**inputs).logits, targets, reduction="sum").double()
+        total[1] += (targets != -100).sum()
     engine.train()
     all_reduce(total)
     return (total[0] / total[1]).item()
@@ -102,7 +116,6 @@ def train(
     save_checkpoint: Callable[[TrainState], Path],
 ) -> TrainState:
     say = tqdm.write if env.is_main else (lambda *_: None)
-    tokens_per_step = plan.global_batch * cfg.seq_len
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not env.is_main or not sys.stderr.isatty())
 
@@ -117,18 +130,20 @@ def train(
         run_eval()
 
     loss_sum = torch.zeros((), device=engine.device)
-    steps_since_log = 0
+    steps_since_log = tokens_since_log = 0
     window_start = time.perf_counter()
     while state.step < cfg.max_steps:
         for micro_step in range(plan.grad_accum):
             idx = batches.order.micro_batch(state.step, env.rank, micro_step)
             inputs, targets = _to_device(batches.train.batch(idx), engine.device)
-            loss = lm_loss(engine(input_ids=inputs).logits, targets)
+            loss = lm_loss(engine(**inputs).logits, targets)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach()
+        step_tokens = batches.train.num_tokens(batches.order.global_batch(state.step))  # host-side count
         state.step += 1
-        state.tokens += tokens_per_step
+        state.tokens += step_tokens
+        tokens_since_log += step_tokens
         steps_since_log += 1
         bar.update(1)
         last = state.step == cfg.max_steps
@@ -144,7 +159,7 @@ def train(
                 "lr": engine.get_lr()[0],
                 "grad_norm": _grad_norm(engine),
                 "step_time": elapsed / steps_since_log,
-                "tokens_per_sec": steps_since_log * tokens_per_step / elapsed,
+                "tokens_per_sec": tokens_since_log / elapsed,
                 "peak_mem_mb": peak,
             }
             metrics.write(record)
@@ -153,7 +168,7 @@ def train(
                 f"{record['tokens_per_sec']:.0f} tok/s | {record['step_time'] * 1e3:.0f} ms/step | "
                 f"peak {peak:.0f} MiB")
             loss_sum.zero_()
-            steps_since_log = 0
+            steps_since_log = tokens_since_log = 0
             window_start = time.perf_counter()
 
         pause_start = time.perf_counter()

@@ -17,6 +17,8 @@ def test_windows_are_contiguous_and_shifted(tmp_path):
     tokens = PackedTokens(path, np.dtype(np.uint16), seq_len=8)
     assert len(tokens) == (100 - 1) // 8
     inputs, targets = tokens.batch(np.array([0, 3]))
+    inputs = inputs["input_ids"]
+    assert tokens.num_tokens(np.array([0, 3])) == 16
     assert inputs.tolist() == [list(range(0, 8)), list(range(24, 32))]
     assert targets.tolist() == [list(range(1, 9)), list(range(25, 33))]
     # the last window ends inside the stream

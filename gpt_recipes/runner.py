@@ -1,0 +1,145 @@
+"""What every recipe does once it knows its model and data: check, start ranks, train, save, export.
+
+A recipe checks its own inputs (data, tokenizer, model) and hands over a Job; `plan_run`
+checks the shared ones (intervals, DeepSpeed JSON, output folders) before any rank starts,
+and `execute` runs the rest of the story on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import deepspeed
+from transformers import PretrainedConfig, PreTrainedModel
+
+from . import checkpoint, distributed, ds_config
+from .args import RunArgs
+from .data import GlobalBatchOrder, eval_micro_batches
+from .distributed import DistEnv
+from .ds_config import BatchPlan
+from .errors import UserError
+from .export import check_output_folder, export_after_training
+from .metrics import MetricsLog
+from .models import count_parameters
+from .run_dir import check_output_dir, write_run_config
+from .train import Batches, LoopConfig, Samples, TrainState, train
+
+
+@dataclass
+class RunPlan:
+    """The shared, checked settings of a run."""
+
+    env: DistEnv
+    device: str
+    ds_cfg: dict[str, Any]
+    batch: BatchPlan
+    filled: dict[str, Any]
+    out_dir: Path
+    can_resume: bool
+
+    def say(self, *text: Any) -> None:
+        if self.env.is_main:
+            print(*text, flush=True)
+
+
+@dataclass
+class Job:
+    """The recipe-specific parts: how to build the model, and what to train and evaluate on."""
+
+    name: str
+    model_config: PretrainedConfig
+    tokenizer: Any
+    seq_len: int
+    train: Samples
+    val: Samples
+    build_model: Callable[[], PreTrainedModel]
+    record: dict[str, Any] = field(default_factory=dict)  # extra facts for OUT/config.json
+
+
+def plan_run(args: RunArgs) -> RunPlan:
+    """Check the flags, DeepSpeed JSON and output folders every recipe shares."""
+    for name in ("max_steps", "log_interval", "eval_batches"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("eval_interval", "save_interval"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be 0 (only at the end) or positive, got {getattr(args, name)}")
+    env = distributed.environment()
+    device = distributed.device_type()
+    ds_cfg, batch, filled = ds_config.resolve(args.deepspeed_config, env.world_size, args.max_steps, device)
+    out_dir = Path(args.output_dir)
+    can_resume = check_output_dir(out_dir, args.resume, args.overwrite)
+    if args.export_hf:
+        check_output_folder(Path(args.export_hf), args.overwrite, force_flag="--overwrite")
+    return RunPlan(env, device, ds_cfg, batch, filled, out_dir, can_resume)
+
+
+def make_batches(args: RunArgs, run: RunPlan, train_samples: Samples, val_samples: Samples, what: str) -> Batches:
+    """The global batch order over the training samples, and this rank's validation micro-batches."""
+    order = GlobalBatchOrder(len(train_samples), run.batch, args.seed)
+    val_batches = eval_micro_batches(len(val_samples), args.eval_batches * run.batch.global_batch,
+                                     run.batch.micro_batch, run.env.rank, run.env.world_size)
+    if not val_batches:
+        raise UserError(f"the validation set of {what} holds fewer samples than there are ranks "
+                        f"({run.env.world_size})")
+    return Batches(train_samples, order, val_samples, val_batches)
+
+
+def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
+    env, say = run.env, run.say
+    distributed.init(env)
+    distributed.barrier()  # every rank has checked the output folder before rank 0 writes to it
+    distributed.seed_everything(args.seed)
+
+    model = job.build_model()
+    stage = ds_config.zero_stage(run.ds_cfg)
+    say(f"Model: {count_parameters(model) / 1e6:.2f}M parameters ({job.model_config.model_type}); seq_len "
+        f"{job.seq_len}; {ds_config.precision(run.ds_cfg)}, ZeRO-{stage}; global batch {run.batch.global_batch} = "
+        f"{run.batch.micro_batch} micro x {run.batch.grad_accum} accumulation x {run.batch.world_size} ranks")
+    for key, value in run.filled.items():
+        say(f"DeepSpeed config: filled {key} = {value} (was \"auto\")")
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=run.ds_cfg)
+
+    state = TrainState()
+    if run.can_resume:
+        saved = checkpoint.load(engine, run.out_dir, env.rank)
+        if saved["global_batch"] != run.batch.global_batch or saved["seq_len"] != job.seq_len:
+            raise UserError(
+                f"checkpoint was written with global batch {saved['global_batch']} and seq_len {saved['seq_len']}; "
+                f"this run has {run.batch.global_batch} and {job.seq_len}: keep them to resume"
+            )
+        state = TrainState(step=saved["step"], tokens=saved["tokens"])
+        say(f"Resumed from step {state.step} ({state.tokens:,} tokens seen)")
+    if env.is_main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(run.out_dir, {
+            "recipe": job.name, "args": asdict(args), "seq_len": job.seq_len, "world_size": env.world_size,
+            "batch": {"micro_batch": run.batch.micro_batch, "grad_accum": run.batch.grad_accum,
+                      "global_batch": run.batch.global_batch},
+            "deepspeed": run.ds_cfg, "filled_auto": run.filled, "model": job.model_config.to_dict(),
+            "parameters": count_parameters(model), **job.record,
+        })
+    metrics = MetricsLog(run.out_dir, env.is_main, resume_step=state.step if run.can_resume else None)
+
+    loop = LoopConfig(max_steps=args.max_steps, seq_len=job.seq_len, log_interval=args.log_interval,
+                      eval_interval=args.eval_interval, save_interval=args.save_interval, out_dir=run.out_dir,
+                      device_type=run.device)
+    trainer_extra = {"global_batch": run.batch.global_batch, "seq_len": job.seq_len, "seed": args.seed}
+    training_info = {"recipe": job.name, "precision": ds_config.precision(run.ds_cfg), "zero_stage": stage,
+                     "world_size": env.world_size}
+
+    def save(s: TrainState) -> Path:
+        return checkpoint.save(engine, run.out_dir, s.as_dict(**trainer_extra), env.rank,
+                               [job.model_config, job.tokenizer], training_info)
+
+    train(engine, batches, run.batch, env, loop, state, metrics, save)
+
+    if args.export_hf:
+        record = export_after_training(engine, run.out_dir, Path(args.export_hf), job.model_config,
+                                       job.tokenizer.eos_token_id, stage, env.is_main, force=args.overwrite)
+        metrics.write({"step": state.step, **(record or {})})
+        distributed.barrier()
+    say(f"Done: {state.step} steps, {state.tokens:,} tokens; outputs in {run.out_dir}")
+    return state

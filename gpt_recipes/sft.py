@@ -1,0 +1,227 @@
+"""Supervised fine-tuning data: load rows, render conversations, mask labels, pad or pack.
+
+Rows come in two shapes: {"prompt": ..., "response": ...} pairs, and {"messages": [{"role",
+"content"}, ...]} conversations. A pair is the conversation [user: prompt, assistant:
+response]. Conversations are rendered with the tokenizer's chat template, or DEFAULT_CHAT_TEMPLATE
+when it has none (which is then saved with the model, so generation uses the same format).
+
+Rendering is incremental: the text of the first k messages is a prefix of the text of the
+first k+1, and each new piece is tokenised on its own. Pieces that end an assistant turn are
+the response: only their tokens get labels; prompt tokens (and padding) get -100, so the loss
+is computed on responses alone. At generation time the prompt is rendered with
+add_generation_prompt=True and tokenised the same way, so training and inference agree token
+for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserError, first_line
+
+IGNORE = -100
+
+# Used when the tokenizer has no chat template of its own. Each turn starts with a header;
+# an assistant turn ends with EOS, which is what generation stops on.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '### Assistant:\\n' + message['content'] + eos_token }}"
+    "{% else %}"
+    "{{ '### ' + message['role'] | capitalize + ':\\n' + message['content'] + '\\n\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
+)
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    ids: np.ndarray  # token ids of the whole conversation
+    is_response: np.ndarray  # bool per token: does it get a label?
+
+
+def load_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL/JSON/Parquet file or a datasets folder (its 'train' split if it has splits)."""
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"fine-tuning data {path} does not exist")
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        else:
+            kind = "parquet" if path.suffix == ".parquet" else "json"
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as err:
+        raise UserError(f"could not read fine-tuning data {path}: {first_line(err)}")
+    if len(ds) == 0:
+        raise UserError(f"fine-tuning data {path} holds no rows")
+    return ds.to_list()
+
+
+def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """A row as a list of messages; a one-line UserError naming `where` (file and row) if malformed."""
+    if "messages" in row and row["messages"] is not None:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise UserError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise UserError(f"{where}: message {i} needs 'role' and 'content'")
+            if m["role"] not in ROLES:
+                raise UserError(f"{where}: message {i} has role {m['role']!r} (expected one of {', '.join(ROLES)})")
+            if not isinstance(m["content"], str):
+                raise UserError(f"{where}: message {i} content must be text")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise UserError(f"{where}: no assistant message, so nothing to learn from")
+        if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+            raise UserError(f"{where}: empty assistant response")
+        return messages
+    missing = [k for k in ("prompt", "response") if not isinstance(row.get(k), str)]
+    if missing:
+        raise UserError(f"{where}: needs 'messages', or 'prompt' and 'response' (missing {', '.join(missing)})")
+    if not row["response"].strip():
+        raise UserError(f"{where}: empty response")
+    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give the tokenizer the default template if it has none; returns whether it was added."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return True
+
+
+def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as err:
+        raise UserError(f"{where}: the chat template failed to render: {first_line(err)}")
+
+
+def encode(tokenizer, messages: list[dict[str, str]], where: str) -> Example:
+    """Token ids of a conversation and which of them are the assistant's responses."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    rendered = ""
+    for k, message in enumerate(messages):
+        if message["role"] == "assistant":
+            # The prompt up to the response, as generation would see it.
+            head = _render(tokenizer, messages[:k], True, where) if k else _render(tokenizer, [], True, where)
+            _append(tokenizer, head, rendered, ids, mask, False, where)
+            rendered = head
+        full = _render(tokenizer, messages[: k + 1], False, where)
+        _append(tokenizer, full, rendered, ids, mask, message["role"] == "assistant", where)
+        rendered = full
+    return Example(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool))
+
+
+def _append(tokenizer, text: str, previous: str, ids: list[int], mask: list[bool], response: bool, where: str):
+    if not text.startswith(previous):
+        raise UserError(f"{where}: the chat template does not render conversations incrementally "
+                        "(a shorter conversation's text is not a prefix of a longer one's)")
+    piece = text[len(previous):]
+    if piece:
+        new = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        ids.extend(new)
+        mask.extend([response] * len(new))
+
+
+@dataclass
+class LengthReport:
+    total: int
+    dropped: int
+    truncated: int
+
+    def __str__(self) -> str:
+        return f"{self.total} examples: {self.dropped} dropped, {self.truncated} truncated (too long)"
+
+
+def fit_length(examples: list[Example], max_tokens: int, truncate: bool) -> tuple[list[Example], LengthReport]:
+    """Apply the length policy: an example longer than `max_tokens` is dropped, or with `truncate`
+    cut to its first `max_tokens` tokens if a response token remains among them."""
+    kept, dropped, truncated = [], 0, 0
+    for ex in examples:
+        if len(ex.ids) <= max_tokens:
+            kept.append(ex)
+        elif truncate and ex.is_response[1:max_tokens].any():
+            kept.append(Example(ex.ids[:max_tokens], ex.is_response[:max_tokens]))
+            truncated += 1
+        else:
+            dropped += 1
+    return kept, LengthReport(len(examples), dropped, truncated)
+
+
+def pack(examples: list[Example], max_tokens: int) -> list[list[Example]]:
+    """Group examples, in order, into rows of at most `max_tokens` tokens (first fit of the next one)."""
+    rows: list[list[Example]] = []
+    current: list[Example] = []
+    used = 0
+    for ex in examples:
+        if current and used + len(ex.ids) > max_tokens:
+            rows.append(current)
+            current, used = [], 0
+        current.append(ex)
+        used += len(ex.ids)
+    if current:
+        rows.append(current)
+    return rows
+
+
+class SFTSamples:
+    """Fine-tuning samples for the training loop: `batch(indices)` -> (model inputs, targets).
+
+    Unpacked, a sample is one example, padded to the longest in its batch with a 2-D
+    attention mask. Packed, a sample is several examples in one row: positions restart at 0
+    for each, and a 4-D block-diagonal causal mask stops attention at example boundaries.
+    Targets are the next token where it is a response token, else -100, and never cross an
+    example boundary, so neither attention nor loss leaks between packed examples.
+    """
+
+    def __init__(self, rows: list[list[Example]], pad_id: int, packed: bool):
+        self.rows = rows
+        self.pad_id = pad_id
+        self.packed = packed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        rows = [self.rows[i] for i in indices]
+        # Each example contributes len-1 input positions (its last token has nothing to predict).
+        width = max(sum(len(ex.ids) - 1 for ex in row) for row in rows)
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        targets = torch.full((n, width), IGNORE, dtype=torch.long)
+        position_ids = torch.zeros((n, width), dtype=torch.long)
+        segment = torch.full((n, width), -1, dtype=torch.long)  # which example; -1 for padding
+        for b, row in enumerate(rows):
+            pos = 0
+            for s, ex in enumerate(row):
+                length = len(ex.ids) - 1
+                ids = torch.from_numpy(ex.ids)
+                input_ids[b, pos:pos + length] = ids[:-1]
+                labels = torch.where(torch.from_numpy(ex.is_response[1:]), ids[1:], IGNORE)
+                targets[b, pos:pos + length] = labels
+                position_ids[b, pos:pos + length] = torch.arange(length)
+                segment[b, pos:pos + length] = s
+                pos += length
+        if not self.packed:
+            return {"input_ids": input_ids, "attention_mask": (segment >= 0).long()}, targets
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+        mask = (same & causal)[:, None]  # (batch, 1, query, key): True where attention is allowed
+        # Padding queries attend to themselves only, so no row of the mask is empty.
+        mask |= torch.eye(width, dtype=torch.bool)[None, None]
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}, targets

@@ -1,0 +1,82 @@
+"""A built-in fine-tuning task made offline from real text: name a standard-library function's purpose.
+
+Each example asks, for a documented function or method of the Python standard library, what
+it does, given its signature; the answer is the first sentence of its docstring, as its
+author wrote it. Functions are split into train and validation by module, so validation
+asks about modules the fine-tune never saw.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+from pathlib import Path
+
+from .sources import default_corpus_files
+
+
+def _summary(doc: str) -> str | None:
+    first = doc.strip().split("\n\n")[0].replace("\n", " ")
+    first = " ".join(first.split())
+    if not (20 <= len(first) <= 160) or first.startswith(("(", ">>>", "..")):
+        return None
+    return first
+
+
+def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef, owner: str | None) -> str:
+    args = ast.unparse(node.args)
+    name = f"{owner}.{node.name}" if owner else node.name
+    return f"{name}({args})"
+
+
+def examples_from_module(path: Path, module: str) -> list[dict]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    out = []
+
+    def visit(body, owner=None):
+        for node in body:
+            if isinstance(node, ast.ClassDef):
+                visit(node.body, node.name)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                doc = ast.get_docstring(node)
+                summary = _summary(doc) if doc else None
+                if summary:
+                    out.append({"module": module, "signature": _signature(node, owner), "summary": summary})
+
+    visit(tree.body)
+    return out
+
+
+def build(out_dir: Path, val_rows: int = 300, seed: int = 0) -> dict[str, int]:
+    """Write train.jsonl and val.jsonl (chat 'messages' rows) to `out_dir`; returns row counts."""
+    by_module: dict[str, list[dict]] = {}
+    for path in default_corpus_files():
+        module = path.stem if path.stem != "__init__" else path.parent.name
+        found = examples_from_module(path, module)
+        if found:
+            by_module.setdefault(module, []).extend(found)
+    modules = sorted(by_module)
+    rng = random.Random(seed)
+    held_out: set[str] = set()
+    for module in rng.sample(modules, len(modules)):  # whole modules, until enough rows
+        if sum(len(by_module[m]) for m in held_out) >= val_rows:
+            break
+        held_out.add(module)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, chosen in (("train", [m for m in modules if m not in held_out]), ("val", sorted(held_out))):
+        rows = [r for m in chosen for r in by_module[m]]
+        rng.shuffle(rows)
+        with (out_dir / f"{split}.jsonl").open("w") as f:
+            for r in rows:
+                messages = [
+                    {"role": "user", "content": f"In Python's {r['module']} module, what does {r['signature']} do?"},
+                    {"role": "assistant", "content": r["summary"]},
+                ]
+                f.write(json.dumps({"messages": messages}) + "\n")
+        counts[split] = len(rows)
+    return counts
