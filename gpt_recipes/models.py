@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 _GPT2_NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "summary_first_dropout": 0.0}
 _LLAMA_NO_DROPOUT = {"attention_dropout": 0.0, "mlp_bias": False, "attention_bias": False}
@@ -125,3 +125,39 @@ def describe_presets() -> str:
         lines.append(f"{name:13s} {raw['model_type']:6s} {params / 1e6:8.1f}M parameters at vocabulary 8192, "
                      f"context {context_length(config)}")
     return "\n".join(lines)
+
+
+def load_pretrained_config(name_or_path: str) -> PretrainedConfig:
+    """The config of a Hugging Face model folder (or hub name), which must be a causal LM."""
+    path = Path(name_or_path)
+    if path.exists() and not (path / "config.json").is_file():
+        raise UserError(f"{name_or_path} is not a Hugging Face model folder (no config.json)")
+    if not path.exists() and name_or_path.startswith((".", "/")):
+        raise UserError(f"model folder {name_or_path} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except Exception as err:
+        raise UserError(f"could not load the model config of {name_or_path}: {first_line(err)}")
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{name_or_path} holds a {config.model_type!r} model, which is not a causal LM")
+    return config
+
+
+def load_pretrained(name_or_path: str, config: PretrainedConfig, ds_cfg: dict[str, Any]) -> PreTrainedModel:
+    """Pretrained weights in fp32 (the engine keeps fp32 master weights and casts the model).
+
+    Under ZeRO-3, a transformers HfDeepSpeedConfig is kept alive while from_pretrained runs,
+    which then builds the model inside deepspeed.zero.Init and loads the weights into it: each
+    rank materialises only its own partition of every parameter, never a full copy. It is
+    dropped afterwards, so later model construction (the export check) is ordinary again.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    # Resolve (import) the model class before from_pretrained may enter zero.Init: importing
+    # model modules inside zero.Init fails with this torch.
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    zero3 = HfDeepSpeedConfig(ds_cfg) if (ds_cfg.get("zero_optimization") or {}).get("stage") == 3 else None
+    model = model_class.from_pretrained(name_or_path, config=config, dtype=torch.float32, attn_implementation="sdpa")
+    del zero3
+    return model

@@ -5,12 +5,10 @@ Rows come in two shapes: {"prompt": ..., "response": ...} pairs, and {"messages"
 response]. Conversations are rendered with the tokenizer's chat template, or DEFAULT_CHAT_TEMPLATE
 when it has none (which is then saved with the model, so generation uses the same format).
 
-Rendering is incremental: the text of the first k messages is a prefix of the text of the
-first k+1, and each new piece is tokenised on its own. Pieces that end an assistant turn are
-the response: only their tokens get labels; prompt tokens (and padding) get -100, so the loss
-is computed on responses alone. At generation time the prompt is rendered with
-add_generation_prompt=True and tokenised the same way, so training and inference agree token
-for token.
+A conversation is rendered and tokenised whole; the assistant turns are located by rendering
+it incrementally (the text of the first k messages is a prefix of the text of the first k+1).
+Only response tokens get labels; prompt tokens (and padding) get -100, so the loss is computed
+on responses alone.
 """
 
 from __future__ import annotations
@@ -111,31 +109,30 @@ def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool, 
 
 
 def encode(tokenizer, messages: list[dict[str, str]], where: str) -> Example:
-    """Token ids of a conversation and which of them are the assistant's responses."""
-    ids: list[int] = []
-    mask: list[bool] = []
-    rendered = ""
+    """Token ids of a conversation and which of them are the assistant's responses.
+
+    The whole conversation is rendered and tokenised once, as generation would see it; the
+    assistant spans are found by rendering incrementally (the prompt up to each answer with
+    add_generation_prompt=True, then the prompt plus the answer), and tokens whose text starts
+    inside a span are the response.
+    """
+    full = _render(tokenizer, messages, False, where)
+    spans = []
     for k, message in enumerate(messages):
-        if message["role"] == "assistant":
-            # The prompt up to the response, as generation would see it.
-            head = _render(tokenizer, messages[:k], True, where) if k else _render(tokenizer, [], True, where)
-            _append(tokenizer, head, rendered, ids, mask, False, where)
-            rendered = head
-        full = _render(tokenizer, messages[: k + 1], False, where)
-        _append(tokenizer, full, rendered, ids, mask, message["role"] == "assistant", where)
-        rendered = full
-    return Example(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool))
-
-
-def _append(tokenizer, text: str, previous: str, ids: list[int], mask: list[bool], response: bool, where: str):
-    if not text.startswith(previous):
-        raise UserError(f"{where}: the chat template does not render conversations incrementally "
-                        "(a shorter conversation's text is not a prefix of a longer one's)")
-    piece = text[len(previous):]
-    if piece:
-        new = tokenizer(piece, add_special_tokens=False)["input_ids"]
-        ids.extend(new)
-        mask.extend([response] * len(new))
+        if message["role"] != "assistant":
+            continue
+        head = _render(tokenizer, messages[:k], True, where)
+        upto = _render(tokenizer, messages[: k + 1], False, where)
+        if not (upto.startswith(head) and full.startswith(upto)):
+            raise UserError(f"{where}: the chat template does not render conversations incrementally "
+                            "(a shorter conversation's text is not a prefix of a longer one's)")
+        spans.append((len(head), len(upto)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    starts = np.asarray([start for start, _ in enc["offset_mapping"]], dtype=np.int64)
+    is_response = np.zeros(len(starts), dtype=bool)
+    for begin, end in spans:
+        is_response |= (starts >= begin) & (starts < end)
+    return Example(np.asarray(enc["input_ids"], dtype=np.int64), is_response)
 
 
 @dataclass
@@ -163,17 +160,20 @@ def fit_length(examples: list[Example], max_tokens: int, truncate: bool) -> tupl
     return kept, LengthReport(len(examples), dropped, truncated)
 
 
-def pack(examples: list[Example], max_tokens: int) -> list[list[Example]]:
-    """Group examples, in order, into rows of at most `max_tokens` tokens (first fit of the next one)."""
+def pack(examples: list[Example], seq_len: int) -> list[list[Example]]:
+    """Group examples, in order, into rows of at most `seq_len` input positions.
+
+    An example of n tokens takes n - 1 positions (its last token is only a target).
+    """
     rows: list[list[Example]] = []
     current: list[Example] = []
     used = 0
     for ex in examples:
-        if current and used + len(ex.ids) > max_tokens:
+        if current and used + len(ex.ids) - 1 > seq_len:
             rows.append(current)
             current, used = [], 0
         current.append(ex)
-        used += len(ex.ids)
+        used += len(ex.ids) - 1
     if current:
         rows.append(current)
     return rows
@@ -196,6 +196,9 @@ class SFTSamples:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def num_tokens(self, indices: np.ndarray) -> int:
+        return sum(len(ex.ids) - 1 for i in indices for ex in self.rows[i])
 
     def batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         rows = [self.rows[i] for i in indices]

@@ -80,3 +80,21 @@ def build(out_dir: Path, val_rows: int = 300, seed: int = 0) -> dict[str, int]:
                 f.write(json.dumps({"messages": messages}) + "\n")
         counts[split] = len(rows)
     return counts
+
+
+DEFAULT_DIR = Path("data/sft_demo")
+
+
+def ensure_demo(train_path: str) -> None:
+    """Build the demo task on first use when the default path is asked for (ranks take turns)."""
+    path = Path(train_path)
+    if path.is_file() or path.resolve() != (DEFAULT_DIR / "train.jsonl").resolve():
+        return
+    import fcntl
+
+    DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
+    with open(DEFAULT_DIR.parent / f".{DEFAULT_DIR.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            counts = build(DEFAULT_DIR)
+            print(f"Built the demo fine-tuning task in {DEFAULT_DIR}: {counts['train']} train, {counts['val']} val rows")

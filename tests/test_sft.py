@@ -1,0 +1,149 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gpt_recipes.errors import UserError
+from gpt_recipes.models import build_config, build_model, load_pretrained_config
+from gpt_recipes.sft import (IGNORE, SFTSamples, encode, ensure_chat_template, fit_length, load_rows, pack,
+                             to_messages)
+from gpt_recipes.tokenizer import load_tokenizer
+from gpt_recipes.train import lm_loss
+
+CHAT = [{"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "What does json.dumps do?"},
+        {"role": "assistant", "content": "Serialize obj to a JSON formatted str."},
+        {"role": "user", "content": "And json.loads?"},
+        {"role": "assistant", "content": "Deserialize a str to a Python object."}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_data):
+    tok = load_tokenizer(tiny_data / "tokenizer")
+    ensure_chat_template(tok)
+    return tok
+
+
+def test_only_assistant_tokens_are_labelled(tokenizer):
+    ex = encode(tokenizer, CHAT, "test")
+    answers = [m["content"] + tokenizer.eos_token for m in CHAT if m["role"] == "assistant"]
+    assert tokenizer.decode(ex.ids[ex.is_response].tolist()) == "".join(answers)
+    # the prompt the model sees at generation time is exactly the unlabelled prefix
+    prompt = tokenizer.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True)
+    first_answer = int(np.argmax(ex.is_response))
+    assert ex.ids[:first_answer].tolist() == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_pairs_are_single_turn_chats(tokenizer):
+    pair = to_messages({"prompt": "Say hi.", "response": "hi"}, "x")
+    assert pair == [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]
+
+
+def _model(family="gpt2-nano", vocab=1024):
+    torch.manual_seed(0)
+    return build_model(build_config(family, vocab, 0)).eval()
+
+
+def test_prompt_labels_cannot_change_the_loss_and_every_response_token_counts(tokenizer):
+    examples = [encode(tokenizer, CHAT, "a"), encode(tokenizer, to_messages({"prompt": "p q r", "response": "s t"}, "b"), "b")]
+    samples = SFTSamples([[e] for e in examples], tokenizer.eos_token_id, packed=False)
+    inputs, targets = samples.batch(np.arange(2))
+    assert int((targets != IGNORE).sum()) == sum(int(e.is_response[1:].sum()) for e in examples)
+    model = _model()
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    loss = lm_loss(logits, targets)
+    # Any label at a prompt position is ignored: put arbitrary token ids there instead of -100.
+    prompt_positions = targets == IGNORE
+    scrambled = torch.where(prompt_positions & (inputs["attention_mask"] == 1), torch.randint_like(targets, 5, 900),
+                            targets)
+    assert not torch.equal(scrambled, targets)
+    masked = torch.where(prompt_positions, IGNORE, scrambled)  # what the masking keeps of it
+    assert torch.equal(lm_loss(logits, masked), loss)
+    # ...whereas changing one response label does change the loss.
+    changed = targets.clone()
+    pos = tuple(torch.nonzero(targets != IGNORE)[0])
+    changed[pos] = (changed[pos] + 1) % 1024
+    assert lm_loss(logits, changed) != loss
+
+
+@pytest.mark.parametrize("family", ["gpt2-nano", "llama-nano"])
+def test_packed_examples_give_the_same_per_example_loss(tokenizer, family):
+    rng = np.random.default_rng(0)
+    rows = [{"prompt": " ".join(rng.choice(["alpha", "beta", "gamma", "delta"], n)), "response": f"answer {n}"}
+            for n in (3, 11, 6, 2, 8)]
+    examples = [encode(tokenizer, to_messages(r, "t"), "t") for r in rows]
+    unpacked = SFTSamples([[e] for e in examples], tokenizer.eos_token_id, packed=False)
+    packed_rows = pack(examples, seq_len=200)
+    assert len(packed_rows) < len(examples)
+    packed = SFTSamples(packed_rows, tokenizer.eos_token_id, packed=True)
+    model = _model(family)
+
+    def per_example(samples, control=False):
+        inputs, targets = samples.batch(np.arange(len(samples)))
+        if control:  # plain causal attention over the packed row: what packing must avoid
+            inputs = {"input_ids": inputs["input_ids"]}
+        with torch.no_grad():
+            token_loss = torch.nn.functional.cross_entropy(model(**inputs).logits.flatten(0, 1), targets.flatten(),
+                                                           ignore_index=IGNORE, reduction="none").view(targets.shape)
+        losses = []
+        for b, row in enumerate(samples.rows):
+            pos = 0
+            for ex in row:
+                n = len(ex.ids) - 1
+                losses.append(token_loss[b, pos:pos + n].sum().item())
+                pos += n
+        return np.array(losses)
+
+    reference = per_example(unpacked)
+    assert np.abs(per_example(packed) - reference).max() < 1e-4  # fp32 rounding
+    assert np.abs(per_example(packed, control=True) - reference).max() > 1e-2
+
+
+def test_length_policy(tokenizer):
+    short = encode(tokenizer, to_messages({"prompt": "a", "response": "b"}, "s"), "s")
+    long = encode(tokenizer, to_messages({"prompt": "x " * 40, "response": "y " * 40}, "l"), "l")
+    kept, report = fit_length([short, long], 30, truncate=False)
+    assert len(kept) == 1 and (report.dropped, report.truncated) == (1, 0)
+    kept, report = fit_length([short, long], len(long.ids) - 5, truncate=True)
+    assert len(kept) == 2 and (report.dropped, report.truncated) == (0, 1) and kept[1].is_response.any()
+    prompt_only_fits = int(np.argmax(long.is_response))
+    kept, report = fit_length([long], prompt_only_fits, truncate=True)
+    assert not kept and report.dropped == 1  # no response token would remain
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"prompt": "q"}, "row 3: needs 'messages', or 'prompt' and 'response' \\(missing response\\)"),
+    ({"prompt": "q", "response": "  "}, "row 3: empty response"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "row 3: no assistant message"),
+    ({"messages": [{"role": "bot", "content": "q"}]}, "row 3: message 0 has role 'bot'"),
+    ({"messages": [{"role": "user"}]}, "row 3: message 0 needs 'role' and 'content'"),
+    ({"messages": []}, "row 3: 'messages' must be a non-empty list"),
+])
+def test_bad_rows_name_file_and_row(row, match):
+    with pytest.raises(UserError, match=match):
+        to_messages(row, "data.jsonl row 3")
+
+
+def test_chat_template_that_fails_to_render(tiny_data):
+    tok = load_tokenizer(tiny_data / "tokenizer")
+    tok.chat_template = "{{ raise_exception('no system role') }}"
+    with pytest.raises(UserError, match="data.jsonl row 1: the chat template failed to render: no system role"):
+        encode(tok, CHAT, "data.jsonl row 1")
+
+
+def test_model_folder_that_is_not_a_causal_lm(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(UserError, match="holds a 'vit' model, which is not a causal LM"):
+        load_pretrained_config(str(tmp_path))
+    with pytest.raises(UserError, match="not a Hugging Face model folder"):
+        load_pretrained_config(str(tmp_path / ".."))
+
+
+def test_load_rows(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    assert load_rows(path) == [{"prompt": "a", "response": "b"}]
+    with pytest.raises(UserError, match="does not exist"):
+        load_rows(tmp_path / "nope.jsonl")
