@@ -1,0 +1,69 @@
+"""Fine-tuning end to end on 2 ranks: from a model exported by the export tool, back to an export."""
+
+import json
+
+import pytest
+from launch import launch, read_metrics, run_python
+from test_export import TOLERANCE, hf_only
+from test_pretrain import ds_json, pretrain_args
+from transformers import AutoTokenizer
+
+from conftest import TINY_GPT2
+from gpt_recipes.sft_demo import build
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tiny_data):
+    """A tiny GPT-2 pretrained on 2 ranks and exported with --export_hf (context 128)."""
+    tmp = tmp_path_factory.mktemp("pretrained")
+    model = tmp / "model.json"
+    model.write_text(json.dumps({**TINY_GPT2, "n_positions": 128}))
+    launch("recipes/pretrain.py", pretrain_args(ds_json(tmp, 2, micro=4), tiny_data, model, tmp / "run", 40,
+                                                "--seq_len", "64", "--eval_interval", "0",
+                                                "--export_hf", str(tmp / "hf")))
+    return tmp / "hf"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft_demo")
+    counts = build(out)
+    assert counts["train"] > 1000 and counts["val"] >= 300
+    return out
+
+
+@pytest.mark.parametrize("stage, pack", [(3, False), (2, True)])
+def test_finetune_from_export_then_export_again(tmp_path, pretrained, demo, stage, pack):
+    out, hf = tmp_path / "run", tmp_path / "hf"
+    args = ["--deepspeed_config", ds_json(tmp_path, stage, micro=4), "--model_name_or_path", str(pretrained),
+            "--data", str(demo / "train.jsonl"), "--output_dir", str(out), "--max_steps", "30",
+            "--eval_interval", "0", "--eval_batches", "10", "--truncate", "--export_hf", str(hf)]
+    proc = launch("recipes/finetune.py", args + (["--pack"] if pack else []))
+    assert "dropped" in proc.stdout and "truncated" in proc.stdout  # the length policy is reported
+    train, evals = read_metrics(out)
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3, evals  # held-out response loss falls
+    result = hf_only(hf, out / "export_check.pt")
+    assert result["max_logit_diff"] <= TOLERANCE["bf16"] and result["same_greedy_tokens"], result
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    assert tokenizer.chat_template  # the template trained with travels with the model
+
+
+def test_bad_rows_stop_with_file_and_row(tmp_path, pretrained):
+    data = tmp_path / "bad.jsonl"
+    rows = [{"prompt": "a", "response": "b"}, {"prompt": "c"}, {"prompt": "d", "response": "e"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_python("recipes/finetune.py", ["--deepspeed_config", ds_json(tmp_path, 2, micro=2),
+                                              "--model_name_or_path", str(pretrained), "--data", str(data),
+                                              "--val_data", str(data), "--output_dir", str(tmp_path / "out")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {data} row 2: needs 'messages', or 'prompt' and 'response' (missing response)")
+
+
+def test_model_that_does_not_exist(tmp_path):
+    proc = run_python("recipes/finetune.py", ["--model_name_or_path", str(tmp_path / "nothing"),
+                                              "--output_dir", str(tmp_path / "out")])
+    assert proc.returncode == 2 and "does not exist" in proc.stderr.strip().splitlines()[-1]

@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Generate text from a Hugging Face model folder (for example one written by convert_to_hf.py).
+
+    python tools/generate.py exported/quickstart --prompt "def main(" --max_new_tokens 60
+    python tools/generate.py exported/finetuned --chat \\
+        --prompt "In Python's json module, what does dumps(obj) do?"
+
+With --chat the prompt is a user message rendered with the model's chat template.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from gpt_recipes.args import flag, parse_args
+from gpt_recipes.errors import UserError, cli_entry
+from gpt_recipes.models import load_pretrained_config
+from gpt_recipes.tokenizer import load_tokenizer
+
+
+@dataclass
+class GenerateArgs:
+    """Generate from a Hugging Face model folder."""
+
+    model: str = flag("exported/quickstart", "model folder", positional=True, nargs="?", metavar="MODEL_DIR")
+    prompt: str = flag("def main(", "text to continue (with --chat: the user's message)")
+    chat: bool = flag(False, "render the prompt with the model's chat template")
+    max_new_tokens: int = flag(60, "tokens to generate")
+    temperature: float = flag(0.0, "0 for greedy decoding, else sampling temperature")
+    seed: int = flag(0, "seed for sampling")
+
+
+@cli_entry
+def main() -> None:
+    args = parse_args(GenerateArgs, description=__doc__)
+    load_pretrained_config(args.model)  # one-line errors for a missing or non-causal-LM folder
+    tokenizer = load_tokenizer(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    text = args.prompt
+    if args.chat:
+        if not tokenizer.chat_template:
+            raise UserError(f"{args.model} has no chat template; drop --chat")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    torch.manual_seed(args.seed)
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id, **sampling)
+    print(text + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+if __name__ == "__main__":
+    main()
