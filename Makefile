@@ -3,7 +3,7 @@
 PYTHON ?= python3
 RANKS ?= 2
 
-.PHONY: install data quickstart test test-quick
+.PHONY: install data quickstart finetune-demo test test-quick
 
 install:
 	$(PYTHON) -m pip install -r requirements.txt
@@ -16,6 +16,14 @@ quickstart: install data
 	deepspeed --num_gpus $(RANKS) recipes/pretrain.py --deepspeed_config ds_configs/zero2.json \
 		--data data/stdlib --model gpt2-nano --output_dir runs/quickstart --max_steps 200 --overwrite \
 		--export_hf exported/quickstart
+
+# Fine-tune the quickstart's exported model on the built-in demo task, export, and ask it something.
+finetune-demo:
+	deepspeed --num_gpus $(RANKS) recipes/finetune.py --deepspeed_config ds_configs/zero3.json \
+		--model_name_or_path exported/quickstart --data data/sft_demo/train.jsonl --output_dir runs/finetune \
+		--max_steps 150 --overwrite --export_hf exported/finetuned
+	$(PYTHON) tools/generate.py exported/finetuned --chat --max_new_tokens 40 \
+		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
 
 test: install
 	$(PYTHON) -m pytest tests
