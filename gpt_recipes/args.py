@@ -87,6 +87,7 @@ class RunArgs:
     eval_interval: int = flag(50, "steps between validation passes (0: only at the end)")
     eval_batches: int = flag(8, "global batches of validation data per evaluation")
     save_interval: int = flag(0, "steps between checkpoints (0: only at the end)")
+    keep_last: int = flag(0, "keep only the newest N complete checkpoints (0: keep all)")
     export_hf: Optional[str] = flag(None, "after training, export the final checkpoint to this Hugging Face folder")
     resume: bool = flag(False, "continue from the latest checkpoint in OUTPUT_DIR/checkpoints")
     overwrite: bool = flag(False, "allow starting a fresh run in a non-empty OUTPUT_DIR (and replacing EXPORT_HF)")

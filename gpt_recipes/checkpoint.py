@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import faults
 from .distributed import barrier
 from .errors import UserError
 
@@ -61,26 +63,75 @@ def _write_latest(ckpt_dir: Path, tag: str) -> None:
     os.replace(tmp, ckpt_dir / LATEST)
 
 
+def is_complete(tag_dir: Path) -> bool:
+    # training.json is written by rank 0 after every rank has written its shards.
+    return (tag_dir / TRAINING_INFO).is_file()
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def expected_bytes(ckpt_dir: Path, num_params: int) -> int:
+    """Size of the next checkpoint: the last complete one's, else 16 bytes per parameter
+    (fp32 master weights and two Adam moments, 12 bytes, plus the 16- or 32-bit weights)."""
+    tag = latest_tag(ckpt_dir)
+    if tag is not None:
+        return _dir_bytes(ckpt_dir / tag)
+    return 16 * num_params
+
+
+def check_free_space(ckpt_dir: Path, needed: int) -> None:
+    probe = ckpt_dir if ckpt_dir.exists() else ckpt_dir.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < 1.1 * needed:
+        raise UserError(f"not enough disk space for a checkpoint in {ckpt_dir}: about {needed / 2**30:.2f} GiB "
+                        f"needed, {free / 2**30:.2f} GiB free; free some space or use another --output_dir "
+                        "(the previous checkpoint is kept)")
+
+
+def rotate(ckpt_dir: Path, keep_last: int) -> list[str]:
+    """Delete all but the newest `keep_last` complete checkpoints; never the one `latest` names."""
+    if keep_last <= 0:
+        return []
+    current = latest_tag(ckpt_dir)
+    complete = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and is_complete(p)),
+                      key=lambda p: json.loads((p / TRAINING_INFO).read_text())["step"])
+    doomed = [p for p in complete[:-keep_last] if p.name != current]
+    for path in doomed:
+        shutil.rmtree(path)
+    return [p.name for p in doomed]
+
+
 def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_files: list[Any],
-         training_info: dict[str, Any]) -> Path:
-    """Save a checkpoint on every rank.
+         training_info: dict[str, Any], num_params: int, keep_last: int = 0) -> Path:
+    """Save a checkpoint on every rank; only a complete one ever becomes `latest`.
 
     `hf_files` are objects with save_pretrained (model config, tokenizer); `training_info`
-    (precision, ZeRO stage, world size) is written as JSON for the export tool.
+    (precision, ZeRO stage, world size) is written as JSON for the export tool, last, as the
+    mark that every rank's shards are on disk.
     """
     ckpt_dir = out_dir / CHECKPOINT_DIR
-    tag = tag_for(trainer_state["step"])
+    step = trainer_state["step"]
+    tag = tag_for(step)
+    tag_dir = ckpt_dir / tag
+    check_free_space(ckpt_dir, expected_bytes(ckpt_dir, num_params))
+    if rank == 0 and tag_dir.exists() and tag != latest_tag(ckpt_dir):
+        shutil.rmtree(tag_dir)  # left incomplete by an interrupted save: never mix its shards in
+    barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={TRAINER_STATE_KEY: trainer_state},
                            save_latest=False)
-    tag_dir = ckpt_dir / tag
     torch.save(_rng_state(), tag_dir / f"rng_state_rank{rank}.pt")
+    faults.during_save(step, rank)
+    barrier()
     if rank == 0:
         for obj in hf_files:
             obj.save_pretrained(tag_dir)
         (tag_dir / TRAINING_INFO).write_text(json.dumps({**training_info, **trainer_state}, indent=2) + "\n")
-    barrier()
-    if rank == 0:
         _write_latest(ckpt_dir, tag)
+        rotate(ckpt_dir, keep_last)
     barrier()
     return tag_dir
 

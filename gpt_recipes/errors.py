@@ -1,4 +1,4 @@
-"""One exception type for problems with the user's input, printed as a single line."""
+"""Errors a run ends with on purpose, each printed as a single line with its own exit status."""
 
 from __future__ import annotations
 
@@ -9,16 +9,33 @@ from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
-# Exit status for bad input, distinct from crashes (1) and signals (128+n).
+# Exit statuses: bad input 2, diverged training 3; stopped by a signal 128 + its number
+# (143 for SIGTERM, 130 for SIGINT) after saving a checkpoint. Crashes stay 1.
 USER_ERROR_EXIT = 2
+DIVERGED_EXIT = 3
 
 
-class UserError(Exception):
+class RecipeExit(Exception):
+    """A planned end of the run: printed as `error: <message>` and exits with `exit_code`."""
+
+    exit_code = 1
+    prefix = "error"
+
+
+class UserError(RecipeExit):
     """Bad input the user can fix: a missing file, an inconsistent config, a mismatch."""
+
+    exit_code = USER_ERROR_EXIT
+
+
+class DivergedError(RecipeExit):
+    """The loss became NaN or infinite and stayed so; the last good checkpoint is kept."""
+
+    exit_code = DIVERGED_EXIT
 
 
 def cli_entry(main: Callable[[], T]) -> Callable[[], T]:
-    """Run `main`, turning a UserError into one line on stderr and a non-zero exit.
+    """Run `main`, turning a RecipeExit into one line on stderr and its exit status.
 
     Under a multi-rank launcher every rank sees the same inputs and raises the same
     error, so only rank 0 prints it; the others exit quietly with the same status.
@@ -28,10 +45,10 @@ def cli_entry(main: Callable[[], T]) -> Callable[[], T]:
     def wrapper() -> T:
         try:
             return main()
-        except UserError as err:
+        except RecipeExit as err:
             if int(os.environ.get("RANK", "0")) == 0:
-                print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(USER_ERROR_EXIT)
+                print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
+            sys.exit(err.exit_code)
 
     return wrapper
 

@@ -132,7 +132,8 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
 
     def save(s: TrainState) -> Path:
         return checkpoint.save(engine, run.out_dir, s.as_dict(**trainer_extra), env.rank,
-                               [job.model_config, job.tokenizer], training_info)
+                               [job.model_config, job.tokenizer], training_info, count_parameters(model),
+                               args.keep_last)
 
     train(engine, batches, run.batch, env, loop, state, metrics, save)
 

@@ -7,6 +7,7 @@ per-step loss is accumulated on the device and reduced across ranks only when lo
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, faults
 from .data import GlobalBatchOrder
 from .distributed import DistEnv, all_reduce
 from .ds_config import BatchPlan
+from .errors import DivergedError, RecipeExit
 from .metrics import MetricsLog, peak_memory_mb
+from .preemption import StopSignal
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -115,16 +118,26 @@ def train(
     metrics: MetricsLog,
     save_checkpoint: Callable[[TrainState], Path],
 ) -> TrainState:
+    """Train until cfg.max_steps; raises DivergedError on a non-finite loss (without saving) and
+    Preempted after saving when any rank receives SIGTERM/SIGINT."""
     say = tqdm.write if env.is_main else (lambda *_: None)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not env.is_main or not sys.stderr.isatty())
+    stop = StopSignal()
+    good_step = state.step  # the last step known to have a finite loss
 
     def run_eval() -> float:
         val_loss = evaluate(engine, batches)
+        if not math.isfinite(val_loss):
+            raise _diverged(state.step, good_step, cfg.out_dir, "validation loss")
         ppl = math.exp(min(val_loss, 50.0))
         metrics.write({"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "val_ppl": ppl})
         say(f"step {state.step:>6d} | val_loss {val_loss:.4f} | val_ppl {ppl:.2f}")
         return val_loss
+
+    def save() -> None:
+        path = save_checkpoint(state)
+        say(f"step {state.step:>6d} | saved checkpoint {path}")
 
     if state.step == 0:
         run_eval()
@@ -132,11 +145,21 @@ def train(
     loss_sum = torch.zeros((), device=engine.device)
     steps_since_log = tokens_since_log = 0
     window_start = time.perf_counter()
+
+    def window_loss() -> float:
+        """Mean loss since the last log line over all ranks and micro-steps (waits for the device)."""
+        total = all_reduce(loss_sum.clone()).item()
+        mean = total / (steps_since_log * plan.grad_accum * env.world_size)
+        if not math.isfinite(mean):
+            raise _diverged(state.step, good_step, cfg.out_dir, "training loss")
+        return mean
+
     while state.step < cfg.max_steps:
         for micro_step in range(plan.grad_accum):
             idx = batches.order.micro_batch(state.step, env.rank, micro_step)
             inputs, targets = _to_device(batches.train.batch(idx), engine.device)
             loss = lm_loss(engine(**inputs).logits, targets)
+            loss = faults.poison_loss(loss, state.step + 1, env.rank)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach()
@@ -147,9 +170,12 @@ def train(
         steps_since_log += 1
         bar.update(1)
         last = state.step == cfg.max_steps
+        faults.after_step(state.step, env.rank)
+        signum = stop.agreed()
 
-        if _is_due(state.step, cfg.log_interval, last):
-            mean_loss = all_reduce(loss_sum.clone()).item() / (steps_since_log * plan.grad_accum * env.world_size)
+        if _is_due(state.step, cfg.log_interval, last) or signum:
+            mean_loss = window_loss()
+            good_step = state.step
             peak = all_reduce(torch.tensor(peak_memory_mb(cfg.device_type)), torch.distributed.ReduceOp.MAX).item()
             elapsed = time.perf_counter() - window_start
             record = {
@@ -161,6 +187,8 @@ def train(
                 "step_time": elapsed / steps_since_log,
                 "tokens_per_sec": tokens_since_log / elapsed,
                 "peak_mem_mb": peak,
+                # fp16 steps the loss scaler skipped after an overflow: expected, not a failure.
+                "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
             }
             metrics.write(record)
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
@@ -171,12 +199,37 @@ def train(
             steps_since_log = tokens_since_log = 0
             window_start = time.perf_counter()
 
+        if signum:
+            save()
+            bar.close()
+            raise Preempted(signum, state.step)
+
         pause_start = time.perf_counter()
         if _is_due(state.step, cfg.eval_interval, last):
             run_eval()
         if _is_due(state.step, cfg.save_interval, last):
-            path = save_checkpoint(state)
-            say(f"step {state.step:>6d} | saved checkpoint {path}")
+            if steps_since_log:
+                window_loss()  # never save weights that a NaN may already have reached
+            save()
         window_start += time.perf_counter() - pause_start  # keep eval and saving out of throughput
     bar.close()
     return state
+
+
+def _diverged(step: int, good_step: int, out_dir: Path, what: str) -> DivergedError:
+    tag = checkpoint.latest_tag(out_dir / checkpoint.CHECKPOINT_DIR)
+    kept = f"the last good checkpoint, {tag}, is kept" if tag else "no checkpoint was written"
+    return DivergedError(f"the {what} became NaN or infinite between steps {good_step} and {step}; {kept}. "
+                         "Lower the learning rate, or use bf16 or fp32 instead of fp16, and --resume")
+
+
+class Preempted(RecipeExit):
+    """Stopped by a signal after saving a checkpoint; exits with 128 + the signal number."""
+
+    prefix = "stopped"
+
+    def __init__(self, signum: int, step: int):
+        self.exit_code = StopSignal.exit_code(signum)
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: saved a checkpoint at step {step} and exited with status "
+                         f"{self.exit_code}; run the same command with --resume to continue")

@@ -1,0 +1,45 @@
+"""Fault injection for the reliability tests, switched on by the GPT_RECIPES_FAULT variable.
+
+Never set in normal use. The value is KIND@STEP or KIND@STEP:RANK (default rank 0):
+  sigterm@5:1      rank 1 receives SIGTERM after step 5 (a preemption notice)
+  kill_in_save@6   rank 0 is SIGKILLed while saving the step-6 checkpoint, after its shards
+                   are written and before the checkpoint is complete
+  nan@7            rank 0's loss at step 7 is NaN
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_SPEC = os.environ.get("GPT_RECIPES_FAULT", "")
+
+
+def _parse(spec: str) -> tuple[str, int, int] | None:
+    if not spec:
+        return None
+    kind, _, where = spec.partition("@")
+    step, _, rank = where.partition(":")
+    return kind, int(step), int(rank or 0)
+
+
+_FAULT = _parse(_SPEC)
+
+
+def armed(kind: str, step: int, rank: int) -> bool:
+    return _FAULT is not None and _FAULT == (kind, step, rank)
+
+
+def after_step(step: int, rank: int) -> None:
+    for kind, sig in (("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)):
+        if armed(kind, step, rank):
+            os.kill(os.getpid(), sig)
+
+
+def during_save(step: int, rank: int) -> None:
+    if armed("kill_in_save", step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poison_loss(loss, step: int, rank: int):
+    return loss * float("nan") if armed("nan", step, rank) else loss
