@@ -136,17 +136,64 @@ def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_fil
     return tag_dir
 
 
-def load(engine, out_dir: Path, rank: int) -> dict[str, Any] | None:
-    """Load the latest checkpoint into the engine; returns its trainer state, or None if there is none."""
+def layout_change(out_dir: Path, world_size: int, zero_stage: int) -> str | None:
+    """How the latest checkpoint's layout differs from this run's (ranks, ZeRO stage), or None."""
     ckpt_dir = out_dir / CHECKPOINT_DIR
     tag = latest_tag(ckpt_dir)
+    info_file = ckpt_dir / tag / TRAINING_INFO if tag else None
+    if info_file is None or not info_file.is_file():
+        return None
+    info = json.loads(info_file.read_text())
+    if (info["world_size"], info["zero_stage"]) == (world_size, zero_stage):
+        return None
+    if info["zero_stage"] == 3 and zero_stage != 3:
+        # DeepSpeed 0.19.8 writes ZeRO-3 universal checkpoints as flat per-parameter tensors
+        # that only its ZeRO-3 loader reads; its ZeRO-0/1/2 loader expects another layout.
+        raise UserError(f"{ckpt_dir / tag} was written at ZeRO-3; DeepSpeed can resume it at ZeRO-3 only "
+                        f"(on any number of ranks), not at ZeRO-{zero_stage}: use a ZeRO-3 config")
+    return (f"{info['world_size']} ranks at ZeRO-{info['zero_stage']} -> "
+            f"{world_size} ranks at ZeRO-{zero_stage}")
+
+
+def universal_tag(tag: str) -> str:
+    return f"{tag}_universal"
+
+
+def convert_to_universal(out_dir: Path, rank: int) -> str:
+    """Convert the latest checkpoint to DeepSpeed's universal format (rank 0; others wait).
+
+    A universal checkpoint stores every parameter and its optimizer state whole, so it loads
+    on any number of ranks at any ZeRO stage (with "checkpoint": {"load_universal": true}).
+    """
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    tag = latest_tag(ckpt_dir)
+    target = ckpt_dir / universal_tag(tag)
+    done = target / ".complete"
+    if rank == 0 and not done.is_file():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        shutil.rmtree(target, ignore_errors=True)
+        ds_to_universal(Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(target), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        done.write_text("")
+    barrier()
+    return universal_tag(tag)
+
+
+
+def load(engine, out_dir: Path, rank: int, tag: str | None = None) -> dict[str, Any] | None:
+    """Load the latest checkpoint (or `tag`) into the engine; returns its trainer state, or None if there is none."""
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         return None
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None or not client_state or TRAINER_STATE_KEY not in client_state:
         raise UserError(f"checkpoint {ckpt_dir / tag} could not be loaded or was not written by these recipes")
     rng_file = ckpt_dir / tag / f"rng_state_rank{rank}.pt"
-    if rng_file.is_file():
+    if rng_file.is_file():  # absent when resuming on another layout: each rank's stream then starts afresh
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state[TRAINER_STATE_KEY]
 

@@ -100,15 +100,26 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         f"{run.batch.micro_batch} micro x {run.batch.grad_accum} accumulation x {run.batch.world_size} ranks")
     for key, value in run.filled.items():
         say(f"DeepSpeed config: filled {key} = {value} (was \"auto\")")
+    resume_tag = None
+    change = checkpoint.layout_change(run.out_dir, env.world_size, stage) if run.can_resume else None
+    if change:
+        # Another number of ranks or ZeRO stage: go through DeepSpeed's universal checkpoint,
+        # which keeps the optimizer state. load_universal is derived here, not set in the JSON.
+        say(f"Resuming across a layout change ({change}): converting the checkpoint to DeepSpeed's "
+            "universal format")
+        resume_tag = checkpoint.convert_to_universal(run.out_dir, env.rank)
+        run.ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=run.ds_cfg)
 
     state = TrainState()
     if run.can_resume:
-        saved = checkpoint.load(engine, run.out_dir, env.rank)
+        saved = checkpoint.load(engine, run.out_dir, env.rank, resume_tag)
         if saved["global_batch"] != run.batch.global_batch or saved["seq_len"] != job.seq_len:
             raise UserError(
                 f"checkpoint was written with global batch {saved['global_batch']} and seq_len {saved['seq_len']}; "
-                f"this run has {run.batch.global_batch} and {job.seq_len}: keep them to resume"
+                f"this run has {run.batch.global_batch} and {job.seq_len}: keep them to resume (on another number "
+                "of ranks, change gradient_accumulation_steps or train_micro_batch_size_per_gpu in the DeepSpeed "
+                "config so the global batch stays the same)"
             )
         state = TrainState(step=saved["step"], tokens=saved["tokens"])
         say(f"Resumed from step {state.step} ({state.tokens:,} tokens seen)")
