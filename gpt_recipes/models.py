@@ -161,3 +161,9 @@ def load_pretrained(name_or_path: str, config: PretrainedConfig, ds_cfg: dict[st
     model = model_class.from_pretrained(name_or_path, config=config, dtype=torch.float32, attn_implementation="sdpa")
     del zero3
     return model
+
+
+def check_tokenizer_fits(tokenizer, config: PretrainedConfig, where: str) -> None:
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(f"the tokenizer in {where} has {len(tokenizer)} tokens but the model only "
+                        f"{config.vocab_size} embeddings: they do not belong together")

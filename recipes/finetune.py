@@ -17,7 +17,7 @@ from pathlib import Path
 from gpt_recipes import sft
 from gpt_recipes.args import FinetuneArgs, parse_args
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.models import check_seq_len, load_pretrained, load_pretrained_config
+from gpt_recipes.models import check_seq_len, check_tokenizer_fits, load_pretrained, load_pretrained_config
 from gpt_recipes.runner import Job, execute, make_batches, plan_run
 from gpt_recipes.sft_demo import ensure_demo
 from gpt_recipes.tokenizer import load_tokenizer
@@ -57,9 +57,7 @@ def main() -> None:
     run = plan_run(args)
     config = load_pretrained_config(args.model_name_or_path)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    if len(tokenizer) > config.vocab_size:
-        raise UserError(f"the tokenizer in {args.model_name_or_path} has {len(tokenizer)} tokens but the model only "
-                        f"{config.vocab_size} embeddings: they do not belong together")
+    check_tokenizer_fits(tokenizer, config, args.model_name_or_path)
     if sft.ensure_chat_template(tokenizer):
         run.say("The tokenizer has no chat template: using the default one (saved with checkpoints and exports)")
     seq_len = check_seq_len(config, args.seq_len)

@@ -81,3 +81,14 @@ def test_read_meta_errors(tmp_path, tiny_data):
         read_meta(tmp_path)
     meta = read_meta(tiny_data)
     assert meta.split_tokens("train") > 0 and meta.split_tokens("val") > 0
+
+
+def test_truncated_token_file_is_reported(tmp_path, tiny_data):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(tiny_data, copy)
+    with open(copy / "train.bin", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UserError, match="train.bin is truncated or corrupt"):
+        read_meta(copy)

@@ -70,3 +70,14 @@ def test_seq_len_defaults_to_context_and_is_bounded():
     assert check_seq_len(config, 128) == 128
     with pytest.raises(UserError, match="exceeds the model's 256 positions"):
         check_seq_len(config, 257)
+
+
+def test_tokenizer_larger_than_the_model_is_refused():
+    from gpt_recipes.models import check_tokenizer_fits
+
+    class Tok:
+        def __len__(self):
+            return 600
+
+    with pytest.raises(UserError, match="has 600 tokens but the model only 500 embeddings"):
+        check_tokenizer_fits(Tok(), build_config("gpt2-nano", 500, 0), "some/model")

@@ -131,3 +131,15 @@ def test_bad_tokenizer(tmp_path):
     src.write_text("\n".join(DOCS))
     with pytest.raises(UserError, match="could not load tokenizer"):
         prepare(PrepareOptions(inputs=[str(src)], output=str(tmp_path / "o"), tokenizer=str(tmp_path / "nothing")))
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"val_fraction": 1.5}, "--val_fraction must lie between 0 and 1"),
+    ({"vocab_size": 100}, "--vocab_size 100 is too small"),
+])
+def test_bad_options(tmp_path, opts, match):
+    src = tmp_path / "t.txt"
+    src.write_text("\n".join(DOCS))
+    with pytest.raises(UserError, match=match):
+        prepare(PrepareOptions(inputs=[str(src)], output=str(tmp_path / "o"), **opts))
+    assert not (tmp_path / "o").exists()

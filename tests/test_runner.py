@@ -1,0 +1,23 @@
+import pytest
+
+from gpt_recipes.args import PretrainArgs
+from gpt_recipes.errors import UserError
+from gpt_recipes.runner import plan_run
+
+
+@pytest.mark.parametrize("flags, match", [
+    ({"max_steps": 0}, "--max_steps must be at least 1"),
+    ({"log_interval": 0}, "--log_interval must be at least 1"),
+    ({"save_interval": -1}, "--save_interval must be 0"),
+])
+def test_bad_run_lengths_and_intervals(tmp_path, flags, match):
+    with pytest.raises(UserError, match=match):
+        plan_run(PretrainArgs(output_dir=str(tmp_path / "out"), **flags))
+
+
+def test_export_folder_is_checked_before_training(tmp_path):
+    export = tmp_path / "hf"
+    export.mkdir()
+    (export / "weights.safetensors").write_text("someone's model")
+    with pytest.raises(UserError, match="is not empty; choose another or pass --overwrite"):
+        plan_run(PretrainArgs(output_dir=str(tmp_path / "out"), export_hf=str(export)))
