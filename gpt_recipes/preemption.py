@@ -3,11 +3,13 @@
 Cluster schedulers send SIGTERM before they preempt a job, often to one process only. Each
 rank records the signal; after every step the ranks agree (a max all-reduce of one integer on
 a CPU process group, which never waits on the GPU) whether any of them received one, and all
-of them save and exit together with status 128 + the signal number.
+of them save and exit together with status 128 + the signal number. A second signal to the
+same rank stops it at once, without saving.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 
 import torch
@@ -24,11 +26,17 @@ class StopSignal:
         if dist.is_initialized() and dist.get_world_size() > 1:
             # A CPU group, so the agreement never synchronises with the accelerator.
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-        for sig in HANDLED:
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in HANDLED}
 
     def _handle(self, signum, frame) -> None:
-        self.received = self.received or signum
+        if self.received:  # a second signal: the user insists, stop now without saving
+            self.restore()
+            os.kill(os.getpid(), signum)
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def agreed(self) -> int:
         """The signal any rank received (0 if none): the same answer on every rank."""

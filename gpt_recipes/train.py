@@ -10,7 +10,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -120,10 +120,17 @@ def train(
 ) -> TrainState:
     """Train until cfg.max_steps; raises DivergedError on a non-finite loss (without saving) and
     Preempted after saving when any rank receives SIGTERM/SIGINT."""
+    stop = StopSignal()
+    try:
+        return _train(engine, batches, plan, env, cfg, state, metrics, save_checkpoint, stop)
+    finally:
+        stop.restore()
+
+
+def _train(engine, batches, plan, env, cfg, state, metrics, save_checkpoint, stop) -> TrainState:
     say = tqdm.write if env.is_main else (lambda *_: None)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not env.is_main or not sys.stderr.isatty())
-    stop = StopSignal()
     good_step = state.step  # the last step known to have a finite loss
 
     def run_eval() -> float:

@@ -1,6 +1,7 @@
 """Export round trips: train on 2 ranks, export, reload with plain transformers in another process."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -119,7 +120,6 @@ def test_bad_inputs(tmp_path, zero2_run, case):
     proc = run_python("tools/convert_to_hf.py", args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    import re
     assert re.search(pattern, proc.stderr.strip().splitlines()[-1]), proc.stderr
     if case == "output exists":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]

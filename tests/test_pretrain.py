@@ -1,6 +1,7 @@
 """Real multi-rank pretraining runs on CPU (gloo): loss falls, data-parallel parity, resume."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -128,7 +129,6 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, tiny_data, tiny_model, case
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr and len([l for l in lines if l.startswith("error:")]) == 1, proc.stderr
-    import re
     assert re.search(pattern, proc.stderr), proc.stderr
     assert not (tmp_path / "out").exists()
 

@@ -46,7 +46,8 @@ def _model(family="gpt2-nano", vocab=1024):
 
 
 def test_prompt_labels_cannot_change_the_loss_and_every_response_token_counts(tokenizer):
-    examples = [encode(tokenizer, CHAT, "a"), encode(tokenizer, to_messages({"prompt": "p q r", "response": "s t"}, "b"), "b")]
+    pair = to_messages({"prompt": "p q r", "response": "s t"}, "b")
+    examples = [encode(tokenizer, CHAT, "a"), encode(tokenizer, pair, "b")]
     samples = SFTSamples([[e] for e in examples], tokenizer.eos_token_id, packed=False)
     inputs, targets = samples.batch(np.arange(2))
     assert int((targets != IGNORE).sum()) == sum(int(e.is_response[1:].sum()) for e in examples)
