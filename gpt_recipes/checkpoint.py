@@ -146,11 +146,6 @@ def layout_change(out_dir: Path, world_size: int, zero_stage: int) -> str | None
     info = json.loads(info_file.read_text())
     if (info["world_size"], info["zero_stage"]) == (world_size, zero_stage):
         return None
-    if info["zero_stage"] == 3 and zero_stage != 3:
-        # DeepSpeed 0.19.8 writes ZeRO-3 universal checkpoints as flat per-parameter tensors
-        # that only its ZeRO-3 loader reads; its ZeRO-0/1/2 loader expects another layout.
-        raise UserError(f"{ckpt_dir / tag} was written at ZeRO-3; DeepSpeed can resume it at ZeRO-3 only "
-                        f"(on any number of ranks), not at ZeRO-{zero_stage}: use a ZeRO-3 config")
     return (f"{info['world_size']} ranks at ZeRO-{info['zero_stage']} -> "
             f"{world_size} ranks at ZeRO-{zero_stage}")
 
@@ -159,7 +154,7 @@ def universal_tag(tag: str) -> str:
     return f"{tag}_universal"
 
 
-def convert_to_universal(out_dir: Path, rank: int) -> str:
+def convert_to_universal(out_dir: Path, rank: int, zero_stage: int) -> str:
     """Convert the latest checkpoint to DeepSpeed's universal format (rank 0; others wait).
 
     A universal checkpoint stores every parameter and its optimizer state whole, so it loads
@@ -177,10 +172,44 @@ def convert_to_universal(out_dir: Path, rank: int) -> str:
         shutil.rmtree(target, ignore_errors=True)
         ds_to_universal(Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(target), num_extract_workers=1,
                                   num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        if zero_stage < 3 and (target / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
+            _zero3_universal_for_lower_stages(target)
         done.write_text("")
     barrier()
     return universal_tag(tag)
 
+
+
+def _zero3_universal_for_lower_stages(target: Path) -> None:
+    """Rewrite a universal checkpoint made from ZeRO-3 into the layout DeepSpeed's ZeRO-0/1/2 loader reads.
+
+    DeepSpeed 0.19.8 stores a ZeRO-3 source's per-parameter fp32 weights and Adam moments as
+    flat tensors without a step count or a full model-states file, while the ZeRO-1/2 loader
+    expects {"cat_dim", "param"} with the parameter's shape, a step.pt per parameter, the
+    optimizer's global state, and mp_rank_00_model_states.pt with whole module weights.
+    """
+    import deepspeed
+
+    states = torch.load(target / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    shapes = {name: shape for group in states["param_shapes"] for name, shape in group.items()}
+    zero = target / "zero"
+    module = {}
+    for name, shape in shapes.items():
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            flat = torch.load(zero / name / f"{key}.pt", map_location="cpu", weights_only=False)
+            full = flat[: shape.numel()].view(shape).clone()
+            torch.save({"cat_dim": 0, "param": full}, zero / name / f"{key}.pt")
+            if key == "fp32":
+                module[name] = full
+        torch.save(states["global_steps"], zero / name / "step.pt")
+    for alias, source in states.get("shared_params", {}).items():  # tied weights, e.g. lm_head = wte
+        module[alias] = module[source]
+    optim = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    torch.save({"loss_scaler": optim["loss_scaler"], "dynamic_loss_scale": optim["dynamic_loss_scale"],
+                "overflow": optim["overflow"], "clip_grad": float(states["ds_config"].get("gradient_clipping", 0.0)),
+                "ds_version": deepspeed.__version__, "param_groups": optim["param_groups"]}, zero / "optimizer_state.pt")
+    states["module"] = module
+    torch.save(states, target / "mp_rank_00_model_states.pt")
 
 
 def load(engine, out_dir: Path, rank: int, tag: str | None = None) -> dict[str, Any] | None:

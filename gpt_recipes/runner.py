@@ -107,7 +107,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         # which keeps the optimizer state. load_universal is derived here, not set in the JSON.
         say(f"Resuming across a layout change ({change}): converting the checkpoint to DeepSpeed's "
             "universal format")
-        resume_tag = checkpoint.convert_to_universal(run.out_dir, env.rank)
+        resume_tag = checkpoint.convert_to_universal(run.out_dir, env.rank, stage)
         run.ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=run.ds_cfg)
 
