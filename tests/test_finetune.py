@@ -1,6 +1,7 @@
 """Fine-tuning end to end on 2 ranks: from a model exported by the export tool, back to an export."""
 
 import json
+import os
 
 import pytest
 from launch import launch, read_metrics, run_python
@@ -49,6 +50,27 @@ def test_finetune_from_export_then_export_again(tmp_path, pretrained, demo, stag
     assert result["max_logit_diff"] <= TOLERANCE["bf16"] and result["same_greedy_tokens"], result
     tokenizer = AutoTokenizer.from_pretrained(hf)
     assert tokenizer.chat_template  # the template trained with travels with the model
+
+
+def test_finetune_resumes_exactly_after_sigterm(tmp_path, pretrained, demo):
+    def run(out, *extra, check=True):
+        args = ["--deepspeed_config", ds_json(tmp_path, 3, micro=4, fp32=True), "--model_name_or_path",
+                str(pretrained), "--data", str(demo / "train.jsonl"), "--output_dir", str(out), "--max_steps", "10",
+                "--log_interval", "1", "--eval_interval", "0", "--save_interval", "5", "--truncate", *extra]
+        return launch("recipes/finetune.py", args, check=check)
+
+    run(tmp_path / "full")
+    os.environ["GPT_RECIPES_FAULT"] = "sigterm@4:1"
+    try:
+        proc = run(tmp_path / "part", check=False)
+    finally:
+        os.environ.pop("GPT_RECIPES_FAULT")
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    run(tmp_path / "part", "--resume")
+    full, part = read_metrics(tmp_path / "full")[0], read_metrics(tmp_path / "part")[0]
+    assert [r["step"] for r in part] == list(range(1, 11))
+    for a, b in zip(full[4:], part[4:]):
+        assert abs(a["loss"] - b["loss"]) < 1e-6 and a["tokens"] == b["tokens"], (a, b)
 
 
 def test_bad_rows_stop_with_file_and_row(tmp_path, pretrained):
