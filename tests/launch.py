@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gpt_recipes.distributed import remove_shm_buffers
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,9 +22,13 @@ def free_port() -> int:
 
 def launch(script: str, args: list[str], ranks: int = 2, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus RANKS script args...` from the repository root; returns the finished process."""
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), script, *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        remove_shm_buffers("127.0.0.1", str(port))  # also after runs the tests kill on purpose
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
