@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence, TypeVar
 
 A = TypeVar("A")
 
+DEFAULT_DEEPSPEED_CONFIG = "ds_configs/zero2.json"
+
 
 def flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     """A dataclass field carrying its help text (and any extra argparse options)."""
@@ -75,10 +77,11 @@ def parse_args(spec: type[A], argv: Sequence[str] | None = None, description: st
 class RunArgs:
     """Flags every training recipe shares (run length, intervals, output, seed)."""
 
-    deepspeed_config: str = flag(
-        "ds_configs/zero2.json",
-        "DeepSpeed JSON: owns micro-batch, accumulation, precision, ZeRO stage, offload, "
-        "optimizer, scheduler and clipping",
+    deepspeed_config: Optional[str] = flag(
+        None,
+        "DeepSpeed JSON: owns micro-batch, accumulation, precision, ZeRO stage, offload, optimizer, scheduler "
+        "and clipping (default: the file given to `accelerate launch --deepspeed_config_file`, else "
+        f"{DEFAULT_DEEPSPEED_CONFIG})",
     )
     max_steps: int = flag(200, "optimizer steps (global batches) to train for")
     seq_len: Optional[int] = flag(None, "tokens per sample; default: the model's context length")
@@ -87,6 +90,8 @@ class RunArgs:
     eval_interval: int = flag(50, "steps between validation passes (0: only at the end)")
     eval_batches: int = flag(8, "global batches of validation data per evaluation")
     save_interval: int = flag(0, "steps between checkpoints (0: only at the end)")
+    activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass "
+                                          "(less memory, about a third more compute)")
     keep_last: int = flag(0, "keep only the newest N complete checkpoints (0: keep all)")
     export_hf: Optional[str] = flag(None, "after training, export the final checkpoint to this Hugging Face folder")
     resume: bool = flag(False, "continue from the latest checkpoint in OUTPUT_DIR/checkpoints")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,28 @@ class BatchPlan:
     @property
     def per_rank(self) -> int:
         return self.micro_batch * self.grad_accum
+
+
+def config_path(flag_value: str | None, default: str) -> str:
+    """The JSON to use: --deepspeed_config, or the one `accelerate launch` was given.
+
+    `accelerate launch --use_deepspeed --deepspeed_config_file F` exports F to the ranks
+    (ACCELERATE_DEEPSPEED_CONFIG_FILE), so the file need not be named twice; naming two
+    different files is an error rather than a silent choice.
+    """
+    launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if launcher and flag_value and Path(flag_value).resolve() != Path(launcher).resolve():
+        raise UserError(f"--deepspeed_config {flag_value} differs from accelerate's --deepspeed_config_file "
+                        f"{launcher}; give one of them")
+    return flag_value or launcher or default
+
+
+def check_launcher_precision(cfg: dict[str, Any]) -> None:
+    # `accelerate launch --mixed_precision` has no effect on a DeepSpeed run: the JSON decides.
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if asked not in ("no", precision(cfg)):
+        raise UserError(f"accelerate launch asks for --mixed_precision {asked}, but the DeepSpeed config trains in "
+                        f"{precision(cfg)}; the config decides precision: drop --mixed_precision or switch the config")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -129,10 +152,17 @@ AUTO_FILLERS = {
 }
 
 
-def fill_auto(cfg: dict[str, Any], max_steps: int) -> dict[str, Any]:
+# DeepSpeed's monitors: config section -> the package it needs (None: none).
+MONITORS = {"tensorboard": "tensorboard", "csv_monitor": None, "wandb": "wandb", "comet": "comet_ml"}
+MONITOR_DIR = "monitor"
+
+
+def fill_auto(cfg: dict[str, Any], max_steps: int, out_dir: Path | None = None) -> dict[str, Any]:
     """Fill run-dependent "auto" values in place; returns {dotted key: value} of what was filled.
 
-    Any other "auto" is an error: the JSON owns those settings and must state them.
+    The scheduler's step counts follow from --max_steps; an enabled TensorBoard or CSV
+    monitor with no output_path (or "auto") writes into OUTPUT_DIR/monitor. Any other
+    "auto" is an error: the JSON owns those settings and must state them.
     """
     run = {"max_steps": max_steps}
     filled: dict[str, Any] = {}
@@ -141,6 +171,14 @@ def fill_auto(cfg: dict[str, Any], max_steps: int) -> dict[str, Any]:
         if section == "scheduler" and sched_params.get(key) == "auto":
             sched_params[key] = fill(run)
             filled[f"scheduler.params.{key}"] = sched_params[key]
+    for name in enabled_monitors(cfg):
+        section = cfg[name]
+        if name in ("tensorboard", "csv_monitor") and section.get("output_path", "") in ("", "auto"):
+            if out_dir is None:
+                raise UserError(f"DeepSpeed config: {name}.output_path must be given here")
+            section["output_path"] = str(out_dir / MONITOR_DIR)
+            section.setdefault("job_name", name)
+            filled[f"{name}.output_path"] = section["output_path"]
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
     if leftover:
         raise UserError(
@@ -148,6 +186,19 @@ def fill_auto(cfg: dict[str, Any], max_steps: int) -> dict[str, Any]:
             f"{', '.join('.'.join((s, 'params', k)) for s, k in AUTO_FILLERS)}; give a value"
         )
     return filled
+
+
+def enabled_monitors(cfg: dict[str, Any]) -> list[str]:
+    """The monitor sections the config enables; a missing package is a one-line error."""
+    import importlib.util
+
+    names = [name for name in MONITORS if isinstance(cfg.get(name), dict) and cfg[name].get("enabled")]
+    for name in names:
+        package = MONITORS[name]
+        if package and importlib.util.find_spec(package) is None:
+            raise UserError(f"DeepSpeed config enables the {name} monitor, but the {package!r} package is not "
+                            f"installed: pip install {package}, or set {name}.enabled to false")
+    return names
 
 
 def _walk(node: Any, prefix: str = ""):
@@ -158,11 +209,13 @@ def _walk(node: Any, prefix: str = ""):
         yield prefix, node
 
 
-def resolve(path: str | Path, world_size: int, max_steps: int, device_type: str) -> tuple[dict, BatchPlan, dict]:
+def resolve(path: str | Path, world_size: int, max_steps: int, device_type: str,
+            out_dir: Path | None = None) -> tuple[dict, BatchPlan, dict]:
     """Load, check and resolve a DeepSpeed JSON for this run: (config, batch plan, filled values)."""
     cfg = copy.deepcopy(load_config(path))
     zero_stage(cfg)
     check_device_support(cfg, device_type)
+    check_launcher_precision(cfg)
     plan = resolve_batch(cfg, world_size)
-    filled = fill_auto(cfg, max_steps)
+    filled = fill_auto(cfg, max_steps, out_dir)
     return cfg, plan, filled

@@ -20,9 +20,12 @@ class MetricsLog:
     resumed) are dropped, so the file reads as one uninterrupted run.
     """
 
-    def __init__(self, out_dir: Path, enabled: bool, resume_step: int | None = None):
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int | None = None, monitor: Any = None):
         self.path = out_dir / METRICS_FILE
         self.enabled = enabled
+        # DeepSpeed's MonitorMaster (TensorBoard, CSV, W&B, Comet as its config enables):
+        # every numeric field is mirrored there, against the optimizer step.
+        self.monitor = monitor if monitor is not None and monitor.enabled else None
         if not enabled:
             return
         kept: list[str] = []
@@ -32,9 +35,14 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.monitor is not None:
+            group = "eval" if "val_loss" in record else "train"
+            self.monitor.write_events([(f"{group}/{key}", float(value), record["step"]) for key, value in record.items()
+                                       if key != "step" and isinstance(value, (int, float))])
 
 
 def peak_memory_mb(device_type: str) -> float:

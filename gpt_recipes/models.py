@@ -7,6 +7,7 @@ the tokenizer; pretraining presets have no dropout, so runs are deterministic gi
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -106,9 +107,40 @@ def check_seq_len(config: PretrainedConfig, seq_len: int | None) -> int:
     return seq_len
 
 
-def build_model(config: PretrainedConfig) -> PreTrainedModel:
-    """Randomly initialised model in fp32 (the engine casts to the config's precision)."""
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+@contextlib.contextmanager
+def partitioned_construction(ds_cfg: dict[str, Any] | None):
+    """Under ZeRO-3, build models partitioned from the start: no rank ever holds a full copy.
+
+    A transformers HfDeepSpeedConfig kept alive makes from_config/from_pretrained construct
+    the model inside deepspeed.zero.Init: each parameter is partitioned as soon as its module
+    is built, and random initialisation runs module by module on gathered parameters (on
+    rank 0, then broadcast). It is dropped afterwards, so later model construction (the
+    export check) is ordinary again. Outside ZeRO-3 this does nothing.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+
+    zero3 = ds_cfg is not None and (ds_cfg.get("zero_optimization") or {}).get("stage") == 3
+    keep = HfDeepSpeedConfig(ds_cfg) if zero3 else None
+    try:
+        yield
+    finally:
+        del keep
+
+
+def _causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+    # Resolved (and its module imported) before zero.Init is entered: importing model
+    # modules inside zero.Init fails with this torch.
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+
+def build_model(config: PretrainedConfig, ds_cfg: dict[str, Any] | None = None) -> PreTrainedModel:
+    """Randomly initialised model in fp32 (the engine casts to the config's precision);
+    partitioned across ranks from the start when ds_cfg is a ZeRO-3 config."""
+    model_class = _causal_lm_class(config)
+    with partitioned_construction(ds_cfg):
+        return model_class._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -144,23 +176,20 @@ def load_pretrained_config(name_or_path: str) -> PretrainedConfig:
 
 
 def load_pretrained(name_or_path: str, config: PretrainedConfig, ds_cfg: dict[str, Any]) -> PreTrainedModel:
-    """Pretrained weights in fp32 (the engine keeps fp32 master weights and casts the model).
+    """Pretrained weights in fp32 (the engine keeps fp32 master weights and casts the model);
+    under ZeRO-3 each rank materialises only its own partition of every parameter."""
+    model_class = _causal_lm_class(config)
+    with partitioned_construction(ds_cfg):
+        return model_class.from_pretrained(name_or_path, config=config, dtype=torch.float32,
+                                           attn_implementation="sdpa")
 
-    Under ZeRO-3, a transformers HfDeepSpeedConfig is kept alive while from_pretrained runs,
-    which then builds the model inside deepspeed.zero.Init and loads the weights into it: each
-    rank materialises only its own partition of every parameter, never a full copy. It is
-    dropped afterwards, so later model construction (the export check) is ordinary again.
-    """
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    # Resolve (import) the model class before from_pretrained may enter zero.Init: importing
-    # model modules inside zero.Init fails with this torch.
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    zero3 = HfDeepSpeedConfig(ds_cfg) if (ds_cfg.get("zero_optimization") or {}).get("stage") == 3 else None
-    model = model_class.from_pretrained(name_or_path, config=config, dtype=torch.float32, attn_implementation="sdpa")
-    del zero3
-    return model
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them:
+    activation memory drops to about one block's worth, at the price of a second forward."""
+    # The non-reentrant variant works with ZeRO-3's parameter hooks and inputs that need no grad.
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def check_tokenizer_fits(tokenizer, config: PretrainedConfig, where: str) -> None:

@@ -15,14 +15,14 @@ import deepspeed
 from transformers import PretrainedConfig, PreTrainedModel
 
 from . import checkpoint, distributed, ds_config
-from .args import RunArgs
+from .args import DEFAULT_DEEPSPEED_CONFIG, RunArgs
 from .data import GlobalBatchOrder, eval_micro_batches
 from .distributed import DistEnv
 from .ds_config import BatchPlan
 from .errors import UserError
 from .export import check_output_folder, export_after_training
 from .metrics import MetricsLog
-from .models import count_parameters
+from .models import count_parameters, enable_activation_checkpointing
 from .run_dir import check_output_dir, write_run_config
 from .train import Batches, LoopConfig, Samples, TrainState, train
 
@@ -68,8 +68,9 @@ def plan_run(args: RunArgs) -> RunPlan:
             raise UserError(f"--{name} must be 0 (only at the end) or positive, got {getattr(args, name)}")
     env = distributed.environment()
     device = distributed.device_type()
-    ds_cfg, batch, filled = ds_config.resolve(args.deepspeed_config, env.world_size, args.max_steps, device)
     out_dir = Path(args.output_dir)
+    config_path = ds_config.config_path(args.deepspeed_config, DEFAULT_DEEPSPEED_CONFIG)
+    ds_cfg, batch, filled = ds_config.resolve(config_path, env.world_size, args.max_steps, device, out_dir)
     can_resume = check_output_dir(out_dir, args.resume, args.overwrite)
     if args.export_hf:
         check_output_folder(Path(args.export_hf), args.overwrite, force_flag="--overwrite")
@@ -94,6 +95,8 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     distributed.seed_everything(args.seed)
 
     model = job.build_model()
+    if args.activation_checkpointing:
+        enable_activation_checkpointing(model)
     stage = ds_config.zero_stage(run.ds_cfg)
     say(f"Model: {count_parameters(model) / 1e6:.2f}M parameters ({job.model_config.model_type}); seq_len "
         f"{job.seq_len}; {ds_config.precision(run.ds_cfg)}, ZeRO-{stage}; global batch {run.batch.global_batch} = "
@@ -132,7 +135,8 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
             "deepspeed": run.ds_cfg, "filled_auto": run.filled, "model": job.model_config.to_dict(),
             "parameters": count_parameters(model), **job.record,
         })
-    metrics = MetricsLog(run.out_dir, env.is_main, resume_step=state.step if run.can_resume else None)
+    metrics = MetricsLog(run.out_dir, env.is_main, resume_step=state.step if run.can_resume else None,
+                         monitor=engine.monitor)
 
     loop = LoopConfig(max_steps=args.max_steps, seq_len=job.seq_len, log_interval=args.log_interval,
                       eval_interval=args.eval_interval, save_interval=args.save_interval, out_dir=run.out_dir,

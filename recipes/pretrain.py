@@ -46,8 +46,9 @@ def main() -> None:
     val = PackedTokens(meta.split_path("val"), meta.dtype, seq_len)
     batches = make_batches(args, run, train, val, f"{args.data} at seq_len {seq_len}")
 
-    # 3. Start the ranks, build a randomly initialised model (same seed on every rank), train.
-    job = Job("pretrain", model_config, tokenizer, seq_len, train, val, lambda: build_model(model_config),
+    # 3. Start the ranks, build a randomly initialised model (same seed on every rank; partitioned
+    #    across ranks from the start under ZeRO-3), train.
+    job = Job("pretrain", model_config, tokenizer, seq_len, train, val, lambda: build_model(model_config, run.ds_cfg),
               record={"data": meta.raw})
     execute(args, run, job, batches)
 

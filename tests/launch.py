@@ -20,10 +20,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script: str, args: list[str], ranks: int = 2, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus RANKS script args...` from the repository root; returns the finished process."""
+def launch(script: str, args: list[str], ranks: int = 2, timeout: int = 600, check: bool = True,
+           launcher: str = "deepspeed") -> subprocess.CompletedProcess:
+    """Start RANKS ranks of `script args...` from the repository root with `deepspeed`, `torchrun`
+    or `accelerate` (launch, with the DeepSpeed JSON given to accelerate); returns the finished process."""
     port = free_port()
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), script, *args]
+    prefix = {
+        "deepspeed": ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)],
+        "torchrun": ["torchrun", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+                     "--master_port", str(port)],
+        "accelerate": ["accelerate", "launch", "--num_processes", str(ranks), "--main_process_port", str(port)],
+    }[launcher]
+    if launcher == "accelerate":  # accelerate passes the JSON to the ranks; the recipe picks it up
+        cfg = args[args.index("--deepspeed_config") + 1]
+        args = [a for i, a in enumerate(args) if a != "--deepspeed_config" and args[i - 1] != "--deepspeed_config"]
+        prefix += ["--use_deepspeed", "--deepspeed_config_file", cfg]
+    return _run([*prefix, script, *args], port, timeout, check)
+
+
+def launch_two_nodes(script: str, args: list[str], tmp_path: Path, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """Two 'nodes' of one rank each on this machine: one deepspeed launcher per node with
+    --no_ssh --node_rank 0/1, as on a cluster without passwordless ssh."""
+    port = free_port()
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    cmds = [["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
+             "127.0.0.1", "--master_port", str(port), script, *args] for node in (0, 1)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in cmds]
+    try:
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+        remove_shm_buffers("127.0.0.1", str(port))
+    for cmd, proc, out in zip(cmds, procs, outputs):
+        if proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}")
+    return [subprocess.CompletedProcess(cmd, proc.returncode, out, "") for cmd, proc, out in zip(cmds, procs, outputs)]
+
+
+def _run(cmd: list[str], port: int, timeout: int, check: bool) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
