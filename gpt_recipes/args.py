@@ -182,3 +182,20 @@ class ConvertToHFArgs:
     max_shard_size: str = flag("2GB", "largest safetensors file before the weights are sharded")
     force: bool = flag(False, "replace a non-empty OUT_DIR (only once the new folder is complete)")
     verify: bool = flag(True, "reload the folder and compare its logits with the checkpoint's")
+
+
+@dataclass
+class PlanMemoryArgs:
+    """Predict per-rank memory of a model under each DeepSpeed config, and recommend one."""
+
+    model: str = flag("gpt2-nano", "model preset name or a model config JSON (as for recipes/pretrain.py)")
+    ranks: int = flag(1, "ranks (GPUs, or processes on a CPU) per node")
+    nodes: int = flag(1, "nodes")
+    gpu_mem: Optional[float] = flag(None, "memory per GPU in GiB (default: plan for CPU ranks sharing host memory)")
+    host_mem: Optional[float] = flag(None, "host memory per node in GiB (default: this machine's)")
+    seq_len: Optional[int] = flag(None, "tokens per sample (default: the model's context length)")
+    micro_batch: Optional[int] = flag(None, "samples per rank per forward (default: each config's "
+                                      "train_micro_batch_size_per_gpu)")
+    vocab_size: int = flag(8192, "vocabulary size, unless the model config states one")
+    activation_checkpointing: bool = flag(False, "plan for --activation_checkpointing")
+    configs: list[str] = flag(["ds_configs/*.json"], "DeepSpeed JSON files or globs to compare")

@@ -104,6 +104,11 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> t
     return tensor
 
 
+def rank_max(value: float, device: torch.device | str) -> float:
+    """The largest of one number over all ranks (on the engine's device: NCCL reduces no CPU tensors)."""
+    return all_reduce(torch.tensor(float(value), dtype=torch.float64, device=device), dist.ReduceOp.MAX).item()
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -1,14 +1,10 @@
-"""Metrics: a JSONL log written by rank 0, and memory readings."""
+"""Metrics: a JSONL log written by rank 0, mirrored to DeepSpeed's monitors."""
 
 from __future__ import annotations
 
 import json
-import resource
-import sys
 from pathlib import Path
 from typing import Any
-
-import torch
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -43,11 +39,3 @@ class MetricsLog:
             group = "eval" if "val_loss" in record else "train"
             self.monitor.write_events([(f"{group}/{key}", float(value), record["step"]) for key, value in record.items()
                                        if key != "step" and isinstance(value, (int, float))])
-
-
-def peak_memory_mb(device_type: str) -> float:
-    """Peak device memory allocated (GPU) or peak resident memory of this process (CPU), in MiB."""
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux

@@ -6,6 +6,7 @@ per-step loss is accumulated on the device and reduced across ranks only when lo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -21,10 +22,11 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, faults
 from .data import GlobalBatchOrder
-from .distributed import DistEnv, all_reduce
+from .distributed import DistEnv, all_reduce, rank_max
 from .ds_config import BatchPlan
 from .errors import DivergedError, RecipeExit
-from .metrics import MetricsLog, peak_memory_mb
+from .memory import MemoryProbe, peak_memory_mb
+from .metrics import MetricsLog
 from .preemption import StopSignal
 
 
@@ -161,15 +163,30 @@ def _train(engine, batches, plan, env, cfg, state, metrics, save_checkpoint, sto
             raise _diverged(state.step, good_step, cfg.out_dir, "training loss")
         return mean
 
+    probe = MemoryProbe(engine.module, cfg.device_type)
+    probe_step = state.step + 1  # the second step of this process: optimizer state exists by then
+    memory_fields: dict[str, float] = {}
+
     while state.step < cfg.max_steps:
+        probing = state.step == probe_step
         for micro_step in range(plan.grad_accum):
             idx = batches.order.micro_batch(state.step, env.rank, micro_step)
             inputs, targets = _to_device(batches.train.batch(idx), engine.device)
-            loss = lm_loss(engine(**inputs).logits, targets)
+            with probe.saved_activations() if probing and micro_step == 0 else contextlib.nullcontext():
+                loss = lm_loss(engine(**inputs).logits, targets)
             loss = faults.poison_loss(loss, state.step + 1, env.rank)
             engine.backward(loss)
+            if probing and micro_step == 0:
+                probe.finish_activations()
+            if probing and micro_step == plan.grad_accum - 1:
+                read_start = time.perf_counter()
+                probe.read_model_states()
+                window_start += time.perf_counter() - read_start  # keep the reading out of throughput
             engine.step()
             loss_sum += loss.detach()
+        if probing:  # one-off readings, logged with the next metrics line
+            memory_fields = {"model_state_mb": rank_max(probe.model_state_mb, engine.device),
+                             "activation_mb": rank_max(probe.activation_mb, engine.device)}
         step_tokens = batches.train.num_tokens(batches.order.global_batch(state.step))  # host-side count
         state.step += 1
         state.tokens += step_tokens
@@ -183,7 +200,7 @@ def _train(engine, batches, plan, env, cfg, state, metrics, save_checkpoint, sto
         if _is_due(state.step, cfg.log_interval, last) or signum:
             mean_loss = window_loss()
             good_step = state.step
-            peak = all_reduce(torch.tensor(peak_memory_mb(cfg.device_type)), torch.distributed.ReduceOp.MAX).item()
+            peak = rank_max(peak_memory_mb(cfg.device_type), engine.device)
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": state.step,
@@ -196,7 +213,12 @@ def _train(engine, batches, plan, env, cfg, state, metrics, save_checkpoint, sto
                 "peak_mem_mb": peak,
                 # fp16 steps the loss scaler skipped after an overflow: expected, not a failure.
                 "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
+                **memory_fields,
             }
+            if memory_fields:
+                say(f"memory, fullest rank: model states {memory_fields['model_state_mb']:.0f} MiB (parameters, "
+                    f"gradients, optimizer state); activations {memory_fields['activation_mb']:.0f} MiB per micro-batch")
+            memory_fields = {}
             metrics.write(record)
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
             say(f"step {state.step:>6d} | loss {mean_loss:.4f} | lr {record['lr']:.2e} | "

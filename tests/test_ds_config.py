@@ -91,3 +91,40 @@ def test_shipped_configs_cover_the_stages_and_precisions():
     # unless "torch_adam" forces torch's optimizer.
     assert all(r["optimizer"]["type"] in ("Adam", "AdamW") and "torch_adam" not in r["optimizer"]["params"]
                for r in raws.values())
+
+
+def test_monitor_output_paths_default_into_the_run(tmp_path):
+    cfg = {"tensorboard": {"enabled": True}, "csv_monitor": {"enabled": True, "output_path": "auto"},
+           "wandb": {"enabled": False}}
+    filled = ds_config.fill_auto(cfg, max_steps=10, out_dir=tmp_path / "run")
+    assert cfg["tensorboard"] == {"enabled": True, "output_path": str(tmp_path / "run" / "monitor"),
+                                  "job_name": "tensorboard"}
+    assert cfg["csv_monitor"]["output_path"] == str(tmp_path / "run" / "monitor")
+    assert set(filled) == {"tensorboard.output_path", "csv_monitor.output_path"}
+    given = {"tensorboard": {"enabled": True, "output_path": "/elsewhere", "job_name": "x"}}
+    assert ds_config.fill_auto(given, max_steps=10, out_dir=tmp_path) == {} and given["tensorboard"]["output_path"] == "/elsewhere"
+
+
+def test_monitor_without_its_package_is_a_one_line_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(UserError, match="wandb monitor.*pip install wandb"):
+        ds_config.enabled_monitors({"wandb": {"enabled": True}})
+    assert ds_config.enabled_monitors({"wandb": {"enabled": False}, "csv_monitor": {"enabled": True}}) == ["csv_monitor"]
+
+
+def test_config_from_accelerate_launch(monkeypatch, tmp_path):
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    assert ds_config.config_path(None, "ds_configs/zero2.json") == "ds_configs/zero2.json"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds_configs/zero3.json")
+    assert ds_config.config_path(None, "ds_configs/zero2.json") == "ds_configs/zero3.json"
+    assert ds_config.config_path("./ds_configs/zero3.json", "ds_configs/zero2.json") == "./ds_configs/zero3.json"
+    with pytest.raises(UserError, match="differs from accelerate"):
+        ds_config.config_path("ds_configs/zero1.json", "ds_configs/zero2.json")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(UserError, match="config decides precision"):
+        ds_config.check_launcher_precision({"bf16": {"enabled": True}})
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    ds_config.check_launcher_precision({"bf16": {"enabled": True}})

@@ -12,7 +12,7 @@ mismatch is an error and leaves OUT_DIR untouched.
 from gpt_recipes.args import ConvertToHFArgs, parse_args
 from gpt_recipes.errors import cli_entry
 from gpt_recipes.export import export
-from gpt_recipes.metrics import peak_memory_mb
+from gpt_recipes.memory import peak_memory_mb
 
 
 @cli_entry

@@ -1,0 +1,149 @@
+"""The memory planner: the ZeRO accounting by hand, and predictions against measured runs."""
+
+import json
+
+import pytest
+from launch import REPO, launch, read_metrics, run_python
+
+from gpt_recipes.memory_plan import Layout, ModelSizes, activation_bytes, estimate, model_sizes, plan, recommend
+from gpt_recipes.models import build_config
+
+
+def layout(stage, precision="bf16", offload=False, offload_param=False, bucket=50_000_000, micro=1):
+    return Layout(f"zero{stage}", stage, precision, offload, offload_param, micro, bucket, 100_000)
+
+
+PSI = 1_000_000_000
+BIG = ModelSizes((PSI // 2, PSI // 2))  # no parameter below the persistence threshold
+
+
+@pytest.mark.parametrize("ranks", [2, 8])
+def test_model_states_follow_the_zero_paper(ranks):
+    """Mixed precision with Adam: 16 bytes/param at stage 0, 2+14/N at stage 2, 16/N (+ bucket) at stage 3."""
+    states = {s: estimate(layout(s), BIG, ranks, activations=0).model_states for s in range(4)}
+    assert states[0] == 16 * PSI
+    assert states[2] == pytest.approx(2 * PSI + 14 * PSI / ranks)
+    assert states[1] == states[2]  # DeepSpeed's stage 1 partitions the gradients as well
+    assert states[3] == pytest.approx(16 * PSI / ranks + 2 * 50_000_000)
+    fp32 = estimate(layout(0, "fp32"), BIG, ranks, 0)
+    assert (fp32.params, fp32.grads, fp32.optimizer) == (4 * PSI, 4 * PSI, 8 * PSI)
+
+
+def test_offload_moves_optimizer_state_to_the_host():
+    on_device = estimate(layout(2), BIG, 4, 0)
+    offloaded = estimate(layout(2, offload=True), BIG, 4, 0)
+    assert offloaded.optimizer == 0 and offloaded.host == on_device.optimizer == 12 * PSI / 4
+    z3 = estimate(layout(3, offload=True, offload_param=True), BIG, 4, 0)
+    assert z3.params == 2 * (PSI // 2) and z3.host == pytest.approx(12 * PSI / 4 + 2 * PSI / 4)
+
+
+def test_stage3_keeps_small_parameters_whole():
+    sizes = ModelSizes((PSI, 1000, 1000))
+    z3 = estimate(layout(3), sizes, 4, 0)
+    assert z3.params == pytest.approx(2 * (2000 + PSI / 4))
+
+
+def test_traced_activations_scale_and_shrink_with_checkpointing(tiny_model):
+    config = build_config(str(tiny_model), 1024, 0)
+    one = activation_bytes(config, 1, 64, "bf16")
+    assert activation_bytes(config, 4, 64, "bf16") == pytest.approx(4 * one, rel=0.01)
+    assert activation_bytes(config, 1, 64, "fp32") > 1.5 * one
+    assert activation_bytes(config, 1, 64, "bf16", checkpointing=True) < 0.7 * one
+
+
+def test_recommendation_prefers_least_communication_that_fits():
+    sizes = ModelSizes((PSI,))
+    layouts = [layout(0), layout(2), layout(3)]
+    gib = 2**30
+    rows = plan(layouts, sizes, 0, ranks_per_node=8, nodes=1, device_memory=16 * gib, host_memory=1000 * gib)
+    assert [r.fits for r in rows] == [False, True, True] and recommend(rows).estimate.layout.stage == 2
+    rows = plan(layouts, sizes, 0, ranks_per_node=8, nodes=1, device_memory=2 * gib, host_memory=1000 * gib)
+    assert recommend(rows) is None
+
+
+# A model whose matrices exceed ZeRO-3's persistence threshold, so every stage partitions it.
+MID_GPT2 = {"model_type": "gpt2", "n_layer": 4, "n_embd": 512, "n_head": 8, "n_positions": 128,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+MEASURED_TOL = 0.10  # relative; the measurement also counts the batch and a few small tensors
+
+
+@pytest.fixture(scope="session")
+def mid_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "mid_gpt2.json"
+    path.write_text(json.dumps(MID_GPT2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def zero3_monitored_run(tmp_path_factory, tiny_data, mid_model):
+    """A 2-rank ZeRO-3 run with activation checkpointing, TensorBoard and CSV monitors."""
+    tmp = tmp_path_factory.mktemp("zero3_monitored")
+    cfg = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=2, tensorboard={"enabled": True}, csv_monitor={"enabled": True})
+    (tmp / "ds.json").write_text(json.dumps(cfg))
+    out = tmp / "run"
+    launch("recipes/pretrain.py", ["--deepspeed_config", str(tmp / "ds.json"), "--data", str(tiny_data), "--model",
+                                   str(mid_model), "--seq_len", "128", "--output_dir", str(out), "--max_steps", "4",
+                                   "--log_interval", "2", "--eval_batches", "1", "--activation_checkpointing"])
+    return tmp / "ds.json", out
+
+
+def _measured(out):
+    line = next(r for r in read_metrics(out)[0] if "model_state_mb" in r)
+    return line["model_state_mb"] * 2**20, line["activation_mb"] * 2**20
+
+
+def _predicted(cfg_path, mid_model, checkpointing):
+    config = build_config(str(mid_model), 1024, 0)
+    lay = Layout.from_config("measured", json.loads(cfg_path.read_text()))
+    acts = activation_bytes(config, lay.micro_batch, 128, lay.precision, checkpointing)
+    return estimate(lay, model_sizes(config), 2, acts)
+
+
+@pytest.mark.slow
+def test_planner_matches_a_measured_zero1_run(tmp_path, tiny_data, mid_model):
+    cfg = json.loads((REPO / "ds_configs" / "zero1.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=2)
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    launch("recipes/pretrain.py", ["--deepspeed_config", str(tmp_path / "ds.json"), "--data", str(tiny_data),
+                                   "--model", str(mid_model), "--seq_len", "128", "--output_dir", str(out),
+                                   "--max_steps", "2", "--log_interval", "2", "--eval_batches", "1"])
+    states, acts = _measured(out)
+    predicted = _predicted(tmp_path / "ds.json", mid_model, checkpointing=False)
+    assert states == pytest.approx(predicted.model_states, rel=MEASURED_TOL)
+    assert acts == pytest.approx(predicted.activations, rel=MEASURED_TOL)
+
+
+@pytest.mark.slow
+def test_planner_matches_a_measured_zero3_run_with_checkpointing(zero3_monitored_run, mid_model):
+    cfg_path, out = zero3_monitored_run
+    states, acts = _measured(out)
+    predicted = _predicted(cfg_path, mid_model, checkpointing=True)
+    assert states == pytest.approx(predicted.model_states, rel=MEASURED_TOL)
+    assert acts == pytest.approx(predicted.activations, rel=MEASURED_TOL)
+
+
+@pytest.mark.slow
+def test_tensorboard_and_csv_monitors_record_the_metrics(zero3_monitored_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = zero3_monitored_run
+    events = EventAccumulator(str(out / "monitor" / "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/tokens_per_sec", "eval/val_loss"} <= tags
+    train = [r for r in read_metrics(out)[0]]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in train], rel=1e-6)
+    assert (out / "monitor" / "csv_monitor" / "train_tokens_per_sec.csv").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_plan_memory_tool(tmp_path):
+    proc = run_python("tools/plan_memory.py", ["--model", "gpt2-medium", "--ranks", "2", "--seq_len", "256",
+                                               "--micro_batch", "1", "--host_mem", "24"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "zero3 " in proc.stdout and "Recommended: ds_configs/zero0.json" in proc.stdout
+    proc = run_python("tools/plan_memory.py", ["--model", "gpt2-xl", "--ranks", "2", "--host_mem", "8"])
+    assert proc.returncode == 0 and "Nothing fits" in proc.stdout
+    proc = run_python("tools/plan_memory.py", ["--configs", str(tmp_path / "nope.json")])
+    assert proc.returncode == 2 and proc.stderr.startswith("error:")

@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Predict per-rank memory (model states and activations) for each DeepSpeed config.
+
+    python tools/plan_memory.py --model gpt2-medium --ranks 2                # CPU ranks, this machine
+    python tools/plan_memory.py --model llama-1b --ranks 8 --nodes 2 --gpu_mem 80 --seq_len 2048
+
+Model states follow the ZeRO paper's accounting plus DeepSpeed's buffers; DeepSpeed's own
+estimators are shown beside them for stages 2 and 3. Activations come from tracing one
+forward pass of the model on the meta device. A config "fits" when the prediction times a
+headroom factor (1.25 on a GPU; 1.8 on a CPU, where the C allocator keeps freed memory)
+plus the runtime (1 GiB per GPU, 0.5 GiB per CPU rank) fits; the recommendation is the
+fitting config that communicates least.
+"""
+
+import glob
+import os
+from pathlib import Path
+
+from gpt_recipes.args import PlanMemoryArgs, parse_args
+from gpt_recipes.ds_config import load_config
+from gpt_recipes.errors import UserError, cli_entry
+from gpt_recipes.memory_plan import GiB, HEADROOM, Layout, activation_bytes, model_sizes, plan, recommend
+from gpt_recipes.models import build_config, check_seq_len
+
+
+def host_memory_bytes() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def config_files(patterns: list[str]) -> list[Path]:
+    files = sorted({Path(f) for pattern in patterns for f in (glob.glob(pattern) or [pattern])})
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"DeepSpeed config {missing[0]} does not exist")
+    return files
+
+
+def gib(value: float) -> str:
+    return f"{value / GiB:.2f}"
+
+
+@cli_entry
+def main() -> None:
+    args = parse_args(PlanMemoryArgs, description=__doc__)
+    if args.ranks < 1 or args.nodes < 1:
+        raise UserError("--ranks and --nodes must be at least 1")
+    config = build_config(args.model, args.vocab_size, eos_token_id=0)
+    seq_len = check_seq_len(config, args.seq_len)
+    sizes = model_sizes(config)
+    layouts = []
+    for path in config_files(args.configs):
+        layout = Layout.from_config(path.stem, load_config(path))
+        if args.micro_batch:
+            layout = Layout(**{**layout.__dict__, "micro_batch": args.micro_batch})
+        layouts.append(layout)
+    precisions = {layout.precision for layout in layouts}
+    per_sample = {p: activation_bytes(config, 1, seq_len, p, args.activation_checkpointing) for p in precisions}
+    host = args.host_mem * GiB if args.host_mem else host_memory_bytes()
+    device = args.gpu_mem * GiB if args.gpu_mem else None
+
+    rows = []
+    for layout in layouts:
+        rows += plan([layout], sizes, per_sample[layout.precision], args.ranks, args.nodes, device, host)
+    where = f"{args.gpu_mem:g} GiB GPUs" if device else "CPU ranks sharing host memory"
+    print(f"{args.model}: {sizes.total / 1e6:.1f}M parameters, seq_len {seq_len}; {args.ranks} rank(s) per node x "
+          f"{args.nodes} node(s) ({where}; host {host / GiB:.1f} GiB per node)"
+          f"{'; activation checkpointing' if args.activation_checkpointing else ''}")
+    print("GiB per rank | params grads optim buffers = model states | activations (micro-batch) | offloaded to host "
+          f"| DeepSpeed's estimate device/host-per-node | need (x{HEADROOM['cuda' if device else 'cpu']} + runtime) | fits")
+    header = (f"{'config':15s} {'ZeRO':>4s} {'prec':>4s} {'params':>7s} {'grads':>6s} {'optim':>6s} {'buffers':>7s} "
+              f"{'states':>7s} {'activ':>6s} {'mb':>3s} {'host':>6s} {'DeepSpeed':>13s} {'need':>7s}  fits")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        e, layout = row.estimate, row.estimate.layout
+        ds = f"{gib(row.deepspeed[0])}/{gib(row.deepspeed[1])}" if row.deepspeed else "-"
+        print(f"{layout.name:15s} {layout.stage:>4d} {layout.precision:>4s} {gib(e.params):>7s} {gib(e.grads):>6s} "
+              f"{gib(e.optimizer):>6s} {gib(e.buffers):>7s} {gib(e.model_states):>7s} {gib(e.activations):>6s} "
+              f"{layout.micro_batch:>3d} {gib(e.host):>6s} {ds:>13s} {gib(row.need):>7s}  "
+              f"{'yes' if row.fits else 'no'}")
+    best = recommend(rows)
+    if best is None:
+        print("\nNothing fits: add ranks or nodes, lower the micro-batch (raise gradient_accumulation_steps to keep "
+              "the global batch), or use --activation_checkpointing.")
+    else:
+        print(f"\nRecommended: ds_configs/{best.estimate.layout.name}.json (fits, and communicates least)")
+
+
+if __name__ == "__main__":
+    main()
