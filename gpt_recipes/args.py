@@ -92,6 +92,8 @@ class RunArgs:
     save_interval: int = flag(0, "steps between checkpoints (0: only at the end)")
     activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass "
                                           "(less memory, about a third more compute)")
+    peak_tflops: Optional[float] = flag(None, "peak TFLOP/s of one device at the training precision, for MFU "
+                                        "(default: a table of GPUs; on a CPU, a matmul probe)")
     keep_last: int = flag(0, "keep only the newest N complete checkpoints (0: keep all)")
     export_hf: Optional[str] = flag(None, "after training, export the final checkpoint to this Hugging Face folder")
     resume: bool = flag(False, "continue from the latest checkpoint in OUTPUT_DIR/checkpoints")
@@ -199,3 +201,34 @@ class PlanMemoryArgs:
     vocab_size: int = flag(8192, "vocabulary size, unless the model config states one")
     activation_checkpointing: bool = flag(False, "plan for --activation_checkpointing")
     configs: list[str] = flag(["ds_configs/*.json"], "DeepSpeed JSON files or globs to compare")
+
+
+@dataclass
+class SummarizeArgs:
+    """Summarise the throughput, memory and loss of runs written by the recipes."""
+
+    runs: list[str] = flag([], "run folders (or their metrics.jsonl files)", positional=True, metavar="RUN_DIR",
+                           nargs="+")
+    warmup_steps: Optional[int] = flag(None, "leave log lines up to this step out of throughput figures "
+                                       "(default: 10%% of the steps, and at least the first line)")
+    markdown: bool = flag(False, "print the table as Markdown")
+    csv: Optional[str] = flag(None, "also write every figure to this CSV file")
+    plots: Optional[str] = flag(None, "write loss_vs_tokens.png and tokens_per_sec.png into this folder")
+
+
+@dataclass
+class SweepArgs:
+    """Run the same short pretraining once per DeepSpeed config, then summarise the runs.
+
+    Flags after `--` go to recipes/pretrain.py (model, data, seq_len, ...).
+    """
+
+    configs: list[str] = flag(["ds_configs/zero[0-3].json"], "DeepSpeed JSON files or globs, one run each",
+                              positional=True, metavar="CONFIG", nargs="*")
+    output_dir: str = flag("runs/sweep", "one run folder per config is written under this folder")
+    ranks: int = flag(2, "ranks per run (deepspeed --num_gpus)")
+    max_steps: int = flag(30, "steps per run")
+    log_interval: int = flag(5, "steps between metrics lines")
+    markdown: bool = flag(False, "print the table as Markdown")
+    plots: bool = flag(True, "write the comparison plots into OUTPUT_DIR")
+    overwrite: bool = flag(False, "replace run folders left by an earlier sweep")

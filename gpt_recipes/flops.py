@@ -94,7 +94,36 @@ def measure_matmul_peak(precision: str, size: int = 1024, seconds: float = 0.5) 
     return 2 * size**3 / best / TERA
 
 
-def mfu(flops_per_token: float, tokens_per_sec: float, world_size: int, peak_tflops: float) -> tuple[float, float]:
-    """(model TFLOP/s per rank, MFU) for a global throughput of tokens_per_sec."""
+def mfu(flops_per_token: float, tokens_per_sec: float, world_size: int,
+        peak_tflops: float | None) -> tuple[float, float | None]:
+    """(model TFLOP/s per rank, MFU or None without a peak) for a global tokens_per_sec."""
     per_rank = flops_per_token * tokens_per_sec / world_size / TERA
-    return per_rank, per_rank / peak_tflops
+    return per_rank, (per_rank / peak_tflops if peak_tflops else None)
+
+
+def peak_tflops(device_type: str, precision: str, override: float | None) -> tuple[float | None, str]:
+    """This rank's peak TFLOP/s for MFU and where it came from: --peak_tflops, the GPU
+    table, or on a CPU a matmul probe (there is no data sheet for a share of a CPU)."""
+    if override:
+        return override, "--peak_tflops"
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        found = table_peak(name, precision)
+        if found:
+            return found
+        return None, f"{name} at {precision} is not in the peak table: pass --peak_tflops for MFU"
+    if device_type == "cpu":
+        probe_dtype = precision if precision != "fp16" else "fp32"
+        return measure_matmul_peak(probe_dtype), (f"measured by a 1024x1024 {probe_dtype} matmul probe on "
+                                                  f"{torch.get_num_threads()} CPU thread(s) per rank")
+    return None, f"no peak known for {device_type}: pass --peak_tflops for MFU"
+
+
+def device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    if device_type == "cpu":
+        import platform
+
+        return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} thread(s) per rank"
+    return device_type

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import deepspeed
+import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from . import checkpoint, distributed, ds_config
+from . import checkpoint, distributed, ds_config, flops
 from .args import DEFAULT_DEEPSPEED_CONFIG, RunArgs
 from .data import GlobalBatchOrder, eval_micro_batches
 from .distributed import DistEnv
@@ -114,6 +115,12 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         run.ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=run.ds_cfg)
 
+    flops_per_token = flops.flops_shape(job.model_config).per_token(job.seq_len)
+    peak, peak_source = flops.peak_tflops(run.device, ds_config.precision(run.ds_cfg), args.peak_tflops)
+    if peak is not None and run.device == "cpu" and not args.peak_tflops:
+        peak = distributed.all_reduce(torch.tensor(peak, dtype=torch.float64)).item() / env.world_size
+    say(f"FLOPs: {flops_per_token / 1e9:.3f} GFLOP per token (6 x matmul parameters + attention, forward and "
+        f"backward); MFU peak: " + (f"{peak:.3g} TFLOP/s per rank, {peak_source}" if peak else peak_source))
     state = TrainState()
     if run.can_resume:
         saved = checkpoint.load(engine, run.out_dir, env.rank, resume_tag)
@@ -133,14 +140,17 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
             "batch": {"micro_batch": run.batch.micro_batch, "grad_accum": run.batch.grad_accum,
                       "global_batch": run.batch.global_batch},
             "deepspeed": run.ds_cfg, "filled_auto": run.filled, "model": job.model_config.to_dict(),
-            "parameters": count_parameters(model), **job.record,
+            "parameters": count_parameters(model), "flops_per_token": flops_per_token,
+            "peak_tflops_per_rank": peak, "peak_source": peak_source, "device": flops.device_name(run.device),
+            **job.record,
         })
     metrics = MetricsLog(run.out_dir, env.is_main, resume_step=state.step if run.can_resume else None,
                          monitor=engine.monitor)
 
     loop = LoopConfig(max_steps=args.max_steps, seq_len=job.seq_len, log_interval=args.log_interval,
                       eval_interval=args.eval_interval, save_interval=args.save_interval, out_dir=run.out_dir,
-                      device_type=run.device)
+                      device_type=run.device, flops_per_token=flops_per_token, peak_tflops=peak,
+                      global_batch=run.batch.global_batch)
     trainer_extra = {"global_batch": run.batch.global_batch, "seq_len": job.seq_len, "seed": args.seed}
     training_info = {"recipe": job.name, "precision": ds_config.precision(run.ds_cfg), "zero_stage": stage,
                      "world_size": env.world_size}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint, faults
+from . import checkpoint, faults, flops
 from .data import GlobalBatchOrder
 from .distributed import DistEnv, all_reduce, rank_max
 from .ds_config import BatchPlan
@@ -56,6 +56,9 @@ class LoopConfig:
     save_interval: int
     out_dir: Path
     device_type: str
+    flops_per_token: float = 0.0  # model FLOPs (forward + backward) per token; see flops.py
+    peak_tflops: float | None = None  # per rank, for MFU
+    global_batch: int = 1
 
 
 @dataclass
@@ -97,6 +100,36 @@ def evaluate(engine, batches: Batches) -> float:
     engine.train()
     all_reduce(total)
     return (total[0] / total[1]).item()
+
+
+class EngineTimers:
+    """DeepSpeed's forward / backward / optimizer-step times, when the JSON turns them on
+    ("wall_clock_breakdown": true; DeepSpeed then synchronises the device around each phase
+    and prints every micro-step). Off, this costs nothing."""
+
+    PHASES = {"fwd": "forward_ms", "bwd": "backward_ms", "step": "optimizer_ms"}
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.enabled = bool(engine.wall_clock_breakdown())
+        self.sums = dict.fromkeys(self.PHASES, 0.0)
+        self.steps = 0
+
+    def after_step(self) -> None:
+        if self.enabled:
+            snapshot = self.engine.get_wall_clock_timers()  # the last optimizer step's, in ms
+            for name in self.PHASES:
+                self.sums[name] += float(snapshot.get(name, 0.0))
+            self.steps += 1
+
+    def window_means(self) -> dict[str, float]:
+        """Mean ms per optimizer step since the last call (empty when off)."""
+        if not self.enabled or not self.steps:
+            return {}
+        means = {field: self.sums[name] / self.steps for name, field in self.PHASES.items()}
+        self.sums = dict.fromkeys(self.PHASES, 0.0)
+        self.steps = 0
+        return means
 
 
 def _is_due(step: int, interval: int, last: bool) -> bool:
@@ -163,6 +196,7 @@ def _train(engine, batches, plan, env, cfg, state, metrics, save_checkpoint, sto
             raise _diverged(state.step, good_step, cfg.out_dir, "training loss")
         return mean
 
+    timers = EngineTimers(engine)
     probe = MemoryProbe(engine.module, cfg.device_type)
     probe_step = state.step + 1  # the second step of this process: optimizer state exists by then
     memory_fields: dict[str, float] = {}
@@ -187,6 +221,7 @@ def _train(engine, batches, plan, env, cfg, state, metrics, save_checkpoint, sto
         if probing:  # one-off readings, logged with the next metrics line
             memory_fields = {"model_state_mb": rank_max(probe.model_state_mb, engine.device),
                              "activation_mb": rank_max(probe.activation_mb, engine.device)}
+        timers.after_step()
         step_tokens = batches.train.num_tokens(batches.order.global_batch(state.step))  # host-side count
         state.step += 1
         state.tokens += step_tokens
@@ -202,6 +237,8 @@ def _train(engine, batches, plan, env, cfg, state, metrics, save_checkpoint, sto
             good_step = state.step
             peak = rank_max(peak_memory_mb(cfg.device_type), engine.device)
             elapsed = time.perf_counter() - window_start
+            tokens_per_sec = tokens_since_log / elapsed
+            tflops, mfu = flops.mfu(cfg.flops_per_token, tokens_per_sec, env.world_size, cfg.peak_tflops)
             record = {
                 "step": state.step,
                 "tokens": state.tokens,
@@ -209,7 +246,11 @@ def _train(engine, batches, plan, env, cfg, state, metrics, save_checkpoint, sto
                 "lr": engine.get_lr()[0],
                 "grad_norm": _grad_norm(engine),
                 "step_time": elapsed / steps_since_log,
-                "tokens_per_sec": tokens_since_log / elapsed,
+                "tokens_per_sec": tokens_per_sec,
+                "samples_per_sec": steps_since_log * cfg.global_batch / elapsed,
+                "tflops_per_rank": tflops,
+                "mfu": mfu,
+                **timers.window_means(),
                 "peak_mem_mb": peak,
                 # fp16 steps the loss scaler skipped after an overflow: expected, not a failure.
                 "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
@@ -221,9 +262,10 @@ def _train(engine, batches, plan, env, cfg, state, metrics, save_checkpoint, sto
             memory_fields = {}
             metrics.write(record)
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+            mfu_text = f" | MFU {mfu:.1%}" if mfu is not None else ""
             say(f"step {state.step:>6d} | loss {mean_loss:.4f} | lr {record['lr']:.2e} | "
-                f"{record['tokens_per_sec']:.0f} tok/s | {record['step_time'] * 1e3:.0f} ms/step | "
-                f"peak {peak:.0f} MiB")
+                f"{tokens_per_sec:.0f} tok/s | {record['step_time'] * 1e3:.0f} ms/step | "
+                f"{tflops:.3g} TFLOP/s/rank{mfu_text} | peak {peak:.0f} MiB")
             loss_sum.zero_()
             steps_since_log = tokens_since_log = 0
             window_start = time.perf_counter()

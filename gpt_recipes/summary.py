@@ -1,0 +1,191 @@
+"""Summaries of runs from their metrics.jsonl: throughput, MFU, memory, loss; tables and plots.
+
+Warm-up is left out of every throughput figure: by default the log lines up to 10% of
+the run's steps (at least the first line), which hold DeepSpeed's first steps, the JIT
+builds' last effects and the allocator's growth.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .metrics import METRICS_FILE
+
+
+@dataclass
+class RunSummary:
+    name: str
+    steps: int
+    measured_lines: int  # log lines after warm-up
+    tokens_per_sec: float | None  # median over the measured lines (global)
+    tokens_per_sec_p10: float | None
+    tokens_per_sec_p90: float | None
+    samples_per_sec: float | None
+    step_time_ms: float | None
+    tflops_per_rank: float | None
+    mfu: float | None
+    peak_mem_mb: float | None
+    model_state_mb: float | None
+    activation_mb: float | None
+    final_val_loss: float | None
+    best_val_loss: float | None
+
+
+def read_lines(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE if Path(run_dir).is_dir() else Path(run_dir)
+    if not path.is_file():
+        raise UserError(f"{run_dir} holds no {METRICS_FILE} (is it a run folder written by the recipes?)")
+    lines = []
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        if text.strip():
+            try:
+                lines.append(json.loads(text))
+            except json.JSONDecodeError:
+                raise UserError(f"{path} line {number} is not valid JSON")
+    return lines
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]) of a non-empty list."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low, high = math.floor(pos), math.ceil(pos)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def _median(values: list[float]) -> float | None:
+    return percentile(values, 50) if values else None
+
+
+def summarize(run_dir: Path, name: str | None = None, warmup_steps: int | None = None) -> RunSummary:
+    lines = read_lines(run_dir)
+    train = [r for r in lines if "loss" in r and "tokens_per_sec" in r]
+    evals = [r for r in lines if "val_loss" in r]
+    steps = max((r["step"] for r in lines), default=0)
+    if warmup_steps is None:
+        warmup_steps = max(train[0]["step"] if train else 0, math.ceil(0.1 * steps))
+    measured = [r for r in train if r["step"] > warmup_steps]
+
+    def column(key: str) -> list[float]:
+        return [float(r[key]) for r in measured if r.get(key) is not None]
+
+    tps = column("tokens_per_sec")
+    memory = next((r for r in lines if "model_state_mb" in r), {})
+    peaks = [float(r["peak_mem_mb"]) for r in train if r.get("peak_mem_mb") is not None]
+    step_times = column("step_time")
+    return RunSummary(
+        name=name or Path(run_dir).name,
+        steps=steps,
+        measured_lines=len(measured),
+        tokens_per_sec=_median(tps),
+        tokens_per_sec_p10=percentile(tps, 10) if tps else None,
+        tokens_per_sec_p90=percentile(tps, 90) if tps else None,
+        samples_per_sec=_median(column("samples_per_sec")),
+        step_time_ms=_median(step_times) * 1e3 if step_times else None,
+        tflops_per_rank=_median(column("tflops_per_rank")),
+        mfu=_median(column("mfu")),
+        peak_mem_mb=max(peaks) if peaks else None,
+        model_state_mb=memory.get("model_state_mb"),
+        activation_mb=memory.get("activation_mb"),
+        final_val_loss=evals[-1]["val_loss"] if evals else None,
+        best_val_loss=min(r["val_loss"] for r in evals) if evals else None,
+    )
+
+
+COLUMNS = [  # (field, header, format)
+    ("name", "run", "{}"),
+    ("tokens_per_sec", "tokens/s (median)", "{:.0f}"),
+    ("tokens_per_sec_p10", "p10", "{:.0f}"),
+    ("tokens_per_sec_p90", "p90", "{:.0f}"),
+    ("step_time_ms", "step ms", "{:.0f}"),
+    ("tflops_per_rank", "TFLOP/s/rank", "{:.3g}"),
+    ("mfu", "MFU", "{:.1%}"),
+    ("peak_mem_mb", "peak MiB", "{:.0f}"),
+    ("model_state_mb", "model states MiB", "{:.0f}"),
+    ("final_val_loss", "final val loss", "{:.4f}"),
+    ("best_val_loss", "best val loss", "{:.4f}"),
+]
+
+
+def _cells(summary: RunSummary) -> list[str]:
+    cells = []
+    for key, _, fmt in COLUMNS:
+        value = getattr(summary, key)
+        cells.append("-" if value is None else fmt.format(value))
+    return cells
+
+
+def text_table(summaries: list[RunSummary]) -> str:
+    rows = [[h for _, h, _ in COLUMNS]] + [_cells(s) for s in summaries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    out = []
+    for n, row in enumerate(rows):
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def markdown_table(summaries: list[RunSummary]) -> str:
+    header = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"
+    body = ["| " + " | ".join(_cells(s)) + " |" for s in summaries]
+    return "\n".join([header, rule, *body])
+
+
+def csv_text(summaries: list[RunSummary]) -> str:
+    """Every summary field, unformatted."""
+    buffer = io.StringIO()
+    names = [f.name for f in fields(RunSummary)]
+    writer = csv.DictWriter(buffer, fieldnames=names)
+    writer.writeheader()
+    for s in summaries:
+        writer.writerow({k: ("" if getattr(s, k) is None else getattr(s, k)) for k in names})
+    return buffer.getvalue()
+
+
+def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
+    """loss_vs_tokens.png (training and validation loss) and tokens_per_sec.png, all runs on each."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [(name, read_lines(d)) for d, name in zip(run_dirs, names)]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, lines in runs:
+        train = [r for r in lines if "loss" in r]
+        evals = [r for r in lines if "val_loss" in r]
+        line, = ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label=f"{name} train")
+        if evals:
+            ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o--", color=line.get_color(),
+                    label=f"{name} validation")
+    ax.set(xlabel="tokens seen", ylabel="loss (nats/token)", title="Loss against tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    written.append(out_dir / "loss_vs_tokens.png")
+    fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, lines in runs:
+        train = [r for r in lines if "tokens_per_sec" in r]
+        ax.plot([r["step"] for r in train], [r["tokens_per_sec"] for r in train], "o-", label=name)
+    ax.set(xlabel="step", ylabel="tokens/s (all ranks)", title="Throughput against step")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    written.append(out_dir / "tokens_per_sec.png")
+    fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return written

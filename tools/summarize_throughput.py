@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Summarise runs: throughput, TFLOP/s, MFU, memory and validation loss, with plots.
+
+    python tools/summarize_throughput.py runs/quickstart
+    python tools/summarize_throughput.py runs/sweep/* --markdown --csv sweep.csv --plots plots/
+
+Per run: median and p10/p90 tokens/s, median step time, TFLOP/s per rank and MFU, peak
+memory per rank, the measured model states, final and best validation loss. Log lines in
+the warm-up (default: up to 10% of the steps, and at least the first line) are left out.
+"""
+
+from pathlib import Path
+
+from gpt_recipes.args import SummarizeArgs, parse_args
+from gpt_recipes.errors import cli_entry
+from gpt_recipes.summary import csv_text, markdown_table, plot, summarize, text_table
+
+
+@cli_entry
+def main() -> None:
+    args = parse_args(SummarizeArgs, description=__doc__)
+    run_dirs = [Path(r) for r in args.runs]
+    names = _names(run_dirs)
+    summaries = [summarize(d, name, args.warmup_steps) for d, name in zip(run_dirs, names)]
+    print(markdown_table(summaries) if args.markdown else text_table(summaries))
+    if args.csv:
+        Path(args.csv).write_text(csv_text(summaries))
+        print(f"Wrote {args.csv}")
+    if args.plots:
+        for path in plot(run_dirs, names, Path(args.plots)):
+            print(f"Wrote {path}")
+
+
+def _names(run_dirs: list[Path]) -> list[str]:
+    """Folder names, or parent/name where two runs share a name."""
+    names = [d.name if d.is_dir() else d.parent.name for d in run_dirs]
+    if len(set(names)) < len(names):
+        names = [f"{d.parent.name}/{n}" for d, n in zip(run_dirs, names)]
+    return names
+
+
+if __name__ == "__main__":
+    main()
