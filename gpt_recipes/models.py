@@ -23,8 +23,10 @@ _LLAMA_NO_DROPOUT = {"attention_dropout": 0.0, "mlp_bias": False, "attention_bia
 
 
 def _gpt2(layers: int, width: int, heads: int, context: int) -> dict[str, Any]:
+    # "gelu_pytorch_tanh" is GPT-2's own tanh-approximated GELU ("gelu_new") computed by one
+    # fused kernel instead of seven element-wise ones: same values, less time and memory.
     return {"model_type": "gpt2", "n_layer": layers, "n_embd": width, "n_head": heads, "n_positions": context,
-            **_GPT2_NO_DROPOUT}
+            "activation_function": "gelu_pytorch_tanh", **_GPT2_NO_DROPOUT}
 
 
 def _llama(layers: int, width: int, heads: int, kv_heads: int, ffn: int, context: int, tied: bool) -> dict[str, Any]:

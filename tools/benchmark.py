@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Benchmark the recipe at ZeRO 0-3 against a plain PyTorch loop on the same model, data and batch.
+
+    python tools/benchmark.py                                  # GPT-2 6L/384 (gpt2-micro), fp32, 2 ranks
+    python tools/benchmark.py --precision bf16 --repeats 3 --markdown
+    python tools/benchmark.py --model gpt2 --precision bf16 --ranks 1 --global_batch 16 --seq_len 1024   # one GPU
+
+Runs, in order and `--repeats` times over (interleaved, so drifts in machine speed hit
+every variant alike): the plain loop with DistributedDataParallel on RANKS ranks (the
+reference), the plain loop as one process (with RANKS ranks), and recipes/pretrain.py with
+each ds_configs/zero<N>.json changed only in batch layout and precision. Prints the median
+tokens/s of each (warm-up left out), TFLOP/s, MFU, peak memory and the ratio to the
+reference, with the machine and the versions.
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from gpt_recipes.args import flag, parse_args
+from gpt_recipes.errors import UserError, cli_entry
+from gpt_recipes.summary import RunSummary, summarize
+from gpt_recipes.sweep import REPO, _free_port, run_pretrain
+
+
+@dataclass
+class BenchmarkArgs:
+    """Benchmark the recipe at each ZeRO stage against a plain PyTorch loop."""
+
+    model: str = flag("gpt2-micro", "model preset or config JSON")
+    data: str = flag("data/stdlib", "prepared data folder")
+    seq_len: int = flag(256, "tokens per sample")
+    global_batch: int = flag(8, "samples per optimizer step over all ranks")
+    precision: str = flag("fp32", "training precision for every run", choices=["fp32", "bf16"])
+    ranks: int = flag(2, "ranks (GPUs, or processes on a CPU)")
+    stages: list[int] = flag([0, 1, 2, 3], "ZeRO stages to run")
+    max_steps: int = flag(30, "steps per run")
+    log_interval: int = flag(5, "steps between metrics lines (the first is warm-up)")
+    repeats: int = flag(1, "rounds over all variants; figures are medians over rounds")
+    peak_tflops: Optional[float] = flag(None, "peak TFLOP/s per device for MFU (default: table or CPU probe)")
+    output_dir: str = flag("runs/benchmark", "run folders go here (replaced)")
+    markdown: bool = flag(False, "print the table as Markdown")
+
+
+def stage_config(stage: int, precision: str, micro_batch: int, path: Path) -> Path:
+    cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1)
+    cfg.pop("train_batch_size", None)
+    if precision == "fp32":
+        cfg.pop("bf16", None)
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def run_plain(args: BenchmarkArgs, ranks: int, out: Path) -> int:
+    script = str(REPO / "tools" / "plain_pytorch_loop.py")
+    launcher = ([sys.executable] if ranks == 1 else
+                ["torchrun", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+                 "--master_port", str(_free_port())])
+    cmd = [*launcher, script, "--model", args.model, "--data", args.data, "--seq_len", str(args.seq_len),
+           "--global_batch", str(args.global_batch), "--precision", args.precision, "--max_steps",
+           str(args.max_steps), "--log_interval", str(args.log_interval), "--output_dir", str(out),
+           *(["--peak_tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout.splitlines():
+        if proc.returncode or line.startswith(("step ", "plain PyTorch", "error:")):
+            print(f"  {line}", flush=True)
+    return proc.returncode
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        where = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+    else:
+        where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU"
+    import deepspeed
+    import transformers
+
+    return (f"{where}; torch {torch.__version__}, DeepSpeed {deepspeed.__version__}, "
+            f"transformers {transformers.__version__}")
+
+
+@cli_entry
+def main() -> None:
+    args = parse_args(BenchmarkArgs, description=__doc__)
+    if args.global_batch % args.ranks:
+        raise UserError(f"--global_batch {args.global_batch} is not divisible by --ranks {args.ranks}")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    micro = args.global_batch // args.ranks
+    recipe_args = ["--model", args.model, "--data", args.data, "--seq_len", str(args.seq_len), "--max_steps",
+                   str(args.max_steps), "--log_interval", str(args.log_interval), "--eval_interval", "0",
+                   "--eval_batches", "1", "--overwrite",
+                   *(["--peak_tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
+    reference = f"plain PyTorch DDP x{args.ranks}" if args.ranks > 1 else "plain PyTorch"
+    variants = [reference] + ([f"plain PyTorch, 1 process"] if args.ranks > 1 else [])
+    variants += [f"recipe ZeRO-{s}" for s in args.stages]
+    results: dict[str, list[RunSummary]] = {v: [] for v in variants}
+
+    for round_ in range(1, args.repeats + 1):
+        for variant in variants:
+            run_dir = out / f"{variant.replace(' ', '_').replace(',', '')}_r{round_}"
+            print(f"[round {round_}/{args.repeats}] {variant}", flush=True)
+            if variant.startswith("plain"):
+                code = run_plain(args, args.ranks if variant == reference else 1, run_dir)
+            else:
+                stage = int(variant.rsplit("-", 1)[1])
+                cfg = stage_config(stage, args.precision, micro, out / f"zero{stage}_{args.precision}.json")
+                code = run_pretrain(cfg, run_dir, args.ranks, recipe_args, quiet=True).returncode
+            if code != 0:
+                raise UserError(f"{variant} failed (exit {code}); see its output above")
+            results[variant].append(summarize(run_dir, variant))
+
+    def median(variant: str, key: str) -> float | None:
+        values = [getattr(s, key) for s in results[variant] if getattr(s, key) is not None]
+        return statistics.median(values) if values else None
+
+    ref_tps = median(reference, "tokens_per_sec")
+    header = ["run", "tokens/s", "vs reference", "step ms", "TFLOP/s/rank", "MFU", "peak MiB/rank"]
+    rows = []
+    for variant in variants:
+        tps, mfu = median(variant, "tokens_per_sec"), median(variant, "mfu")
+        rows.append([variant, f"{tps:.0f}", f"{tps / ref_tps:.1%}", f"{median(variant, 'step_time_ms'):.0f}",
+                     f"{median(variant, 'tflops_per_rank'):.3g}", "-" if mfu is None else f"{mfu:.1%}",
+                     f"{median(variant, 'peak_mem_mb'):.0f}"])
+    print(f"\n{args.model}, seq_len {args.seq_len}, global batch {args.global_batch}, {args.precision}, "
+          f"{args.ranks} rank(s); median over {args.repeats} round(s) of each run's median tokens/s "
+          f"(steps {args.log_interval + 1}-{args.max_steps})")
+    print(f"Machine: {machine()}")
+    print(f"Command: python tools/benchmark.py {' '.join(sys.argv[1:])}".rstrip())
+    if args.markdown:
+        print("| " + " | ".join(header) + " |\n|---|" + "---:|" * (len(header) - 1))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+if __name__ == "__main__":
+    main()
