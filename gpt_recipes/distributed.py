@@ -104,6 +104,11 @@ def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> t
     return tensor
 
 
+def device(device_type: str, env: DistEnv) -> torch.device:
+    """This rank's device (before an engine exists to say so)."""
+    return torch.device(device_type, env.local_rank) if device_type == "cuda" else torch.device(device_type)
+
+
 def rank_max(value: float, device: torch.device | str) -> float:
     """The largest of one number over all ranks (on the engine's device: NCCL reduces no CPU tensors)."""
     return all_reduce(torch.tensor(float(value), dtype=torch.float64, device=device), dist.ReduceOp.MAX).item()

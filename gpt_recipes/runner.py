@@ -22,6 +22,7 @@ from .distributed import DistEnv
 from .ds_config import BatchPlan
 from .errors import UserError
 from .export import check_output_folder, export_after_training
+from .memory import tensor_memory_mb
 from .metrics import MetricsLog
 from .models import count_parameters, enable_activation_checkpointing
 from .run_dir import check_output_dir, write_run_config
@@ -89,19 +90,45 @@ def make_batches(args: RunArgs, run: RunPlan, train_samples: Samples, val_sample
     return Batches(train_samples, order, val_samples, val_batches)
 
 
+def build(args: RunArgs, run: RunPlan, job: Job, stage: int) -> PreTrainedModel:
+    """The recipe's model, with activation checkpointing if asked; says what was built."""
+    model = job.build_model()
+    built_mb = None
+    if stage == 3:  # each rank holds only its partitions: the model is never whole on one rank
+        built_mb = distributed.rank_max(tensor_memory_mb(run.device), distributed.device(run.device, run.env))
+        job.record["built_mb"] = built_mb
+    if args.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    run.say(f"Model: {count_parameters(model) / 1e6:.2f}M parameters ({job.model_config.model_type}); seq_len "
+            f"{job.seq_len}; {ds_config.precision(run.ds_cfg)}, ZeRO-{stage}; global batch {run.batch.global_batch} = "
+            f"{run.batch.micro_batch} micro x {run.batch.grad_accum} accumulation x {run.batch.world_size} ranks")
+    if built_mb is not None:
+        run.say(f"ZeRO-3: built partitioned, {built_mb:.0f} MiB of tensors on the fullest rank (the whole model is "
+                f"{count_parameters(model) * 4 / 2**20:.0f} MiB in fp32)")
+    return model
+
+
+def throughput_basis(args: RunArgs, run: RunPlan, job: Job) -> tuple[float, float | None, str]:
+    """(model FLOPs per token, this rank's peak TFLOP/s or None, where the peak came from)."""
+    flops_per_token = flops.flops_shape(job.model_config).per_token(job.seq_len)
+    peak, source = flops.peak_tflops(run.device, ds_config.precision(run.ds_cfg), args.peak_tflops)
+    if peak is not None and run.device == "cpu" and not args.peak_tflops:  # ranks' probes differ a little
+        peak = distributed.all_reduce(torch.tensor(peak, dtype=torch.float64)).item() / run.env.world_size
+    run.say(f"FLOPs: {flops_per_token / 1e9:.3f} GFLOP per token (6 x matmul parameters + attention, forward and "
+            "backward); MFU peak: " + (f"{peak:.3g} TFLOP/s per rank, {source}" if peak else source))
+    job.record.update(flops_per_token=flops_per_token, peak_tflops_per_rank=peak, peak_source=source,
+                      device=flops.device_name(run.device))
+    return flops_per_token, peak, source
+
+
 def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
     env, say = run.env, run.say
     distributed.init(env)
     distributed.barrier()  # every rank has checked the output folder before rank 0 writes to it
     distributed.seed_everything(args.seed)
 
-    model = job.build_model()
-    if args.activation_checkpointing:
-        enable_activation_checkpointing(model)
     stage = ds_config.zero_stage(run.ds_cfg)
-    say(f"Model: {count_parameters(model) / 1e6:.2f}M parameters ({job.model_config.model_type}); seq_len "
-        f"{job.seq_len}; {ds_config.precision(run.ds_cfg)}, ZeRO-{stage}; global batch {run.batch.global_batch} = "
-        f"{run.batch.micro_batch} micro x {run.batch.grad_accum} accumulation x {run.batch.world_size} ranks")
+    model = build(args, run, job, stage)
     for key, value in run.filled.items():
         say(f"DeepSpeed config: filled {key} = {value} (was \"auto\")")
     resume_tag = None
@@ -114,13 +141,12 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         resume_tag = checkpoint.convert_to_universal(run.out_dir, env.rank, stage)
         run.ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=run.ds_cfg)
+    if env.world_size == 1 and stage == 0:
+        # Nothing to average over one rank, but DeepSpeed would still flatten every gradient
+        # into buckets, "all-reduce" them and copy them back after each backward.
+        engine.enable_backward_allreduce = False
 
-    flops_per_token = flops.flops_shape(job.model_config).per_token(job.seq_len)
-    peak, peak_source = flops.peak_tflops(run.device, ds_config.precision(run.ds_cfg), args.peak_tflops)
-    if peak is not None and run.device == "cpu" and not args.peak_tflops:
-        peak = distributed.all_reduce(torch.tensor(peak, dtype=torch.float64)).item() / env.world_size
-    say(f"FLOPs: {flops_per_token / 1e9:.3f} GFLOP per token (6 x matmul parameters + attention, forward and "
-        f"backward); MFU peak: " + (f"{peak:.3g} TFLOP/s per rank, {peak_source}" if peak else peak_source))
+    flops_per_token, peak, _ = throughput_basis(args, run, job)
     state = TrainState()
     if run.can_resume:
         saved = checkpoint.load(engine, run.out_dir, env.rank, resume_tag)
@@ -140,9 +166,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
             "batch": {"micro_batch": run.batch.micro_batch, "grad_accum": run.batch.grad_accum,
                       "global_batch": run.batch.global_batch},
             "deepspeed": run.ds_cfg, "filled_auto": run.filled, "model": job.model_config.to_dict(),
-            "parameters": count_parameters(model), "flops_per_token": flops_per_token,
-            "peak_tflops_per_rank": peak, "peak_source": peak_source, "device": flops.device_name(run.device),
-            **job.record,
+            "parameters": count_parameters(model), **job.record,
         })
     metrics = MetricsLog(run.out_dir, env.is_main, resume_step=state.step if run.can_resume else None,
                          monitor=engine.monitor)

@@ -125,6 +125,15 @@ def test_planner_matches_a_measured_zero3_run_with_checkpointing(zero3_monitored
 
 
 @pytest.mark.slow
+def test_zero3_builds_the_model_partitioned(zero3_monitored_run):
+    """Right after construction each rank holds about half the model (2 ranks), never all of it."""
+    _, out = zero3_monitored_run
+    run = json.loads((out / "config.json").read_text())
+    whole_mb = run["parameters"] * 4 / 2**20
+    assert run["built_mb"] < 0.6 * whole_mb
+
+
+@pytest.mark.slow
 def test_tensorboard_and_csv_monitors_record_the_metrics(zero3_monitored_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
