@@ -17,7 +17,8 @@ def reference(tmp_path_factory, tiny_data, tiny_model):
     tmp = tmp_path_factory.mktemp("launchers")
     cfg = ds_json(tmp, 2, micro=2, fp32=True)
     out = tmp / "deepspeed"
-    launch("recipes/pretrain.py", pretrain_args(cfg, tiny_data, tiny_model, out, STEPS, "--log_interval", "1"))
+    launch("recipes/pretrain.py", pretrain_args(cfg, tiny_data, tiny_model, out, STEPS, "--log_interval", "1"),
+           launcher="deepspeed")
     return cfg, [r["loss"] for r in read_metrics(out)[0]]
 
 
