@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from .distributed import free_port, remove_shm_buffers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,18 +24,10 @@ class SweepRun:
         return self.returncode == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_pretrain(config: Path, out_dir: Path, ranks: int, recipe_args: list[str], quiet: bool = False) -> SweepRun:
     """One `deepspeed --num_gpus RANKS recipes/pretrain.py` run; its output streams through
     (or only the recipe's own lines when quiet)."""
-    from .distributed import remove_shm_buffers
-
-    port = str(_free_port())
+    port = str(free_port())
     cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, str(REPO / "recipes" / "pretrain.py"),
            "--deepspeed_config", str(config), "--output_dir", str(out_dir), *recipe_args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from gpt_recipes.distributed import remove_shm_buffers
+from gpt_recipes.distributed import free_port, remove_shm_buffers
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(script: str, args: list[str], ranks: int = 2, timeout: int = 600, check: bool = True,

@@ -28,7 +28,8 @@ import torch
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.summary import RunSummary, summarize
-from gpt_recipes.sweep import REPO, _free_port, run_pretrain
+from gpt_recipes.distributed import free_port
+from gpt_recipes.sweep import REPO, run_pretrain
 
 
 @dataclass
@@ -64,7 +65,7 @@ def run_plain(args: BenchmarkArgs, ranks: int, out: Path) -> int:
     script = str(REPO / "tools" / "plain_pytorch_loop.py")
     launcher = ([sys.executable] if ranks == 1 else
                 ["torchrun", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
-                 "--master_port", str(_free_port())])
+                 "--master_port", str(free_port())])
     cmd = [*launcher, script, "--model", args.model, "--data", args.data, "--seq_len", str(args.seq_len),
            "--global_batch", str(args.global_batch), "--precision", args.precision, "--max_steps",
            str(args.max_steps), "--log_interval", str(args.log_interval), "--output_dir", str(out),
