@@ -92,6 +92,8 @@ class RunArgs:
     save_interval: int = flag(0, "steps between checkpoints (0: only at the end)")
     activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass "
                                           "(less memory, about a third more compute)")
+    fused_loss: bool = flag(True, "compute the output layer and the loss together in chunks, never holding all "
+                            "the logits (not under ZeRO-3, which partitions the output layer)")
     peak_tflops: Optional[float] = flag(None, "peak TFLOP/s of one device at the training precision, for MFU "
                                         "(default: a table of GPUs; on a CPU, a matmul probe)")
     keep_last: int = flag(0, "keep only the newest N complete checkpoints (0: keep all)")

@@ -178,10 +178,14 @@ def _fused_sdpa(query, key, value, *args, **kwargs):
 
 
 def activation_bytes(config: PretrainedConfig, micro_batch: int, seq_len: int, precision: str,
-                     checkpointing: bool = False) -> float:
-    """Bytes autograd keeps for one micro-batch's forward and loss, traced on the meta device."""
+                     checkpointing: bool = False, fused_loss: bool = True) -> float:
+    """Bytes autograd keeps for one micro-batch's forward and loss, traced on the meta device.
+
+    fused_loss: the recipe's fused output layer and loss where the model allows it (it
+    keeps the output weight's gradient instead of the logits); pass False under ZeRO-3.
+    """
+    from .loss import CausalLMLoss, fused_unavailable
     from .models import build_model, enable_activation_checkpointing
-    from .train import lm_loss
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     with torch.device("meta"):
@@ -204,7 +208,8 @@ def activation_bytes(config: PretrainedConfig, micro_batch: int, seq_len: int, p
         # Looking for packed sequences reads values, which meta tensors do not have.
         stack.enter_context(mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda *a, **k: None))
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
-        lm_loss(model(input_ids=ids).logits, ids)
+        loss_fn = CausalLMLoss(model, fused=fused_loss and fused_unavailable(model, 0) is None)
+        loss_fn(model, {"input_ids": ids}, ids)
     return float(sum(saved.values()))
 
 

@@ -21,6 +21,7 @@ from .data import GlobalBatchOrder, eval_micro_batches
 from .distributed import DistEnv
 from .ds_config import BatchPlan
 from .errors import UserError
+from .loss import CausalLMLoss, fused_unavailable
 from .export import check_output_folder, export_after_training
 from .memory import tensor_memory_mb
 from .metrics import MetricsLog
@@ -108,6 +109,16 @@ def build(args: RunArgs, run: RunPlan, job: Job, stage: int) -> PreTrainedModel:
     return model
 
 
+def build_loss(args: RunArgs, run: RunPlan, job: Job, model: PreTrainedModel, stage: int) -> CausalLMLoss:
+    """The training loss, fused with the output layer unless asked not to or it cannot be; says which."""
+    why_not = fused_unavailable(model, stage) if args.fused_loss else "--no-fused_loss"
+    loss_fn = CausalLMLoss(model, fused=why_not is None)
+    run.say("Loss: output layer and cross-entropy fused, in chunks of rows (the logits are never held whole)"
+            if loss_fn.fused else f"Loss: cross-entropy over the model's logits ({why_not})")
+    job.record["fused_loss"] = loss_fn.fused
+    return loss_fn
+
+
 def throughput_basis(args: RunArgs, run: RunPlan, job: Job) -> tuple[float, float | None, str]:
     """(model FLOPs per token, this rank's peak TFLOP/s or None, where the peak came from)."""
     flops_per_token = flops.flops_shape(job.model_config).per_token(job.seq_len)
@@ -145,6 +156,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         # Nothing to average over one rank, but DeepSpeed would still flatten every gradient
         # into buckets, "all-reduce" them and copy them back after each backward.
         engine.enable_backward_allreduce = False
+    loss_fn = build_loss(args, run, job, engine.module, stage)
 
     flops_per_token, peak, _ = throughput_basis(args, run, job)
     state = TrainState()
@@ -184,7 +196,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
                                [job.model_config, job.tokenizer], training_info, count_parameters(model),
                                args.keep_last)
 
-    train(engine, batches, run.batch, env, loop, state, metrics, save)
+    train(engine, batches, run.batch, env, loop, state, metrics, loss_fn, save)
 
     if args.export_hf:
         record = export_after_training(engine, run.out_dir, Path(args.export_hf), job.model_config,

@@ -17,7 +17,6 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint, faults, flops
@@ -25,14 +24,10 @@ from .data import GlobalBatchOrder
 from .distributed import DistEnv, all_reduce, rank_max
 from .ds_config import BatchPlan
 from .errors import DivergedError, RecipeExit
+from .loss import CausalLMLoss
 from .memory import MemoryProbe, peak_memory_mb
 from .metrics import MetricsLog
 from .preemption import StopSignal
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy (in fp32) over the targets that are not -100: their mean or sum."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
 
 
 class Samples(Protocol):
@@ -89,13 +84,13 @@ def _to_device(batch: tuple[dict[str, torch.Tensor], torch.Tensor], device: torc
 
 
 @torch.no_grad()
-def evaluate(engine, batches: Batches) -> float:
+def evaluate(engine, batches: Batches, loss_fn: CausalLMLoss) -> float:
     """Mean loss per target token over all ranks' validation samples."""
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=engine.device)
     for idx in batches.val_micro_batches:
         inputs, targets = _to_device(batches.val.batch(idx), engine.device)
-        total[0] += lm_loss(engine(**inputs).logits, targets, reduction="sum").double()
+        total[0] += loss_fn(engine, inputs, targets, reduction="sum").double()
         total[1] += (targets != -100).sum()
     engine.train()
     all_reduce(total)
@@ -151,25 +146,26 @@ def train(
     cfg: LoopConfig,
     state: TrainState,
     metrics: MetricsLog,
+    loss_fn: CausalLMLoss,
     save_checkpoint: Callable[[TrainState], Path],
 ) -> TrainState:
     """Train until cfg.max_steps; raises DivergedError on a non-finite loss (without saving) and
     Preempted after saving when any rank receives SIGTERM/SIGINT."""
     stop = StopSignal()
     try:
-        return _train(engine, batches, plan, env, cfg, state, metrics, save_checkpoint, stop)
+        return _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkpoint, stop)
     finally:
         stop.restore()
 
 
-def _train(engine, batches, plan, env, cfg, state, metrics, save_checkpoint, stop) -> TrainState:
+def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkpoint, stop) -> TrainState:
     say = tqdm.write if env.is_main else (lambda *_: None)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not env.is_main or not sys.stderr.isatty())
     good_step = state.step  # the last step known to have a finite loss
 
     def run_eval() -> float:
-        val_loss = evaluate(engine, batches)
+        val_loss = evaluate(engine, batches, loss_fn)
         if not math.isfinite(val_loss):
             raise _diverged(state.step, good_step, cfg.out_dir, "validation loss")
         ppl = math.exp(min(val_loss, 50.0))
@@ -207,7 +203,7 @@ def _train(engine, batches, plan, env, cfg, state, metrics, save_checkpoint, sto
             idx = batches.order.micro_batch(state.step, env.rank, micro_step)
             inputs, targets = _to_device(batches.train.batch(idx), engine.device)
             with probe.saved_activations() if probing and micro_step == 0 else contextlib.nullcontext():
-                loss = lm_loss(engine(**inputs).logits, targets)
+                loss = loss_fn(engine, inputs, targets)
             loss = faults.poison_loss(loss, state.step + 1, env.rank)
             engine.backward(loss)
             if probing and micro_step == 0:

@@ -45,10 +45,22 @@ def test_stage3_keeps_small_parameters_whole():
 
 def test_traced_activations_scale_and_shrink_with_checkpointing(tiny_model):
     config = build_config(str(tiny_model), 1024, 0)
-    one = activation_bytes(config, 1, 64, "bf16")
-    assert activation_bytes(config, 4, 64, "bf16") == pytest.approx(4 * one, rel=0.01)
-    assert activation_bytes(config, 1, 64, "fp32") > 1.5 * one
-    assert activation_bytes(config, 1, 64, "bf16", checkpointing=True) < 0.7 * one
+    one = activation_bytes(config, 1, 64, "bf16", fused_loss=False)
+    assert activation_bytes(config, 4, 64, "bf16", fused_loss=False) == pytest.approx(4 * one, rel=0.01)
+    assert activation_bytes(config, 1, 64, "fp32", fused_loss=False) > 1.5 * one
+    assert activation_bytes(config, 1, 64, "bf16", checkpointing=True, fused_loss=False) < 0.7 * one
+
+
+def test_traced_activations_of_the_fused_loss(tiny_model):
+    """The fused loss keeps the output weight's gradient (vocab x width, once per micro-batch)
+    and the hidden states' gradient instead of the logits' log-softmax."""
+    config = build_config(str(tiny_model), 1024, 0)
+    vocab, width, tokens = 1024, config.n_embd, 4 * 64
+    plain = activation_bytes(config, 4, 64, "bf16", fused_loss=False)
+    fused = activation_bytes(config, 4, 64, "bf16", fused_loss=True)
+    # plain keeps the fp32 log-softmax of the logits (4 bytes per logit) and the final hidden
+    # states; fused keeps the bf16 gradients of the output weight and of the hidden states
+    assert plain - fused == pytest.approx(tokens * vocab * 4 - vocab * width * 2, rel=0.02)
 
 
 def test_recommendation_prefers_least_communication_that_fits():
@@ -96,7 +108,7 @@ def _measured(out):
 def _predicted(cfg_path, mid_model, checkpointing):
     config = build_config(str(mid_model), 1024, 0)
     lay = Layout.from_config("measured", json.loads(cfg_path.read_text()))
-    acts = activation_bytes(config, lay.micro_batch, 128, lay.precision, checkpointing)
+    acts = activation_bytes(config, lay.micro_batch, 128, lay.precision, checkpointing, fused_loss=lay.stage < 3)
     return estimate(lay, model_sizes(config), 2, acts)
 
 

@@ -7,8 +7,11 @@
 
 Runs, in order and `--repeats` times over (interleaved, so drifts in machine speed hit
 every variant alike): the plain loop with DistributedDataParallel on RANKS ranks (the
-reference), the plain loop as one process (with RANKS ranks), and recipes/pretrain.py with
-each ds_configs/zero<N>.json changed only in batch layout and precision. Prints the median
+reference), the plain loop as one process (with RANKS ranks), the same loop around
+tools/minimal_gpt.py with the plain cross-entropy (what a minimal single-file GPT trainer
+does; GPT-2 models), and recipes/pretrain.py with each ds_configs/zero<N>.json changed only
+in batch layout and precision. The plain loops clip gradients as the JSONs do and take the
+recipe's fused loss unless --no-fused_loss. Prints the median
 tokens/s of each (warm-up left out), TFLOP/s, MFU, peak memory and the ratio to the
 reference, with the machine and the versions.
 """
@@ -27,6 +30,7 @@ import torch
 
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
+from gpt_recipes.models import build_config
 from gpt_recipes.summary import RunSummary, summarize
 from gpt_recipes.distributed import free_port
 from gpt_recipes.sweep import REPO, run_pretrain
@@ -46,6 +50,9 @@ class BenchmarkArgs:
     max_steps: int = flag(30, "steps per run")
     log_interval: int = flag(5, "steps between metrics lines (the first is warm-up)")
     repeats: int = flag(1, "rounds over all variants; figures are medians over rounds")
+    fused_loss: bool = flag(True, "the recipe and the plain loop fuse the output layer into the loss")
+    ablate_loss: bool = flag(False, "also run the first stage's recipe with the loss taken from the logits")
+    minimal: bool = flag(True, "also run the minimal GPT-2 (tools/minimal_gpt.py) as one process")
     peak_tflops: Optional[float] = flag(None, "peak TFLOP/s per device for MFU (default: table or CPU probe)")
     output_dir: str = flag("runs/benchmark", "run folders go here (replaced)")
     markdown: bool = flag(False, "print the table as Markdown")
@@ -61,14 +68,14 @@ def stage_config(stage: int, precision: str, micro_batch: int, path: Path) -> Pa
     return path
 
 
-def run_plain(args: BenchmarkArgs, ranks: int, out: Path) -> int:
+def run_plain(args: BenchmarkArgs, ranks: int, out: Path, extra: list[str]) -> int:
     script = str(REPO / "tools" / "plain_pytorch_loop.py")
     launcher = ([sys.executable] if ranks == 1 else
                 ["torchrun", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
                  "--master_port", str(free_port())])
     cmd = [*launcher, script, "--model", args.model, "--data", args.data, "--seq_len", str(args.seq_len),
            "--global_batch", str(args.global_batch), "--precision", args.precision, "--max_steps",
-           str(args.max_steps), "--log_interval", str(args.log_interval), "--output_dir", str(out),
+           str(args.max_steps), "--log_interval", str(args.log_interval), "--output_dir", str(out), *extra,
            *(["--peak_tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -102,21 +109,34 @@ def main() -> None:
                    str(args.max_steps), "--log_interval", str(args.log_interval), "--eval_interval", "0",
                    "--eval_batches", "1", "--overwrite",
                    *(["--peak_tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
+    clip = json.loads((REPO / "ds_configs" / "zero0.json").read_text()).get("gradient_clipping", 0.0)
+    plain_args = ["--grad_clip", str(clip), *([] if args.fused_loss else ["--no-fused_loss"])]
+    recipe_args += [] if args.fused_loss else ["--no-fused_loss"]
     reference = f"plain PyTorch DDP x{args.ranks}" if args.ranks > 1 else "plain PyTorch"
-    variants = [reference] + ([f"plain PyTorch, 1 process"] if args.ranks > 1 else [])
-    variants += [f"recipe ZeRO-{s}" for s in args.stages]
+    # variant -> (ranks, extra flags) for the plain loops; ZeRO stage and extra flags for the recipe
+    plain_runs = {reference: (args.ranks, plain_args)}
+    if args.ranks > 1:
+        plain_runs["plain PyTorch, 1 process"] = (1, plain_args)
+    if args.minimal and build_config(args.model, 1024, 0).model_type == "gpt2":
+        plain_runs["minimal GPT, 1 process"] = (1, ["--grad_clip", str(clip), "--model_impl", "minimal",
+                                                    "--no-fused_loss"])
+    recipe_runs = {f"recipe ZeRO-{s}": (s, []) for s in args.stages}
+    if args.ablate_loss and args.fused_loss and args.stages:
+        recipe_runs[f"recipe ZeRO-{args.stages[0]}, logits loss"] = (args.stages[0], ["--no-fused_loss"])
+    variants = [*plain_runs, *recipe_runs]
     results: dict[str, list[RunSummary]] = {v: [] for v in variants}
 
     for round_ in range(1, args.repeats + 1):
         for variant in variants:
             run_dir = out / f"{variant.replace(' ', '_').replace(',', '')}_r{round_}"
             print(f"[round {round_}/{args.repeats}] {variant}", flush=True)
-            if variant.startswith("plain"):
-                code = run_plain(args, args.ranks if variant == reference else 1, run_dir)
+            if variant in plain_runs:
+                ranks, extra = plain_runs[variant]
+                code = run_plain(args, ranks, run_dir, extra)
             else:
-                stage = int(variant.rsplit("-", 1)[1])
+                stage, extra = recipe_runs[variant]
                 cfg = stage_config(stage, args.precision, micro, out / f"zero{stage}_{args.precision}.json")
-                code = run_pretrain(cfg, run_dir, args.ranks, recipe_args, quiet=True).returncode
+                code = run_pretrain(cfg, run_dir, args.ranks, [*recipe_args, *extra], quiet=True).returncode
             if code != 0:
                 raise UserError(f"{variant} failed (exit {code}); see its output above")
             results[variant].append(summarize(run_dir, variant))

@@ -26,12 +26,12 @@ from gpt_recipes.data import GlobalBatchOrder, PackedTokens, read_meta
 from gpt_recipes.distributed import environment, seed_everything
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError, cli_entry
+from gpt_recipes.loss import CausalLMLoss, fused_unavailable
 from gpt_recipes.memory import peak_memory_mb
 from gpt_recipes.metrics import METRICS_FILE
 from gpt_recipes.models import build_config, build_model, check_seq_len
 from gpt_recipes.prepare import ensure_default_data
 from gpt_recipes.tokenizer import load_tokenizer
-from gpt_recipes.train import lm_loss
 
 
 @dataclass
@@ -40,12 +40,16 @@ class PlainLoopArgs:
 
     data: str = flag("data/stdlib", "folder written by tools/prepare_data.py")
     model: str = flag("gpt2-micro", "model preset name or a model config JSON")
+    model_impl: str = flag("transformers", "the model's code: the transformers class, or tools/minimal_gpt.py "
+                           "(GPT-2 configs only)", choices=["transformers", "minimal"])
     seq_len: Optional[int] = flag(256, "tokens per sample")
     global_batch: int = flag(8, "samples per optimizer step over all ranks")
     precision: str = flag("fp32", "fp32, or bf16 by autocast", choices=["fp32", "bf16"])
     max_steps: int = flag(30, "optimizer steps")
     log_interval: int = flag(5, "steps between metrics lines")
     lr: float = flag(1e-3, "AdamW learning rate (constant)")
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off); the recipe's JSONs clip at 1.0")
+    fused_loss: bool = flag(True, "the recipe's fused output layer and loss (see gpt_recipes/loss.py)")
     seed: int = flag(1234, "seed for initialisation and the data order")
     peak_tflops: Optional[float] = flag(None, "peak TFLOP/s per device for MFU (default: table or CPU probe)")
     output_dir: str = flag("runs/plain", "folder for metrics.jsonl")
@@ -75,7 +79,15 @@ def main() -> None:
     plan = BatchPlan(micro_batch=args.global_batch // env.world_size, grad_accum=1, world_size=env.world_size)
     order = GlobalBatchOrder(len(train), plan, args.seed)
 
-    model = build_model(config).to(device)
+    if args.model_impl == "minimal":
+        if config.model_type != "gpt2":
+            raise UserError(f"--model_impl minimal is a GPT-2; {args.model} is a {config.model_type} model")
+        from minimal_gpt import MinimalGPT  # beside this script
+
+        model = MinimalGPT(config).to(device)
+    else:
+        model = build_model(config).to(device)
+    loss_fn = CausalLMLoss(model, fused=args.fused_loss and fused_unavailable(model, 0) is None)
     if env.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
@@ -87,16 +99,17 @@ def main() -> None:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS_FILE).write_text("")
-        print(f"plain PyTorch: {args.model}, {env.world_size} rank(s), {args.precision}, global batch "
-              f"{args.global_batch} x {seq_len}; MFU peak {peak} TFLOP/s ({source})", flush=True)
+        print(f"plain PyTorch: {args.model} ({args.model_impl}), {env.world_size} rank(s), {args.precision}, global batch "
+              f"{args.global_batch} x {seq_len}; {'fused' if loss_fn.fused else 'plain'} loss; MFU peak {peak} TFLOP/s ({source})", flush=True)
     tokens, window_start, window_tokens, window_steps = 0, time.perf_counter(), 0, 0
     for step in range(args.max_steps):
         inputs, targets = train.batch(order.micro_batch(step, env.rank, 0))
         inputs, targets = {k: v.to(device) for k, v in inputs.items()}, targets.to(device)
         with autocast:
-            logits = model(**inputs).logits
-        loss = lm_loss(logits, targets)
+            loss = loss_fn(model, inputs, targets)
         loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_tokens = args.global_batch * seq_len

@@ -53,14 +53,22 @@ def main() -> None:
         if args.micro_batch:
             layout = Layout(**{**layout.__dict__, "micro_batch": args.micro_batch})
         layouts.append(layout)
-    precisions = {layout.precision for layout in layouts}
-    per_sample = {p: activation_bytes(config, 1, seq_len, p, args.activation_checkpointing) for p in precisions}
+    traced: dict[tuple, float] = {}
+
+    def per_sample(layout: Layout) -> float:
+        # ZeRO-3 takes the plain loss (see gpt_recipes/loss.py), the other stages the fused one.
+        key = (layout.precision, layout.micro_batch, layout.stage < 3)
+        if key not in traced:
+            traced[key] = activation_bytes(config, layout.micro_batch, seq_len, layout.precision,
+                                           args.activation_checkpointing, fused_loss=key[2]) / layout.micro_batch
+        return traced[key]
+
     host = args.host_mem * GiB if args.host_mem else host_memory_bytes()
     device = args.gpu_mem * GiB if args.gpu_mem else None
 
     rows = []
     for layout in layouts:
-        rows += plan([layout], sizes, per_sample[layout.precision], args.ranks, args.nodes, device, host)
+        rows += plan([layout], sizes, per_sample(layout), args.ranks, args.nodes, device, host)
     where = f"{args.gpu_mem:g} GiB GPUs" if device else "CPU ranks sharing host memory"
     print(f"{args.model}: {sizes.total / 1e6:.1f}M parameters, seq_len {seq_len}; {args.ranks} rank(s) per node x "
           f"{args.nodes} node(s) ({where}; host {host / GiB:.1f} GiB per node)"
