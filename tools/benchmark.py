@@ -56,6 +56,8 @@ class BenchmarkArgs:
     peak_tflops: Optional[float] = flag(None, "peak TFLOP/s per device for MFU (default: table or CPU probe)")
     output_dir: str = flag("runs/benchmark", "run folders go here (replaced)")
     markdown: bool = flag(False, "print the table as Markdown")
+    report_only: bool = flag(False, "run nothing: print the table from the run folders an earlier benchmark with "
+                                    "the same flags left in --output_dir")
 
 
 def stage_config(stage: int, precision: str, micro_batch: int, path: Path) -> Path:
@@ -129,6 +131,9 @@ def main() -> None:
     for round_ in range(1, args.repeats + 1):
         for variant in variants:
             run_dir = out / f"{variant.replace(' ', '_').replace(',', '')}_r{round_}"
+            if args.report_only:
+                results[variant].append(summarize(run_dir, variant))
+                continue
             print(f"[round {round_}/{args.repeats}] {variant}", flush=True)
             if variant in plain_runs:
                 ranks, extra = plain_runs[variant]
@@ -145,17 +150,25 @@ def main() -> None:
         values = [getattr(s, key) for s in results[variant] if getattr(s, key) is not None]
         return statistics.median(values) if values else None
 
-    ref_tps = median(reference, "tokens_per_sec")
-    header = ["run", "tokens/s", "vs reference", "step ms", "TFLOP/s/rank", "MFU", "peak MiB/rank"]
+    def vs_reference(variant: str) -> tuple[float, float, float]:
+        """Median, min and max over rounds of tokens/s against the reference's in the same round:
+        a round's runs are minutes apart, so drifts in machine speed cancel out."""
+        ratios = [s.tokens_per_sec / r.tokens_per_sec for s, r in zip(results[variant], results[reference])]
+        return statistics.median(ratios), min(ratios), max(ratios)
+
+    header = ["run", "tokens/s", "vs reference", "range over rounds", "step ms", "TFLOP/s/rank", "MFU",
+              "peak MiB/rank"]
     rows = []
     for variant in variants:
         tps, mfu = median(variant, "tokens_per_sec"), median(variant, "mfu")
-        rows.append([variant, f"{tps:.0f}", f"{tps / ref_tps:.1%}", f"{median(variant, 'step_time_ms'):.0f}",
+        ratio, low, high = vs_reference(variant)
+        rows.append([variant, f"{tps:.0f}", f"{ratio:.1%}", f"{low:.0%}–{high:.0%}",
+                     f"{median(variant, 'step_time_ms'):.0f}",
                      f"{median(variant, 'tflops_per_rank'):.3g}", "-" if mfu is None else f"{mfu:.1%}",
                      f"{median(variant, 'peak_mem_mb'):.0f}"])
     print(f"\n{args.model}, seq_len {args.seq_len}, global batch {args.global_batch}, {args.precision}, "
           f"{args.ranks} rank(s); median over {args.repeats} round(s) of each run's median tokens/s "
-          f"(steps {args.log_interval + 1}-{args.max_steps})")
+          f"(steps {args.log_interval + 1}-{args.max_steps}); vs reference: median of each round's ratio")
     print(f"Machine: {machine()}")
     print(f"Command: python tools/benchmark.py {' '.join(sys.argv[1:])}".rstrip())
     if args.markdown:
