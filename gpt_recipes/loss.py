@@ -1,8 +1,8 @@
 """Next-token cross-entropy for causal LMs, with the output layer fused into it where possible.
 
 The plain route asks the model for logits (tokens x vocabulary) and takes the cross-entropy:
-autograd then keeps the logits' fp32 copy and their log-softmax for the backward pass, and
-runs element-wise passes over all of them again. The fused route asks the model for its
+autograd keeps their fp32 log-softmax for the backward pass, which makes their gradient,
+and element-wise passes run over all of them several times. The fused route asks the model for its
 final hidden states only and projects them onto the vocabulary a chunk of rows at a time;
 each chunk's gradient (softmax minus one-hot) is taken on the spot, multiplied into the
 gradients of the hidden states and of the output weight, and dropped. The matmuls are the
@@ -75,8 +75,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          reduction: str = "mean") -> torch.Tensor:
     """lm_loss(hidden @ weight.T, targets, reduction) without ever holding all the logits."""
     hidden, targets = hidden.flatten(0, -2), targets.flatten()
-    chunk = max(1, CHUNK_ELEMENTS.get(hidden.device.type, CHUNK_ELEMENTS["cuda"]) // weight.shape[0])
     device_type = hidden.device.type
+    chunk = max(1, CHUNK_ELEMENTS.get(device_type, CHUNK_ELEMENTS["cuda"]) // weight.shape[0])
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     if autocast:  # cast as autocast would for a matmul, then keep it off inside the Function
         dtype = torch.get_autocast_dtype(device_type)

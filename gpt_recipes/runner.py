@@ -21,8 +21,8 @@ from .data import GlobalBatchOrder, eval_micro_batches
 from .distributed import DistEnv
 from .ds_config import BatchPlan
 from .errors import UserError
-from .loss import CausalLMLoss, fused_unavailable
 from .export import check_output_folder, export_after_training
+from .loss import CausalLMLoss, fused_unavailable
 from .memory import tensor_memory_mb
 from .metrics import MetricsLog
 from .models import count_parameters, enable_activation_checkpointing
