@@ -120,8 +120,7 @@ def main() -> None:
     if args.ranks > 1:
         plain_runs["plain PyTorch, 1 process"] = (1, plain_args)
     if args.minimal and build_config(args.model, 1024, 0).model_type == "gpt2":
-        plain_runs["minimal GPT, 1 process"] = (1, ["--grad_clip", str(clip), "--model_impl", "minimal",
-                                                    "--no-fused_loss"])
+        plain_runs["minimal GPT, 1 process"] = (1, [*plain_args, "--model_impl", "minimal", "--no-fused_loss"])
     recipe_runs = {f"recipe ZeRO-{s}": (s, []) for s in args.stages}
     if args.ablate_loss and args.fused_loss and args.stages:
         recipe_runs[f"recipe ZeRO-{args.stages[0]}, logits loss"] = (args.stages[0], ["--no-fused_loss"])
