@@ -56,9 +56,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(env: DistEnv) -> None:
-    """Start the process group (gloo on CPU, NCCL on GPU: DeepSpeed picks from the accelerator)."""
+def init(env: DistEnv, shm_comm: bool = False) -> str | None:
+    """Start the process group (gloo on CPU, NCCL on GPU: DeepSpeed picks from the accelerator).
+
+    With `shm_comm`, CPU ranks on one machine also send their collectives through shared
+    memory (gpt_recipes/shm_comm.py). Returns None if they do, else why not.
+    """
     import deepspeed
+
+    from gpt_recipes import shm_comm as shm
 
     # DeepSpeed's ZeRO collectives call torch APIs that torch now marks deprecated; the
     # warning repeats on every rank and says nothing a user can act on.
@@ -66,6 +72,9 @@ def init(env: DistEnv) -> None:
     if "MASTER_ADDR" not in os.environ:  # a bare `python` run: a world of one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1")
+    why_not_shm = shm.unavailable(device_type(), env.world_size, env.local_world_size) if shm_comm else "--no-shm_comm"
+    if why_not_shm is None:
+        shm.prepare(env.world_size)
     if device_type() == "cpu":
         # Launchers leave each rank at torch's default thread count; ranks sharing the
         # cores would otherwise oversubscribe them and run several times slower.
@@ -77,6 +86,7 @@ def init(env: DistEnv) -> None:
 
         get_accelerator().set_device(env.local_rank)
     deepspeed.init_distributed()
+    return shm.enable() if why_not_shm is None else why_not_shm
 
 
 def remove_shm_buffers(addr: str, port: str) -> None:

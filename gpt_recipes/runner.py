@@ -134,7 +134,11 @@ def throughput_basis(args: RunArgs, run: RunPlan, job: Job) -> tuple[float, floa
 
 def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
     env, say = run.env, run.say
-    distributed.init(env)
+    why_not_shm = distributed.init(env, args.shm_comm)
+    if run.device == "cpu" and env.world_size > 1:
+        say("Collectives: " + ("all-reduce and all-gather through DeepSpeed's shared-memory kernel"
+                               if why_not_shm is None else f"gloo ({why_not_shm})"))
+    job.record["shm_comm"] = why_not_shm is None
     distributed.barrier()  # every rank has checked the output folder before rank 0 writes to it
     distributed.seed_everything(args.seed)
 

@@ -89,6 +89,7 @@ def test_data_parallel_parity_and_loss_falls(tmp_path, tiny_data, tiny_model, st
     assert resolved["deepspeed"]["zero_optimization"]["stage"] == stage and resolved["world_size"] == 2
     assert resolved["deepspeed"]["scheduler"]["params"]["total_num_steps"] == steps
     assert resolved["fused_loss"] == (stage < 3)
+    assert resolved["shm_comm"] is True  # so the parity below covers the shared-memory collectives
     assert json.loads((tmp_path / "1x2x2" / "config.json").read_text())["fused_loss"] is False
 
     ref_loss, ref_val, ref_weights = runs["1x4"]

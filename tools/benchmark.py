@@ -52,6 +52,7 @@ class BenchmarkArgs:
     repeats: int = flag(1, "rounds over all variants; figures are medians over rounds")
     fused_loss: bool = flag(True, "the recipe and the plain loop fuse the output layer into the loss")
     ablate_loss: bool = flag(False, "also run the first stage's recipe with the loss taken from the logits")
+    ablate_comm: bool = flag(False, "also run the first stage's recipe with gloo collectives (--no-shm_comm)")
     minimal: bool = flag(True, "also run the minimal GPT-2 (tools/minimal_gpt.py) as one process")
     peak_tflops: Optional[float] = flag(None, "peak TFLOP/s per device for MFU (default: table or CPU probe)")
     output_dir: str = flag("runs/benchmark", "run folders go here (replaced)")
@@ -124,6 +125,8 @@ def main() -> None:
     recipe_runs = {f"recipe ZeRO-{s}": (s, []) for s in args.stages}
     if args.ablate_loss and args.fused_loss and args.stages:
         recipe_runs[f"recipe ZeRO-{args.stages[0]}, logits loss"] = (args.stages[0], ["--no-fused_loss"])
+    if args.ablate_comm and args.ranks > 1 and args.stages:
+        recipe_runs[f"recipe ZeRO-{args.stages[0]}, gloo"] = (args.stages[0], ["--no-shm_comm"])
     variants = [*plain_runs, *recipe_runs]
     results: dict[str, list[RunSummary]] = {v: [] for v in variants}
 

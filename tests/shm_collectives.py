@@ -1,0 +1,91 @@
+"""Run under 2 ranks: DeepSpeed's collectives with gpt_recipes.shm_comm on give gloo's results.
+
+Each case runs the same collective twice, through deepspeed.comm (which the shared-memory
+route serves) and through torch.distributed (gloo), and requires equal results; it also
+records whether gloo was called, so a case that should leave gloo alone must do so.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from deepspeed import comm
+
+from gpt_recipes import distributed
+
+calls = {"gloo": 0}
+_gloo_all_reduce, _gloo_all_gather = dist.all_reduce, dist.all_gather_into_tensor
+
+
+def _counted(fn):
+    def wrapper(*args, **kwargs):
+        calls["gloo"] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def values(numel: int, dtype: torch.dtype, rank: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 + rank)
+    return torch.randn(numel, generator=gen).to(dtype)
+
+
+def check(name: str, expect_gloo: bool, run_ds, run_gloo) -> None:
+    before = calls["gloo"]
+    got = run_ds()
+    used_gloo = calls["gloo"] > before
+    want = run_gloo()
+    if not torch.equal(got, want):
+        sys.exit(f"{name}: shared-memory result differs from gloo's by {(got.float() - want.float()).abs().max()}")
+    if used_gloo != expect_gloo:
+        sys.exit(f"{name}: expected {'gloo' if expect_gloo else 'the shared-memory route'}, got the other")
+    print(f"ok {name}")
+
+
+def main() -> None:
+    env = distributed.environment()
+    why_not = distributed.init(env, shm_comm=True)
+    if why_not is not None:
+        sys.exit(f"shared-memory route not enabled: {why_not}")
+    dist.all_reduce = _counted(_gloo_all_reduce)
+    comm.comm.cdb.all_gather_function = _counted(_gloo_all_gather)  # DeepSpeed's backend keeps its own reference
+    rank, world = env.rank, env.world_size
+
+    def all_reduce(numel, dtype, op=comm.ReduceOp.SUM, group=None):
+        def ds():
+            t = values(numel, dtype, rank)
+            comm.all_reduce(t, op=op, group=group)
+            return t
+        def gloo():
+            t = values(numel, dtype, rank)
+            _gloo_all_reduce(t, op=comm.comm.cdb._reduce_op(op))
+            return t
+        return ds, gloo
+
+    # Sizes: one element, a ragged size, and 9M fp32 (past the kernel's 32 MiB chunk).
+    for numel in (1, 12345, 9_000_001):
+        check(f"all_reduce fp32 x{numel}", False, *all_reduce(numel, torch.float32))
+    check("all_reduce bf16", False, *all_reduce(300_001, torch.bfloat16))
+    group = dist.new_group(list(range(world)))  # ZeRO's data-parallel group: every rank
+    check("all_reduce over a group of every rank", False, *all_reduce(4097, torch.float32, group=group))
+    check("all_reduce MAX falls back", True, *all_reduce(4097, torch.float32, op=comm.ReduceOp.MAX))
+    check("all_reduce float64 falls back", True, *all_reduce(4097, torch.float64))
+
+    shard = 7_000_003
+    def gather(in_place: bool):
+        def ds():
+            out = torch.full((world * shard,), float("nan"))
+            mine = out.narrow(0, rank * shard, shard)
+            mine.copy_(values(shard, torch.float32, rank))
+            comm.all_gather_into_tensor(out, mine if in_place else mine.clone())
+            return out
+        def gloo():
+            out = torch.empty(world * shard)
+            _gloo_all_gather(out, values(shard, torch.float32, rank))
+            return out
+        return ds, gloo
+    check("all_gather_into_tensor", False, *gather(in_place=False))
+    check("all_gather_into_tensor, shard inside the output (ZeRO's layout)", False, *gather(in_place=True))
+
+
+if __name__ == "__main__":
+    main()

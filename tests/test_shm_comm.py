@@ -1,0 +1,41 @@
+"""Collectives through DeepSpeed's shared-memory kernel: gloo's results, and the same training."""
+
+import json
+
+import pytest
+from launch import launch, read_metrics
+from test_pretrain import ds_json, pretrain_args
+
+from gpt_recipes.shm_comm import unavailable
+
+
+def test_where_the_shared_memory_route_applies():
+    assert unavailable("cpu", 2, 2) is None
+    assert "one rank" in unavailable("cpu", 1, 1)
+    assert "more than one machine" in unavailable("cpu", 2, 1)
+    assert "cuda" in unavailable("cuda", 2, 2)
+
+
+@pytest.mark.slow
+def test_collectives_equal_gloos():
+    """All-reduce (fp32 past the kernel's chunk size, bf16, a group of every rank) and
+    all-gather (ZeRO's in-place layout too) equal gloo's bit for bit; MAX and float64 go to gloo."""
+    proc = launch("tests/shm_collectives.py", [], ranks=2)
+    assert proc.stdout.count("ok ") == 2 * 9, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_bf16_zero1_trains_identically_over_gloo(tmp_path, tiny_data, tiny_model):
+    """With 2 ranks each sum has two terms, which any order adds alike: the runs must agree exactly."""
+    cfg = ds_json(tmp_path, 1, micro=2)  # the shipped bf16 JSON, clipping on
+    runs = {}
+    for label, extra in (("shm", []), ("gloo", ["--no-shm_comm"])):
+        out = tmp_path / label
+        proc = launch("recipes/pretrain.py", pretrain_args(cfg, tiny_data, tiny_model, out, 6, "--log_interval", "1",
+                                                           "--eval_interval", "0", *extra))
+        assert ("Collectives: all-reduce and all-gather through DeepSpeed's shared-memory kernel" if label == "shm"
+                else "Collectives: gloo (--no-shm_comm)") in proc.stdout
+        assert json.loads((out / "config.json").read_text())["shm_comm"] is (label == "shm")
+        runs[label] = [(r["loss"], r["grad_norm"]) for r in read_metrics(out)[0]]
+    assert len(runs["shm"]) == 6
+    assert runs["shm"] == runs["gloo"]
