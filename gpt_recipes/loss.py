@@ -2,8 +2,8 @@
 
 The plain route asks the model for logits (tokens x vocabulary) and takes the cross-entropy:
 autograd keeps their fp32 log-softmax for the backward pass, which makes their gradient,
-and element-wise passes run over all of them several times. The fused route asks the model for its
-final hidden states only and projects them onto the vocabulary a chunk of rows at a time;
+and element-wise passes run over all of them several times. The fused route asks the model
+for its final hidden states only and projects them onto the vocabulary a chunk of rows at a time;
 each chunk's gradient (softmax minus one-hot) is taken on the spot, multiplied into the
 gradients of the hidden states and of the output weight, and dropped. The matmuls are the
 same; the element-wise work over the logits is done once, on chunks that stay in cache, and
