@@ -19,6 +19,7 @@ precision. Recomputation (activation checkpointing) is not counted as useful wor
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -28,15 +29,18 @@ from transformers import PretrainedConfig
 TERA = 1e12
 
 # Dense (no sparsity) peak TFLOP/s per device, from the vendors' data sheets, matched
-# against torch.cuda.get_device_name() in order (all words must appear). "fp32" is plain
-# fp32: PyTorch does not use TF32 tensor cores for matmuls by default.
+# against torch.cuda.get_device_name() in order: every word must be a whole word of the
+# name (split at spaces and hyphens), so "L4" is not "L40" and "A100" is not "RTX A1000".
+# "fp32" is plain fp32: PyTorch does not use TF32 tensor cores for matmuls by default.
 GPU_PEAKS: list[tuple[tuple[str, ...], str, dict[str, float]]] = [
-    (("H200",), "H200", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
+    (("H200", "NVL"), "H200 NVL", {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0}),
+    (("H200",), "H200 SXM", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
     (("H100", "PCIe"), "H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.2}),
     (("H100", "NVL"), "H100 NVL", {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0}),
     (("H100",), "H100 SXM", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
     (("A100",), "A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
     (("L40S",), "L40S", {"bf16": 362.1, "fp16": 362.1, "fp32": 91.6}),
+    (("L40",), "L40", {"bf16": 181.0, "fp16": 181.0, "fp32": 90.5}),
     (("A10G",), "A10G", {"bf16": 70.0, "fp16": 70.0, "fp32": 35.0}),
     (("L4",), "L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
     (("V100",), "V100", {"fp16": 125.0, "fp32": 15.7}),
@@ -73,8 +77,9 @@ def flops_shape(model_config: PretrainedConfig) -> FlopsShape:
 
 def table_peak(device_name: str, precision: str) -> tuple[float, str] | None:
     """(peak TFLOP/s, which entry) for a GPU name at a precision; None if the table lacks it."""
+    name_words = set(re.split(r"[\s-]+", device_name))
     for words, label, peaks in GPU_PEAKS:
-        if all(word in device_name for word in words) and precision in peaks:
+        if name_words.issuperset(words) and precision in peaks:
             return peaks[precision], f"{label} data-sheet peak, {precision}"
     return None
 

@@ -35,34 +35,41 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
                            reduction=reduction)
 
 
+def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                           want_grads: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(sum over rows of cross_entropy(hidden @ weight.T, targets), and with want_grads the
+    gradients of that sum with respect to hidden and weight), one chunk of rows at a time."""
+    valid = targets != IGNORE_INDEX
+    safe_targets = targets.masked_fill(~valid, 0)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if want_grads else None
+    # Summed in fp32 over chunks, as one matmul over all rows would accumulate.
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads else None
+    for start in range(0, hidden.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        h, t, v = hidden[rows], safe_targets[rows, None], valid[rows]
+        logits = (h @ weight.t()).float()
+        lse = torch.logsumexp(logits, dim=1)
+        total += ((lse - logits.gather(1, t).squeeze(1)) * v).sum()
+        if want_grads:
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad.scatter_add_(1, t, torch.full_like(t, -1, dtype=grad.dtype))
+            grad = grad.mul_(v[:, None]).to(hidden.dtype)
+            torch.mm(grad, weight, out=grad_hidden[rows])
+            if h.dtype == torch.float32:
+                grad_weight.addmm_(grad.t(), h)
+            else:
+                grad_weight += (grad.t() @ h).float()
+    return total, grad_hidden, grad_weight
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of cross_entropy(hidden @ weight.T, targets), gradients taken in the forward pass."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        want_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        valid = targets != IGNORE_INDEX
-        safe_targets = targets.masked_fill(~valid, 0)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if want_grads else None
-        # Summed in fp32 over chunks, as one matmul over all rows would accumulate.
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads else None
-        for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            h, t, v = hidden[rows], safe_targets[rows, None], valid[rows]
-            logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=1)
-            total += ((lse - logits.gather(1, t).squeeze(1)) * v).sum()
-            if want_grads:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                grad.scatter_add_(1, t, torch.full_like(t, -1, dtype=grad.dtype))
-                grad = grad.mul_(v[:, None]).to(hidden.dtype)
-                torch.mm(grad, weight, out=grad_hidden[rows])
-                if h.dtype == torch.float32:
-                    grad_weight.addmm_(grad.t(), h)
-                else:
-                    grad_weight += (grad.t() @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if want_grads else None)
+        total, grad_hidden, grad_weight = _chunked_cross_entropy(hidden, weight, targets, chunk, want_grads=True)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
 
     @staticmethod
@@ -81,8 +88,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if autocast:  # cast as autocast would for a matmul, then keep it off inside the Function
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
+    # needs_input_grad inside a Function reflects requires_grad alone, not torch.no_grad(): decide here,
+    # so evaluation computes the loss without the gradients.
+    want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        total = _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+        if want_grads:
+            total = _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+        else:
+            total = _chunked_cross_entropy(hidden, weight, targets, chunk, want_grads=False)[0]
     if reduction == "sum":
         return total
     return total / (targets != IGNORE_INDEX).sum()

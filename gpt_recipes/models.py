@@ -109,6 +109,10 @@ def check_seq_len(config: PretrainedConfig, seq_len: int | None) -> int:
     return seq_len
 
 
+def is_zero3(ds_cfg: dict[str, Any] | None) -> bool:
+    return ds_cfg is not None and (ds_cfg.get("zero_optimization") or {}).get("stage") == 3
+
+
 @contextlib.contextmanager
 def partitioned_construction(ds_cfg: dict[str, Any] | None):
     """Under ZeRO-3, build models partitioned from the start: no rank ever holds a full copy.
@@ -121,8 +125,7 @@ def partitioned_construction(ds_cfg: dict[str, Any] | None):
     """
     from transformers.integrations import HfDeepSpeedConfig
 
-    zero3 = ds_cfg is not None and (ds_cfg.get("zero_optimization") or {}).get("stage") == 3
-    keep = HfDeepSpeedConfig(ds_cfg) if zero3 else None
+    keep = HfDeepSpeedConfig(ds_cfg) if is_zero3(ds_cfg) else None
     try:
         yield
     finally:
@@ -139,10 +142,26 @@ def _causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
 
 def build_model(config: PretrainedConfig, ds_cfg: dict[str, Any] | None = None) -> PreTrainedModel:
     """Randomly initialised model in fp32 (the engine casts to the config's precision);
-    partitioned across ranks from the start when ds_cfg is a ZeRO-3 config."""
+    partitioned across ranks from the start when ds_cfg is a ZeRO-3 config.
+
+    For a given seed the weights are the same at every ZeRO stage and number of ranks.
+    Partitioned, transformers builds the modules with torch's per-layer initialisers
+    switched off and then runs the model's own `_init_weights` module by module (children
+    first) on gathered parameters. Unpartitioned, it would run torch's initialisers first,
+    drawing other random numbers. So the unpartitioned build follows the partitioned one's
+    steps: the same draws in the same order give bit-identical weights.
+    """
+    from transformers import initialization
+
     model_class = _causal_lm_class(config)
-    with partitioned_construction(ds_cfg):
-        return model_class._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    if is_zero3(ds_cfg):
+        with partitioned_construction(ds_cfg):
+            return model_class._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    with initialization.no_init_weights():
+        model = model_class._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model.initialize_weights()
+    model.tie_weights()
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:

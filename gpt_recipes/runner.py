@@ -132,6 +132,22 @@ def throughput_basis(args: RunArgs, run: RunPlan, job: Job) -> tuple[float, floa
     return flops_per_token, peak, source
 
 
+def keep_clip_norm(engine) -> None:
+    """Log the gradient norm at ZeRO-0 in fp32 too, so every stage's norms compare step by step.
+
+    Without a ZeRO or mixed-precision optimizer DeepSpeed clips with
+    deepspeed.runtime.utils.clip_grad_norm_, which returns the global norm, and drops it:
+    get_global_grad_norm() stays None. The same call, keeping what it returns.
+    """
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_keep
+
+
 def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
     env, say = run.env, run.say
     why_not_shm = distributed.init(env, args.shm_comm)
@@ -160,6 +176,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         # Nothing to average over one rank, but DeepSpeed would still flatten every gradient
         # into buckets, "all-reduce" them and copy them back after each backward.
         engine.enable_backward_allreduce = False
+    keep_clip_norm(engine)
     loss_fn = build_loss(args, run, job, engine.module, stage)
 
     flops_per_token, peak, _ = throughput_basis(args, run, job)

@@ -39,6 +39,10 @@ def test_mfu_arithmetic():
     ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
     ("NVIDIA L40S", "bf16", 362.1),
     ("NVIDIA L4", "bf16", 121.0),
+    ("NVIDIA L40", "bf16", 181.0),  # not L4's figure
+    ("NVIDIA H200 NVL", "bf16", 835.5),  # not the SXM figure
+    ("NVIDIA H100 NVL", "bf16", 835.5),
+    ("NVIDIA A100 80GB PCIe", "fp32", 19.5),
 ])
 def test_peak_table(name, precision, peak):
     assert table_peak(name, precision)[0] == peak
@@ -47,3 +51,5 @@ def test_peak_table(name, precision, peak):
 def test_peak_table_has_no_guess_for_unknown_devices():
     assert table_peak("Tesla V100-SXM2-16GB", "bf16") is None  # no bf16 on V100
     assert table_peak("Some Future GPU", "bf16") is None
+    assert table_peak("NVIDIA RTX A1000", "bf16") is None  # not an A100
+    assert table_peak("NVIDIA L4000", "bf16") is None

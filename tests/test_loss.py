@@ -75,12 +75,19 @@ def test_linear_cross_entropy_is_cross_entropy_of_the_projection():
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_evaluation_without_grad_keeps_no_gradient_buffers(tiny_model):
+def test_evaluation_without_grad_computes_no_gradients(tiny_model, monkeypatch):
     model = _model(str(tiny_model))
     inputs, targets = _batch()
+    asked = []
+    chunked = loss_module._chunked_cross_entropy
+    monkeypatch.setattr(loss_module, "_chunked_cross_entropy",
+                        lambda *args, want_grads: asked.append(want_grads) or chunked(*args, want_grads=want_grads))
     with torch.no_grad():
         fused = CausalLMLoss(model, True)(model, inputs, targets, "sum")
-    assert not fused.requires_grad
+    assert not fused.requires_grad and asked == [False]
+    CausalLMLoss(model, True)(model, inputs, targets, "sum").backward()  # training still takes them
+    assert asked == [False, True] and model.get_output_embeddings().weight.grad is not None
+    model.zero_grad()
     assert fused.item() == pytest.approx(lm_loss(model(**inputs).logits, targets, "sum").item(), rel=1e-6)
 
 
