@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ import torch
 
 from . import faults
 from .distributed import barrier
-from .errors import UserError
+from .errors import UserError, first_line
+from .folders import fsync_path, fsync_tree
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -34,38 +37,97 @@ def tag_for(step: int) -> str:
     return f"step{step}"
 
 
-def latest_tag(ckpt_dir: Path) -> str | None:
+def is_complete(tag_dir: Path) -> bool:
+    # training.json is written by rank 0 after every rank has written (and flushed) its shards.
+    return (tag_dir / TRAINING_INFO).is_file()
+
+
+def _step_of(tag_dir: Path) -> int:
+    return json.loads((tag_dir / TRAINING_INFO).read_text())["step"]
+
+
+def _latest_file_tag(ckpt_dir: Path) -> str | None:
     latest = ckpt_dir / LATEST
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return tag if (ckpt_dir / tag).is_dir() else None
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names, if that checkpoint is there and complete."""
+    tag = _latest_file_tag(ckpt_dir)
+    return tag if tag and is_complete(ckpt_dir / tag) else None
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """The complete step<N> checkpoints, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step\d+", p.name) and is_complete(p)]
+    return [p.name for p in sorted(found, key=_step_of)]
+
+
+def resume_tag(ckpt_dir: Path) -> tuple[str | None, str | None]:
+    """(the checkpoint to resume from, a note when it is not the one `latest` names).
+
+    `latest` wins when it names a complete checkpoint (a user may point it at an older step
+    to roll back). When it is missing, or names a folder that was deleted or never finished,
+    the newest complete checkpoint is taken instead, and the note says so.
+    """
+    tag = latest_tag(ckpt_dir)
+    if tag is not None:
+        return tag, None
+    complete = complete_tags(ckpt_dir)
+    if not complete:
+        return None, None
+    named = _latest_file_tag(ckpt_dir)
+    why = (f"'{LATEST}' names {named}, which is missing or incomplete" if named
+           else f"there is no '{LATEST}' file")
+    return complete[-1], f"{why}: resuming from the newest complete checkpoint, {complete[-1]}"
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values, so it loads with torch.load(weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt.tolist()), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def load_own(path: Path) -> Any:
+    """A file these recipes wrote (RNG states, export checks): tensors and plain values only.
+
+    weights_only=True refuses pickled code, so a tampered file cannot run anything when loaded.
+    DeepSpeed's own shards are loaded by DeepSpeed, which unpickles them in full: only resume
+    or export checkpoints from a source you trust.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{path} holds more than tensors and plain values, so it is not loaded "
+                        f"({first_line(err)}); was it written by another program or an older version?")
+
+
 def _write_latest(ckpt_dir: Path, tag: str) -> None:
     tmp = ckpt_dir / f".{LATEST}.tmp"
-    tmp.write_text(tag)
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, ckpt_dir / LATEST)
-
-
-def is_complete(tag_dir: Path) -> bool:
-    # training.json is written by rank 0 after every rank has written its shards.
-    return (tag_dir / TRAINING_INFO).is_file()
+    fsync_path(ckpt_dir)  # the rename itself
 
 
 def _dir_bytes(path: Path) -> int:
@@ -93,57 +155,78 @@ def check_free_space(ckpt_dir: Path, needed: int) -> None:
 
 
 def rotate(ckpt_dir: Path, keep_last: int) -> list[str]:
-    """Delete all but the newest `keep_last` complete checkpoints; never the one `latest` names."""
+    """Delete all but the newest `keep_last` complete checkpoints; never the one `latest` names.
+
+    Each goes by its completion mark first (flushed), so a deletion cut short leaves an
+    incomplete folder, never one that looks complete."""
     if keep_last <= 0:
         return []
     current = latest_tag(ckpt_dir)
-    complete = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and is_complete(p)),
-                      key=lambda p: json.loads((p / TRAINING_INFO).read_text())["step"])
-    doomed = [p for p in complete[:-keep_last] if p.name != current]
-    for path in doomed:
-        shutil.rmtree(path)
-    return [p.name for p in doomed]
+    doomed = [t for t in complete_tags(ckpt_dir)[:-keep_last] if t != current]
+    for tag in doomed:
+        (ckpt_dir / tag / TRAINING_INFO).unlink()
+        fsync_path(ckpt_dir / tag)
+        shutil.rmtree(ckpt_dir / tag)
+    return doomed
+
+
+def _set_aside(tag_dir: Path) -> Path:
+    """Rename a complete checkpoint out of the way of a new one of the same tag (kept, not deleted)."""
+    n = 1
+    while (aside := tag_dir.with_name(f"{tag_dir.name}.replaced{'' if n == 1 else n}")).exists():
+        n += 1
+    tag_dir.rename(aside)
+    return aside
 
 
 def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_files: list[Any],
-         training_info: dict[str, Any], num_params: int, keep_last: int = 0) -> Path:
+         training_info: dict[str, Any], num_params: int, keep_last: int = 0, log=print) -> Path:
     """Save a checkpoint on every rank; only a complete one ever becomes `latest`.
 
     `hf_files` are objects with save_pretrained (model config, tokenizer); `training_info`
     (precision, ZeRO stage, world size) is written as JSON for the export tool, last, as the
-    mark that every rank's shards are on disk.
+    mark that every rank's shards are on disk. Everything is flushed to disk before `latest`
+    moves. A save removes only an incomplete folder of its own tag (left by an interrupted
+    save); a complete one of that tag (from before a roll-back) is renamed aside.
     """
     ckpt_dir = out_dir / CHECKPOINT_DIR
     step = trainer_state["step"]
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     check_free_space(ckpt_dir, expected_bytes(ckpt_dir, num_params))
-    if rank == 0 and tag_dir.exists() and tag != latest_tag(ckpt_dir):
-        shutil.rmtree(tag_dir)  # left incomplete by an interrupted save: never mix its shards in
+    if rank == 0 and tag_dir.exists():
+        if is_complete(tag_dir):
+            log(f"{tag_dir} holds a complete checkpoint from before this run's resume point: kept as "
+                f"{_set_aside(tag_dir).name}")
+        else:
+            shutil.rmtree(tag_dir)  # left incomplete by an interrupted save: never mix its shards in
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={TRAINER_STATE_KEY: trainer_state},
                            save_latest=False)
     torch.save(_rng_state(), tag_dir / f"rng_state_rank{rank}.pt")
     faults.during_save(step, rank)
+    fsync_tree(tag_dir)  # each rank flushes what it wrote (and what it sees) before the checkpoint counts
     barrier()
     if rank == 0:
         for obj in hf_files:
             obj.save_pretrained(tag_dir)
-        (tag_dir / TRAINING_INFO).write_text(json.dumps({**training_info, **trainer_state}, indent=2) + "\n")
+        info = tag_dir / TRAINING_INFO
+        with open(info, "w") as f:
+            f.write(json.dumps({**training_info, **trainer_state}, indent=2) + "\n")
+        fsync_tree(tag_dir)
         _write_latest(ckpt_dir, tag)
         rotate(ckpt_dir, keep_last)
     barrier()
     return tag_dir
 
 
-def layout_change(out_dir: Path, world_size: int, zero_stage: int) -> str | None:
-    """How the latest checkpoint's layout differs from this run's (ranks, ZeRO stage), or None."""
-    ckpt_dir = out_dir / CHECKPOINT_DIR
-    tag = latest_tag(ckpt_dir)
-    info_file = ckpt_dir / tag / TRAINING_INFO if tag else None
-    if info_file is None or not info_file.is_file():
-        return None
-    info = json.loads(info_file.read_text())
+def saved_info(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """The plain-JSON facts a complete checkpoint records (step, layout, precision, schedule)."""
+    return json.loads((ckpt_dir / tag / TRAINING_INFO).read_text())
+
+
+def layout_change(info: dict[str, Any], world_size: int, zero_stage: int) -> str | None:
+    """How a checkpoint's layout (its saved_info) differs from this run's (ranks, ZeRO stage), or None."""
     if (info["world_size"], info["zero_stage"]) == (world_size, zero_stage):
         return None
     return (f"{info['world_size']} ranks at ZeRO-{info['zero_stage']} -> "
@@ -154,14 +237,12 @@ def universal_tag(tag: str) -> str:
     return f"{tag}_universal"
 
 
-def convert_to_universal(out_dir: Path, rank: int, zero_stage: int) -> str:
-    """Convert the latest checkpoint to DeepSpeed's universal format (rank 0; others wait).
+def convert_to_universal(ckpt_dir: Path, tag: str, rank: int, zero_stage: int) -> str:
+    """Convert a checkpoint to DeepSpeed's universal format (rank 0; others wait).
 
     A universal checkpoint stores every parameter and its optimizer state whole, so it loads
     on any number of ranks at any ZeRO stage (with "checkpoint": {"load_universal": true}).
     """
-    ckpt_dir = out_dir / CHECKPOINT_DIR
-    tag = latest_tag(ckpt_dir)
     target = ckpt_dir / universal_tag(tag)
     done = target / ".complete"
     if rank == 0 and not done.is_file():
@@ -212,18 +293,14 @@ def _zero3_universal_for_lower_stages(target: Path) -> None:
     torch.save(states, target / "mp_rank_00_model_states.pt")
 
 
-def load(engine, out_dir: Path, rank: int, tag: str | None = None) -> dict[str, Any] | None:
-    """Load the latest checkpoint (or `tag`) into the engine; returns its trainer state, or None if there is none."""
-    ckpt_dir = out_dir / CHECKPOINT_DIR
-    tag = tag or latest_tag(ckpt_dir)
-    if tag is None:
-        return None
+def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict[str, Any]:
+    """Load checkpoint `tag` into the engine, and this rank's RNG states; returns its trainer state."""
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None or not client_state or TRAINER_STATE_KEY not in client_state:
         raise UserError(f"checkpoint {ckpt_dir / tag} could not be loaded or was not written by these recipes")
     rng_file = ckpt_dir / tag / f"rng_state_rank{rank}.pt"
     if rng_file.is_file():  # absent when resuming on another layout: each rank's stream then starts afresh
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(load_own(rng_file))
     return client_state[TRAINER_STATE_KEY]
 
 

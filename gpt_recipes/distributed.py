@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import warnings
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,3 +129,12 @@ def rank_max(value: float, device: torch.device | str) -> float:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's `value` on every rank (any picklable object; the others' values are ignored)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

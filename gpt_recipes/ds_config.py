@@ -188,6 +188,23 @@ def fill_auto(cfg: dict[str, Any], max_steps: int, out_dir: Path | None = None) 
     return filled
 
 
+def keep_saved_schedule(cfg: dict[str, Any], filled: dict[str, Any], saved: dict[str, Any]) -> dict[str, tuple]:
+    """On resume, put back the scheduler values the checkpoint's run filled for "auto".
+
+    Re-filling them from a new --max_steps would change the schedule under a running
+    optimizer (a longer total jumps the learning rate back up). Updates cfg and filled in
+    place; returns {dotted key: (kept value, the value --max_steps alone would give)} where
+    they differ.
+    """
+    params = (cfg.get("scheduler") or {}).get("params") or {}
+    kept = {}
+    for key, value in list(filled.items()):
+        if key.startswith("scheduler.params.") and key in saved and saved[key] != value:
+            params[key.rsplit(".", 1)[1]] = filled[key] = saved[key]
+            kept[key] = (saved[key], value)
+    return kept
+
+
 def enabled_monitors(cfg: dict[str, Any]) -> list[str]:
     """The monitor sections the config enables; a missing package is a one-line error."""
     import importlib.util

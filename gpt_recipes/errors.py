@@ -9,10 +9,12 @@ from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
-# Exit statuses: bad input 2, diverged training 3; stopped by a signal 128 + its number
-# (143 for SIGTERM, 130 for SIGINT) after saving a checkpoint. Crashes stay 1.
+# Exit statuses: bad input 2, diverged training 3, an export that does not reproduce the
+# trained model 4; stopped by a signal 128 + its number (143 for SIGTERM, 130 for SIGINT)
+# after saving a checkpoint. Crashes stay 1.
 USER_ERROR_EXIT = 2
 DIVERGED_EXIT = 3
+EXPORT_MISMATCH_EXIT = 4
 
 
 class RecipeExit(Exception):
@@ -32,6 +34,12 @@ class DivergedError(RecipeExit):
     """The loss became NaN or infinite and stayed so; the last good checkpoint is kept."""
 
     exit_code = DIVERGED_EXIT
+
+
+class ExportMismatch(RecipeExit):
+    """The exported folder does not reproduce the trained engine; the checkpoint is kept."""
+
+    exit_code = EXPORT_MISMATCH_EXIT
 
 
 def cli_entry(main: Callable[[], T]) -> Callable[[], T]:

@@ -5,6 +5,7 @@ Never set in normal use. The value is KIND@STEP or KIND@STEP:RANK (default rank 
   kill_in_save@6   rank 0 is SIGKILLed while saving the step-6 checkpoint, after its shards
                    are written and before the checkpoint is complete
   nan@7            rank 0's loss at step 7 is NaN
+  export_skew@0    the export's logits are taken to differ from the engine's by 1.0 more
 """
 
 from __future__ import annotations
@@ -43,3 +44,7 @@ def during_save(step: int, rank: int) -> None:
 
 def poison_loss(loss, step: int, rank: int):
     return loss * float("nan") if armed("nan", step, rank) else loss
+
+
+def export_skew() -> float:
+    return 1.0 if armed("export_skew", 0, 0) else 0.0

@@ -2,15 +2,13 @@
 
 Writing goes to a temporary folder that is renamed into place when complete, so an
 interrupted run never leaves a folder that looks prepared, and an existing folder is
-only replaced when the user asks (--overwrite).
+only replaced when the user asks (--overwrite) and it is a data folder prepared here.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +17,13 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import sources
+from . import folders, sources
 from .data import META_FILE, TOKENIZER_DIR, read_meta, token_dtype
 from .errors import UserError
 from .tokenizer import load_tokenizer, text_batches, train_bpe
 
 FORMAT_VERSION = 1
+DATA_KIND = "prepared data"
 DEFAULT_DATA_DIR = "data/stdlib"
 
 
@@ -124,10 +123,11 @@ def prepare(opts: PrepareOptions) -> dict:
             read_meta(out_dir)  # still complete and intact
             print(f"Reusing prepared data in {out_dir} (same inputs and options)")
             return existing
-    if out_dir.exists() and any(out_dir.iterdir()) and not opts.overwrite:
+    if not folders.is_empty(out_dir) and not opts.overwrite:
         raise UserError(
             f"output folder {out_dir} already holds other data; choose another --output or pass --overwrite"
         )
+    folders.check_replaceable(out_dir, DATA_KIND, opts.overwrite, "--overwrite", owned=_is_data_folder(out_dir))
 
     texts = sources.load_texts(expanded, opts.text_field, opts.split)
     if opts.tokenizer:
@@ -149,9 +149,7 @@ def prepare(opts: PrepareOptions) -> dict:
     )
     streams = _split_streams(tokenized, opts.val_fraction, opts.seed, dtype)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with folders.written_aside(out_dir, DATA_KIND) as tmp:
         counts = {}
         for split, (tokens, documents, chunks) in streams.items():
             _write_split(chunks, tokens, tmp / f"{split}.bin", dtype, f"Writing {split}")
@@ -172,15 +170,20 @@ def prepare(opts: PrepareOptions) -> dict:
             "options": options,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # only reached with --overwrite, or when the folder was empty
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary = ", ".join(f"{s}: {c['tokens']:,} tokens in {c['documents']:,} documents" for s, c in counts.items())
     print(f"Prepared {out_dir} ({dtype.name}, vocabulary {vocab_size}; {summary})")
     return meta
+
+
+def _is_data_folder(path: Path) -> bool:
+    """A data folder this project prepared: marked, or (from before markers) a meta.json with our fingerprint."""
+    if folders.written_here(path, DATA_KIND):
+        return True
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "fingerprint" in meta and "splits" in meta
 
 
 def ensure_default_data(data_dir: str) -> None:

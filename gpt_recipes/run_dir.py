@@ -1,31 +1,89 @@
-"""The run's output folder: refuse to clobber it, and record the resolved configuration."""
+"""The run's output folder: what a run may do to it, where a resume starts, the resolved configuration.
+
+A run folder is one these recipes wrote: its config.json records the recipe, or it holds
+checkpoints/. --resume continues only a run folder, from its newest usable checkpoint;
+--overwrite replaces only a run folder's own outputs (RUN_OUTPUTS), and only once every
+check has passed, so a fresh run never mixes with the one before it; any other non-empty
+folder is refused.
+"""
 
 from __future__ import annotations
 
 import json
 import platform
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CHECKPOINT_DIR, latest_tag
+from .checkpoint import CHECKPOINT_DIR, resume_tag
+from .ds_config import MONITOR_DIR
 from .errors import UserError
+from .export import EXPORT_CHECK
+from .folders import is_empty
+from .metrics import METRICS_FILE
 
 RUN_CONFIG_FILE = "config.json"
+# Everything a run writes into its folder: what --overwrite replaces, and nothing else.
+RUN_OUTPUTS = (CHECKPOINT_DIR, METRICS_FILE, RUN_CONFIG_FILE, MONITOR_DIR, EXPORT_CHECK)
 
 
-def check_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> bool:
-    """Check that the run may write to `out_dir`; returns whether there is a checkpoint to resume."""
-    has_checkpoint = latest_tag(out_dir / CHECKPOINT_DIR) is not None
-    if resume:
-        return has_checkpoint
+@dataclass(frozen=True)
+class OutputPlan:
+    """What this run does with its output folder."""
+
+    resume_tag: str | None = None  # the checkpoint to continue from
+    note: str | None = None  # said before training, when the resume point needs explaining
+    replace: bool = False  # a previous run's outputs are removed before the first write
+
+
+def is_run_folder(out_dir: Path) -> bool:
+    try:
+        record = json.loads((out_dir / RUN_CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        record = None
+    return (isinstance(record, dict) and "recipe" in record) or (out_dir / CHECKPOINT_DIR).is_dir()
+
+
+def plan_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> OutputPlan:
+    """Check that the run may write to `out_dir`, and decide where it starts."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --output_dir and --overwrite replaces it: pass one of them")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output_dir {out_dir} exists and is not a folder")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(
-            f"--output_dir {out_dir} is not empty; pass --resume to continue it, --overwrite to start "
-            "a fresh run there, or choose another folder"
-        )
-    return False
+    if is_empty(out_dir):
+        return OutputPlan(note=f"--resume: nothing to resume in {out_dir} yet, starting at step 0" if resume else None)
+    if resume:
+        if not is_run_folder(out_dir):
+            raise UserError(f"--resume: {out_dir} is not a run folder written by these recipes (no run config.json, "
+                            "no checkpoints/); give the run's own --output_dir")
+        tag, note = resume_tag(out_dir / CHECKPOINT_DIR)
+        if tag is None:
+            raise UserError(f"--resume: {out_dir} holds no complete checkpoint to continue from; pass --overwrite to "
+                            "start a fresh run there (replacing that run's outputs), or choose another folder")
+        return OutputPlan(resume_tag=tag, note=note)
+    if not overwrite:
+        raise UserError(f"--output_dir {out_dir} is not empty; pass --resume to continue it, --overwrite to start "
+                        "a fresh run there, or choose another folder")
+    if not is_run_folder(out_dir):
+        raise UserError(f"--overwrite replaces only a run folder written by these recipes, and {out_dir} is not one; "
+                        "choose another --output_dir")
+    return OutputPlan(replace=True)
+
+
+def remove_previous_run(out_dir: Path) -> list[str]:
+    """Delete a previous run's outputs from `out_dir` (rank 0, once every check has passed)."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def write_run_config(out_dir: Path, record: dict[str, Any]) -> None:

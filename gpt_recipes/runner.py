@@ -26,7 +26,7 @@ from .loss import CausalLMLoss, fused_unavailable
 from .memory import tensor_memory_mb
 from .metrics import MetricsLog
 from .models import count_parameters, enable_activation_checkpointing
-from .run_dir import check_output_dir, write_run_config
+from .run_dir import OutputPlan, plan_output_dir, remove_previous_run, write_run_config
 from .train import Batches, LoopConfig, Samples, TrainState, train
 
 
@@ -40,7 +40,8 @@ class RunPlan:
     batch: BatchPlan
     filled: dict[str, Any]
     out_dir: Path
-    can_resume: bool
+    output: OutputPlan
+    notes: list[str] = field(default_factory=list)  # said once the ranks have started
 
     def say(self, *text: Any) -> None:
         if self.env.is_main:
@@ -74,10 +75,20 @@ def plan_run(args: RunArgs) -> RunPlan:
     out_dir = Path(args.output_dir)
     config_path = ds_config.config_path(args.deepspeed_config, DEFAULT_DEEPSPEED_CONFIG)
     ds_cfg, batch, filled = ds_config.resolve(config_path, env.world_size, args.max_steps, device, out_dir)
-    can_resume = check_output_dir(out_dir, args.resume, args.overwrite)
+    output = plan_output_dir(out_dir, args.resume, args.overwrite)
     if args.export_hf:
         check_output_folder(Path(args.export_hf), args.overwrite, force_flag="--overwrite")
-    return RunPlan(env, device, ds_cfg, batch, filled, out_dir, can_resume)
+    run = RunPlan(env, device, ds_cfg, batch, filled, out_dir, output)
+    if output.note:
+        run.notes.append(output.note)
+    if output.resume_tag:
+        saved = checkpoint.saved_info(out_dir / checkpoint.CHECKPOINT_DIR, output.resume_tag)
+        for key, (kept, fresh) in ds_config.keep_saved_schedule(ds_cfg, filled, saved.get("schedule", {})).items():
+            run.notes.append(
+                f"Resuming keeps the schedule the run was planned with: {key} = {kept} (--max_steps {args.max_steps} "
+                f"would make it {fresh}). Past step {kept}, a warm-up/decay schedule stays at its final learning "
+                "rate; to plan another, give the scheduler's step counts as numbers in the DeepSpeed JSON")
+    return run
 
 
 def make_batches(args: RunArgs, run: RunPlan, train_samples: Samples, val_samples: Samples, what: str) -> Batches:
@@ -162,15 +173,23 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     model = build(args, run, job, stage)
     for key, value in run.filled.items():
         say(f"DeepSpeed config: filled {key} = {value} (was \"auto\")")
-    resume_tag = None
-    change = checkpoint.layout_change(run.out_dir, env.world_size, stage) if run.can_resume else None
-    if change:
-        # Another number of ranks or ZeRO stage: go through DeepSpeed's universal checkpoint,
-        # which keeps the optimizer state. load_universal is derived here, not set in the JSON.
-        say(f"Resuming across a layout change ({change}): converting the checkpoint to DeepSpeed's "
-            "universal format")
-        resume_tag = checkpoint.convert_to_universal(run.out_dir, env.rank, stage)
-        run.ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
+    for note in run.notes:
+        say(note)
+    ckpt_dir = run.out_dir / checkpoint.CHECKPOINT_DIR
+    resume_tag = run.output.resume_tag
+    if resume_tag:
+        change = checkpoint.layout_change(checkpoint.saved_info(ckpt_dir, resume_tag), env.world_size, stage)
+        if change:
+            # Another number of ranks or ZeRO stage: go through DeepSpeed's universal checkpoint,
+            # which keeps the optimizer state. load_universal is derived here, not set in the JSON.
+            say(f"Resuming across a layout change ({change}): converting the checkpoint to DeepSpeed's "
+                "universal format")
+            resume_tag = checkpoint.convert_to_universal(ckpt_dir, resume_tag, env.rank, stage)
+            run.ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
+    if run.output.replace and env.is_main:  # every check has passed: only now does the old run go
+        say(f"--overwrite: removed the previous run's {', '.join(remove_previous_run(run.out_dir))} "
+            f"from {run.out_dir}")
+    distributed.barrier()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=run.ds_cfg)
     if env.world_size == 1 and stage == 0:
         # Nothing to average over one rank, but DeepSpeed would still flatten every gradient
@@ -181,8 +200,8 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
 
     flops_per_token, peak, _ = throughput_basis(args, run, job)
     state = TrainState()
-    if run.can_resume:
-        saved = checkpoint.load(engine, run.out_dir, env.rank, resume_tag)
+    if resume_tag:
+        saved = checkpoint.load(engine, ckpt_dir, resume_tag, env.rank)
         if saved["global_batch"] != run.batch.global_batch or saved["seq_len"] != job.seq_len:
             raise UserError(
                 f"checkpoint was written with global batch {saved['global_batch']} and seq_len {saved['seq_len']}; "
@@ -201,7 +220,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
             "deepspeed": run.ds_cfg, "filled_auto": run.filled, "model": job.model_config.to_dict(),
             "parameters": count_parameters(model), **job.record,
         })
-    metrics = MetricsLog(run.out_dir, env.is_main, resume_step=state.step if run.can_resume else None,
+    metrics = MetricsLog(run.out_dir, env.is_main, resume_step=state.step if resume_tag else None,
                          monitor=engine.monitor)
 
     loop = LoopConfig(max_steps=args.max_steps, seq_len=job.seq_len, log_interval=args.log_interval,
@@ -210,12 +229,13 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
                       global_batch=run.batch.global_batch)
     trainer_extra = {"global_batch": run.batch.global_batch, "seq_len": job.seq_len, "seed": args.seed}
     training_info = {"recipe": job.name, "precision": ds_config.precision(run.ds_cfg), "zero_stage": stage,
-                     "world_size": env.world_size}
+                     "world_size": env.world_size,
+                     "schedule": {k: v for k, v in run.filled.items() if k.startswith("scheduler.")}}
 
     def save(s: TrainState) -> Path:
         return checkpoint.save(engine, run.out_dir, s.as_dict(**trainer_extra), env.rank,
                                [job.model_config, job.tokenizer], training_info, count_parameters(model),
-                               args.keep_last)
+                               args.keep_last, log=say)
 
     train(engine, batches, run.batch, env, loop, state, metrics, loss_fn, save)
 

@@ -1,7 +1,12 @@
 import json
+import os
+import random
 from collections import namedtuple
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from gpt_recipes import checkpoint
 from gpt_recipes.errors import UserError
@@ -49,3 +54,82 @@ def test_free_space_is_checked_against_the_last_checkpoint(tmp_path, monkeypatch
         checkpoint.check_free_space(tmp_path, needed)
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(10**6, 0, 10**6))
     checkpoint.check_free_space(tmp_path, needed)
+
+
+class _FakeEngine:
+    """Writes one shard per save, as DeepSpeed's engine does into CKPT/TAG/."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert save_latest is False
+        path = Path(save_dir) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "mp_rank_00_model_states.pt").write_bytes(b"new shard")
+
+
+def _save(out, step, **kwargs):
+    return checkpoint.save(_FakeEngine(), out, {"step": step}, rank=0, hf_files=[], training_info={},
+                           num_params=10, log=lambda *_: None, **kwargs)
+
+
+def test_a_save_removes_an_incomplete_folder_of_its_tag_but_never_a_complete_one(tmp_path):
+    ckpt = tmp_path / checkpoint.CHECKPOINT_DIR
+    _fake(ckpt, 3, complete=False)
+    _save(tmp_path, 3)
+    assert (ckpt / "step3" / "mp_rank_00_model_states.pt").read_bytes() == b"new shard"
+    assert not (ckpt / "step3" / "shard.pt").exists()  # the interrupted save's leftovers are gone
+    # A complete step6 from before a roll-back (latest was pointed at step3 and training redone).
+    _fake(ckpt, 6)
+    _save(tmp_path, 6)
+    assert (ckpt / "step6.replaced" / "shard.pt").read_bytes() == b"x" * 100  # kept, renamed aside
+    assert (ckpt / "latest").read_text() == "step6" and checkpoint.is_complete(ckpt / "step6")
+    assert checkpoint.complete_tags(ckpt) == ["step3", "step6"]  # the renamed one is never rotated away
+
+
+def test_everything_is_flushed_before_latest_moves(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    tag_dir = _save(tmp_path, 4)
+    moved = events.index(("replace", str(tag_dir.parent / "latest")))
+    flushed = {path for kind, path in events[:moved] if kind == "fsync"}
+    wanted = {str(p) for p in tag_dir.rglob("*")} | {str(tag_dir), str(tag_dir.parent / ".latest.tmp")}
+    assert wanted <= flushed, wanted - flushed
+    assert ("fsync", str(tag_dir.parent)) in events[moved:]  # and the rename itself
+
+
+def test_rotation_takes_the_completion_mark_first(tmp_path, monkeypatch):
+    for step in (3, 6, 9):
+        _fake(tmp_path, step)
+    (tmp_path / "latest").write_text("step9")
+
+    def interrupted(path, *args, **kwargs):
+        raise KeyboardInterrupt  # the deletion is cut short after the mark went
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.rotate(tmp_path, keep_last=1)
+    assert (tmp_path / "step3").is_dir() and not checkpoint.is_complete(tmp_path / "step3")
+    assert checkpoint.complete_tags(tmp_path) == ["step6", "step9"]
+
+
+def test_rng_states_load_without_unpickling_code(tmp_path):
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    path = tmp_path / "rng.pt"
+    torch.save(checkpoint._rng_state(), path)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    checkpoint._set_rng_state(checkpoint.load_own(path))  # weights_only=True inside
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_file_holding_pickled_objects_is_refused(tmp_path):
+    path = tmp_path / "rng_state_rank0.pt"
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state()}, path)  # the old, pickled form
+    with pytest.raises(UserError, match="holds more than tensors and plain values, so it is not loaded"):
+        checkpoint.load_own(path)

@@ -37,8 +37,8 @@ def test_recipe_export_round_trip(tmp_path, tiny_data, tiny_model, tiny_llama, s
     launch("recipes/pretrain.py", pretrain_args(cfg, tiny_data, model, out, 6, "--eval_interval", "0",
                                                 "--export_hf", str(hf)))
     names = sorted(p.name for p in hf.iterdir())
-    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json"]
+    assert names == [".gpt-recipes.json", "config.json", "generation_config.json", "model.safetensors",
+                     "tokenizer.json", "tokenizer_config.json"]  # the first marks it as an export of ours
     result = hf_only(hf, out / "export_check.pt")
     assert result["foreign_modules"] == []
     assert result["class"] == ("GPT2LMHeadModel" if family == "gpt2" else "LlamaForCausalLM")
@@ -121,7 +121,38 @@ def test_bad_inputs(tmp_path, zero2_run, case):
     assert re.search(pattern, proc.stderr.strip().splitlines()[-1]), proc.stderr
     if case == "output exists":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        # --force replaces an earlier export, but never a folder of anyone else's.
         proc = run_python("tools/convert_to_hf.py", [*args, "--force"])
-        assert proc.returncode == 0 and (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+        assert proc.returncode == 2 and "is not a Hugging Face export folder written by these tools" in proc.stderr
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        (out / "keep.txt").unlink()
+        assert run_python("tools/convert_to_hf.py", args).returncode == 0
+        (out / "stale.safetensors").write_text("left by hand in the export")
+        proc = run_python("tools/convert_to_hf.py", [*args, "--tag", "step3", "--force"])
+        assert proc.returncode == 0 and (out / "model.safetensors").is_file() and not (out / "stale.safetensors").exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing left aside
     else:
         assert not out.exists()
+
+
+def test_overwrite_replaces_the_run_and_a_failed_export_check_exits_nonzero(tmp_path, zero2_run, tiny_data,
+                                                                             tiny_model, monkeypatch):
+    """--overwrite: a fresh run whose outputs replace the previous run's (never a mix), the user's
+    own files kept. An export that does not reproduce the engine ends the run with status 4 and the
+    figure, and the checkpoint stays."""
+    out, hf = tmp_path / "run", tmp_path / "hf"
+    shutil.copytree(zero2_run, out)
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setenv("GPT_RECIPES_FAULT", "export_skew@0")
+    proc = launch("recipes/pretrain.py", pretrain_args(ds_json(tmp_path, 2, micro=2), tiny_data, tiny_model, out, 2,
+                                                       "--eval_interval", "0", "--overwrite", "--export_hf", str(hf)),
+                  check=False)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert re.search(r"error: the export in \S+ does not reproduce the trained engine: max \|logits difference\| "
+                     r"1(\.\d+)? \(tolerance 0\.05\), greedy tokens identical; the checkpoint in \S+ is kept",
+                     proc.stderr), proc.stderr[-3000:]
+    assert "--overwrite: removed the previous run's checkpoints, metrics.jsonl, config.json" in proc.stdout
+    ckpt = out / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step2"]  # nothing of the old run's step3/6
+    assert (ckpt / "latest").read_text() == "step2" and (out / "notes.txt").read_text() == "mine"
+    assert max(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()) == 2

@@ -82,6 +82,19 @@ def test_rerun_reuses_and_other_inputs_never_clobber(tmp_path, tokenizer_dir, ca
     assert read_meta(out).raw["sources"] == [str(a)]
 
 
+def test_overwrite_never_replaces_a_folder_that_is_not_prepared_data(tmp_path, tokenizer_dir):
+    src = tmp_path / "a.txt"
+    src.write_text("\n\n".join(DOCS))
+    mine = tmp_path / "models"
+    mine.mkdir()
+    (mine / "weights.safetensors").write_text("someone's model")
+    opts = PrepareOptions(inputs=[str(src)], output=str(mine), tokenizer=tokenizer_dir, num_proc=1, overwrite=True)
+    with pytest.raises(UserError, match="is not a prepared data folder written by these tools, so --overwrite"):
+        prepare(opts)
+    assert [p.name for p in mine.iterdir()] == ["weights.safetensors"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
 def test_a_single_document_is_split_by_tokens(tmp_path, tokenizer_dir):
     src = tmp_path / "book.txt"
     src.write_text("\n".join(DOCS * 10))

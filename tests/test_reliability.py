@@ -8,7 +8,7 @@ import pytest
 from launch import launch, read_metrics
 from test_pretrain import ds_json, pretrain_args
 
-from gpt_recipes.checkpoint import consolidated_state_dict, is_complete
+from gpt_recipes.checkpoint import complete_tags, consolidated_state_dict, is_complete
 
 pytestmark = pytest.mark.slow
 
@@ -135,3 +135,37 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, references, tiny_
     proc = launch("recipes/pretrain.py", args, ranks=1, check=False)
     assert proc.returncode == 2
     assert "error: checkpoint was written with global batch 4 and seq_len 64; this run has 2 and 64" in proc.stderr
+
+
+def test_resume_without_latest_takes_the_newest_complete_checkpoint_and_deletes_none(tmp_path, references,
+                                                                                    tiny_data, tiny_model):
+    """A user rolled back by deleting the newest steps and `latest`; an interrupted save left step9 incomplete."""
+    reference_out = references(2)
+    out = _stopped_at(reference_out, tmp_path, 6)
+    ckpt = out / "checkpoints"
+    (ckpt / "latest").unlink()
+    shutil.copytree(reference_out / "checkpoints" / "step9", ckpt / "step9")
+    (ckpt / "step9" / "training.json").unlink()
+    proc = _run(tmp_path, 2, tiny_data, tiny_model, out, extra=["--resume"])
+    assert "there is no 'latest' file: resuming from the newest complete checkpoint, step6" in proc.stdout
+    _same_as_reference(out, reference_out, from_step=6)
+    assert complete_tags(ckpt) == ["step3", "step6", "step9", "step12"]  # step3 and step6 survived the saves
+
+
+def test_extending_a_run_keeps_its_schedule(tmp_path, references, tiny_data, tiny_model):
+    """Resumed with a larger --max_steps, the run keeps the schedule it was planned with (and says so):
+    the learning rate does not jump back up, and past its end it stays at the final rate."""
+    reference_out = references(2)
+    out = _stopped_at(reference_out, tmp_path, STEPS)
+    args = pretrain_args(ds_json(tmp_path, 2, micro=2, fp32=True), tiny_data, tiny_model, out, STEPS + 3,
+                         "--log_interval", "1", "--save_interval", "3", "--eval_interval", "0", "--resume")
+    proc = launch("recipes/pretrain.py", args)
+    assert (f"Resuming keeps the schedule the run was planned with: scheduler.params.total_num_steps = {STEPS} "
+            f"(--max_steps {STEPS + 3} would make it {STEPS + 3})") in proc.stdout
+    ref, got = read_metrics(reference_out)[0], read_metrics(out)[0]
+    assert [r["lr"] for r in got[:STEPS]] == [r["lr"] for r in ref] and len(got) == STEPS + 3
+    final = ref[-1]["lr"]
+    assert final == pytest.approx(0.1 * 3e-3)  # cos_min_ratio 0.1 of the test's peak rate
+    assert [r["lr"] for r in got[STEPS:]] == pytest.approx([final] * 3)
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["deepspeed"]["scheduler"]["params"]["total_num_steps"] == STEPS

@@ -21,3 +21,12 @@ def test_export_folder_is_checked_before_training(tmp_path):
     (export / "weights.safetensors").write_text("someone's model")
     with pytest.raises(UserError, match="is not empty; choose another or pass --overwrite"):
         plan_run(PretrainArgs(output_dir=str(tmp_path / "out"), export_hf=str(export)))
+
+
+def test_overwrite_never_replaces_an_export_folder_that_is_not_ours(tmp_path):
+    export = tmp_path / "models"
+    export.mkdir()
+    (export / "weights.safetensors").write_text("someone's model")
+    with pytest.raises(UserError, match="is not a Hugging Face export folder written by these tools, so --overwrite"):
+        plan_run(PretrainArgs(output_dir=str(tmp_path / "out"), export_hf=str(export), overwrite=True))
+    assert [p.name for p in export.iterdir()] == ["weights.safetensors"]

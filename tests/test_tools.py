@@ -27,6 +27,16 @@ def test_train_tokenizer_then_prepare_with_it(tmp_path, corpus_files):
     proc = run_python("tools/train_tokenizer.py", [corpus_files[0], "--output", str(tok_dir)])
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "not empty" in proc.stderr
     assert len(AutoTokenizer.from_pretrained(tok_dir)) == 600  # untouched
+    # --overwrite replaces a tokenizer this tool wrote, whole (no file of the old one is left)...
+    (tok_dir / "stale.txt").write_text("from the old tokenizer")
+    proc = run_python("tools/train_tokenizer.py", [corpus_files[0], "--vocab_size", "500", "--output", str(tok_dir),
+                                                   "--overwrite"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(AutoTokenizer.from_pretrained(tok_dir)) <= 500 and not (tok_dir / "stale.txt").exists()
+    # ...but never a folder of anyone else's.
+    proc = run_python("tools/train_tokenizer.py", [corpus_files[0], "--output", str(out), "--overwrite"])
+    assert proc.returncode == 2 and "is not a tokenizer folder written by these tools" in proc.stderr
+    assert json.loads((out / "meta.json").read_text())["vocab_size"] == 600
 
 
 def test_prepare_data_bad_input_is_one_line(tmp_path):

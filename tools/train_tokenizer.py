@@ -10,22 +10,25 @@ one tokenizer between several data folders.)
 
 from pathlib import Path
 
-from gpt_recipes import sources
+from gpt_recipes import folders, sources
 from gpt_recipes.args import TrainTokenizerArgs, parse_args
-from gpt_recipes.errors import UserError, cli_entry
+from gpt_recipes.errors import cli_entry
 from gpt_recipes.tokenizer import text_batches, train_bpe
+
+
+TOKENIZER_KIND = "tokenizer"
 
 
 @cli_entry
 def main() -> None:
     args = parse_args(TrainTokenizerArgs, description=__doc__)
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"output folder {out} is not empty; choose another --output or pass --overwrite")
+    folders.check_replaceable(out, TOKENIZER_KIND, args.overwrite, "--overwrite")
     inputs = args.inputs or [str(p) for p in sources.default_corpus_files()]
     texts = sources.load_texts(sources.expand(inputs, args.file_pattern), args.text_field, args.split)
     tokenizer = train_bpe(text_batches(texts), args.vocab_size, length=len(texts))
-    tokenizer.save_pretrained(out)
+    with folders.written_aside(out, TOKENIZER_KIND) as tmp:
+        tokenizer.save_pretrained(tmp)
     print(f"Saved a byte-level BPE tokenizer with {len(tokenizer)} tokens to {out}")
 
 

@@ -1,0 +1,106 @@
+"""Folders the tools write whole (exports, data, tokenizers): marked, written aside, replaced safely.
+
+A tool writes its folder under a temporary name next to the destination and renames it into
+place only when complete. It leaves a marker file saying what wrote it, and replaces an
+existing folder only when the user asks (--overwrite/--force) *and* the marker says this
+project wrote a folder of that kind there: a folder of anyone else's is never deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import UserError
+
+MARKER = ".gpt-recipes.json"
+
+
+def mark(folder: Path, kind: str, **info: Any) -> None:
+    (folder / MARKER).write_text(json.dumps({"written_by": "gpt-recipes", "kind": kind, **info}, indent=2,
+                                            default=str) + "\n")
+
+
+def written_here(folder: Path, kind: str) -> bool:
+    """Whether `folder` holds a marker saying this project wrote it as a `kind` folder."""
+    try:
+        info = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("written_by") == "gpt-recipes" and info.get("kind") == kind
+
+
+def is_empty(folder: Path) -> bool:
+    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+
+
+def check_replaceable(folder: Path, kind: str, replace: bool, flag: str, owned: bool | None = None) -> None:
+    """Refuse to write `folder` unless it is absent or empty, or `replace` was asked for and it
+    is a `kind` folder this project wrote (`owned` overrides the marker check)."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"output {folder} exists and is not a folder")
+    if is_empty(folder):
+        return
+    if not replace:
+        raise UserError(f"output folder {folder} is not empty; choose another or pass {flag} to replace it")
+    if not (owned if owned is not None else written_here(folder, kind)):
+        raise UserError(f"output folder {folder} is not a {kind} folder written by these tools, so {flag} will not "
+                        "replace it; choose another folder, or move it away yourself")
+
+
+def temporary_beside(folder: Path) -> Path:
+    """An empty folder next to `folder`, to write into before renaming it into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    umask = os.umask(0)  # mkdtemp makes the folder private (0700); give it a plain mkdir's permissions
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
+@contextlib.contextmanager
+def written_aside(folder: Path, kind: str) -> Iterator[Path]:
+    """Yield a temporary folder beside `folder` to write into; when the block ends, mark it
+    (unless the block marked it with more facts) and rename it into place. On any error, or
+    an interrupt, the temporary folder is removed and `folder` stays as it was."""
+    tmp = temporary_beside(folder)
+    try:
+        yield tmp
+        if not (tmp / MARKER).is_file():
+            mark(tmp, kind)
+        move_into_place(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def move_into_place(tmp: Path, folder: Path) -> None:
+    """Rename the complete `tmp` to `folder`; an existing `folder` (already checked replaceable)
+    is renamed aside first and deleted last, so neither is ever half there."""
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folders themselves, to disk."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        fsync_path(path)
+    fsync_path(folder)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
