@@ -81,13 +81,20 @@ def init(env: DistEnv, shm_comm: bool = False) -> str | None:
         # cores would otherwise oversubscribe them and run several times slower.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // env.local_world_size))
-        atexit.register(remove_shm_buffers, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+        atexit.register(remove_own_shm_buffers)
     else:
         from deepspeed.accelerator import get_accelerator
 
         get_accelerator().set_device(env.local_rank)
     deepspeed.init_distributed()
     return shm.enable() if why_not_shm is None else why_not_shm
+
+
+def remove_own_shm_buffers() -> None:
+    """This run's shared-memory buffers (see remove_shm_buffers); at exit, or before a rank is
+    stopped at once by a second interrupt, when no exit handler runs."""
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        remove_shm_buffers(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
 
 
 def remove_shm_buffers(addr: str, port: str) -> None:

@@ -4,9 +4,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from .errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: Path, warn: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A last line cut short (the run was killed while writing it)
+    is dropped, with a warning; a broken line anywhere else is an error."""
+    text = path.read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):
+                warn(f"{path}: dropped its last line, which was cut short (the run was stopped while writing it)")
+                break
+            raise UserError(f"{path} line {number} is not valid JSON")
+    return records
 
 
 class MetricsLog:
@@ -24,11 +45,10 @@ class MetricsLog:
         self.monitor = monitor if monitor is not None and monitor.enabled else None
         if not enabled:
             return
-        kept: list[str] = []
+        kept: list[dict[str, Any]] = []
         if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

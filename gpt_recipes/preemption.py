@@ -1,45 +1,93 @@
-"""Turn SIGTERM/SIGINT on any rank into a checkpoint and a clean exit at the next step boundary.
+"""Turn an interrupt, a preemption notice or a lost launcher into a checkpoint and a clean exit.
 
-Cluster schedulers send SIGTERM before they preempt a job, often to one process only. Each
-rank records the signal; after every step the ranks agree (a max all-reduce of one integer on
-a CPU process group, which never waits on the GPU) whether any of them received one, and all
-of them save and exit together with status 128 + the signal number. A second signal to the
-same rank stops it at once, without saving.
+Cluster schedulers send SIGTERM before they preempt a job, often to one process only; Ctrl-C
+in a terminal sends SIGINT to the launcher and every rank at once, and the launcher then
+forwards SIGTERM to each rank as well. Each rank records the first signal; after every step
+the ranks agree (a max all-reduce of one integer on a CPU process group, which never waits
+on the GPU) whether any of them received one, and all of them save and exit together with
+status 128 + the signal number.
+
+Signals that reach a rank within FORWARD_WINDOW seconds of its first are the same interrupt
+passed on by a launcher; a signal after that is the user insisting, and stops the rank at
+once, without saving. A rank whose launcher process is gone (killed on its own, leaving the
+ranks with no parent to report to) stops the same way as on SIGHUP: save, then exit 129.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
+import psutil
 import torch
 import torch.distributed as dist
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
+FORWARD_WINDOW = 2.0  # seconds
+LAUNCHER_GONE = signal.SIGHUP
+# Command lines of the launchers that start ranks: deepspeed's runner and its per-node
+# launch.py, torchrun, accelerate launch.
+LAUNCHER_MARKERS = ("bin/deepspeed", "deepspeed.launcher.launch", "bin/torchrun", "torch.distributed.run",
+                    "bin/accelerate")
+
+
+def launcher_processes() -> list[psutil.Process]:
+    """The chain of launcher processes directly above this rank (none for a bare `python` run)."""
+    found = []
+    try:
+        proc = psutil.Process().parent()
+        while proc is not None and proc.pid > 1 and any(m in " ".join(proc.cmdline()) for m in LAUNCHER_MARKERS):
+            found.append(proc)
+            proc = proc.parent()
+    except psutil.Error:
+        pass
+    return found
+
+
+def _alive(proc: psutil.Process) -> bool:
+    # A launcher that died stays a zombie until its own parent reaps it: that is gone too.
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 class StopSignal:
-    def __init__(self) -> None:
+    def __init__(self, on_insist=None) -> None:
         self.received = 0
+        self._first_at = 0.0
+        self._on_insist = on_insist
         self._flag = torch.zeros(1, dtype=torch.int32)
         self._group = None
+        self.launchers = launcher_processes()
         if dist.is_initialized() and dist.get_world_size() > 1:
             # A CPU group, so the agreement never synchronises with the accelerator.
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         self._previous = {sig: signal.signal(sig, self._handle) for sig in HANDLED}
 
     def _handle(self, signum, frame) -> None:
-        if self.received:  # a second signal: the user insists, stop now without saving
+        now = time.monotonic()
+        if not self.received:
+            self.received, self._first_at = signum, now
+        elif now - self._first_at > FORWARD_WINDOW:  # the user insists: stop now, without saving
+            if self._on_insist is not None:
+                self._on_insist()
             self.restore()
             os.kill(os.getpid(), signum)
-        self.received = signum
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def launcher_gone(self) -> bool:
+        return not all(map(_alive, self.launchers))
+
     def agreed(self) -> int:
-        """The signal any rank received (0 if none): the same answer on every rank."""
+        """The signal any rank received (LAUNCHER_GONE if a rank lost its launcher; 0 if none):
+        the same answer on every rank."""
+        if not self.received and self.launcher_gone():
+            self.received = LAUNCHER_GONE
         self._flag[0] = self.received
         if self._group is not None:
             dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group)

@@ -9,9 +9,14 @@ folder is refused.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import platform
 import shutil
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +25,10 @@ from .checkpoint import CHECKPOINT_DIR, resume_tag
 from .ds_config import MONITOR_DIR
 from .errors import UserError
 from .export import EXPORT_CHECK
-from .folders import is_empty
 from .metrics import METRICS_FILE
 
 RUN_CONFIG_FILE = "config.json"
+LOCK_FILE = ".run.lock"
 # Everything a run writes into its folder: what --overwrite replaces, and nothing else.
 RUN_OUTPUTS = (CHECKPOINT_DIR, METRICS_FILE, RUN_CONFIG_FILE, MONITOR_DIR, EXPORT_CHECK)
 
@@ -51,7 +56,7 @@ def plan_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> OutputPlan:
         raise UserError("--resume continues the run in --output_dir and --overwrite replaces it: pass one of them")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output_dir {out_dir} exists and is not a folder")
-    if is_empty(out_dir):
+    if not out_dir.exists() or all(p.name == LOCK_FILE for p in out_dir.iterdir()):
         return OutputPlan(note=f"--resume: nothing to resume in {out_dir} yet, starting at step 0" if resume else None)
     if resume:
         if not is_run_folder(out_dir):
@@ -69,6 +74,36 @@ def plan_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> OutputPlan:
         raise UserError(f"--overwrite replaces only a run folder written by these recipes, and {out_dir} is not one; "
                         "choose another --output_dir")
     return OutputPlan(replace=True)
+
+
+class RunLock:
+    """An exclusive lock on OUT/.run.lock, held by rank 0 for the life of the run, so that a second
+    run (a --resume from another shell, say) cannot write into the same folder at the same time.
+
+    It is an flock: the kernel drops it when the process ends, however it ends, so a lock file
+    left by a dead run never blocks the next one. The file says who holds it.
+    """
+
+    def __init__(self, out_dir: Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / LOCK_FILE
+        self._file = open(path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise UserError(f"--output_dir {out_dir} is in use by another run ({holder}); wait for it to end, or "
+                            "stop it (Ctrl-C saves a checkpoint), or choose another folder")
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        self._file.close()
 
 
 def remove_previous_run(out_dir: Path) -> list[str]:

@@ -26,7 +26,7 @@ from .loss import CausalLMLoss, fused_unavailable
 from .memory import tensor_memory_mb
 from .metrics import MetricsLog
 from .models import count_parameters, enable_activation_checkpointing
-from .run_dir import OutputPlan, plan_output_dir, remove_previous_run, write_run_config
+from .run_dir import OutputPlan, RunLock, plan_output_dir, remove_previous_run, write_run_config
 from .train import Batches, LoopConfig, Samples, TrainState, train
 
 
@@ -161,6 +161,10 @@ def keep_clip_norm(engine) -> None:
 
 def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
     env, say = run.env, run.say
+    lock = RunLock(run.out_dir) if env.is_main else None  # held until this function returns
+    if lock is not None and plan_output_dir(run.out_dir, args.resume, args.overwrite) != run.output:
+        raise UserError(f"--output_dir {run.out_dir} changed while this run was starting (another run ended "
+                        "there?); start it again")
     why_not_shm = distributed.init(env, args.shm_comm)
     if run.device == "cpu" and env.world_size > 1:
         say("Collectives: " + ("all-reduce and all-gather through DeepSpeed's shared-memory kernel"

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .metrics import METRICS_FILE
+from .metrics import METRICS_FILE, read_metrics
 
 
 @dataclass
@@ -42,14 +42,7 @@ def read_lines(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE if Path(run_dir).is_dir() else Path(run_dir)
     if not path.is_file():
         raise UserError(f"{run_dir} holds no {METRICS_FILE} (is it a run folder written by the recipes?)")
-    lines = []
-    for number, text in enumerate(path.read_text().splitlines(), 1):
-        if text.strip():
-            try:
-                lines.append(json.loads(text))
-            except json.JSONDecodeError:
-                raise UserError(f"{path} line {number} is not valid JSON")
-    return lines
+    return read_metrics(path, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
 
 
 def percentile(values: list[float], q: float) -> float:

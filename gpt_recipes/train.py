@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, faults, flops
 from .data import GlobalBatchOrder
-from .distributed import DistEnv, all_reduce, rank_max
+from .distributed import DistEnv, all_reduce, rank_max, remove_own_shm_buffers
 from .ds_config import BatchPlan
 from .errors import DivergedError, RecipeExit
 from .loss import CausalLMLoss
 from .memory import MemoryProbe, peak_memory_mb
 from .metrics import MetricsLog
-from .preemption import StopSignal
+from .preemption import LAUNCHER_GONE, StopSignal
 
 
 class Samples(Protocol):
@@ -151,7 +151,7 @@ def train(
 ) -> TrainState:
     """Train until cfg.max_steps; raises DivergedError on a non-finite loss (without saving) and
     Preempted after saving when any rank receives SIGTERM/SIGINT."""
-    stop = StopSignal()
+    stop = StopSignal(on_insist=remove_own_shm_buffers)
     try:
         return _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkpoint, stop)
     finally:
@@ -291,12 +291,14 @@ def _diverged(step: int, good_step: int, out_dir: Path, what: str) -> DivergedEr
 
 
 class Preempted(RecipeExit):
-    """Stopped by a signal after saving a checkpoint; exits with 128 + the signal number."""
+    """Stopped by a signal, or by the loss of the launcher, after saving a checkpoint; exits with
+    128 + the signal number (129, as for SIGHUP, when the launcher is gone)."""
 
     prefix = "stopped"
 
     def __init__(self, signum: int, step: int):
         self.exit_code = StopSignal.exit_code(signum)
-        name = signal.Signals(signum).name
-        super().__init__(f"{name} received: saved a checkpoint at step {step} and exited with status "
-                         f"{self.exit_code}; run the same command with --resume to continue")
+        why = ("the launcher that started the ranks is gone" if signum == LAUNCHER_GONE
+               else f"{signal.Signals(signum).name} received")
+        super().__init__(f"{why}: saved a checkpoint at step {step} and exited with status {self.exit_code}; "
+                         "run the same command with --resume to continue")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from gpt_recipes.distributed import free_port, remove_shm_buffers
@@ -83,3 +84,65 @@ def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training lines, evaluation lines) of a run's metrics.jsonl."""
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in lines if "loss" in r], [r for r in lines if "val_loss" in r]
+
+
+class Background:
+    """A `deepspeed` launch left running in its own process group, as a terminal runs a command:
+    signals can go to the whole group (Ctrl-C) or to the launcher alone."""
+
+    def __init__(self, script: str, args: list[str], log: Path, ranks: int = 2):
+        self.port = free_port()
+        self.log = log
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(self.port), script, *args]
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def wait_for_step(self, out_dir: Path, step: int, timeout: float = 300) -> None:
+        """Until metrics.jsonl has a training line at `step` or later."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            path = out_dir / "metrics.jsonl"
+            if path.is_file() and any(json.loads(line).get("step", 0) >= step and "loss" in line
+                                      for line in path.read_text().splitlines() if line.endswith("}")):
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the run ended early ({self.proc.returncode}):\n{self.output()[-3000:]}")
+            time.sleep(0.5)
+        raise AssertionError(f"no step {step} within {timeout} s:\n{self.output()[-3000:]}")
+
+    def wait_all(self, pids: list[int], timeout: float = 120) -> None:
+        """Until every process in `pids` has ended (the launcher's children included)."""
+        import psutil
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                                  for p in pids):
+            time.sleep(0.5)
+        self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+
+    def shm_buffers(self) -> list[str]:
+        """DeepSpeed's shared-memory buffers of this run still in /dev/shm."""
+        import glob
+
+        return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{self.port}_*")
+
+    def tree(self) -> list[int]:
+        """Every process the launch consists of: the launcher and all below it."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        return [root.pid, *(c.pid for c in root.children(recursive=True))]
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def kill(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        remove_shm_buffers("127.0.0.1", str(self.port))
