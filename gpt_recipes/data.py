@@ -57,6 +57,25 @@ class DataMeta:
         return self.raw["splits"][split]["tokens"]
 
 
+# Token files hold unsigned ids: 16 bits for vocabularies up to 65536, else 32.
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
+def _meta_problem(raw: Any) -> str | None:
+    """What is wrong with a parsed meta.json, or None."""
+    if not isinstance(raw, dict):
+        return "is not a JSON object"
+    if raw.get("dtype") not in TOKEN_DTYPES:
+        return f"gives the token dtype as {raw.get('dtype')!r}, not one of {', '.join(TOKEN_DTYPES)}"
+    splits = raw.get("splits")
+    for split in SPLITS:
+        entry = splits.get(split) if isinstance(splits, dict) else None
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                and isinstance(entry.get("tokens"), int) and entry["tokens"] >= 0):
+            return f"lacks the {split} split's file and token count"
+    return None
+
+
 def read_meta(root: str | Path) -> DataMeta:
     root = Path(root)
     if not root.exists():
@@ -64,7 +83,18 @@ def read_meta(root: str | Path) -> DataMeta:
     meta_path = root / META_FILE
     if not meta_path.is_file():
         raise UserError(f"data folder {root} has no {META_FILE}; prepare it with tools/prepare_data.py")
-    meta = DataMeta(root, json.loads(meta_path.read_text()))
+    try:
+        raw = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{meta_path} is not valid JSON ({err.msg} at line {err.lineno}); prepare the folder again "
+                        "with tools/prepare_data.py")
+    problem = _meta_problem(raw)
+    if problem:
+        raise UserError(f"{meta_path} {problem}; prepare the folder again with tools/prepare_data.py")
+    meta = DataMeta(root, raw)
+    if not (meta.tokenizer_dir / "tokenizer_config.json").is_file():
+        raise UserError(f"data folder {root} has no tokenizer in {TOKENIZER_DIR}/; prepare it again with "
+                        "tools/prepare_data.py")
     for split in SPLITS:
         path = meta.split_path(split)
         if not path.is_file():

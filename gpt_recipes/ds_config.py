@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -226,13 +226,87 @@ def _walk(node: Any, prefix: str = ""):
         yield prefix, node
 
 
+SECTIONS = ("optimizer", "scheduler", "zero_optimization", "bf16", "bfloat16", "fp16")
+# Top-level keys users write most; a key close to one of these but not it is a typo.
+WELL_KNOWN_KEYS = (*BATCH_KEYS, *SECTIONS, "gradient_clipping", "steps_per_print", "wall_clock_breakdown",
+                   "activation_checkpointing", "checkpoint", "tensorboard", "csv_monitor", "wandb", "comet",
+                   "flops_profiler", "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
+                   "sequence_parallel_size", "tensor_parallel", "data_types", "torch_autocast", "memory_breakdown",
+                   "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "amp", "compile")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_training_sections(cfg: dict[str, Any]) -> None:
+    """What DeepSpeed checks only inside initialize(), on every rank, as an assertion: the
+    sections' types, the optimizer and scheduler names, the learning rate and clipping."""
+    import difflib
+
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+    for name in SECTIONS:
+        if name in cfg and not isinstance(cfg[name], dict):
+            raise UserError(f"DeepSpeed config: {name} must be a JSON object (see ds_configs/), "
+                            f"not {json.dumps(cfg[name])}")
+    for key in cfg:
+        close = difflib.get_close_matches(key, WELL_KNOWN_KEYS, n=1, cutoff=0.8)
+        if key not in WELL_KNOWN_KEYS and close:  # DeepSpeed ignores unknown keys: a typo would pass unseen
+            raise UserError(f"DeepSpeed config: unknown key {key!r}; did you mean {close[0]!r}?")
+    optimizer = cfg.get("optimizer")
+    if not optimizer or "type" not in optimizer:
+        raise UserError("DeepSpeed config: the optimizer section needs a \"type\" (e.g. \"AdamW\") and its "
+                        "\"params\"; the JSON owns the optimizer (see ds_configs/)")
+    kind = str(optimizer["type"])
+    if kind.lower() not in DEEPSPEED_OPTIMIZERS and not isinstance(getattr(torch.optim, kind, None), type):
+        known = sorted({*DEEPSPEED_OPTIMIZERS, *(n for n, v in vars(torch.optim).items()
+                                                 if isinstance(v, type) and issubclass(v, torch.optim.Optimizer))})
+        close = difflib.get_close_matches(kind.lower(), [k.lower() for k in known], n=1)
+        raise UserError(f"DeepSpeed config: optimizer type {kind!r} is neither a DeepSpeed optimizer nor one of "
+                        f"torch.optim's" + (f" (did you mean {close[0]!r}?)" if close else "") +
+                        f"; DeepSpeed's are {', '.join(DEEPSPEED_OPTIMIZERS)}")
+    lr = (optimizer.get("params") or {}).get("lr")
+    if lr is not None and not (_number(lr) and lr > 0):
+        raise UserError(f"DeepSpeed config: optimizer.params.lr must be a positive number, got {json.dumps(lr)}")
+    scheduler = cfg.get("scheduler")
+    if scheduler is not None and scheduler.get("type") not in VALID_LR_SCHEDULES:
+        raise UserError(f"DeepSpeed config: scheduler type {scheduler.get('type')!r} is not one DeepSpeed knows "
+                        f"({', '.join(VALID_LR_SCHEDULES)})")
+    clip = cfg.get("gradient_clipping", 0.0)
+    if not (_number(clip) and clip >= 0):
+        raise UserError(f"DeepSpeed config: gradient_clipping must be a number >= 0 (0: off), got {json.dumps(clip)}")
+
+
+def check_with_deepspeed(cfg: dict[str, Any]) -> None:
+    """Let DeepSpeed's own config parser read the JSON before any rank starts, so its errors (a
+    misspelt ZeRO field, a value of the wrong type) are one line here instead of a traceback on
+    every rank. The batch sizes were checked for the real world size already."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = copy.deepcopy(cfg)
+    probe.pop("train_batch_size", None)  # DeepSpeed would check it against a world of one
+    try:
+        DeepSpeedConfig(probe)
+    except pydantic.ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise UserError(f"DeepSpeed config: {err.title} rejects it: {problems}")
+    except (AssertionError, ValueError, TypeError, KeyError) as err:
+        raise UserError(f"DeepSpeed config: DeepSpeed rejects it: {first_line(err)}")
+
+
 def resolve(path: str | Path, world_size: int, max_steps: int, device_type: str,
             out_dir: Path | None = None) -> tuple[dict, BatchPlan, dict]:
     """Load, check and resolve a DeepSpeed JSON for this run: (config, batch plan, filled values)."""
     cfg = copy.deepcopy(load_config(path))
+    check_training_sections(cfg)
     zero_stage(cfg)
     check_device_support(cfg, device_type)
     check_launcher_precision(cfg)
     plan = resolve_batch(cfg, world_size)
     filled = fill_auto(cfg, max_steps, out_dir)
+    check_with_deepspeed(cfg)
     return cfg, plan, filled

@@ -45,12 +45,25 @@ def check_replaceable(folder: Path, kind: str, replace: bool, flag: str, owned: 
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output {folder} exists and is not a folder")
     if is_empty(folder):
+        check_creatable(folder, "output folder")
         return
     if not replace:
         raise UserError(f"output folder {folder} is not empty; choose another or pass {flag} to replace it")
     if not (owned if owned is not None else written_here(folder, kind)):
         raise UserError(f"output folder {folder} is not a {kind} folder written by these tools, so {flag} will not "
                         "replace it; choose another folder, or move it away yourself")
+
+
+def check_creatable(path: Path, what: str) -> None:
+    """That `path` (a file or folder to be written) can be created: its nearest existing ancestor
+    is a writable folder."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot create {what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create {what} {path}: {parent} is not writable")
 
 
 def temporary_beside(folder: Path) -> Path:

@@ -85,9 +85,50 @@ def build_config(spec: str, vocab_size: int, eos_token_id: int) -> PretrainedCon
         )
     raw["vocab_size"] = declared or vocab_size
     raw.update(bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=None)
-    config = AutoConfig.for_model(model_type, **raw)
+    _check_field_names(model_type, raw, spec)
+    try:
+        config = AutoConfig.for_model(model_type, **raw)
+    except Exception as err:  # transformers' strict config fields raise their own validation errors
+        raise UserError(f"model config {spec} is not a valid {model_type} config: {' '.join(str(err).split())}")
     config._attn_implementation = "sdpa"
+    check_causal(config, spec)
+    _check_buildable(config, spec)
     return config
+
+
+def _check_field_names(model_type: str, raw: dict[str, Any], spec: str) -> None:
+    """A misspelt field (n_layers for n_layer) would silently leave the default in place."""
+    import difflib
+
+    config_class = type(AutoConfig.for_model(model_type))
+    known = {*config_class().to_dict(), *getattr(config_class, "attribute_map", {})}
+    for key in raw:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if key not in known and close:
+            raise UserError(f"model config {spec}: {model_type} has no field {key!r}; did you mean {close[0]!r}?")
+
+
+def check_causal(config: PretrainedConfig, where: str) -> None:
+    """Refuse encoder families (BERT, RoBERTa, ...) that transformers maps to a causal-LM head but
+    that attend to future tokens unless configured as decoders: they would train without a word
+    on a task they can cheat at."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise UserError(f"{where} is a {config.model_type!r} model, which attends to future tokens unless "
+                        "\"is_decoder\" is true; set it, or use a decoder-only model type such as gpt2 or llama")
+
+
+def _check_buildable(config: PretrainedConfig, spec: str) -> None:
+    """Build the model on the meta device (no memory) so shape errors surface before any rank starts."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers < 1:
+        raise UserError(f"model config {spec} has {layers} layers; a model needs at least one")
+    try:
+        with torch.device("meta"):
+            _causal_lm_class(config)._from_config(config, attn_implementation="sdpa")
+    except Exception as err:
+        raise UserError(f"model config {spec} does not build a model: {first_line(err)}")
 
 
 def context_length(config: PretrainedConfig) -> int:
@@ -193,6 +234,7 @@ def load_pretrained_config(name_or_path: str) -> PretrainedConfig:
         raise UserError(f"could not load the model config of {name_or_path}: {first_line(err)}")
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UserError(f"{name_or_path} holds a {config.model_type!r} model, which is not a causal LM")
+    check_causal(config, name_or_path)
     return config
 
 

@@ -25,6 +25,7 @@ from .checkpoint import CHECKPOINT_DIR, resume_tag
 from .ds_config import MONITOR_DIR
 from .errors import UserError
 from .export import EXPORT_CHECK
+from .folders import check_creatable
 from .metrics import METRICS_FILE
 
 RUN_CONFIG_FILE = "config.json"
@@ -56,6 +57,7 @@ def plan_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> OutputPlan:
         raise UserError("--resume continues the run in --output_dir and --overwrite replaces it: pass one of them")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output_dir {out_dir} exists and is not a folder")
+    check_creatable(out_dir, "--output_dir")
     if not out_dir.exists() or all(p.name == LOCK_FILE for p in out_dir.iterdir()):
         return OutputPlan(note=f"--resume: nothing to resume in {out_dir} yet, starting at step 0" if resume else None)
     if resume:

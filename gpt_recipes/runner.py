@@ -70,6 +70,12 @@ def plan_run(args: RunArgs) -> RunPlan:
     for name in ("eval_interval", "save_interval"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be 0 (only at the end) or positive, got {getattr(args, name)}")
+    if args.keep_last < 0:
+        raise UserError(f"--keep_last must be 0 (keep all) or positive, got {args.keep_last}")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must lie between 0 and 2**32 - 1, got {args.seed}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise UserError(f"--peak_tflops must be positive, got {args.peak_tflops}")
     env = distributed.environment()
     device = distributed.device_type()
     out_dir = Path(args.output_dir)
