@@ -65,3 +65,11 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message, for wrapping library errors in a UserError."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def root_line(err: BaseException) -> str:
+    """The first line of the innermost cause: libraries that wrap errors (datasets: "An error
+    occurred while generating the dataset") keep what went wrong in the cause."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return first_line(err)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,8 +169,16 @@ def check_output_folder(out_dir: Path, force: bool, force_flag: str = "--force")
     folders.check_replaceable(out_dir, EXPORT_KIND, force, force_flag)
 
 
+def check_shard_size(max_shard_size: str) -> None:
+    """A size huggingface_hub's shard planner reads (a number with TB, GB, MB or KB), above zero."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([TGMK]B)\s*", max_shard_size, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"--max_shard_size {max_shard_size!r} is not a positive size such as 2GB, 500MB or 100KB")
+
+
 def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, dtype: str | None = None,
            max_shard_size: str = "2GB", force: bool = False, verify: bool = True, log=print) -> ExportReport:
+    check_shard_size(max_shard_size)
     ckpt_dir, tag = resolve_checkpoint(checkpoint, tag)
     tag_dir = ckpt_dir / tag
     out_dir = Path(out_dir)

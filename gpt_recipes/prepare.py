@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import folders, sources
 from .data import META_FILE, TOKENIZER_DIR, read_meta, token_dtype
 from .errors import UserError
-from .tokenizer import load_tokenizer, text_batches, train_bpe
+from .tokenizer import check_vocab_size, load_tokenizer, text_batches, train_bpe
 
 FORMAT_VERSION = 1
 DATA_KIND = "prepared data"
@@ -105,6 +105,10 @@ def prepare(opts: PrepareOptions) -> dict:
         inputs = [str(p) for p in sources.default_corpus_files()]
     if not 0 < opts.val_fraction < 1:
         raise UserError(f"--val_fraction must lie between 0 and 1, got {opts.val_fraction}")
+    if opts.num_proc < 0:
+        raise UserError(f"--num_proc must be 0 (one per core) or positive, got {opts.num_proc}")
+    if not opts.tokenizer:
+        check_vocab_size(opts.vocab_size)
     expanded = sources.expand(inputs, opts.file_pattern)
     out_dir = Path(opts.output)
     options = {
@@ -123,6 +127,8 @@ def prepare(opts: PrepareOptions) -> dict:
             read_meta(out_dir)  # still complete and intact
             print(f"Reusing prepared data in {out_dir} (same inputs and options)")
             return existing
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--output {out_dir} exists and is not a folder")
     if not folders.is_empty(out_dir) and not opts.overwrite:
         raise UserError(
             f"output folder {out_dir} already holds other data; choose another --output or pass --overwrite"

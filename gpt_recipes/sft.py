@@ -13,6 +13,7 @@ on responses alone.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError, first_line
+from .errors import UserError, first_line, root_line
 
 IGNORE = -100
 
@@ -45,6 +46,9 @@ class Example:
     is_response: np.ndarray  # bool per token: does it get a label?
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
 def load_rows(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a JSONL/JSON/Parquet file or a datasets folder (its 'train' split if it has splits)."""
     import datasets
@@ -52,6 +56,10 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"fine-tuning data {path} does not exist")
+    if path.is_file() and path.suffix not in DATA_SUFFIXES:
+        raise UserError(f"fine-tuning data {path}: expected a {', '.join(DATA_SUFFIXES)} file or a datasets folder")
+    if path.is_file() and path.stat().st_size == 0:
+        raise UserError(f"fine-tuning data {path} holds no rows")
     try:
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
@@ -61,7 +69,7 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
             kind = "parquet" if path.suffix == ".parquet" else "json"
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as err:
-        raise UserError(f"could not read fine-tuning data {path}: {first_line(err)}")
+        raise UserError(f"could not read fine-tuning data {path}: {root_line(err)} (each row must be a JSON object)")
     if len(ds) == 0:
         raise UserError(f"fine-tuning data {path} holds no rows")
     return ds.to_list()
@@ -85,9 +93,12 @@ def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
         if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
             raise UserError(f"{where}: empty assistant response")
         return messages
-    missing = [k for k in ("prompt", "response") if not isinstance(row.get(k), str)]
+    missing = [k for k in ("prompt", "response") if row.get(k) is None]
     if missing:
         raise UserError(f"{where}: needs 'messages', or 'prompt' and 'response' (missing {', '.join(missing)})")
+    for key in ("prompt", "response"):
+        if not isinstance(row[key], str):
+            raise UserError(f"{where}: '{key}' must be text, not {json.dumps(row[key], default=str)[:60]}")
     if not row["response"].strip():
         raise UserError(f"{where}: empty response")
     return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import datasets
 
-from .errors import UserError, first_line
+from .errors import UserError, first_line, root_line
 
 JSON_SUFFIXES = {".json", ".jsonl"}
 PARQUET_SUFFIXES = {".parquet"}
@@ -105,6 +105,10 @@ def fingerprint(expanded: list[tuple[str, str]], extra: dict) -> str:
 def _text_column(ds: datasets.Dataset, text_field: str, where: str) -> datasets.Dataset:
     if text_field not in ds.column_names:
         raise UserError(f"{where} has no field {text_field!r} (fields: {', '.join(ds.column_names)}); see --text_field")
+    feature = ds.features[text_field]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise UserError(f"{where}: field {text_field!r} holds {getattr(feature, 'dtype', type(feature).__name__)}, "
+                        "not text; see --text_field")
     ds = ds.select_columns([text_field])
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
@@ -146,7 +150,7 @@ def load_texts(expanded: list[tuple[str, str]], text_field: str = "text", split:
         except UserError:
             raise
         except Exception as err:
-            raise UserError(f"could not read {kind} input ({files[0]}{' ...' if len(files) > 1 else ''}): {first_line(err)}")
+            raise UserError(f"could not read {kind} input ({files[0]}{' ...' if len(files) > 1 else ''}): {root_line(err)}")
         parts.append(_text_column(ds, "text" if kind == "text" else text_field, f"{kind} input {files[0]}"))
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     ds = ds.filter(lambda batch: [bool(t) for t in batch["text"]], batched=True, desc="Dropping empty documents")

@@ -38,8 +38,13 @@ class RunSummary:
     best_val_loss: float | None
 
 
+def metrics_path(run_dir: Path) -> Path:
+    """A run folder's metrics.jsonl, or the file itself when given one."""
+    return Path(run_dir) / METRICS_FILE if Path(run_dir).is_dir() else Path(run_dir)
+
+
 def read_lines(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE if Path(run_dir).is_dir() else Path(run_dir)
+    path = metrics_path(run_dir)
     if not path.is_file():
         raise UserError(f"{run_dir} holds no {METRICS_FILE} (is it a run folder written by the recipes?)")
     return read_metrics(path, warn=lambda text: print(f"warning: {text}", file=sys.stderr))

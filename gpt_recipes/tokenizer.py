@@ -15,10 +15,22 @@ EOS_TOKEN = "<|endoftext|>"
 NO_LENGTH_LIMIT = int(1e30)
 
 
-def train_bpe(texts: Iterable[str | list[str]], vocab_size: int, length: int | None = None) -> PreTrainedTokenizerFast:
-    """Train a GPT-2-style byte-level BPE tokenizer (no unknown tokens; EOS is its one special token)."""
+# Far past any real vocabulary (GPT-4's has about 100k, Gemma's 256k); the BPE trainer aborts
+# the whole process on sizes near the limits of its own integers.
+MAX_VOCAB_SIZE = 2**20
+
+
+def check_vocab_size(vocab_size: int) -> None:
     if vocab_size < 300:
         raise UserError(f"--vocab_size {vocab_size} is too small for a byte-level BPE (needs 256 bytes + merges)")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(f"--vocab_size {vocab_size} is beyond reason (at most {MAX_VOCAB_SIZE:,}; real tokenizers "
+                        "have 32k-256k)")
+
+
+def train_bpe(texts: Iterable[str | list[str]], vocab_size: int, length: int | None = None) -> PreTrainedTokenizerFast:
+    """Train a GPT-2-style byte-level BPE tokenizer (no unknown tokens; EOS is its one special token)."""
+    check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -92,3 +92,40 @@ def test_truncated_token_file_is_reported(tmp_path, tiny_data):
         f.truncate(1000)
     with pytest.raises(UserError, match="train.bin is truncated or corrupt"):
         read_meta(copy)
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"dtype": "float32"}, "gives the token dtype as 'float32', not one of uint16, uint32"),
+    ({"dtype": "foo"}, "gives the token dtype as 'foo'"),
+    ({"splits": None}, "lacks the train split's file and token count"),
+    ({"splits": {"train": {"file": "train.bin", "tokens": -1}}}, "lacks the train split's file and token count"),
+    ("{", "is not valid JSON"),
+    ([], "is not a JSON object"),
+])
+def test_a_meta_json_that_parses_but_is_wrong(tmp_path, tiny_data, edit, match):
+    """Read as garbage before: a float32 dtype turned the token file into nonsense ids."""
+    import json
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(tiny_data, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    if isinstance(edit, dict):
+        meta.update({k: v for k, v in edit.items() if v is not None})
+        for k in [k for k, v in edit.items() if v is None]:
+            meta.pop(k)
+        text = json.dumps(meta)
+    else:
+        text = edit if isinstance(edit, str) else json.dumps(edit)
+    (copy / "meta.json").write_text(text)
+    with pytest.raises(UserError, match=match):
+        read_meta(copy)
+
+
+def test_a_data_folder_without_its_tokenizer(tmp_path, tiny_data):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(tiny_data, copy, ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(UserError, match="has no tokenizer in tokenizer/"):
+        read_meta(copy)

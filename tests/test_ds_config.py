@@ -6,7 +6,8 @@ import pytest
 from gpt_recipes import ds_config
 from gpt_recipes.errors import UserError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 
 def test_batch_is_derived_from_any_two_values():
@@ -128,3 +129,46 @@ def test_config_from_accelerate_launch(monkeypatch, tmp_path):
         ds_config.check_launcher_precision({"bf16": {"enabled": True}})
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     ds_config.check_launcher_precision({"bf16": {"enabled": True}})
+
+
+def _shipped(**changes):
+    cfg = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"optimizer": {"type": "Adamm", "params": {"lr": 1e-3}}},
+     "optimizer type 'Adamm' is neither a DeepSpeed optimizer nor one of torch.optim's \\(did you mean 'adam'\\?\\)"),
+    ({"optimizer": {"params": {"lr": 1e-3}}}, "the optimizer section needs a \"type\""),
+    ({"optimizer": None}, "the optimizer section needs a \"type\""),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": -1e-3}}}, "optimizer.params.lr must be a positive number, got -0.001"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": "fast"}}}, "optimizer.params.lr must be a positive number"),
+    ({"scheduler": {"type": "Cosine", "params": {}}}, "scheduler type 'Cosine' is not one DeepSpeed knows"),
+    ({"gradient_clipping": -1}, "gradient_clipping must be a number >= 0"),
+    ({"bf16": True}, "bf16 must be a JSON object"),
+    ({"zero_optimization": 2}, "zero_optimization must be a JSON object"),
+    ({"zero_optimisation": {"stage": 2}}, "unknown key 'zero_optimisation'; did you mean 'zero_optimization'"),
+])
+def test_training_sections_deepspeed_would_reject_late(changes, match):
+    with pytest.raises(UserError, match=match):
+        ds_config.check_training_sections(_shipped(**changes))
+
+
+def test_torch_optimizers_by_name_are_accepted():
+    ds_config.check_training_sections(_shipped(optimizer={"type": "SGD", "params": {"lr": 0.1}}))
+
+
+@pytest.mark.parametrize("zero, match", [
+    ({"stage": 2, "stgae": 2}, "DeepSpeedZeroConfig rejects it: stgae: Extra inputs are not permitted"),
+    ({"stage": 2, "overlap_comm": "often"}, "DeepSpeedZeroConfig rejects it: overlap_comm: Input should be a valid boolean"),
+])
+def test_deepspeeds_own_parser_runs_before_the_ranks(tmp_path, zero, match):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(_shipped(zero_optimization=zero)))
+    with pytest.raises(UserError, match=match):
+        ds_config.resolve(path, world_size=2, max_steps=10, device_type="cpu")

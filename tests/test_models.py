@@ -51,6 +51,14 @@ def test_larger_declared_vocabulary_is_kept(tmp_path):
     ({"n_layer": 1}, "needs a \"model_type\""),
     ({"model_type": "vit"}, "not a causal LM"),
     ("{not json", "not valid JSON"),
+    ({"model_type": "gpt2", "n_layer": 1, "n_embd": 30, "n_head": 4}, "does not build a model: `embed_dim` must be divisible"),
+    ({"model_type": "gpt2", "n_layer": 1, "n_embd": -32, "n_head": 2}, "does not build a model: .*negative dimension"),
+    ({"model_type": "gpt2", "n_layer": 0, "n_embd": 32, "n_head": 2}, "has 0 layers; a model needs at least one"),
+    ({"model_type": "gpt2", "n_layer": "two", "n_embd": 32, "n_head": 2},
+     "is not a valid gpt2 config: .*'n_layer' expected int, got str"),
+    ({"model_type": "gpt2", "n_layers": 1, "n_embd": 32, "n_head": 2}, "has no field 'n_layers'; did you mean 'n_layer'"),
+    ({"model_type": "bert", "num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+      "intermediate_size": 64}, "'bert' model, which attends to future tokens unless \"is_decoder\" is true"),
 ])
 def test_bad_model_configs(tmp_path, content, match):
     path = tmp_path / "m.json"
@@ -81,3 +89,10 @@ def test_tokenizer_larger_than_the_model_is_refused():
 
     with pytest.raises(UserError, match="has 600 tokens but the model only 500 embeddings"):
         check_tokenizer_fits(Tok(), build_config("gpt2-nano", 500, 0), "some/model")
+
+
+def test_a_bert_configured_as_a_decoder_is_accepted(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 1, "hidden_size": 32, "is_decoder": True,
+                                "num_attention_heads": 2, "intermediate_size": 64}))
+    assert build_config(str(path), 500, 0).is_decoder

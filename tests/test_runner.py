@@ -9,10 +9,17 @@ from gpt_recipes.runner import plan_run
     ({"max_steps": 0}, "--max_steps must be at least 1"),
     ({"log_interval": 0}, "--log_interval must be at least 1"),
     ({"save_interval": -1}, "--save_interval must be 0"),
+    ({"keep_last": -1}, "--keep_last must be 0 \\(keep all\\) or positive, got -1"),
+    ({"seed": -3}, "--seed must lie between 0 and 2\\*\\*32 - 1, got -3"),
+    ({"peak_tflops": -5.0}, "--peak_tflops must be positive, got -5.0"),
+    ({"output_dir": "{file}/run"}, "cannot create --output_dir .*/notes.txt/run: .*/notes.txt is a file"),
+    ({"export_hf": "{file}/hf"}, "cannot create output folder .*/notes.txt/hf: .*/notes.txt is a file"),
 ])
-def test_bad_run_lengths_and_intervals(tmp_path, flags, match):
+def test_bad_run_flags(tmp_path, flags, match):
+    (tmp_path / "notes.txt").write_text("a file where a folder is asked for")
+    flags = {k: v.format(file=tmp_path / "notes.txt") if isinstance(v, str) else v for k, v in flags.items()}
     with pytest.raises(UserError, match=match):
-        plan_run(PretrainArgs(output_dir=str(tmp_path / "out"), **flags))
+        plan_run(PretrainArgs(**{"output_dir": str(tmp_path / "out"), **flags}))
 
 
 def test_export_folder_is_checked_before_training(tmp_path):

@@ -118,6 +118,11 @@ def test_length_policy(tokenizer):
     ({"messages": [{"role": "bot", "content": "q"}]}, "row 3: message 0 has role 'bot'"),
     ({"messages": [{"role": "user"}]}, "row 3: message 0 needs 'role' and 'content'"),
     ({"messages": []}, "row 3: 'messages' must be a non-empty list"),
+    ({"prompt": 123, "response": "x"}, "row 3: 'prompt' must be text, not 123"),
+    ({"prompt": "q", "response": ["a"]}, "row 3: 'response' must be text, not \\[\"a\"\\]"),
+    ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]},
+     "row 3: message 0 content must be text"),
+    ({"messages": "hello"}, "row 3: 'messages' must be a non-empty list"),
 ])
 def test_bad_rows_name_file_and_row(row, match):
     with pytest.raises(UserError, match=match):
@@ -145,3 +150,16 @@ def test_load_rows(tmp_path):
     assert load_rows(path) == [{"prompt": "a", "response": "b"}]
     with pytest.raises(UserError, match="does not exist"):
         load_rows(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("name, text, match", [
+    ("empty.jsonl", "", "holds no rows"),
+    ("notes.txt", "hello", "expected a .jsonl, .json, .parquet file or a datasets folder"),
+    ("broken.jsonl", "{not json}\n", "JSON parse error: .* \\(each row must be a JSON object\\)"),
+    ("strings.jsonl", '"just text"\n', "JSON parse error"),
+])
+def test_data_files_that_are_not_rows(tmp_path, name, text, match):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError, match=match):
+        load_rows(path)

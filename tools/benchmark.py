@@ -103,6 +103,9 @@ def machine() -> str:
 @cli_entry
 def main() -> None:
     args = parse_args(BenchmarkArgs, description=__doc__)
+    for name in ("ranks", "repeats", "max_steps", "global_batch", "seq_len", "log_interval"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.global_batch % args.ranks:
         raise UserError(f"--global_batch {args.global_batch} is not divisible by --ranks {args.ranks}")
     out = Path(args.output_dir)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.models import load_pretrained_config
+from gpt_recipes.models import context_length, load_pretrained_config
 from gpt_recipes.tokenizer import load_tokenizer
 
 
@@ -34,7 +34,13 @@ class GenerateArgs:
 @cli_entry
 def main() -> None:
     args = parse_args(GenerateArgs, description=__doc__)
-    load_pretrained_config(args.model)  # one-line errors for a missing or non-causal-LM folder
+    if not args.prompt:
+        raise UserError("--prompt is empty; give the text to continue")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    config = load_pretrained_config(args.model)  # one-line errors for a missing or non-causal-LM folder
     tokenizer = load_tokenizer(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     text = args.prompt
@@ -44,6 +50,10 @@ def main() -> None:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                              add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    room = context_length(config) - ids.shape[1]
+    if args.max_new_tokens > room:
+        raise UserError(f"the prompt is {ids.shape[1]} tokens and the model reads at most {context_length(config)}: "
+                        f"--max_new_tokens can be at most {room}, got {args.max_new_tokens}")
     torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     with torch.no_grad():

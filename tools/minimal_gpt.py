@@ -64,3 +64,7 @@ class MinimalGPT(nn.Module):
         x = self.ln_f(x)
         kept = x if logits_to_keep is None else x[:, logits_to_keep]
         return SimpleNamespace(logits=self.lm_head(kept), hidden_states=(x,) if output_hidden_states else None)
+
+
+if __name__ == "__main__":  # a module, not a command: say how it is used
+    print(__doc__.strip())

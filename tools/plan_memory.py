@@ -44,6 +44,10 @@ def main() -> None:
     args = parse_args(PlanMemoryArgs, description=__doc__)
     if args.ranks < 1 or args.nodes < 1:
         raise UserError("--ranks and --nodes must be at least 1")
+    for name in ("gpu_mem", "host_mem", "micro_batch"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise UserError(f"--{name} must be positive, got {value}")
     config = build_config(args.model, args.vocab_size, eos_token_id=0)
     seq_len = check_seq_len(config, args.seq_len)
     sizes = model_sizes(config)

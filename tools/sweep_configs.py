@@ -32,6 +32,9 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 def main() -> None:
     own, recipe_args = split_argv(sys.argv[1:])
     args = parse_args(SweepArgs, own, description=__doc__)
+    for name in ("ranks", "max_steps", "log_interval"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     configs = sorted({Path(f) for pattern in args.configs for f in (glob.glob(pattern) or [pattern])})
     if not configs:
         raise UserError("no DeepSpeed configs given")

@@ -13,7 +13,7 @@ from pathlib import Path
 from gpt_recipes import folders, sources
 from gpt_recipes.args import TrainTokenizerArgs, parse_args
 from gpt_recipes.errors import cli_entry
-from gpt_recipes.tokenizer import text_batches, train_bpe
+from gpt_recipes.tokenizer import check_vocab_size, text_batches, train_bpe
 
 
 TOKENIZER_KIND = "tokenizer"
@@ -23,6 +23,7 @@ TOKENIZER_KIND = "tokenizer"
 def main() -> None:
     args = parse_args(TrainTokenizerArgs, description=__doc__)
     out = Path(args.output)
+    check_vocab_size(args.vocab_size)
     folders.check_replaceable(out, TOKENIZER_KIND, args.overwrite, "--overwrite")
     inputs = args.inputs or [str(p) for p in sources.default_corpus_files()]
     texts = sources.load_texts(sources.expand(inputs, args.file_pattern), args.text_field, args.split)
