@@ -131,6 +131,8 @@ class FinetuneArgs(RunArgs):
     val_fraction: float = flag(0.05, "fraction of --data held out when there is no --val_data")
     pack: bool = flag(False, "pack several examples per sequence (attention and loss stay within each)")
     truncate: bool = flag(False, "cut examples longer than --seq_len instead of dropping them")
+    pad_to_multiple_of: int = flag(64, "pad each batch to a multiple of this many tokens (at most --seq_len): few "
+                                   "batch shapes keep memory flat on CPUs and suit GPU kernels; 1 pads to the longest")
     output_dir: str = flag("runs/finetune", "folder for metrics.jsonl, config.json and checkpoints/")
 
 

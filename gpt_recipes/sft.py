@@ -200,10 +200,13 @@ class SFTSamples:
     example boundary, so neither attention nor loss leaks between packed examples.
     """
 
-    def __init__(self, rows: list[list[Example]], pad_id: int, packed: bool):
+    def __init__(self, rows: list[list[Example]], pad_id: int, packed: bool, pad_multiple: int = 1,
+                 max_width: int | None = None):
         self.rows = rows
         self.pad_id = pad_id
         self.packed = packed
+        self.pad_multiple = pad_multiple
+        self.max_width = max_width
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -215,6 +218,12 @@ class SFTSamples:
         rows = [self.rows[i] for i in indices]
         # Each example contributes len-1 input positions (its last token has nothing to predict).
         width = max(sum(len(ex.ids) - 1 for ex in row) for row in rows)
+        # Padded to a multiple, so batches come in a few shapes rather than one per length: on a
+        # CPU every new shape left memory behind (peak 1208 -> 1929 MiB over 400 steps of the
+        # demo at ZeRO-3, against 991 -> 1000 MiB in multiples of 64).
+        width = -(-width // self.pad_multiple) * self.pad_multiple
+        if self.max_width is not None:
+            width = min(width, self.max_width)
         n = len(rows)
         input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         targets = torch.full((n, width), IGNORE, dtype=torch.long)

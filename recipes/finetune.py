@@ -70,11 +70,14 @@ def main() -> None:
     train_examples = encode_rows(tokenizer, train_rows, seq_len, args.truncate, run.say)
     run.say("Validation data:")
     val_examples = encode_rows(tokenizer, val_rows, seq_len, args.truncate, run.say)
+    if args.pad_to_multiple_of < 1:
+        raise UserError(f"--pad_to_multiple_of must be at least 1, got {args.pad_to_multiple_of}")
+    shapes = {"pad_multiple": args.pad_to_multiple_of, "max_width": seq_len}
     train_samples = sft.SFTSamples(sft.pack(train_examples, seq_len) if args.pack else [[e] for e in train_examples],
-                                   pad_id, packed=args.pack)
+                                   pad_id, packed=args.pack, **shapes)
     if args.pack:
         run.say(f"  packed {len(train_examples)} examples into {len(train_samples)} sequences of <= {seq_len} tokens")
-    val_samples = sft.SFTSamples([[e] for e in val_examples], pad_id, packed=False)
+    val_samples = sft.SFTSamples([[e] for e in val_examples], pad_id, packed=False, **shapes)
     batches = make_batches(args, run, train_samples, val_samples, args.val_data or args.data)
 
     # 3. Start the ranks, load the pretrained weights (under ZeRO-3 each rank loads only its

@@ -163,3 +163,23 @@ def test_data_files_that_are_not_rows(tmp_path, name, text, match):
     path.write_text(text)
     with pytest.raises(UserError, match=match):
         load_rows(path)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_padding_to_a_multiple_changes_shapes_not_the_loss(tokenizer, packed):
+    pair = to_messages({"prompt": "p q r", "response": "s t"}, "b")
+    examples = [encode(tokenizer, CHAT, "a"), encode(tokenizer, pair, "b")]
+    rows = [examples] if packed else [[e] for e in examples]
+    exact = SFTSamples(rows, tokenizer.eos_token_id, packed=packed)
+    model = _model()
+    inputs, targets = exact.batch(np.arange(len(rows)))
+    width = targets.shape[1]
+    with torch.no_grad():
+        expected = lm_loss(model(**inputs).logits, targets)
+    for multiple, cap, wanted in ((16, None, -(-width // 16) * 16), (64, width + 3, width + 3)):
+        padded = SFTSamples(rows, tokenizer.eos_token_id, packed=packed, pad_multiple=multiple, max_width=cap)
+        p_inputs, p_targets = padded.batch(np.arange(len(rows)))
+        assert p_targets.shape[1] == wanted > width
+        assert padded.num_tokens(np.arange(len(rows))) == exact.num_tokens(np.arange(len(rows)))
+        with torch.no_grad():
+            assert lm_loss(model(**p_inputs).logits, p_targets).item() == pytest.approx(expected.item(), abs=1e-5)
