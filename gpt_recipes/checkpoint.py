@@ -98,9 +98,10 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt.tolist()), gauss))
+    random.setstate((version, tuple(mt.tolist() if torch.is_tensor(mt) else mt), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    keys = keys.numpy() if torch.is_tensor(keys) else keys  # an array in files from before
+    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -113,8 +114,12 @@ def load_own(path: Path) -> Any:
     DeepSpeed's own shards are loaded by DeepSpeed, which unpickles them in full: only resume
     or export checkpoints from a source you trust.
     """
+    # RNG states written before they were stored as tensors hold NumPy arrays: allow exactly the
+    # NumPy types that rebuild an array, which run no other code.
+    numpy_array = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(numpy_array):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UserError(f"{path} holds more than tensors and plain values, so it is not loaded "
                         f"({first_line(err)}); was it written by another program or an older version?")

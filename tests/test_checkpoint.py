@@ -128,8 +128,24 @@ def test_rng_states_load_without_unpickling_code(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
+def test_rng_states_of_the_earlier_form_still_load(tmp_path):
+    """Written before the states were tensors: a tuple and a NumPy array, which load without code."""
+    path = tmp_path / "rng_state_rank0.pt"
+    random.seed(9)
+    np.random.seed(9)
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}, path)
+    expected = (random.random(), np.random.rand())
+    checkpoint._set_rng_state(checkpoint.load_own(path))
+    assert (random.random(), np.random.rand()) == expected
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this would have run",))
+
+
 def test_a_file_holding_pickled_objects_is_refused(tmp_path):
     path = tmp_path / "rng_state_rank0.pt"
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state()}, path)  # the old, pickled form
+    torch.save({"python": Payload()}, path)
     with pytest.raises(UserError, match="holds more than tensors and plain values, so it is not loaded"):
         checkpoint.load_own(path)
