@@ -46,9 +46,13 @@ def test_ctrl_c_saves_once_and_a_second_run_into_the_live_folder_is_refused(tmp_
         run.kill()
     ckpt = out / "checkpoints"
     assert (ckpt / "latest").read_text() == f"step{step}" and is_complete(ckpt / f"step{step}")
+    # A run killed while writing a metrics line leaves half of it: the resume drops it and says so.
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9999, "tokens": 12')
     # The lock file the stopped run left does not block the next run, which continues from its step.
     proc = launch("recipes/pretrain.py", _args(tmp_path, tiny_data, tiny_model, out, "--resume", steps=step + 2))
     assert f"Resumed from step {step}" in proc.stdout
+    assert "metrics.jsonl: dropped its last line, which was cut short" in proc.stdout
     assert [r["step"] for r in read_metrics(out)[0]] == list(range(1, step + 3))
 
 
