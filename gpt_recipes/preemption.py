@@ -26,6 +26,7 @@ import torch.distributed as dist
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 FORWARD_WINDOW = 2.0  # seconds
 LAUNCHER_GONE = signal.SIGHUP
+LAUNCHER_CHECK_INTERVAL = 1.0  # seconds
 # Command lines of the launchers that start ranks: deepspeed's runner and its per-node
 # launch.py, torchrun, accelerate launch.
 LAUNCHER_MARKERS = ("bin/deepspeed", "deepspeed.launcher.launch", "bin/torchrun", "torch.distributed.run",
@@ -61,6 +62,7 @@ class StopSignal:
         self._flag = torch.zeros(1, dtype=torch.int32)
         self._group = None
         self.launchers = launcher_processes()
+        self._checked_at = 0.0
         if dist.is_initialized() and dist.get_world_size() > 1:
             # A CPU group, so the agreement never synchronises with the accelerator.
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
@@ -81,6 +83,11 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def launcher_gone(self) -> bool:
+        # Reads /proc: at most once a second, not on every step of a fast loop.
+        now = time.monotonic()
+        if now - self._checked_at < LAUNCHER_CHECK_INTERVAL:
+            return False
+        self._checked_at = now
         return not all(map(_alive, self.launchers))
 
     def agreed(self) -> int:

@@ -1,0 +1,44 @@
+"""One interrupt however it arrives; a second, later one stops at once; a lost launcher is noticed."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from gpt_recipes import preemption
+from gpt_recipes.preemption import StopSignal
+
+
+def test_a_forwarded_signal_is_the_same_interrupt_and_a_later_one_insists(monkeypatch):
+    killed, insisted = [], []
+    monkeypatch.setattr(preemption.os, "kill", lambda pid, sig: killed.append(sig))
+    clock = [100.0]
+    monkeypatch.setattr(preemption.time, "monotonic", lambda: clock[0])
+    stop = StopSignal(on_insist=lambda: insisted.append(True))
+    try:
+        stop._handle(signal.SIGINT, None)  # the terminal's Ctrl-C
+        clock[0] += 0.05
+        stop._handle(signal.SIGTERM, None)  # the launcher passing it on
+        assert stop.agreed() == signal.SIGINT and killed == [] and insisted == []
+        clock[0] += preemption.FORWARD_WINDOW + 1
+        stop._handle(signal.SIGINT, None)  # the user presses Ctrl-C again
+        assert killed == [signal.SIGINT] and insisted == [True]
+    finally:
+        stop.restore()
+
+
+def test_a_launcher_that_died_is_gone_even_before_it_is_reaped():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc = psutil.Process(child.pid)
+    deadline = time.monotonic() + 30
+    while proc.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not preemption._alive(proc)  # a zombie until its parent (this test) reaps it
+    child.wait()
+    assert not preemption._alive(proc) and preemption._alive(psutil.Process())
+
+
+def test_no_launcher_above_a_bare_python_process():
+    assert preemption.launcher_processes() == []  # pytest is not a launcher
