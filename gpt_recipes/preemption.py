@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import psutil
@@ -46,6 +47,32 @@ def launcher_processes() -> list[psutil.Process]:
     return found
 
 
+class _PipeSafe:
+    """A text stream whose writes are dropped, instead of raising, once its reader is gone."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._closed = isinstance(stream, _PipeSafe) and stream._closed
+
+    def write(self, text: str) -> int:
+        if not self._closed:
+            try:
+                return self._stream.write(text)
+            except OSError:  # BrokenPipeError, or EPIPE from a flush inside
+                self._closed = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._closed:
+            try:
+                self._stream.flush()
+            except OSError:
+                self._closed = True
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def _alive(proc: psutil.Process) -> bool:
     # A launcher that died stays a zombie until its own parent reaps it: that is gone too.
     try:
@@ -72,6 +99,9 @@ class StopSignal:
         now = time.monotonic()
         if not self.received:
             self.received, self._first_at = signum, now
+            # Ctrl-C also ends a pipe reader in the same process group (`| tee log`): printing
+            # into the closed pipe must not stop the save.
+            sys.stdout, sys.stderr = _PipeSafe(sys.stdout), _PipeSafe(sys.stderr)
         elif now - self._first_at > FORWARD_WINDOW:  # the user insists: stop now, without saving
             if self._on_insist is not None:
                 self._on_insist()
