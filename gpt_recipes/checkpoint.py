@@ -43,7 +43,7 @@ def is_complete(tag_dir: Path) -> bool:
 
 
 def _step_of(tag_dir: Path) -> int:
-    return json.loads((tag_dir / TRAINING_INFO).read_text())["step"]
+    return saved_info(tag_dir.parent, tag_dir.name)["step"]
 
 
 def _latest_file_tag(ckpt_dir: Path) -> str | None:
@@ -213,12 +213,15 @@ def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_fil
     fsync_tree(tag_dir)  # each rank flushes what it wrote (and what it sees) before the checkpoint counts
     barrier()
     if rank == 0:
+        sharded = set(tag_dir.iterdir())  # flushed above
         for obj in hf_files:
             obj.save_pretrained(tag_dir)
         info = tag_dir / TRAINING_INFO
         with open(info, "w") as f:
             f.write(json.dumps({**training_info, **trainer_state}, indent=2) + "\n")
-        fsync_tree(tag_dir)
+        for path in set(tag_dir.iterdir()) - sharded:
+            fsync_tree(path) if path.is_dir() else fsync_path(path)
+        fsync_path(tag_dir)
         _write_latest(ckpt_dir, tag)
         rotate(ckpt_dir, keep_last)
     barrier()
