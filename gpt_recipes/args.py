@@ -120,7 +120,25 @@ class PretrainArgs(RunArgs):
 
 
 @dataclass
-class FinetuneArgs(RunArgs):
+class AdapterArgs:
+    """LoRA flags, named as in TRL's scripts; the DeepSpeed JSON still owns optimizer, precision and ZeRO."""
+
+    use_peft: bool = flag(False, "train LoRA adapters (through peft) instead of every weight; the base stays frozen")
+    lora_r: int = flag(16, "LoRA rank")
+    lora_alpha: float = flag(32, "LoRA scaling numerator: adapters add (alpha / r) * B A x")
+    lora_dropout: float = flag(0.05, "dropout on the adapters' input (0 keeps runs deterministic)")
+    lora_target_modules: Optional[list[str]] = flag(
+        None, "module names to adapt (space- or comma-separated), or all-linear; default: all-linear, every "
+        "Linear/Conv1D in the blocks but not the output layer (GPT-2: c_attn c_proj c_fc; Llama: q/k/v/o_proj "
+        "gate/up/down_proj)")
+    lora_modules_to_save: Optional[list[str]] = flag(None, "modules trained in full beside the adapters "
+                                                     "(e.g. lm_head)")
+    export_adapter: Optional[str] = flag(None, "after training, also export the adapter alone to this folder "
+                                         "(peft.PeftModel.from_pretrained(base, DIR) loads it)")
+
+
+@dataclass
+class FinetuneArgs(AdapterArgs, RunArgs):
     """Fine-tune a Hugging Face causal LM on prompt/response or chat data (loss on responses only)."""
 
     model_name_or_path: str = flag("exported/quickstart", "Hugging Face model folder (or hub name when online)")
@@ -190,6 +208,10 @@ class ConvertToHFArgs:
     max_shard_size: str = flag("2GB", "largest safetensors file before the weights are sharded")
     force: bool = flag(False, "replace a non-empty OUT_DIR (only once the new folder is complete)")
     verify: bool = flag(True, "reload the folder and compare its logits with the checkpoint's")
+    adapter: bool = flag(False, "for a LoRA checkpoint: export the adapter alone (peft's format) instead of the "
+                         "merged model")
+    base_model: Optional[str] = flag(None, "for a LoRA checkpoint: the base model folder, if it moved since "
+                                     "training (its weights must be the same)")
 
 
 @dataclass

@@ -185,14 +185,16 @@ def _set_aside(tag_dir: Path) -> Path:
 
 
 def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_files: list[Any],
-         training_info: dict[str, Any], num_params: int, keep_last: int = 0, log=print) -> Path:
+         training_info: dict[str, Any], num_params: int, keep_last: int = 0, log=print,
+         frozen_base: bool = False) -> Path:
     """Save a checkpoint on every rank; only a complete one ever becomes `latest`.
 
     `hf_files` are objects with save_pretrained (model config, tokenizer); `training_info`
     (precision, ZeRO stage, world size) is written as JSON for the export tool, last, as the
     mark that every rank's shards are on disk. Everything is flushed to disk before `latest`
     moves. A save removes only an incomplete folder of its own tag (left by an interrupted
-    save); a complete one of that tag (from before a roll-back) is renamed aside.
+    save); a complete one of that tag (from before a roll-back) is renamed aside. With
+    frozen_base (LoRA), the frozen parameters are left out: num_params counts what trains.
     """
     ckpt_dir = out_dir / CHECKPOINT_DIR
     step = trainer_state["step"]
@@ -207,7 +209,7 @@ def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_fil
             shutil.rmtree(tag_dir)  # left incomplete by an interrupted save: never mix its shards in
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={TRAINER_STATE_KEY: trainer_state},
-                           save_latest=False)
+                           save_latest=False, exclude_frozen_parameters=frozen_base)
     torch.save(_rng_state(), tag_dir / f"rng_state_rank{rank}.pt")
     faults.during_save(step, rank)
     fsync_tree(tag_dir)  # each rank flushes what it wrote (and what it sees) before the checkpoint counts
@@ -301,9 +303,11 @@ def _zero3_universal_for_lower_stages(target: Path) -> None:
     torch.save(states, target / "mp_rank_00_model_states.pt")
 
 
-def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict[str, Any]:
-    """Load checkpoint `tag` into the engine, and this rank's RNG states; returns its trainer state."""
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+def load(engine, ckpt_dir: Path, tag: str, rank: int, frozen_base: bool = False) -> dict[str, Any]:
+    """Load checkpoint `tag` into the engine, and this rank's RNG states; returns its trainer state.
+
+    With frozen_base (LoRA) the checkpoint holds only what trains; the base is already loaded."""
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=not frozen_base)
     if path is None or not client_state or TRAINER_STATE_KEY not in client_state:
         raise UserError(f"checkpoint {ckpt_dir / tag} could not be loaded or was not written by these recipes")
     rng_file = ckpt_dir / tag / f"rng_state_rank{rank}.pt"

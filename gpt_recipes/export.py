@@ -8,6 +8,11 @@ renamed into place when complete, so an existing folder is never left half-repla
 
 After writing, the folder is loaded back with `from_pretrained` and its logits on a fixed
 batch are compared with those of the consolidated weights at the same dtype.
+
+A LoRA checkpoint holds only the adapters. Its base model (checked against the weights it
+was trained on) gets them back through peft; then either the merged model is written as
+above, or the adapter alone in peft's format (fp32, as trained), which
+`peft.PeftModel.from_pretrained(base, folder)` loads.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
-from . import faults, folders
+from . import adapters, faults, folders
 from .checkpoint import CHECKPOINT_DIR, LATEST, TRAINING_INFO, consolidated_state_dict, latest_tag
 from .distributed import from_main
 from .errors import ExportMismatch, RecipeExit, UserError, first_line
@@ -177,7 +182,10 @@ def check_shard_size(max_shard_size: str) -> None:
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, dtype: str | None = None,
-           max_shard_size: str = "2GB", force: bool = False, verify: bool = True, log=print) -> ExportReport:
+           max_shard_size: str = "2GB", force: bool = False, verify: bool = True, log=print,
+           adapter: bool = False, base_model: str | None = None) -> ExportReport:
+    """Write checkpoint `tag` as a Hugging Face model folder (a LoRA checkpoint merged into its base),
+    or with `adapter` a LoRA checkpoint's adapter alone; verify it by reloading."""
     check_shard_size(max_shard_size)
     ckpt_dir, tag = resolve_checkpoint(checkpoint, tag)
     tag_dir = ckpt_dir / tag
@@ -187,6 +195,14 @@ def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, 
     if tokenizer is None:
         raise UserError(f"checkpoint {tag_dir} has no tokenizer files; it was not written by these recipes")
     info = _training_info(tag_dir)
+    lora = info.get("adapter")
+    if (adapter or base_model) and not lora:
+        raise UserError(f"{'--adapter' if adapter else '--base_model'}: checkpoint {tag_dir} holds a whole model, "
+                        "not LoRA adapters")
+    if adapter:
+        if dtype not in (None, "fp32"):
+            raise UserError("--dtype: an adapter is exported in fp32, as trained; the base keeps its own dtype")
+        return _export_adapter(ckpt_dir, tag, out_dir, lora, base_model, tokenizer, force, verify, log)
     if dtype is None:
         target = default_dtype(info.get("precision"))
         log(f"Saving weights in {_name(target)}: the training precision ({info.get('precision', 'unknown')}); "
@@ -198,7 +214,15 @@ def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, 
     check_output_folder(out_dir, force)
     with folders.written_aside(out_dir, EXPORT_KIND) as tmp:
         log(f"Consolidating {tag_dir} (ZeRO-{info.get('zero_stage', '?')}, {info.get('world_size', '?')} ranks)")
-        weights = _weights_to_save(config, consolidated_state_dict(ckpt_dir, tag), tag_dir)
+        if lora:
+            adapted = _adapted_model(ckpt_dir, tag, lora, base_model, log)
+            log(f"Merging the LoRA adapters into {adapted.peft_config['default'].base_model_name_or_path}")
+            state = adapted.merge_and_unload().state_dict()
+            del adapted
+        else:
+            state = consolidated_state_dict(ckpt_dir, tag)
+        weights = _weights_to_save(config, state, tag_dir)
+        del state
         params = sum(t.numel() for t in weights.values())
         files = _write_weights(weights, tmp, target, max_shard_size)
         config.dtype = target
@@ -229,6 +253,53 @@ def _name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
+def _adapted_model(ckpt_dir: Path, tag: str, lora: dict, base_model: str | None, log):
+    """A LoRA checkpoint's base (fp32) with its trained adapters, as a peft model."""
+    tag_dir = ckpt_dir / tag
+    base = adapters.find_base(lora, base_model, tag_dir)
+    log(f"Base model: {base} (weights match the ones trained on)")
+    adapted = adapters.load_adapted(base, tag_dir, consolidated_state_dict(ckpt_dir, tag), tag_dir)
+    adapted.peft_config["default"].base_model_name_or_path = base
+    return adapted
+
+
+def _export_adapter(ckpt_dir: Path, tag: str, out_dir: Path, lora: dict, base_model: str | None, tokenizer,
+                    force: bool, verify: bool, log) -> ExportReport:
+    """peft's adapter folder (adapter_config.json naming the base, adapter weights in fp32) plus the tokenizer."""
+    check_output_folder(out_dir, force)
+    tag_dir = ckpt_dir / tag
+    with folders.written_aside(out_dir, EXPORT_KIND) as tmp:
+        adapted = _adapted_model(ckpt_dir, tag, lora, base_model, log)
+        adapted.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        params = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n or "modules_to_save" in n)
+        diff = None
+        if verify:
+            batch = verification_batch(adapted.config)
+            expected = logits_of(adapted, batch)
+            del adapted
+            gc.collect()
+            diff = (logits_of(load_adapter_folder(tmp, torch.float32), batch) - expected).abs().max().item()
+            log(f"Verified: the reloaded adapter on its base gives logits within {diff:.3g} of the checkpoint's (fp32)")
+            if not diff <= VERIFY_TOLERANCE[torch.float32]:
+                raise ExportMismatch(f"export check failed: reloaded logits differ by {diff:.3g} "
+                                     f"(> {VERIFY_TOLERANCE[torch.float32]:g}); the folder was not written")
+        folders.mark(tmp, EXPORT_KIND, checkpoint=tag_dir.resolve(), adapter_of=lora["base_model"],
+                     max_logit_diff_vs_checkpoint=diff)
+        files = sorted(p.name for p in tmp.iterdir() if p.name.startswith("adapter_"))
+    log(f"Exported a LoRA adapter of {params / 1e6:.3f}M parameters to {out_dir} ({', '.join(files)})")
+    return ExportReport(out_dir, tag, torch.float32, params, files, diff)
+
+
+def load_adapter_folder(folder: Path, dtype: torch.dtype):
+    """An exported adapter on its base, loaded as a user would: transformers for the base, peft for the adapter."""
+    from peft import PeftConfig, PeftModel
+
+    base = PeftConfig.from_pretrained(folder).base_model_name_or_path
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    return PeftModel.from_pretrained(model, folder).eval()
+
+
 @dataclass
 class EngineCheck:
     """What the trained engine computes on the verification batch, to compare an export with."""
@@ -236,6 +307,11 @@ class EngineCheck:
     input_ids: torch.Tensor
     logits: torch.Tensor
     generated: torch.Tensor  # greedy continuation of input_ids[:1, :PROMPT_TOKENS]
+    dtype: torch.dtype  # the engine's compute dtype
+
+    def save(self, path: Path) -> None:
+        torch.save({"input_ids": self.input_ids, "logits": self.logits, "generated": self.generated,
+                    "dtype": _name(self.dtype)}, path)
 
 
 PROMPT_TOKENS = 8
@@ -254,13 +330,14 @@ def engine_check(engine, config: PretrainedConfig, eos_token_id: int, zero_stage
         do_sample=False, pad_token_id=eos_token_id, synced_gpus=zero_stage == 3 and torch.distributed.get_world_size() > 1,
     ).cpu()
     engine.train()
-    return EngineCheck(batch, logits, generated)
+    return EngineCheck(batch, logits, generated, next(engine.module.parameters()).dtype)
 
 
-def compare_with_engine(out_dir: Path, check: EngineCheck) -> tuple[float, bool, float]:
+def compare_with_engine(out_dir: Path, check: EngineCheck, adapter: bool = False) -> tuple[float, bool, float]:
     """(max |logits difference|, same greedy tokens, the tolerance at the folder's dtype) between an
-    exported folder and the engine."""
-    model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    exported folder and the engine. An adapter is loaded onto its base at the engine's dtype."""
+    model = (load_adapter_folder(out_dir, check.dtype) if adapter
+             else AutoModelForCausalLM.from_pretrained(out_dir).eval())
     diff = (logits_of(model, check.input_ids) - check.logits).abs().max().item()
     prompt = check.input_ids[:1, :PROMPT_TOKENS]
     with torch.no_grad():
@@ -269,9 +346,11 @@ def compare_with_engine(out_dir: Path, check: EngineCheck) -> tuple[float, bool,
     return diff, torch.equal(generated, check.generated), VERIFY_TOLERANCE[model.dtype]
 
 
-def export_after_training(engine, run_dir: Path, export_dir: Path, config: PretrainedConfig, eos_token_id: int,
-                          zero_stage: int, is_main: bool, force: bool, log=print) -> dict | None:
-    """Export the run's final checkpoint (written by every rank) and check it against the live engine.
+def export_after_training(engine, run_dir: Path, config: PretrainedConfig, eos_token_id: int, zero_stage: int,
+                          is_main: bool, force: bool, export_dir: Path | None = None,
+                          adapter_dir: Path | None = None, log=print) -> dict | None:
+    """Export the run's final checkpoint (written by every rank) and check it against the live engine:
+    as a model folder to export_dir (LoRA merged), and a LoRA run's adapter alone to adapter_dir.
 
     Call on every rank after the final save. Rank 0 exports; the engine's logits and greedy
     tokens on a fixed batch are compared with the reloaded folder's and stored in
@@ -279,25 +358,28 @@ def export_after_training(engine, run_dir: Path, export_dir: Path, config: Pretr
     that fails either check ends the run on every rank with ExportMismatch (the checkpoint stays).
     """
     check = engine_check(engine, config, eos_token_id, zero_stage)
-    record = problem = None
+    record, problem = {}, None
     if is_main:
-        try:
-            export(run_dir, export_dir, force=force, log=log)
-        except RecipeExit as err:
-            problem = f"export to {export_dir} failed: {err}"
-        else:
-            diff, same_tokens, tolerance = compare_with_engine(export_dir, check)
+        check.save(run_dir / EXPORT_CHECK)
+        targets = [(d, key, d == adapter_dir) for d, key in ((export_dir, "export"), (adapter_dir, "adapter_export"))
+                   if d is not None]
+        for out_dir, key, adapter in targets:
+            try:
+                export(run_dir, out_dir, force=force, log=log, adapter=adapter)
+            except RecipeExit as err:
+                problem = f"export to {out_dir} failed: {err}"
+                break
+            diff, same_tokens, tolerance = compare_with_engine(out_dir, check, adapter)
             diff += faults.export_skew()
-            torch.save({"input_ids": check.input_ids, "logits": check.logits, "generated": check.generated},
-                       run_dir / EXPORT_CHECK)
-            log(f"Export vs trained engine: max |logits difference| {diff:.3g}; greedy tokens "
-                f"{'identical' if same_tokens else 'DIFFER'}")
-            record = {"export_dir": str(export_dir), "export_logit_diff_vs_engine": diff,
-                      "export_same_greedy_tokens": same_tokens}
+            log(f"{'Adapter' if adapter else 'Export'} vs trained engine: max |logits difference| {diff:.3g}; "
+                f"greedy tokens {'identical' if same_tokens else 'DIFFER'}")
+            record.update({f"{key}_dir": str(out_dir), f"{key}_logit_diff_vs_engine": diff,
+                           f"{key}_same_greedy_tokens": same_tokens})
             if not (diff <= tolerance and same_tokens):
-                problem = (f"the export in {export_dir} does not reproduce the trained engine: max |logits "
+                problem = (f"the export in {out_dir} does not reproduce the trained engine: max |logits "
                            f"difference| {diff:.3g} (tolerance {tolerance:g}), greedy tokens "
                            f"{'identical' if same_tokens else 'differ'}")
+                break
     problem = from_main(problem)
     if problem:
         raise ExportMismatch(f"{problem}; the checkpoint in {run_dir / CHECKPOINT_DIR} is kept: export it again "

@@ -15,7 +15,8 @@ import deepspeed
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from . import checkpoint, distributed, ds_config, flops
+from . import adapters, checkpoint, distributed, ds_config, flops
+from .adapters import AdapterPlan
 from .args import DEFAULT_DEEPSPEED_CONFIG, RunArgs
 from .data import GlobalBatchOrder, eval_micro_batches
 from .distributed import DistEnv
@@ -60,6 +61,7 @@ class Job:
     val: Samples
     build_model: Callable[[], PreTrainedModel]
     record: dict[str, Any] = field(default_factory=dict)  # extra facts for OUT/config.json
+    adapter: AdapterPlan | None = None  # LoRA: build_model returns the base with adapters in place
 
 
 def plan_run(args: RunArgs) -> RunPlan:
@@ -120,6 +122,14 @@ def build(args: RunArgs, run: RunPlan, job: Job, stage: int) -> PreTrainedModel:
     run.say(f"Model: {count_parameters(model) / 1e6:.2f}M parameters ({job.model_config.model_type}); seq_len "
             f"{job.seq_len}; {ds_config.precision(run.ds_cfg)}, ZeRO-{stage}; global batch {run.batch.global_batch} = "
             f"{run.batch.micro_batch} micro x {run.batch.grad_accum} accumulation x {run.batch.world_size} ranks")
+    if job.adapter is not None:
+        trainable = adapters.trainable_parameters(model)
+        job.record["adapter"] = job.adapter.record(trainable)
+        cfg = job.adapter.config
+        run.say(f"LoRA: r {cfg.r}, alpha {cfg.lora_alpha:g}, dropout {cfg.lora_dropout:g} on "
+                f"{', '.join(job.adapter.targets)}: {trainable / 1e6:.3f}M trainable parameters "
+                f"({trainable / count_parameters(model):.2%}); the base is frozen"
+                + (" and stays partitioned" if stage == 3 else ""))
     if built_mb is not None:
         run.say(f"ZeRO-3: built partitioned, {built_mb:.0f} MiB of tensors on the fullest rank (the whole model is "
                 f"{count_parameters(model) * 4 / 2**20:.0f} MiB in fp32)")
@@ -188,7 +198,11 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     ckpt_dir = run.out_dir / checkpoint.CHECKPOINT_DIR
     resume_tag = run.output.resume_tag
     if resume_tag:
-        change = checkpoint.layout_change(checkpoint.saved_info(ckpt_dir, resume_tag), env.world_size, stage)
+        saved = checkpoint.saved_info(ckpt_dir, resume_tag)
+        moved = adapters.check_resume(saved.get("adapter"), job.adapter, ckpt_dir / resume_tag)
+        if moved:
+            say(moved)
+        change = checkpoint.layout_change(saved, env.world_size, stage)
         if change:
             # Another number of ranks or ZeRO stage: go through DeepSpeed's universal checkpoint,
             # which keeps the optimizer state. load_universal is derived here, not set in the JSON.
@@ -200,18 +214,22 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         say(f"--overwrite: removed the previous run's {', '.join(remove_previous_run(run.out_dir))} "
             f"from {run.out_dir}")
     distributed.barrier()
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=run.ds_cfg)
+    # Only what trains reaches the optimizer (with LoRA, the adapters; the base stays frozen).
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=run.ds_cfg)
     if env.world_size == 1 and stage == 0:
         # Nothing to average over one rank, but DeepSpeed would still flatten every gradient
         # into buckets, "all-reduce" them and copy them back after each backward.
         engine.enable_backward_allreduce = False
     keep_clip_norm(engine)
+    if job.adapter is not None:
+        adapters.leave_base_out_of_checkpoints(engine)
     loss_fn = build_loss(args, run, job, engine.module, stage)
 
     flops_per_token, peak, _ = throughput_basis(args, run, job)
     state = TrainState()
     if resume_tag:
-        saved = checkpoint.load(engine, ckpt_dir, resume_tag, env.rank)
+        saved = checkpoint.load(engine, ckpt_dir, resume_tag, env.rank, frozen_base=job.adapter is not None)
         if saved["global_batch"] != run.batch.global_batch or saved["seq_len"] != job.seq_len:
             raise UserError(
                 f"checkpoint was written with global batch {saved['global_batch']} and seq_len {saved['seq_len']}; "
@@ -241,17 +259,24 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     training_info = {"recipe": job.name, "precision": ds_config.precision(run.ds_cfg), "zero_stage": stage,
                      "world_size": env.world_size,
                      "schedule": {k: v for k, v in run.filled.items() if k.startswith("scheduler.")}}
+    hf_files = [job.model_config, job.tokenizer]
+    if job.adapter is not None:  # the checkpoint holds the adapters alone, and says which base they need
+        training_info["adapter"] = job.record["adapter"]
+        hf_files.append(job.adapter.config)
 
     def save(s: TrainState) -> Path:
-        return checkpoint.save(engine, run.out_dir, s.as_dict(**trainer_extra), env.rank,
-                               [job.model_config, job.tokenizer], training_info, count_parameters(model),
-                               args.keep_last, log=say)
+        return checkpoint.save(engine, run.out_dir, s.as_dict(**trainer_extra), env.rank, hf_files, training_info,
+                               adapters.trainable_parameters(model), args.keep_last, log=say,
+                               frozen_base=job.adapter is not None)
 
     train(engine, batches, run.batch, env, loop, state, metrics, loss_fn, save)
 
-    if args.export_hf:
-        record = export_after_training(engine, run.out_dir, Path(args.export_hf), job.model_config,
-                                       job.tokenizer.eos_token_id, stage, env.is_main, force=args.overwrite)
+    adapter_dir = getattr(args, "export_adapter", None)
+    if args.export_hf or adapter_dir:
+        record = export_after_training(engine, run.out_dir, job.model_config, job.tokenizer.eos_token_id, stage,
+                                       env.is_main, force=args.overwrite,
+                                       export_dir=Path(args.export_hf) if args.export_hf else None,
+                                       adapter_dir=Path(adapter_dir) if adapter_dir else None, log=say)
         metrics.write({"step": state.step, **(record or {})})
         distributed.barrier()
     say(f"Done: {state.step} steps, {state.tokens:,} tokens; outputs in {run.out_dir}")

@@ -10,13 +10,23 @@ or a datasets folder. They are rendered with the tokenizer's chat template (or a
 default), and only assistant tokens carry labels. --pack puts several examples in one
 sequence without attention or loss crossing between them. Flags, outputs, checkpoints and
 export are the same as recipes/pretrain.py's.
+
+With --use_peft, LoRA adapters (peft) train and the base stays frozen (and, under ZeRO-3,
+partitioned); checkpoints hold the adapters and name the base they need. --export_hf writes
+the merged model, --export_adapter the adapter alone:
+
+    deepspeed --num_gpus 2 recipes/finetune.py --deepspeed_config ds_configs/zero3.json \\
+        --model_name_or_path exported/quickstart --use_peft --lora_r 16 --output_dir runs/lora \\
+        --max_steps 200 --export_hf exported/lora_merged --export_adapter exported/lora_adapter
 """
 
 from pathlib import Path
 
 from gpt_recipes import sft
+from gpt_recipes.adapters import plan_adapter
 from gpt_recipes.args import FinetuneArgs, parse_args
 from gpt_recipes.errors import UserError, cli_entry
+from gpt_recipes.export import check_output_folder
 from gpt_recipes.models import check_seq_len, check_tokenizer_fits, load_pretrained, load_pretrained_config
 from gpt_recipes.runner import Job, execute, make_batches, plan_run
 from gpt_recipes.sft_demo import ensure_demo
@@ -61,6 +71,11 @@ def main() -> None:
     if sft.ensure_chat_template(tokenizer):
         run.say("The tokenizer has no chat template: using the default one (saved with checkpoints and exports)")
     seq_len = check_seq_len(config, args.seq_len)
+    adapter = plan_adapter(args, config, args.model_name_or_path)
+    if args.export_adapter:
+        if args.export_hf and Path(args.export_adapter).resolve() == Path(args.export_hf).resolve():
+            raise UserError("--export_adapter and --export_hf name the same folder; give each its own")
+        check_output_folder(Path(args.export_adapter), args.overwrite, force_flag="--overwrite")
 
     # 2. ... and the data: rows rendered, tokenised, label-masked, length-checked, maybe packed.
     ensure_demo(args.data)
@@ -81,11 +96,14 @@ def main() -> None:
     batches = make_batches(args, run, train_samples, val_samples, args.val_data or args.data)
 
     # 3. Start the ranks, load the pretrained weights (under ZeRO-3 each rank loads only its
-    # partition), train.
-    job = Job("finetune", config, tokenizer, seq_len, train_samples, val_samples,
-              lambda: load_pretrained(args.model_name_or_path, config, run.ds_cfg),
+    # partition), add the adapters if asked, train.
+    def build_model():
+        model = load_pretrained(args.model_name_or_path, config, run.ds_cfg)
+        return adapter.wrap(model, args.seed) if adapter else model
+
+    job = Job("finetune", config, tokenizer, seq_len, train_samples, val_samples, build_model,
               record={"data": {"train": args.data, "val": args.val_data, "train_examples": len(train_examples),
-                               "val_examples": len(val_examples), "packed": args.pack}})
+                               "val_examples": len(val_examples), "packed": args.pack}}, adapter=adapter)
     execute(args, run, job, batches)
 
 

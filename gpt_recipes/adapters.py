@@ -1,0 +1,256 @@
+"""LoRA adapters through peft: which modules to adapt, wrapping, what a checkpoint needs, exports.
+
+peft owns the adapter layers, merging and the adapter file format. This module is the glue
+to the recipes and DeepSpeed: the adapters' initial weights depend on the seed alone (not
+on whether the base was built partitioned), only adapter parameters reach the optimizer,
+checkpoints leave the frozen base out and record which base they need (its folder and a
+hash of its weight files), and resuming or exporting checks that base is still the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+from .args import AdapterArgs
+from .errors import UserError, first_line
+
+ALL_LINEAR = "all-linear"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's file name, in checkpoints and adapter exports
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def requested_targets(names: list[str] | None) -> list[str] | str:
+    """--lora_target_modules as peft takes it: a list of names (split at commas too), or "all-linear"."""
+    if not names:
+        return ALL_LINEAR
+    split = [part.strip() for name in names for part in name.split(",") if part.strip()]
+    if not split:
+        raise UserError("--lora_target_modules names no module")
+    if ALL_LINEAR in split:
+        if len(split) > 1:
+            raise UserError(f"--lora_target_modules: {ALL_LINEAR} stands alone, not beside other names")
+        return ALL_LINEAR
+    return split
+
+
+def _adaptable_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D
+
+    return (torch.nn.Linear, Conv1D, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+def _leaf_names(model: torch.nn.Module, kinds: tuple[type, ...]) -> dict[str, str]:
+    """{last name component: class name} of the modules of these kinds (output layer included)."""
+    return {name.rsplit(".", 1)[-1]: type(module).__name__ for name, module in model.named_modules()
+            if name and isinstance(module, kinds)}
+
+
+def resolve_targets(model: torch.nn.Module, requested: list[str] | str, where: str) -> list[str]:
+    """The module names the adapters go on, checked against the model (built on the meta device).
+
+    peft matches a name to every module whose dotted path ends in it. A name that matches
+    nothing, or only modules peft cannot adapt (a layer norm, say), is a one-line error that
+    lists the names that would work.
+    """
+    adaptable = _leaf_names(model, _adaptable_types())
+    head = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
+    head_name = next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head), None)
+    options = ", ".join(sorted(n for n in adaptable if n != head_name))
+    if requested == ALL_LINEAR:
+        from transformers.pytorch_utils import Conv1D
+
+        linear = sorted(n for n, kind in _leaf_names(model, (torch.nn.Linear, Conv1D)).items() if n != head_name)
+        if not linear:
+            raise UserError(f"{where} has no Linear or Conv1D layers for LoRA to adapt")
+        return linear
+    every = {name.rsplit(".", 1)[-1]: type(module).__name__ for name, module in model.named_modules() if name}
+    for name in requested:
+        if name not in every:
+            raise UserError(f"--lora_target_modules {name}: {where} has no module of that name; its adaptable "
+                            f"layers are {options} (output layer: {head_name})")
+        if name not in adaptable:
+            raise UserError(f"--lora_target_modules {name}: {where}'s {name} is a {every[name]}, which LoRA cannot "
+                            f"adapt (peft adapts Linear, Conv1D, Embedding and convolution layers); adaptable "
+                            f"here: {options}")
+    return list(requested)
+
+
+def weights_fingerprint(name_or_path: str) -> str:
+    """sha256 over a model folder's weight files (names and bytes); for a hub name, the name and revision."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        from transformers import AutoConfig
+
+        revision = getattr(AutoConfig.from_pretrained(name_or_path), "_commit_hash", None) or "unknown revision"
+        return f"hub:{name_or_path}@{revision}"
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not files:
+        raise UserError(f"{name_or_path} holds no weight files (*.safetensors or *.bin)")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+@dataclass
+class AdapterPlan:
+    """A checked LoRA setup: peft's config, and the base model it adapts."""
+
+    config: Any  # peft.LoraConfig
+    base: str  # the base model's folder (absolute) or hub name
+    base_fingerprint: str
+
+    @property
+    def targets(self) -> list[str]:
+        return sorted(self.config.target_modules)
+
+    def wrap(self, model: PreTrainedModel, seed: int):
+        """The base model with adapters in place and every base parameter frozen."""
+        from peft import get_peft_model
+
+        # Draw the adapters' initial weights from the seed alone: under ZeRO-3 building the
+        # base partitioned consumes other random numbers than building it whole.
+        torch.manual_seed(seed)
+        try:
+            return get_peft_model(model, copy.deepcopy(self.config))
+        except (ValueError, TypeError) as err:
+            raise UserError(f"peft cannot add LoRA adapters to this {model.config.model_type} model: {first_line(err)}")
+
+    def record(self, trainable: int | None = None) -> dict[str, Any]:
+        """What OUT/config.json and each checkpoint's training.json say about the adapters."""
+        cfg = self.config
+        return {"type": "lora", "r": cfg.r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                "target_modules": self.targets, "modules_to_save": sorted(cfg.modules_to_save or []),
+                "base_model": self.base, "base_fingerprint": self.base_fingerprint,
+                **({"trainable_parameters": trainable} if trainable is not None else {})}
+
+
+def plan_adapter(args: AdapterArgs, model_config: PretrainedConfig, base: str) -> AdapterPlan | None:
+    """The LoRA setup the flags ask for, checked on a meta-device build of the model; None without --use_peft."""
+    lora_flags = [f"--{name}" for name in ("lora_target_modules", "lora_modules_to_save", "export_adapter")
+                  if getattr(args, name)]
+    if not args.use_peft:
+        if lora_flags:
+            raise UserError(f"{', '.join(lora_flags)} needs --use_peft")
+        return None
+    if args.lora_r < 1:
+        raise UserError(f"--lora_r must be at least 1, got {args.lora_r}")
+    if not args.lora_alpha > 0:
+        raise UserError(f"--lora_alpha must be positive, got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must lie in [0, 1), got {args.lora_dropout}")
+    from peft import LoraConfig
+
+    from .models import _causal_lm_class
+
+    with torch.device("meta"):
+        meta_model = _causal_lm_class(model_config)._from_config(model_config, attn_implementation="sdpa")
+    where = f"{base} ({model_config.model_type})"
+    targets = resolve_targets(meta_model, requested_targets(args.lora_target_modules), where)
+    to_save = requested_targets(args.lora_modules_to_save) if args.lora_modules_to_save else None
+    if to_save is not None:
+        every = {name.rsplit(".", 1)[-1] for name, _ in meta_model.named_modules() if name}
+        unknown = [name for name in to_save if name not in every]
+        if to_save == ALL_LINEAR or unknown:
+            raise UserError(f"--lora_modules_to_save {unknown[0] if unknown else ALL_LINEAR}: {where} has no module "
+                            "of that name")
+    local = Path(base)
+    base = str(local.resolve()) if local.is_dir() else base
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, modules_to_save=to_save, bias="none", task_type="CAUSAL_LM",
+                        base_model_name_or_path=base)
+    return AdapterPlan(config, base, weights_fingerprint(base))
+
+
+def leave_base_out_of_checkpoints(engine) -> None:
+    """Make the engine's checkpoints hold no frozen weight under any of its names.
+
+    DeepSpeed's save_checkpoint(exclude_frozen_parameters=True) drops each frozen parameter
+    under its first name only, so a tied alias (GPT-2's lm_head.weight, which is the token
+    embedding) would carry a full copy of the base's largest matrix into every checkpoint.
+    """
+    state_dict = engine.module_state_dict
+
+    def without_frozen(*args, exclude_frozen_parameters: bool = False, **kwargs):
+        sd = state_dict(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters and sd is not None:
+            for name, param in engine.module.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    sd.pop(name, None)
+        return sd
+
+    engine.module_state_dict = without_frozen
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+
+
+def check_resume(saved: dict[str, Any] | None, plan: AdapterPlan | None, where: Path) -> str | None:
+    """Refuse to resume a checkpoint with another kind of run or another base; a note if the base moved."""
+    if saved is None and plan is None:
+        return None
+    if saved is None:
+        raise UserError(f"checkpoint {where} is from full fine-tuning: resume it without --use_peft")
+    if plan is None:
+        raise UserError(f"checkpoint {where} holds LoRA adapters: resume it with --use_peft")
+    if saved["base_fingerprint"] != plan.base_fingerprint:
+        raise UserError(f"checkpoint {where} adapts the base model {saved['base_model']} ({_short(saved)}); "
+                        f"--model_name_or_path {plan.base} holds other weights ({_short(plan.record())}): resume "
+                        "with the base it was trained on")
+    mine = plan.record()
+    changed = [f"--lora_{key} {saved[key]} -> {mine[key]}" for key in ("r", "alpha", "dropout", "target_modules",
+                                                                      "modules_to_save") if saved[key] != mine[key]]
+    if changed:
+        raise UserError(f"checkpoint {where} was trained with other LoRA settings ({'; '.join(changed)}); resume "
+                        "with the same ones")
+    if saved["base_model"] != plan.base:
+        return f"The base model moved: {saved['base_model']} -> {plan.base} (same weights)"
+    return None
+
+
+def _short(record: dict[str, Any]) -> str:
+    return record["base_fingerprint"][:19] + "..."
+
+
+def find_base(info: dict[str, Any], override: str | None, where: Path) -> str:
+    """The base model folder a LoRA checkpoint needs, checked against the weights it was trained on."""
+    base = override or info["base_model"]
+    if Path(base).is_absolute() and not Path(base).is_dir() and override is None:
+        raise UserError(f"checkpoint {where} adapts the base model in {base}, which no longer exists; pass its new "
+                        "folder with --base_model")
+    if weights_fingerprint(base) != info["base_fingerprint"]:
+        raise UserError(f"the base model {base} has other weights than the one checkpoint {where} was trained on "
+                        f"({info['base_fingerprint'][:19]}...); pass the right folder with --base_model")
+    return base
+
+
+def load_adapted(base: str, adapter_config_dir: Path, adapter_state: dict[str, torch.Tensor], where: Path,
+                 dtype: torch.dtype = torch.float32):
+    """The base model with a checkpoint's trained adapter weights (peft's PeftModel), in eval mode."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation="sdpa")
+    config = LoraConfig.from_pretrained(adapter_config_dir)
+    config.inference_mode = True
+    adapted = get_peft_model(model, config)
+    missing, unexpected = adapted.load_state_dict(adapter_state, strict=False)
+    trained = {name for name, p in adapted.named_parameters() if "lora_" in name or "modules_to_save" in name}
+    not_loaded = sorted(trained & set(missing))
+    if not_loaded or unexpected:
+        raise UserError(f"checkpoint {where} does not hold the adapters its {ADAPTER_CONFIG} describes "
+                        f"({', '.join((not_loaded or unexpected)[:3])}...)")
+    return adapted.eval()
+
