@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,6 +190,17 @@ def leave_base_out_of_checkpoints(engine) -> None:
         return sd
 
     engine.module_state_dict = without_frozen
+
+
+def frozen_digest(model: torch.nn.Module) -> str:
+    """sha256 of this rank's share of the frozen weights (under ZeRO-3, its partitions): equal at the
+    start and end of training when nothing touched the base."""
+    digest = hashlib.sha256()
+    for param in model.parameters():
+        if not param.requires_grad:
+            local = getattr(param, "ds_tensor", param.data)
+            digest.update(local.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy())
+    return digest.hexdigest()
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:

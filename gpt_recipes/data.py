@@ -124,6 +124,9 @@ class PackedTokens:
     def num_tokens(self, indices: np.ndarray) -> int:
         return len(indices) * self.seq_len
 
+    def num_targets(self, indices: np.ndarray) -> int:
+        return len(indices) * self.seq_len
+
 
 class GlobalBatchOrder:
     """Which samples make up global batch `step`, and which part of it each rank reads."""

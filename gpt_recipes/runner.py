@@ -99,6 +99,16 @@ def plan_run(args: RunArgs) -> RunPlan:
     return run
 
 
+def check_adapter_resume(run: RunPlan, adapter: AdapterPlan | None) -> None:
+    """A resumed checkpoint must be of the same kind (LoRA or not) and adapt the same base."""
+    tag = run.output.resume_tag
+    if tag:
+        ckpt_dir = run.out_dir / checkpoint.CHECKPOINT_DIR
+        moved = adapters.check_resume(checkpoint.saved_info(ckpt_dir, tag).get("adapter"), adapter, ckpt_dir / tag)
+        if moved:
+            run.notes.append(moved)
+
+
 def make_batches(args: RunArgs, run: RunPlan, train_samples: Samples, val_samples: Samples, what: str) -> Batches:
     """The global batch order over the training samples, and this rank's validation micro-batches."""
     order = GlobalBatchOrder(len(train_samples), run.batch, args.seed)
@@ -198,11 +208,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     ckpt_dir = run.out_dir / checkpoint.CHECKPOINT_DIR
     resume_tag = run.output.resume_tag
     if resume_tag:
-        saved = checkpoint.saved_info(ckpt_dir, resume_tag)
-        moved = adapters.check_resume(saved.get("adapter"), job.adapter, ckpt_dir / resume_tag)
-        if moved:
-            say(moved)
-        change = checkpoint.layout_change(saved, env.world_size, stage)
+        change = checkpoint.layout_change(checkpoint.saved_info(ckpt_dir, resume_tag), env.world_size, stage)
         if change:
             # Another number of ranks or ZeRO stage: go through DeepSpeed's universal checkpoint,
             # which keeps the optimizer state. load_universal is derived here, not set in the JSON.
@@ -224,6 +230,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     keep_clip_norm(engine)
     if job.adapter is not None:
         adapters.leave_base_out_of_checkpoints(engine)
+        base_digest = adapters.frozen_digest(engine.module)
     loss_fn = build_loss(args, run, job, engine.module, stage)
 
     flops_per_token, peak, _ = throughput_basis(args, run, job)
@@ -270,6 +277,12 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
                                frozen_base=job.adapter is not None)
 
     train(engine, batches, run.batch, env, loop, state, metrics, loss_fn, save)
+    if job.adapter is not None:
+        changed = torch.tensor(float(adapters.frozen_digest(engine.module) != base_digest))
+        unchanged = distributed.all_reduce(changed.to(engine.device)).item() == 0
+        metrics.write({"step": state.step, "base_unchanged": unchanged})
+        say("The frozen base weights are bit for bit what they were before training, on every rank" if unchanged
+            else "WARNING: the frozen base weights changed during training; please report this")
 
     adapter_dir = getattr(args, "export_adapter", None)
     if args.export_hf or adapter_dir:

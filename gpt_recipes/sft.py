@@ -214,6 +214,9 @@ class SFTSamples:
     def num_tokens(self, indices: np.ndarray) -> int:
         return sum(len(ex.ids) - 1 for i in indices for ex in self.rows[i])
 
+    def num_targets(self, indices: np.ndarray) -> int:
+        return sum(int(ex.is_response[1:].sum()) for i in indices for ex in self.rows[i])
+
     def batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         rows = [self.rows[i] for i in indices]
         # Each example contributes len-1 input positions (its last token has nothing to predict).

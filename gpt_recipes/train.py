@@ -41,6 +41,9 @@ class Samples(Protocol):
     def num_tokens(self, indices: np.ndarray) -> int:
         """Tokens the model reads for these samples (padding excluded)."""
 
+    def num_targets(self, indices: np.ndarray) -> int:
+        """Tokens a loss is taken on (targets other than -100) in these samples."""
+
 
 @dataclass
 class LoopConfig:
@@ -199,11 +202,17 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
 
     while state.step < cfg.max_steps:
         probing = state.step == probe_step
+        global_batch = batches.order.global_batch(state.step)
+        # The step's loss is the mean over every target token of the global batch, however the
+        # batch is split into ranks and micro-batches (fine-tuning examples differ in length):
+        # each micro-batch's summed loss is scaled so that DeepSpeed's averaging over ranks and
+        # accumulation steps yields it.
+        scale = plan.grad_accum * env.world_size / max(1, batches.train.num_targets(global_batch))
         for micro_step in range(plan.grad_accum):
             idx = batches.order.micro_batch(state.step, env.rank, micro_step)
             inputs, targets = _to_device(batches.train.batch(idx), engine.device)
             with probe.saved_activations() if probing and micro_step == 0 else contextlib.nullcontext():
-                loss = loss_fn(engine, inputs, targets)
+                loss = loss_fn(engine, inputs, targets, reduction="sum") * scale
             loss = faults.poison_loss(loss, state.step + 1, env.rank)
             engine.backward(loss)
             if probing and micro_step == 0:
@@ -218,7 +227,7 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
             memory_fields = {"model_state_mb": rank_max(probe.model_state_mb, engine.device),
                              "activation_mb": rank_max(probe.activation_mb, engine.device)}
         timers.after_step()
-        step_tokens = batches.train.num_tokens(batches.order.global_batch(state.step))  # host-side count
+        step_tokens = batches.train.num_tokens(global_batch)  # host-side count
         state.step += 1
         state.tokens += step_tokens
         tokens_since_log += step_tokens

@@ -28,7 +28,7 @@ from gpt_recipes.args import FinetuneArgs, parse_args
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.export import check_output_folder
 from gpt_recipes.models import check_seq_len, check_tokenizer_fits, load_pretrained, load_pretrained_config
-from gpt_recipes.runner import Job, execute, make_batches, plan_run
+from gpt_recipes.runner import Job, check_adapter_resume, execute, make_batches, plan_run
 from gpt_recipes.sft_demo import ensure_demo
 from gpt_recipes.tokenizer import load_tokenizer
 
@@ -72,6 +72,7 @@ def main() -> None:
         run.say("The tokenizer has no chat template: using the default one (saved with checkpoints and exports)")
     seq_len = check_seq_len(config, args.seq_len)
     adapter = plan_adapter(args, config, args.model_name_or_path)
+    check_adapter_resume(run, adapter)
     if args.export_adapter:
         if args.export_hf and Path(args.export_adapter).resolve() == Path(args.export_hf).resolve():
             raise UserError("--export_adapter and --export_hf name the same folder; give each its own")

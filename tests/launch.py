@@ -146,3 +146,39 @@ class Background:
         except ProcessLookupError:
             pass
         remove_shm_buffers("127.0.0.1", str(self.port))
+
+
+def ds_json(tmp_path, stage: int, micro: int, accum: int = 1, fp32: bool = False, clip: bool = False,
+            name: str = "") -> str:
+    """A copy of ds_configs/zero<stage>.json with the batch layout (and precision) of a test.
+
+    fp32 runs drop gradient clipping unless `clip`: same-layout comparisons (resume, launchers)
+    are then bit-level, with no partition-order drift in the clipping norm."""
+    cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+    cfg["optimizer"]["params"]["lr"] = 3e-3  # the tiny test model learns visibly in a few steps
+    if fp32:
+        cfg.pop("bf16")
+        if not clip:
+            cfg.pop("gradient_clipping")
+    path = tmp_path / f"ds_zero{stage}_{micro}x{accum}{'_fp32' if fp32 else ''}{'_clip' if clip else ''}{name}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def pretrain_args(cfg: str, data, model, out, steps: int, *extra: str) -> list[str]:
+    return ["--deepspeed_config", cfg, "--data", str(data), "--model", str(model), "--output_dir", str(out),
+            "--max_steps", str(steps), *extra]
+
+
+# Exported logits against the trained engine's on the same batch. fp32: rounding level.
+# bf16: both sides run the same bf16 weights through the same kernels, so they agree up to
+# bf16 rounding of the logits (|logit| < ~10, bf16 spacing there 2^-5 to 2^-4).
+TOLERANCE = {"fp32": 1e-4, "bf16": 6e-2}
+
+
+def hf_only(folder, check_file) -> dict:
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "hf_only_check.py"), str(folder), str(check_file)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -59,7 +59,7 @@ def test_free_space_is_checked_against_the_last_checkpoint(tmp_path, monkeypatch
 class _FakeEngine:
     """Writes one shard per save, as DeepSpeed's engine does into CKPT/TAG/."""
 
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters=False):
         assert save_latest is False
         path = Path(save_dir) / tag
         path.mkdir(parents=True, exist_ok=True)

@@ -3,31 +3,15 @@
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from launch import REPO, launch, run_python
-from test_pretrain import ds_json, pretrain_args
+from launch import TOLERANCE, ds_json, hf_only, launch, pretrain_args, run_python
 from transformers import AutoModelForCausalLM
 
 from gpt_recipes.checkpoint import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
-
-# Exported logits against the trained engine's on the same batch. fp32: rounding level.
-# bf16: both sides run the same bf16 weights through the same kernels, so they agree up to
-# bf16 rounding of the logits (|logit| < ~10, bf16 spacing there 2^-5 to 2^-4).
-TOLERANCE = {"fp32": 1e-4, "bf16": 6e-2}
-
-
-def hf_only(folder, check_file) -> dict:
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "hf_only_check.py"), str(folder), str(check_file)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 @pytest.mark.parametrize("stage, family, precision", [(0, "gpt2", "bf16"), (2, "llama", "fp32"), (3, "llama", "bf16")])
 def test_recipe_export_round_trip(tmp_path, tiny_data, tiny_model, tiny_llama, stage, family, precision):

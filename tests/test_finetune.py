@@ -4,9 +4,7 @@ import json
 import os
 
 import pytest
-from launch import launch, read_metrics, run_python
-from test_export import TOLERANCE, hf_only
-from test_pretrain import ds_json, pretrain_args
+from launch import TOLERANCE, ds_json, hf_only, launch, pretrain_args, read_metrics, run_python
 from transformers import AutoTokenizer
 
 from conftest import TINY_GPT2

@@ -6,8 +6,7 @@ import re
 import signal
 
 import pytest
-from launch import Background, launch, read_metrics
-from test_pretrain import ds_json, pretrain_args
+from launch import Background, ds_json, launch, pretrain_args, read_metrics
 
 from gpt_recipes.checkpoint import is_complete
 

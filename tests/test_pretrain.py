@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from launch import REPO, launch, read_metrics, run_python
+from launch import REPO, ds_json, launch, pretrain_args, read_metrics, run_python
 
 from gpt_recipes.checkpoint import consolidated_state_dict
 
@@ -17,29 +17,6 @@ pytestmark = pytest.mark.slow
 # losses within 1e-6, gradient norms within 2e-6 (relative), weights within 8e-6.
 CLIPPED_PARITY_TOL = 2e-5
 CLIPPED_WEIGHT_TOL = 5e-5
-
-
-def ds_json(tmp_path, stage: int, micro: int, accum: int = 1, fp32: bool = False, clip: bool = False,
-            name: str = "") -> str:
-    """A copy of ds_configs/zero<stage>.json with the batch layout (and precision) of a test.
-
-    fp32 runs drop gradient clipping unless `clip`: same-layout comparisons (resume, launchers)
-    are then bit-level, with no partition-order drift in the clipping norm."""
-    cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
-    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
-    cfg["optimizer"]["params"]["lr"] = 3e-3  # the tiny test model learns visibly in a few steps
-    if fp32:
-        cfg.pop("bf16")
-        if not clip:
-            cfg.pop("gradient_clipping")
-    path = tmp_path / f"ds_zero{stage}_{micro}x{accum}{'_fp32' if fp32 else ''}{'_clip' if clip else ''}{name}.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
-
-
-def pretrain_args(cfg: str, data, model, out, steps: int, *extra: str) -> list[str]:
-    return ["--deepspeed_config", cfg, "--data", str(data), "--model", str(model), "--output_dir", str(out),
-            "--max_steps", str(steps), *extra]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

@@ -5,8 +5,7 @@ import os
 import shutil
 
 import pytest
-from launch import launch, read_metrics
-from test_pretrain import ds_json, pretrain_args
+from launch import ds_json, launch, pretrain_args, read_metrics
 
 from gpt_recipes.checkpoint import complete_tags, consolidated_state_dict, is_complete
 

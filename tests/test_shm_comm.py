@@ -3,8 +3,7 @@
 import json
 
 import pytest
-from launch import launch, read_metrics
-from test_pretrain import ds_json, pretrain_args
+from launch import ds_json, launch, pretrain_args, read_metrics
 
 from gpt_recipes.shm_comm import unavailable
 

@@ -3,8 +3,7 @@
 import json
 
 import pytest
-from launch import run_python
-from test_pretrain import ds_json
+from launch import ds_json, run_python
 
 pytestmark = pytest.mark.slow
 
