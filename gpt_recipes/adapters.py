@@ -166,9 +166,13 @@ def plan_adapter(args: AdapterArgs, model_config: PretrainedConfig, base: str) -
                             "of that name")
     local = Path(base)
     base = str(local.resolve()) if local.is_dir() else base
+    from transformers.pytorch_utils import Conv1D
+
+    # GPT-2's Conv1D layers store their weight transposed; peft must be told (it warns and sets it otherwise).
+    transposed = any(isinstance(m, Conv1D) for n, m in meta_model.named_modules() if n.rsplit(".", 1)[-1] in targets)
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets, modules_to_save=to_save, bias="none", task_type="CAUSAL_LM",
-                        base_model_name_or_path=base)
+                        fan_in_fan_out=transposed, base_model_name_or_path=base)
     return AdapterPlan(config, base, weights_fingerprint(base))
 
 

@@ -6,7 +6,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # the launch helper module
 
+from launch import ds_json, launch, pretrain_args  # noqa: E402
+
 from gpt_recipes.prepare import PrepareOptions, prepare  # noqa: E402
+from gpt_recipes.sft_demo import build  # noqa: E402
 from gpt_recipes.sources import default_corpus_files  # noqa: E402
 
 # A tiny GPT-2 so multi-rank runs take seconds: real text, real tokenizer, real engine.
@@ -45,3 +48,23 @@ def tiny_llama(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny_llama.json"
     path.write_text(json.dumps(TINY_LLAMA))
     return path
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, tiny_data):
+    """A tiny GPT-2 pretrained on 2 ranks and exported with --export_hf (context 128)."""
+    tmp = tmp_path_factory.mktemp("pretrained")
+    model = tmp / "model.json"
+    model.write_text(json.dumps({**TINY_GPT2, "n_positions": 128}))
+    launch("recipes/pretrain.py", pretrain_args(ds_json(tmp, 2, micro=4), tiny_data, model, tmp / "run", 40,
+                                                "--seq_len", "64", "--eval_interval", "0",
+                                                "--export_hf", str(tmp / "hf")))
+    return tmp / "hf"
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft_demo")
+    counts = build(out)
+    assert counts["train"] > 1000 and counts["val"] >= 300
+    return out

@@ -1,6 +1,10 @@
-"""Load an exported folder with nothing but transformers, in its own process, and report what it computes.
+"""Load an exported folder with nothing but transformers (and peft for an adapter), in its own process,
+and report what it computes.
 
-usage: python hf_only_check.py EXPORT_DIR EXPORT_CHECK_PT   (prints one JSON line)
+usage: python hf_only_check.py EXPORT_DIR EXPORT_CHECK_PT [--adapter]   (prints one JSON line)
+
+With --adapter, EXPORT_DIR is a LoRA adapter: its base (named in adapter_config.json) is loaded
+at the trained engine's dtype and peft.PeftModel.from_pretrained puts the adapter on it.
 """
 
 import json
@@ -10,15 +14,24 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 folder, check_file = sys.argv[1], sys.argv[2]
+adapter = "--adapter" in sys.argv[3:]
 check = torch.load(check_file)
-model = AutoModelForCausalLM.from_pretrained(folder).eval()
+if adapter:
+    from peft import PeftConfig, PeftModel
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[check["dtype"]]
+    base = AutoModelForCausalLM.from_pretrained(PeftConfig.from_pretrained(folder).base_model_name_or_path, dtype=dtype)
+    model = PeftModel.from_pretrained(base, folder).eval()
+else:
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
 tokenizer = AutoTokenizer.from_pretrained(folder)
 with torch.no_grad():
     logits = model(input_ids=check["input_ids"]).logits.float()
     prompt_len = check["generated"].shape[1] - 16
-    generated = model.generate(check["input_ids"][:1, :prompt_len], max_new_tokens=16, min_new_tokens=16,
+    generated = model.generate(input_ids=check["input_ids"][:1, :prompt_len], max_new_tokens=16, min_new_tokens=16,
                                do_sample=False)
-text = pipeline("text-generation", model=folder)("def main(", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+text = pipeline("text-generation", model=model, tokenizer=tokenizer)("def main(", max_new_tokens=8,
+                                                                     do_sample=False)[0]["generated_text"]
 print(json.dumps({
     "max_logit_diff": (logits - check["logits"]).abs().max().item(),
     "same_greedy_tokens": torch.equal(generated, check["generated"]),

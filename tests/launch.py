@@ -177,8 +177,9 @@ def pretrain_args(cfg: str, data, model, out, steps: int, *extra: str) -> list[s
 TOLERANCE = {"fp32": 1e-4, "bf16": 6e-2}
 
 
-def hf_only(folder, check_file) -> dict:
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "hf_only_check.py"), str(folder), str(check_file)],
-                          capture_output=True, text=True, timeout=300)
+def hf_only(folder, check_file, adapter: bool = False) -> dict:
+    """What hf_only_check.py reports for an exported folder (or, with adapter, a LoRA adapter on its base)."""
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "hf_only_check.py"), str(folder), str(check_file),
+                           *(["--adapter"] if adapter else [])], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -4,33 +4,10 @@ import json
 import os
 
 import pytest
-from launch import TOLERANCE, ds_json, hf_only, launch, pretrain_args, read_metrics, run_python
+from launch import TOLERANCE, ds_json, hf_only, launch, read_metrics, run_python
 from transformers import AutoTokenizer
 
-from conftest import TINY_GPT2
-from gpt_recipes.sft_demo import build
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, tiny_data):
-    """A tiny GPT-2 pretrained on 2 ranks and exported with --export_hf (context 128)."""
-    tmp = tmp_path_factory.mktemp("pretrained")
-    model = tmp / "model.json"
-    model.write_text(json.dumps({**TINY_GPT2, "n_positions": 128}))
-    launch("recipes/pretrain.py", pretrain_args(ds_json(tmp, 2, micro=4), tiny_data, model, tmp / "run", 40,
-                                                "--seq_len", "64", "--eval_interval", "0",
-                                                "--export_hf", str(tmp / "hf")))
-    return tmp / "hf"
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft_demo")
-    counts = build(out)
-    assert counts["train"] > 1000 and counts["val"] >= 300
-    return out
 
 
 @pytest.mark.parametrize("stage, pack", [(3, False), (2, True)])
