@@ -26,6 +26,18 @@ ADAPTER_CONFIG = "adapter_config.json"  # peft's file name, in checkpoints and a
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+def add_adapters(model: torch.nn.Module, config):
+    """peft.get_peft_model, without the deprecation warning peft 0.21 triggers in transformers 5
+    (it asks for is_gradient_checkpointing, renamed is_activation_checkpointing)."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
 def requested_targets(names: list[str] | None) -> list[str] | str:
     """--lora_target_modules as peft takes it: a list of names (split at commas too), or "all-linear"."""
     if not names:
@@ -116,13 +128,11 @@ class AdapterPlan:
 
     def wrap(self, model: PreTrainedModel, seed: int):
         """The base model with adapters in place and every base parameter frozen."""
-        from peft import get_peft_model
-
         # Draw the adapters' initial weights from the seed alone: under ZeRO-3 building the
         # base partitioned consumes other random numbers than building it whole.
         torch.manual_seed(seed)
         try:
-            return get_peft_model(model, copy.deepcopy(self.config))
+            return add_adapters(model, copy.deepcopy(self.config))
         except (ValueError, TypeError) as err:
             raise UserError(f"peft cannot add LoRA adapters to this {model.config.model_type} model: {first_line(err)}")
 
@@ -135,14 +145,8 @@ class AdapterPlan:
                 **({"trainable_parameters": trainable} if trainable is not None else {})}
 
 
-def plan_adapter(args: AdapterArgs, model_config: PretrainedConfig, base: str) -> AdapterPlan | None:
-    """The LoRA setup the flags ask for, checked on a meta-device build of the model; None without --use_peft."""
-    lora_flags = [f"--{name}" for name in ("lora_target_modules", "lora_modules_to_save", "export_adapter")
-                  if getattr(args, name)]
-    if not args.use_peft:
-        if lora_flags:
-            raise UserError(f"{', '.join(lora_flags)} needs --use_peft")
-        return None
+def lora_config(args: AdapterArgs, model_config: PretrainedConfig, where: str, base: str | None = None):
+    """peft's LoraConfig for the flags, checked against a meta-device build of the model (no memory)."""
     if args.lora_r < 1:
         raise UserError(f"--lora_r must be at least 1, got {args.lora_r}")
     if not args.lora_alpha > 0:
@@ -150,12 +154,13 @@ def plan_adapter(args: AdapterArgs, model_config: PretrainedConfig, base: str) -
     if not 0 <= args.lora_dropout < 1:
         raise UserError(f"--lora_dropout must lie in [0, 1), got {args.lora_dropout}")
     from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
 
     from .models import _causal_lm_class
 
     with torch.device("meta"):
         meta_model = _causal_lm_class(model_config)._from_config(model_config, attn_implementation="sdpa")
-    where = f"{base} ({model_config.model_type})"
+    where = f"{where} ({model_config.model_type})"
     targets = resolve_targets(meta_model, requested_targets(args.lora_target_modules), where)
     to_save = requested_targets(args.lora_modules_to_save) if args.lora_modules_to_save else None
     if to_save is not None:
@@ -164,15 +169,23 @@ def plan_adapter(args: AdapterArgs, model_config: PretrainedConfig, base: str) -
         if to_save == ALL_LINEAR or unknown:
             raise UserError(f"--lora_modules_to_save {unknown[0] if unknown else ALL_LINEAR}: {where} has no module "
                             "of that name")
-    local = Path(base)
-    base = str(local.resolve()) if local.is_dir() else base
-    from transformers.pytorch_utils import Conv1D
-
     # GPT-2's Conv1D layers store their weight transposed; peft must be told (it warns and sets it otherwise).
     transposed = any(isinstance(m, Conv1D) for n, m in meta_model.named_modules() if n.rsplit(".", 1)[-1] in targets)
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=targets, modules_to_save=to_save, bias="none", task_type="CAUSAL_LM",
-                        fan_in_fan_out=transposed, base_model_name_or_path=base)
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=targets, modules_to_save=to_save, bias="none", task_type="CAUSAL_LM",
+                      fan_in_fan_out=transposed, base_model_name_or_path=base)
+
+
+def plan_adapter(args: AdapterArgs, model_config: PretrainedConfig, base: str) -> AdapterPlan | None:
+    """The LoRA setup the flags ask for, with the base's fingerprint; None without --use_peft."""
+    lora_flags = [f"--{name}" for name in ("lora_target_modules", "lora_modules_to_save", "export_adapter")
+                  if getattr(args, name)]
+    if not args.use_peft:
+        if lora_flags:
+            raise UserError(f"{', '.join(lora_flags)} needs --use_peft")
+        return None
+    base = str(Path(base).resolve()) if Path(base).is_dir() else base
+    config = lora_config(args, model_config, base, base)
     return AdapterPlan(config, base, weights_fingerprint(base))
 
 
@@ -253,13 +266,13 @@ def find_base(info: dict[str, Any], override: str | None, where: Path) -> str:
 def load_adapted(base: str, adapter_config_dir: Path, adapter_state: dict[str, torch.Tensor], where: Path,
                  dtype: torch.dtype = torch.float32):
     """The base model with a checkpoint's trained adapter weights (peft's PeftModel), in eval mode."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation="sdpa")
     config = LoraConfig.from_pretrained(adapter_config_dir)
     config.inference_mode = True
-    adapted = get_peft_model(model, config)
+    adapted = add_adapters(model, config)
     missing, unexpected = adapted.load_state_dict(adapter_state, strict=False)
     trained = {name for name, p in adapted.named_parameters() if "lora_" in name or "modules_to_save" in name}
     not_loaded = sorted(trained & set(missing))

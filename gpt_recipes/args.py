@@ -228,6 +228,10 @@ class PlanMemoryArgs:
                                       "train_micro_batch_size_per_gpu)")
     vocab_size: int = flag(8192, "vocabulary size, unless the model config states one")
     activation_checkpointing: bool = flag(False, "plan for --activation_checkpointing")
+    lora_r: Optional[int] = flag(None, "plan for LoRA adapters of this rank (recipes/finetune.py --use_peft): only "
+                                 "they have gradients and optimizer state")
+    lora_target_modules: Optional[list[str]] = flag(None, "with --lora_r: the adapted modules, as for "
+                                                    "recipes/finetune.py (default: all-linear)")
     configs: list[str] = flag(["ds_configs/*.json"], "DeepSpeed JSON files or globs to compare")
 
 

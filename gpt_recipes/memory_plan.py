@@ -9,7 +9,8 @@ because they are visible in measurements: its stage-1 optimizer reduce-scatters 
 into partitions just like stage 2, and stage 3 keeps a gradient bucket of
 reduce_bucket_size elements and keeps parameters below stage3_param_persistence_threshold
 whole on every rank. Offloading moves the optimizer state (and under stage 3 optionally
-the parameters) to host memory.
+the parameters) to host memory. With LoRA only the adapters have gradients and optimizer
+state; the frozen base costs its weights alone (partitioned under stage 3).
 
 Activations are not guessed from a formula: one forward pass of the real model class is
 traced on the meta device (no memory used) and the tensors autograd saves for backward
@@ -71,10 +72,15 @@ class Layout:
 @dataclass(frozen=True)
 class ModelSizes:
     numels: tuple[int, ...]  # every parameter tensor, tied ones once
+    trainable_numels: tuple[int, ...] | None = None  # those that train, when not all (LoRA)
 
     @property
     def total(self) -> int:
         return sum(self.numels)
+
+    @property
+    def trainable(self) -> int:
+        return self.total if self.trainable_numels is None else sum(self.trainable_numels)
 
     @property
     def largest(self) -> int:
@@ -105,18 +111,29 @@ class Estimate:
         return self.model_states + self.activations
 
 
-def model_sizes(config: PretrainedConfig) -> ModelSizes:
+def _meta_model(config: PretrainedConfig, lora: Any = None) -> torch.nn.Module:
+    """The model on the meta device (no memory), with LoRA adapters when `lora` (a peft LoraConfig) is given."""
     from .models import build_model
 
     with torch.device("meta"):
         model = build_model(config)
-    return ModelSizes(tuple(p.numel() for p in model.parameters()))
+        if lora is not None:
+            from .adapters import add_adapters
+
+            model = add_adapters(model, lora)
+    return model
+
+
+def model_sizes(config: PretrainedConfig, lora: Any = None) -> ModelSizes:
+    params = list(_meta_model(config, lora).parameters())
+    trainable = tuple(p.numel() for p in params if p.requires_grad) if lora is not None else None
+    return ModelSizes(tuple(p.numel() for p in params), trainable)
 
 
 def estimate(layout: Layout, sizes: ModelSizes, ranks: int, activations: float) -> Estimate:
     w, g, o = BYTES_PER_PARAM[layout.precision]
     psi, n = sizes.total, ranks
-    params, grads, optimizer, buffers, host = w * psi, g * psi, o * psi, 0.0, 0.0
+    params, grads, optimizer, buffers, host = w * psi, g * sizes.trainable, o * sizes.trainable, 0.0, 0.0
     if layout.stage >= 1:
         optimizer /= n
         grads /= n  # DeepSpeed's stage 1 reduce-scatters gradients too
@@ -137,8 +154,11 @@ def deepspeed_estimate(layout: Layout, sizes: ModelSizes, ranks_per_node: int, n
     """DeepSpeed's own model-state estimators (stages 2 and 3 only): (device, host per node) bytes.
 
     They assume mixed precision and count, besides the paper's terms, fp32 gradients and a
-    1.5x host buffer factor, so they read higher than `estimate`.
+    1.5x host buffer factor, so they read higher than `estimate`. They assume every parameter
+    trains, so there is none for LoRA.
     """
+    if sizes.trainable_numels is not None:
+        return None
     if layout.stage == 2:
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -178,18 +198,17 @@ def _fused_sdpa(query, key, value, *args, **kwargs):
 
 
 def activation_bytes(config: PretrainedConfig, micro_batch: int, seq_len: int, precision: str,
-                     checkpointing: bool = False, fused_loss: bool = True) -> float:
+                     checkpointing: bool = False, fused_loss: bool = True, lora: Any = None) -> float:
     """Bytes autograd keeps for one micro-batch's forward and loss, traced on the meta device.
 
     fused_loss: the recipe's fused output layer and loss where the model allows it (it
     keeps the output weight's gradient instead of the logits); pass False under ZeRO-3.
     """
     from .loss import CausalLMLoss, fused_unavailable
-    from .models import build_model, enable_activation_checkpointing
+    from .models import enable_activation_checkpointing
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    with torch.device("meta"):
-        model = build_model(config).to(dtype)
+    model = _meta_model(config, lora).to(dtype)
     if checkpointing:
         enable_activation_checkpointing(model)
     model.train()

@@ -168,3 +168,23 @@ def test_plan_memory_tool(tmp_path):
     assert proc.returncode == 0 and "Nothing fits" in proc.stdout
     proc = run_python("tools/plan_memory.py", ["--configs", str(tmp_path / "nope.json")])
     assert proc.returncode == 2 and proc.stderr.startswith("error:")
+
+
+def test_lora_plans_weights_for_the_frozen_base_and_full_states_for_the_adapters(tmp_path):
+    from conftest import TINY_GPT2
+
+    from gpt_recipes.adapters import lora_config
+    from gpt_recipes.args import AdapterArgs
+
+    adapters_only = ModelSizes((PSI, PSI // 100), trainable_numels=(PSI // 100,))
+    e = estimate(layout(2), adapters_only, 2, 0.0)
+    assert e.params == 2 * adapters_only.total
+    assert e.grads == 2 * PSI // 100 / 2 and e.optimizer == 12 * PSI // 100 / 2
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY_GPT2))
+    config = build_config(str(path), vocab_size=512, eos_token_id=0)
+    lora = lora_config(AdapterArgs(use_peft=True, lora_r=4), config, "tiny")
+    sizes = model_sizes(config, lora)
+    # Per block, r x (in + out) for c_attn 64->192, attn c_proj 64->64, c_fc 64->256, mlp c_proj 256->64.
+    assert sizes.trainable == 2 * 4 * (256 + 128 + 320 + 320)
+    assert sizes.total == model_sizes(config).total + sizes.trainable

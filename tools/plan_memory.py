@@ -3,6 +3,7 @@
 
     python tools/plan_memory.py --model gpt2-medium --ranks 2                # CPU ranks, this machine
     python tools/plan_memory.py --model llama-1b --ranks 8 --nodes 2 --gpu_mem 80 --seq_len 2048
+    python tools/plan_memory.py --model llama-1b --ranks 2 --gpu_mem 24 --lora_r 16     # LoRA fine-tuning
 
 Model states follow the ZeRO paper's accounting plus DeepSpeed's buffers; DeepSpeed's own
 estimators are shown beside them for stages 2 and 3. Activations come from tracing one
@@ -16,7 +17,8 @@ import glob
 import os
 from pathlib import Path
 
-from gpt_recipes.args import PlanMemoryArgs, parse_args
+from gpt_recipes.adapters import lora_config
+from gpt_recipes.args import AdapterArgs, PlanMemoryArgs, parse_args
 from gpt_recipes.ds_config import load_config
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.memory_plan import GiB, HEADROOM, Layout, activation_bytes, model_sizes, plan, recommend
@@ -35,8 +37,7 @@ def config_files(patterns: list[str]) -> list[Path]:
     return files
 
 
-def gib(value: float) -> str:
-    return f"{value / GiB:.2f}"
+UNITS = {"GiB": GiB, "MiB": 2**20}
 
 
 @cli_entry
@@ -50,7 +51,13 @@ def main() -> None:
             raise UserError(f"--{name} must be positive, got {value}")
     config = build_config(args.model, args.vocab_size, eos_token_id=0)
     seq_len = check_seq_len(config, args.seq_len)
-    sizes = model_sizes(config)
+    lora = None
+    if args.lora_r is not None:
+        lora = lora_config(AdapterArgs(use_peft=True, lora_r=args.lora_r, lora_target_modules=args.lora_target_modules),
+                           config, args.model)
+    elif args.lora_target_modules:
+        raise UserError("--lora_target_modules needs --lora_r")
+    sizes = model_sizes(config, lora)
     layouts = []
     for path in config_files(args.configs):
         layout = Layout.from_config(path.stem, load_config(path))
@@ -64,7 +71,8 @@ def main() -> None:
         key = (layout.precision, layout.micro_batch, layout.stage < 3)
         if key not in traced:
             traced[key] = activation_bytes(config, layout.micro_batch, seq_len, layout.precision,
-                                           args.activation_checkpointing, fused_loss=key[2]) / layout.micro_batch
+                                           args.activation_checkpointing, fused_loss=key[2],
+                                           lora=lora) / layout.micro_batch
         return traced[key]
 
     host = args.host_mem * GiB if args.host_mem else host_memory_bytes()
@@ -77,7 +85,14 @@ def main() -> None:
     print(f"{args.model}: {sizes.total / 1e6:.1f}M parameters, seq_len {seq_len}; {args.ranks} rank(s) per node x "
           f"{args.nodes} node(s) ({where}; host {host / GiB:.1f} GiB per node)"
           f"{'; activation checkpointing' if args.activation_checkpointing else ''}")
-    print("GiB per rank | params grads optim buffers = model states | activations (micro-batch) | offloaded to host "
+    if lora is not None:
+        print(f"LoRA r {lora.r} on {', '.join(sorted(lora.target_modules))}: {sizes.trainable / 1e6:.2f}M trainable "
+              f"parameters ({sizes.trainable / sizes.total:.2%}); the base has weights only (DeepSpeed's estimators "
+              "assume every parameter trains, so they are not shown)")
+    # Small models read in MiB: at two decimals of a GiB their model states would all be 0.00.
+    unit = "GiB" if max(row.need for row in rows) >= GiB else "MiB"
+    size = lambda value: f"{value / UNITS[unit]:.2f}" if unit == "GiB" else f"{value / UNITS[unit]:.1f}"  # noqa: E731
+    print(f"{unit} per rank | params grads optim buffers = model states | activations (micro-batch) | offloaded to host "
           f"| DeepSpeed's estimate device/host-per-node | need (x{HEADROOM['cuda' if device else 'cpu']} + runtime) | fits")
     header = (f"{'config':15s} {'ZeRO':>4s} {'prec':>4s} {'params':>7s} {'grads':>6s} {'optim':>6s} {'buffers':>7s} "
               f"{'states':>7s} {'activ':>6s} {'mb':>3s} {'host':>6s} {'DeepSpeed':>13s} {'need':>7s}  fits")
@@ -85,10 +100,10 @@ def main() -> None:
     print("-" * len(header))
     for row in rows:
         e, layout = row.estimate, row.estimate.layout
-        ds = f"{gib(row.deepspeed[0])}/{gib(row.deepspeed[1])}" if row.deepspeed else "-"
-        print(f"{layout.name:15s} {layout.stage:>4d} {layout.precision:>4s} {gib(e.params):>7s} {gib(e.grads):>6s} "
-              f"{gib(e.optimizer):>6s} {gib(e.buffers):>7s} {gib(e.model_states):>7s} {gib(e.activations):>6s} "
-              f"{layout.micro_batch:>3d} {gib(e.host):>6s} {ds:>13s} {gib(row.need):>7s}  "
+        ds = f"{size(row.deepspeed[0])}/{size(row.deepspeed[1])}" if row.deepspeed else "-"
+        print(f"{layout.name:15s} {layout.stage:>4d} {layout.precision:>4s} {size(e.params):>7s} {size(e.grads):>6s} "
+              f"{size(e.optimizer):>6s} {size(e.buffers):>7s} {size(e.model_states):>7s} {size(e.activations):>6s} "
+              f"{layout.micro_batch:>3d} {size(e.host):>6s} {ds:>13s} {size(row.need):>7s}  "
               f"{'yes' if row.fits else 'no'}")
     best = recommend(rows)
     if best is None:
