@@ -3,7 +3,7 @@
 PYTHON ?= python3
 RANKS ?= 2
 
-.PHONY: install data quickstart finetune-demo test test-quick
+.PHONY: install data quickstart finetune-demo lora-demo test test-quick
 
 install:
 	$(PYTHON) -m pip install -r requirements.txt
@@ -23,6 +23,15 @@ finetune-demo:
 		--model_name_or_path exported/quickstart --data data/sft_demo/train.jsonl --output_dir runs/finetune \
 		--max_steps 150 --overwrite --export_hf exported/finetuned
 	$(PYTHON) tools/generate.py exported/finetuned --chat --max_new_tokens 40 \
+		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
+
+# The same task with LoRA adapters on the frozen quickstart model: merged model and adapter exported.
+lora-demo:
+	deepspeed --num_gpus $(RANKS) recipes/finetune.py --deepspeed_config ds_configs/zero3.json \
+		--model_name_or_path exported/quickstart --data data/sft_demo/train.jsonl --output_dir runs/lora \
+		--use_peft --lora_r 16 --max_steps 150 --overwrite --export_hf exported/lora_merged \
+		--export_adapter exported/lora_adapter
+	$(PYTHON) tools/generate.py exported/lora_merged --chat --max_new_tokens 40 \
 		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
 
 test: install

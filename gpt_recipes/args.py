@@ -264,3 +264,19 @@ class SweepArgs:
     markdown: bool = flag(False, "print the table as Markdown")
     plots: bool = flag(True, "write the comparison plots into OUTPUT_DIR")
     overwrite: bool = flag(False, "replace run folders left by an earlier sweep")
+
+
+@dataclass
+class CompareLoraArgs:
+    """Fine-tune in full and with LoRA at each ZeRO stage, on the same data and steps, and compare."""
+
+    model_name_or_path: str = flag("exported/quickstart", "Hugging Face model folder to fine-tune")
+    data: str = flag("data/sft_demo/train.jsonl", "fine-tuning rows (the default demo task is built on first use)")
+    stages: list[int] = flag([2, 3], "ZeRO stages to compare (ds_configs/zero<stage>.json each)")
+    ranks: int = flag(2, "ranks per run")
+    max_steps: int = flag(150, "steps per run")
+    lora_r: int = flag(16, "LoRA rank (alpha and dropout at recipes/finetune.py's defaults)")
+    output_dir: str = flag("runs/compare_lora", "one run folder per setting is written under this folder")
+    markdown: bool = flag(False, "print the table as Markdown")
+    overwrite: bool = flag(False, "replace run folders left by an earlier comparison")
+

@@ -1,4 +1,4 @@
-"""Run recipes/pretrain.py once per DeepSpeed config (same model, data and length) for comparison."""
+"""Run a recipe once per DeepSpeed config or setting (same model, data and length) for comparison."""
 
 from __future__ import annotations
 
@@ -25,10 +25,15 @@ class SweepRun:
 
 
 def run_pretrain(config: Path, out_dir: Path, ranks: int, recipe_args: list[str], quiet: bool = False) -> SweepRun:
-    """One `deepspeed --num_gpus RANKS recipes/pretrain.py` run; its output streams through
+    return run_recipe("pretrain", config, out_dir, ranks, recipe_args, quiet)
+
+
+def run_recipe(recipe: str, config: Path, out_dir: Path, ranks: int, recipe_args: list[str],
+               quiet: bool = False) -> SweepRun:
+    """One `deepspeed --num_gpus RANKS recipes/<recipe>.py` run; its output streams through
     (or only the recipe's own lines when quiet)."""
     port = str(free_port())
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, str(REPO / "recipes" / "pretrain.py"),
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, str(REPO / "recipes" / f"{recipe}.py"),
            "--deepspeed_config", str(config), "--output_dir", str(out_dir), *recipe_args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
@@ -36,7 +41,7 @@ def run_pretrain(config: Path, out_dir: Path, ranks: int, recipe_args: list[str]
             proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             failed = proc.returncode != 0
             for line in proc.stdout.splitlines():
-                if failed or line.startswith(("step ", "Model:", "FLOPs:", "memory,", "error:")):
+                if failed or line.startswith(("step ", "Model:", "LoRA:", "FLOPs:", "memory,", "error:")):
                     print(f"  {line}", flush=True)
         else:
             proc = subprocess.run(cmd, env=env, stdout=sys.stdout, stderr=sys.stderr)

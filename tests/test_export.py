@@ -81,7 +81,8 @@ def _broken_copy(tmp_path, zero2_run, remove):
     return copy
 
 
-@pytest.mark.parametrize("case", ["not a checkpoint", "no such tag", "no config", "no tokenizer", "output exists"])
+@pytest.mark.parametrize("case", ["not a checkpoint", "no such tag", "no config", "no tokenizer", "adapter of a whole model",
+                                  "output exists"])
 def test_bad_inputs(tmp_path, zero2_run, case):
     out = tmp_path / "hf"
     args = [str(zero2_run), str(out)]
@@ -95,6 +96,8 @@ def test_bad_inputs(tmp_path, zero2_run, case):
     elif case == "no tokenizer":
         copy = _broken_copy(tmp_path, zero2_run, ["tokenizer.json", "tokenizer_config.json"])
         args, pattern = [str(copy), str(out)], "has no tokenizer files"
+    elif case == "adapter of a whole model":
+        args, pattern = [*args, "--adapter"], "--adapter: checkpoint .* holds a whole model, not LoRA adapters"
     else:
         out.mkdir()
         (out / "keep.txt").write_text("mine")

@@ -157,3 +157,11 @@ def test_bad_lora_targets_stop_before_any_rank_starts(pretrained, demo, tmp_path
     proc = run_python("recipes/finetune.py", args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_merged_and_adapter_exports_need_folders_of_their_own(pretrained, demo, tmp_path):
+    same = str(tmp_path / "export")
+    args = finetune_args(ds_json(tmp_path, 2, micro=2), pretrained, demo, tmp_path / "out", "--use_peft",
+                         "--export_hf", same, "--export_adapter", same)
+    proc = run_python("recipes/finetune.py", args)
+    assert proc.returncode == 2 and "name the same folder" in proc.stderr.strip().splitlines()[-1]
