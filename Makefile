@@ -3,7 +3,7 @@
 PYTHON ?= python3
 RANKS ?= 2
 
-.PHONY: install data quickstart finetune-demo lora-demo test test-quick
+.PHONY: install data quickstart finetune-demo lora-demo dpo-demo test test-quick
 
 install:
 	$(PYTHON) -m pip install -r requirements.txt
@@ -33,6 +33,13 @@ lora-demo:
 		--export_adapter exported/lora_adapter
 	$(PYTHON) tools/generate.py exported/lora_merged --chat --max_new_tokens 40 \
 		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
+
+# Preference tuning (DPO) of the fine-tuning demo's export on pairs built from the same task:
+# held-out reward accuracy and margin at step 0 and after training are in runs/dpo/metrics.jsonl.
+dpo-demo:
+	deepspeed --num_gpus $(RANKS) recipes/dpo.py --deepspeed_config ds_configs/zero3.json \
+		--model_name_or_path exported/finetuned --data data/dpo_demo/train.jsonl --output_dir runs/dpo \
+		--beta 0.1 --max_steps 100 --eval_interval 50 --eval_batches 19 --overwrite --export_hf exported/dpo
 
 test: install
 	$(PYTHON) -m pytest tests

@@ -155,6 +155,24 @@ class FinetuneArgs(AdapterArgs, RunArgs):
 
 
 @dataclass
+class DPOArgs(AdapterArgs, RunArgs):
+    """Preference-tune a Hugging Face causal LM with DPO on chosen/rejected pairs (sigmoid loss)."""
+
+    model_name_or_path: str = flag("exported/finetuned", "Hugging Face model folder to start from (and the "
+                                   "reference model), usually a fine-tuned one")
+    data: str = flag("data/dpo_demo/train.jsonl",
+                     "JSONL/Parquet file or datasets folder of 'prompt' (or chat 'messages'), 'chosen' and 'rejected' "
+                     "rows (the default demo pairs are built on first use)")
+    val_data: Optional[str] = flag(None, "held-out pairs; default: the demo's val.jsonl, or --val_fraction of --data")
+    val_fraction: float = flag(0.05, "fraction of --data held out when there is no --val_data")
+    beta: float = flag(0.1, "DPO's beta: how far the policy may move from the reference (higher: less)")
+    truncate: bool = flag(False, "cut pairs longer than --seq_len instead of dropping them")
+    pad_to_multiple_of: int = flag(64, "pad each batch to a multiple of this many tokens (at most --seq_len)")
+    output_dir: str = flag("runs/dpo", "folder for metrics.jsonl, config.json, checkpoints/ and the reference "
+                           "log-probabilities")
+
+
+@dataclass
 class PrepareDataArgs:
     """Tokenise text into packed, memory-mappable token files for pretraining.
 

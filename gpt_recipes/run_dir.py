@@ -27,11 +27,12 @@ from .errors import UserError
 from .export import EXPORT_CHECK
 from .folders import check_creatable
 from .metrics import METRICS_FILE
+from .preference import REFERENCE_FILE
 
 RUN_CONFIG_FILE = "config.json"
 LOCK_FILE = ".run.lock"
 # Everything a run writes into its folder: what --overwrite replaces, and nothing else.
-RUN_OUTPUTS = (CHECKPOINT_DIR, METRICS_FILE, RUN_CONFIG_FILE, MONITOR_DIR, EXPORT_CHECK)
+RUN_OUTPUTS = (CHECKPOINT_DIR, METRICS_FILE, RUN_CONFIG_FILE, MONITOR_DIR, EXPORT_CHECK, REFERENCE_FILE)
 
 
 @dataclass(frozen=True)

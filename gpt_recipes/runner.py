@@ -62,6 +62,10 @@ class Job:
     build_model: Callable[[], PreTrainedModel]
     record: dict[str, Any] = field(default_factory=dict)  # extra facts for OUT/config.json
     adapter: AdapterPlan | None = None  # LoRA: build_model returns the base with adapters in place
+    # Another objective than next-token loss (DPO): its loss, given the model and ZeRO stage, and
+    # what must run once the engine exists and before the first step (the reference pass).
+    make_loss: Callable[[PreTrainedModel, int], Any] | None = None
+    before_training: Callable[[Any, int], None] | None = None  # (engine, resumed step)
 
 
 def plan_run(args: RunArgs) -> RunPlan:
@@ -231,7 +235,8 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     if job.adapter is not None:
         adapters.leave_base_out_of_checkpoints(engine)
         base_digest = adapters.frozen_digest(engine.module)
-    loss_fn = build_loss(args, run, job, engine.module, stage)
+    loss_fn = build_loss(args, run, job, engine.module, stage) if job.make_loss is None else job.make_loss(
+        engine.module, stage)
 
     flops_per_token, peak, _ = throughput_basis(args, run, job)
     state = TrainState()
@@ -257,6 +262,8 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         })
     metrics = MetricsLog(run.out_dir, env.is_main, resume_step=state.step if resume_tag else None,
                          monitor=engine.monitor)
+    if job.before_training is not None:
+        job.before_training(engine, state.step)
 
     loop = LoopConfig(max_steps=args.max_steps, seq_len=job.seq_len, log_interval=args.log_interval,
                       eval_interval=args.eval_interval, save_interval=args.save_interval, out_dir=run.out_dir,

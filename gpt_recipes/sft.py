@@ -75,6 +75,24 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
     return ds.to_list()
 
 
+def read_split(data: str, val_data: str | None, val_fraction: float) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+    """(train rows, validation rows), each row with a 'file row N' label for error messages: --val_data,
+    else a val.jsonl beside a train.jsonl, else the first --val_fraction of the rows."""
+    labelled = lambda path: [(f"{path} row {i + 1}", row) for i, row in enumerate(load_rows(path))]  # noqa: E731
+    rows = labelled(data)
+    val_path = val_data
+    if val_path is None and Path(data).name == "train.jsonl" and (Path(data).parent / "val.jsonl").is_file():
+        val_path = str(Path(data).parent / "val.jsonl")
+    if val_path:
+        return rows, labelled(val_path)
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val_fraction must lie between 0 and 1, got {val_fraction}")
+    held = max(1, round(val_fraction * len(rows)))
+    if held >= len(rows):
+        raise UserError(f"{data} holds {len(rows)} rows: too few to hold out a validation set")
+    return rows[held:], rows[:held]
+
+
 def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     """A row as a list of messages; a one-line UserError naming `where` (file and row) if malformed."""
     if "messages" in row and row["messages"] is not None:
@@ -119,8 +137,9 @@ def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool, 
         raise UserError(f"{where}: the chat template failed to render: {first_line(err)}")
 
 
-def encode(tokenizer, messages: list[dict[str, str]], where: str) -> Example:
-    """Token ids of a conversation and which of them are the assistant's responses.
+def encode(tokenizer, messages: list[dict[str, str]], where: str, last_turn_only: bool = False) -> Example:
+    """Token ids of a conversation and which of them are the assistant's responses (with
+    last_turn_only, the final assistant turn's alone: earlier ones are context).
 
     The whole conversation is rendered and tokenised once, as generation would see it; the
     assistant spans are found by rendering incrementally (the prompt up to each answer with
@@ -138,6 +157,8 @@ def encode(tokenizer, messages: list[dict[str, str]], where: str) -> Example:
             raise UserError(f"{where}: the chat template does not render conversations incrementally "
                             "(a shorter conversation's text is not a prefix of a longer one's)")
         spans.append((len(head), len(upto)))
+    if last_turn_only:
+        spans = spans[-1:]
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     starts = np.asarray([start for start, _ in enc["offset_mapping"]], dtype=np.int64)
     is_response = np.zeros(len(starts), dtype=bool)

@@ -82,19 +82,58 @@ def build(out_dir: Path, val_rows: int = 300, seed: int = 0) -> dict[str, int]:
     return counts
 
 
+def build_preferences(sft_dir: Path, out_dir: Path, seed: int = 0) -> dict[str, int]:
+    """Preference pairs from the demo task's rows: the function's own first docstring sentence is
+    chosen, another function's (of the same module where it has one) rejected. The splits keep
+    the task's: validation pairs come from modules training never sees."""
+    rng = random.Random(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in ("train", "val"):
+        rows = [json.loads(line) for line in (sft_dir / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+        questions = [r["messages"][0]["content"] for r in rows]
+        answers = [r["messages"][1]["content"] for r in rows]
+        by_module: dict[str, list[int]] = {}
+        for i, question in enumerate(questions):
+            by_module.setdefault(question.split(" module,")[0], []).append(i)
+        pairs = []
+        for i, question in enumerate(questions):
+            peers = [j for j in by_module[question.split(" module,")[0]] if answers[j] != answers[i]]
+            others = peers or [j for j in rng.sample(range(len(rows)), min(20, len(rows))) if answers[j] != answers[i]]
+            if others:
+                pairs.append({"prompt": question, "chosen": answers[i], "rejected": answers[rng.choice(others)]})
+        with (out_dir / f"{split}.jsonl").open("w") as f:
+            f.writelines(json.dumps(pair) + "\n" for pair in pairs)
+        counts[split] = len(pairs)
+    return counts
+
+
 DEFAULT_DIR = Path("data/sft_demo")
+PREFERENCE_DIR = Path("data/dpo_demo")
 
 
-def ensure_demo(train_path: str) -> None:
-    """Build the demo task on first use when the default path is asked for (ranks take turns)."""
+def _built_once(default_dir: Path, train_path: str, build_fn, what: str) -> None:
+    """Build a demo folder on first use when its default path is asked for (ranks take turns)."""
     path = Path(train_path)
-    if path.is_file() or path.resolve() != (DEFAULT_DIR / "train.jsonl").resolve():
+    if path.is_file() or path.resolve() != (default_dir / "train.jsonl").resolve():
         return
     import fcntl
 
-    DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
-    with open(DEFAULT_DIR.parent / f".{DEFAULT_DIR.name}.lock", "w") as lock:
+    default_dir.mkdir(parents=True, exist_ok=True)
+    with open(default_dir.parent / f".{default_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.is_file():
-            counts = build(DEFAULT_DIR)
-            print(f"Built the demo fine-tuning task in {DEFAULT_DIR}: {counts['train']} train, {counts['val']} val rows")
+            counts = build_fn(default_dir)
+            print(f"Built the {what} in {default_dir}: {counts['train']} train, {counts['val']} val rows")
+
+
+def ensure_demo(train_path: str) -> None:
+    """The demo fine-tuning task, built on first use."""
+    _built_once(DEFAULT_DIR, train_path, build, "demo fine-tuning task")
+
+
+def ensure_preference_demo(train_path: str) -> None:
+    """The demo preference pairs (and the task they come from), built on first use."""
+    if Path(train_path).resolve() == (PREFERENCE_DIR / "train.jsonl").resolve():
+        ensure_demo(str(DEFAULT_DIR / "train.jsonl"))
+    _built_once(PREFERENCE_DIR, train_path, lambda out: build_preferences(DEFAULT_DIR, out), "demo preference pairs")

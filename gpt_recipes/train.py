@@ -87,17 +87,20 @@ def _to_device(batch: tuple[dict[str, torch.Tensor], torch.Tensor], device: torc
 
 
 @torch.no_grad()
-def evaluate(engine, batches: Batches, loss_fn: CausalLMLoss) -> float:
-    """Mean loss per target token over all ranks' validation samples."""
+def evaluate(engine, batches: Batches, loss_fn: CausalLMLoss) -> dict[str, float]:
+    """Over all ranks' validation samples: val_loss, the mean loss per target (a token, or a
+    preference pair), and any further means the objective reports, prefixed val_."""
     engine.eval()
+    loss_fn = loss_fn.for_evaluation() if hasattr(loss_fn, "for_evaluation") else loss_fn
     total = torch.zeros(2, dtype=torch.float64, device=engine.device)
     for idx in batches.val_micro_batches:
         inputs, targets = _to_device(batches.val.batch(idx), engine.device)
         total[0] += loss_fn(engine, inputs, targets, reduction="sum").double()
-        total[1] += (targets != -100).sum()
+        total[1] += batches.val.num_targets(idx)
     engine.train()
     all_reduce(total)
-    return (total[0] / total[1]).item()
+    extra = loss_fn.take_metrics("val_") if hasattr(loss_fn, "take_metrics") else {}
+    return {"val_loss": (total[0] / total[1]).item(), **extra}
 
 
 class EngineTimers:
@@ -168,12 +171,15 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
     good_step = state.step  # the last step known to have a finite loss
 
     def run_eval() -> float:
-        val_loss = evaluate(engine, batches, loss_fn)
+        result = evaluate(engine, batches, loss_fn)
+        val_loss = result["val_loss"]
         if not math.isfinite(val_loss):
             raise _diverged(state.step, good_step, cfg.out_dir, "validation loss")
-        ppl = math.exp(min(val_loss, 50.0))
-        metrics.write({"step": state.step, "tokens": state.tokens, "val_loss": val_loss, "val_ppl": ppl})
-        say(f"step {state.step:>6d} | val_loss {val_loss:.4f} | val_ppl {ppl:.2f}")
+        if getattr(loss_fn, "reports_perplexity", True):
+            result["val_ppl"] = math.exp(min(val_loss, 50.0))
+        metrics.write({"step": state.step, "tokens": state.tokens, **result})
+        say(f"step {state.step:>6d} | " + " | ".join(f"{k} {v:.4f}" if k != "val_ppl" else f"{k} {v:.2f}"
+                                                    for k, v in result.items()))
         return val_loss
 
     def save() -> None:
@@ -260,6 +266,7 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
                 # fp16 steps the loss scaler skipped after an overflow: expected, not a failure.
                 "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
                 **memory_fields,
+                **(loss_fn.take_metrics() if hasattr(loss_fn, "take_metrics") else {}),
             }
             if memory_fields:
                 say(f"memory, fullest rank: model states {memory_fields['model_state_mb']:.0f} MiB (parameters, "

@@ -20,34 +20,12 @@ the merged model, --export_adapter the adapter alone:
         --max_steps 200 --export_hf exported/lora_merged --export_adapter exported/lora_adapter
 """
 
-from pathlib import Path
-
 from gpt_recipes import sft
-from gpt_recipes.adapters import plan_adapter
 from gpt_recipes.args import FinetuneArgs, parse_args
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.export import check_output_folder
-from gpt_recipes.models import check_seq_len, check_tokenizer_fits, load_pretrained, load_pretrained_config
-from gpt_recipes.runner import Job, check_adapter_resume, execute, make_batches, plan_run
+from gpt_recipes.pretrained import check_starting_model
+from gpt_recipes.runner import Job, execute, make_batches, plan_run
 from gpt_recipes.sft_demo import ensure_demo
-from gpt_recipes.tokenizer import load_tokenizer
-
-
-def read_split(args: FinetuneArgs) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
-    """(train rows, validation rows), each row with a 'file row N' label for error messages."""
-    labelled = lambda path: [(f"{path} row {i + 1}", row) for i, row in enumerate(sft.load_rows(path))]  # noqa: E731
-    rows = labelled(args.data)
-    val_path = args.val_data
-    if val_path is None and Path(args.data).name == "train.jsonl" and (Path(args.data).parent / "val.jsonl").is_file():
-        val_path = str(Path(args.data).parent / "val.jsonl")
-    if val_path:
-        return rows, labelled(val_path)
-    if not 0 < args.val_fraction < 1:
-        raise UserError(f"--val_fraction must lie between 0 and 1, got {args.val_fraction}")
-    held = max(1, round(args.val_fraction * len(rows)))
-    if held >= len(rows):
-        raise UserError(f"{args.data} holds {len(rows)} rows: too few to hold out a validation set")
-    return rows[held:], rows[:held]
 
 
 def encode_rows(tokenizer, rows, seq_len: int, truncate: bool, say) -> list[sft.Example]:
@@ -65,46 +43,30 @@ def main() -> None:
 
     # 1. Check every input before any rank starts: flags, DeepSpeed JSON, output folders, model...
     run = plan_run(args)
-    config = load_pretrained_config(args.model_name_or_path)
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    check_tokenizer_fits(tokenizer, config, args.model_name_or_path)
-    if sft.ensure_chat_template(tokenizer):
-        run.say("The tokenizer has no chat template: using the default one (saved with checkpoints and exports)")
-    seq_len = check_seq_len(config, args.seq_len)
-    adapter = plan_adapter(args, config, args.model_name_or_path)
-    check_adapter_resume(run, adapter)
-    if args.export_adapter:
-        if args.export_hf and Path(args.export_adapter).resolve() == Path(args.export_hf).resolve():
-            raise UserError("--export_adapter and --export_hf name the same folder; give each its own")
-        check_output_folder(Path(args.export_adapter), args.overwrite, force_flag="--overwrite")
+    start = check_starting_model(args, run, args.model_name_or_path, args.pad_to_multiple_of)
+    tokenizer, seq_len = start.tokenizer, start.seq_len
 
     # 2. ... and the data: rows rendered, tokenised, label-masked, length-checked, maybe packed.
     ensure_demo(args.data)
-    train_rows, val_rows = read_split(args)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_rows, val_rows = sft.read_split(args.data, args.val_data, args.val_fraction)
     run.say(f"Training data {args.data}:")
     train_examples = encode_rows(tokenizer, train_rows, seq_len, args.truncate, run.say)
     run.say("Validation data:")
     val_examples = encode_rows(tokenizer, val_rows, seq_len, args.truncate, run.say)
-    if args.pad_to_multiple_of < 1:
-        raise UserError(f"--pad_to_multiple_of must be at least 1, got {args.pad_to_multiple_of}")
     shapes = {"pad_multiple": args.pad_to_multiple_of, "max_width": seq_len}
     train_samples = sft.SFTSamples(sft.pack(train_examples, seq_len) if args.pack else [[e] for e in train_examples],
-                                   pad_id, packed=args.pack, **shapes)
+                                   start.pad_id, packed=args.pack, **shapes)
     if args.pack:
         run.say(f"  packed {len(train_examples)} examples into {len(train_samples)} sequences of <= {seq_len} tokens")
-    val_samples = sft.SFTSamples([[e] for e in val_examples], pad_id, packed=False, **shapes)
+    val_samples = sft.SFTSamples([[e] for e in val_examples], start.pad_id, packed=False, **shapes)
     batches = make_batches(args, run, train_samples, val_samples, args.val_data or args.data)
 
     # 3. Start the ranks, load the pretrained weights (under ZeRO-3 each rank loads only its
     # partition), add the adapters if asked, train.
-    def build_model():
-        model = load_pretrained(args.model_name_or_path, config, run.ds_cfg)
-        return adapter.wrap(model, args.seed) if adapter else model
-
-    job = Job("finetune", config, tokenizer, seq_len, train_samples, val_samples, build_model,
+    job = Job("finetune", start.config, tokenizer, seq_len, train_samples, val_samples,
+              start.builder(run, args.seed), adapter=start.adapter,
               record={"data": {"train": args.data, "val": args.val_data, "train_examples": len(train_examples),
-                               "val_examples": len(val_examples), "packed": args.pack}}, adapter=adapter)
+                               "val_examples": len(val_examples), "packed": args.pack}})
     execute(args, run, job, batches)
 
 

@@ -1,0 +1,252 @@
+"""Preference tuning with DPO (Rafailov et al., 2023): pairs, their batches, the loss, reference log-probs.
+
+A pair is a prompt with a chosen and a rejected answer, rendered with the same chat template
+and masking as fine-tuning: only the final answer's tokens are scored. The sigmoid DPO loss
+of a pair is
+
+    -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
+
+where pi and ref are the summed log-probabilities of the answer's tokens under the policy and
+the reference (the starting model). The reference is never held as a second model: its
+log-probabilities are computed once, by the starting model before the first step, and stored
+with the run, keyed to the data and the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import sft
+from .distributed import all_reduce
+from .errors import UserError
+from .sft import IGNORE, Example
+
+REFERENCE_FILE = "reference_logps.pt"
+# Summed per pair, reduced at each log line (and evaluation) and divided by the pairs seen.
+STATS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logp_accuracy")
+
+
+@dataclass
+class Pair:
+    chosen: Example
+    rejected: Example
+
+
+def _answer(value: Any, key: str, where: str) -> str:
+    """A chosen/rejected answer given as text, an assistant message, or a list holding one."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        if value.get("role", "assistant") != "assistant" or not isinstance(value.get("content"), str):
+            raise UserError(f"{where}: '{key}' must be an assistant message with text content")
+        value = value["content"]
+    if not isinstance(value, str):
+        raise UserError(f"{where}: '{key}' must be text or an assistant message")
+    if not value.strip():
+        raise UserError(f"{where}: empty '{key}' answer")
+    return value
+
+
+def to_pair_messages(row: dict[str, Any], where: str) -> tuple[list[dict[str, str]], str, str]:
+    """(prompt messages, chosen answer, rejected answer) of a row: {"prompt", "chosen", "rejected"}
+    with a text prompt, or the prompt as chat "messages" (or a message list under "prompt")."""
+    missing = [k for k in ("chosen", "rejected") if row.get(k) is None]
+    prompt = row.get("messages") if row.get("messages") is not None else row.get("prompt")
+    if prompt is None:
+        missing.insert(0, "prompt (or messages)")
+    if missing:
+        raise UserError(f"{where}: a preference pair needs 'prompt' (or 'messages'), 'chosen' and 'rejected' "
+                        f"(missing {', '.join(missing)})")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise UserError(f"{where}: empty prompt")
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        # A conversation so far; the answers are its next assistant turn.
+        messages = sft.to_messages({"messages": [*prompt, {"role": "assistant", "content": "-"}]}, where)[:-1]
+    chosen, rejected = _answer(row["chosen"], "chosen", where), _answer(row["rejected"], "rejected", where)
+    if chosen.strip() == rejected.strip():
+        raise UserError(f"{where}: 'chosen' and 'rejected' are the same answer, so there is no preference to learn")
+    return messages, chosen, rejected
+
+
+def encode_pair(tokenizer, row: dict[str, Any], where: str) -> Pair:
+    messages, chosen, rejected = to_pair_messages(row, where)
+    side = lambda answer: sft.encode(tokenizer, [*messages, {"role": "assistant", "content": answer}], where,  # noqa: E731
+                                     last_turn_only=True)
+    return Pair(side(chosen), side(rejected))
+
+
+def fit_length(pairs: list[Pair], max_tokens: int, truncate: bool) -> tuple[list[Pair], sft.LengthReport]:
+    """Fine-tuning's length policy, per pair: a pair goes when either side would be dropped."""
+    kept, dropped, truncated = [], 0, 0
+    for pair in pairs:
+        sides, report = sft.fit_length([pair.chosen, pair.rejected], max_tokens, truncate)
+        if report.dropped:
+            dropped += 1
+            continue
+        truncated += report.truncated > 0
+        kept.append(Pair(*sides))
+    return kept, sft.LengthReport(len(pairs), dropped, truncated)
+
+
+class PreferenceSamples:
+    """Pairs for the training loop: a batch of n pairs is 2n rows, the chosen answers then the
+    rejected ones, padded to one width, with each pair's reference log-probabilities."""
+
+    def __init__(self, pairs: list[Pair], pad_id: int, pad_multiple: int = 1, max_width: int | None = None):
+        self.pairs = pairs
+        self.rows = sft.SFTSamples([[p.chosen] for p in pairs] + [[p.rejected] for p in pairs], pad_id, packed=False,
+                                   pad_multiple=pad_multiple, max_width=max_width)
+        self.reference: torch.Tensor | None = None  # (pairs, 2): chosen, rejected
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _both(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices)
+        return np.concatenate([indices, indices + len(self.pairs)])
+
+    def batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        inputs, targets = self.rows.batch(self._both(indices))
+        if self.reference is not None:
+            inputs["reference_logps"] = self.reference[np.asarray(indices)].T.reshape(-1)
+        return inputs, targets
+
+    def num_tokens(self, indices: np.ndarray) -> int:
+        return self.rows.num_tokens(self._both(indices))
+
+    def num_targets(self, indices: np.ndarray) -> int:
+        return len(indices)  # the loss is a mean over pairs
+
+    def fingerprint(self) -> str:
+        """sha256 of every pair's tokens and scored positions, in order."""
+        digest = hashlib.sha256()
+        for pair in self.pairs:
+            for ex in (pair.chosen, pair.rejected):
+                digest.update(ex.ids.astype(np.int64).tobytes() + ex.is_response.tobytes() + b"|")
+        return digest.hexdigest()
+
+
+def sequence_logps(forward: Callable[..., Any], inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability (fp32) of each row's target tokens."""
+    logits = forward(**inputs).logits
+    per_token = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                 reduction="none")
+    return per_token.view(targets.shape).sum(dim=1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair sigmoid DPO loss, chosen reward, rejected reward); a reward is beta * (pi - ref)."""
+    reward_chosen = beta * (policy_chosen - reference_chosen)
+    reward_rejected = beta * (policy_rejected - reference_rejected)
+    return -F.logsigmoid(reward_chosen - reward_rejected), reward_chosen, reward_rejected
+
+
+class DPOLoss:
+    """The objective the loop trains and evaluates with: called like CausalLMLoss on a batch of
+    PreferenceSamples; keeps the rewards' sums until `take_metrics` reports their means."""
+
+    reports_perplexity = False
+    fused = False
+
+    def __init__(self, beta: float):
+        self.beta = beta
+        self._sums: torch.Tensor | None = None
+        self._pairs = 0
+
+    def __call__(self, forward: Callable[..., Any], inputs: dict[str, torch.Tensor], targets: torch.Tensor,
+                 reduction: str = "mean") -> torch.Tensor:
+        inputs = dict(inputs)
+        reference = inputs.pop("reference_logps").to(targets.device, torch.float32)
+        logps = sequence_logps(forward, inputs, targets)
+        n = logps.shape[0] // 2
+        loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], reference[:n], reference[n:], self.beta)
+        with torch.no_grad():
+            stats = torch.stack([chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
+                                 (chosen > rejected).float().sum(), (logps[:n] > logps[n:]).float().sum()])
+            self._sums = stats if self._sums is None else self._sums + stats
+            self._pairs += n
+        return loss.sum() if reduction == "sum" else loss.mean()
+
+    def for_evaluation(self) -> "DPOLoss":
+        """A copy with sums of its own, so an evaluation between two log lines leaves the training sums alone."""
+        return DPOLoss(self.beta)
+
+    def take_metrics(self, prefix: str = "") -> dict[str, float]:
+        """Means per pair of the rewards since the last call, over all ranks (a collective)."""
+        if self._sums is None:
+            return {}
+        totals = all_reduce(torch.cat([self._sums.double(), self._sums.new_tensor([self._pairs]).double()]))
+        self._sums, self._pairs = None, 0
+        count = max(1.0, totals[-1].item())
+        return {f"{prefix}{name}": value / count for name, value in zip(STATS, totals[:-1].tolist())}
+
+
+@torch.no_grad()
+def reference_logps(engine, samples: PreferenceSamples, micro_batch: int, rank: int, world_size: int,
+                    progress: Callable[[int], None] = lambda n: None) -> torch.Tensor:
+    """(pairs, 2) summed answer log-probabilities under the engine's model, each rank scoring a
+    strided share; every rank runs the same number of forwards (ZeRO-3 gathers in each)."""
+    total = len(samples)
+    per_rank = math.ceil(total / world_size)
+    out = torch.zeros(total, 2, dtype=torch.float64, device=engine.device)
+    engine.eval()
+    reference, samples.reference = samples.reference, None
+    for start in range(0, per_rank, micro_batch):
+        mine = np.arange(rank + start * world_size, rank + min(start + micro_batch, per_rank) * world_size,
+                         world_size)
+        real = mine[mine < total]
+        idx = real if len(real) else np.array([0])  # a rank with nothing left still joins the forward
+        inputs, targets = samples.batch(idx)
+        device = engine.device
+        logps = sequence_logps(engine, {k: v.to(device) for k, v in inputs.items()}, targets.to(device))
+        if len(real):
+            out[torch.as_tensor(real, device=device)] = logps.double().view(2, -1).T[: len(real)]
+        progress(len(idx) * world_size)
+    samples.reference = reference
+    engine.train()
+    return all_reduce(out).cpu()
+
+
+def reference_fingerprint(model_fingerprint: str, precision: str, train: PreferenceSamples,
+                          val: PreferenceSamples) -> str:
+    """What stored reference log-probabilities belong to: the starting model, the precision it
+    ran in, and every pair's tokens."""
+    parts = [model_fingerprint, precision, train.fingerprint(), val.fingerprint()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def load_reference(out_dir: Path, fingerprint: str) -> dict[str, torch.Tensor]:
+    """Stored reference log-probabilities of a run being resumed, checked to be of this data and model."""
+    from .checkpoint import load_own
+
+    path = out_dir / REFERENCE_FILE
+    if not path.is_file():
+        raise UserError(f"--resume: {path} is missing, and the starting model it was computed with is gone; "
+                        "start the run again with --overwrite")
+    stored = load_own(path)
+    if stored.get("fingerprint") != fingerprint:
+        raise UserError(f"--resume: {path} holds reference log-probabilities of other data or another starting "
+                        "model (or precision) than this run's; resume with the same --data, --val_data, "
+                        "--model_name_or_path, length flags and DeepSpeed precision")
+    return stored
+
+
+def save_reference(out_dir: Path, fingerprint: str, train: torch.Tensor, val: torch.Tensor) -> None:
+    from .folders import fsync_path
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{REFERENCE_FILE}.tmp"
+    torch.save({"fingerprint": fingerprint, "train": train, "val": val}, tmp)
+    fsync_path(tmp)
+    tmp.replace(out_dir / REFERENCE_FILE)

@@ -1,0 +1,61 @@
+"""The pretrained model a fine-tuning recipe starts from: its config and tokenizer (with a chat
+template), the sequence length, the LoRA plan, and how each rank builds it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import PretrainedConfig, PreTrainedModel
+
+from . import sft
+from .adapters import AdapterPlan, plan_adapter
+from .args import AdapterArgs, RunArgs
+from .errors import UserError
+from .export import check_output_folder
+from .models import check_seq_len, check_tokenizer_fits, load_pretrained, load_pretrained_config
+from .runner import RunPlan, check_adapter_resume
+from .tokenizer import load_tokenizer
+
+
+@dataclass
+class StartingModel:
+    name_or_path: str
+    config: PretrainedConfig
+    tokenizer: Any
+    seq_len: int
+    adapter: AdapterPlan | None
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    def builder(self, run: RunPlan, seed: int) -> Callable[[], PreTrainedModel]:
+        """Load the weights (under ZeRO-3 each rank only its partition) and add the adapters if asked."""
+        def build() -> PreTrainedModel:
+            model = load_pretrained(self.name_or_path, self.config, run.ds_cfg)
+            return self.adapter.wrap(model, seed) if self.adapter else model
+
+        return build
+
+
+def check_starting_model(args: RunArgs | AdapterArgs, run: RunPlan, name_or_path: str,
+                         pad_to_multiple_of: int) -> StartingModel:
+    """Check the model folder, its tokenizer, the length and the LoRA flags before any rank starts."""
+    config = load_pretrained_config(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
+    check_tokenizer_fits(tokenizer, config, name_or_path)
+    if sft.ensure_chat_template(tokenizer):
+        run.say("The tokenizer has no chat template: using the default one (saved with checkpoints and exports)")
+    seq_len = check_seq_len(config, args.seq_len)
+    if pad_to_multiple_of < 1:
+        raise UserError(f"--pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}")
+    adapter = plan_adapter(args, config, name_or_path)
+    check_adapter_resume(run, adapter)
+    if args.export_adapter:
+        if args.export_hf and Path(args.export_adapter).resolve() == Path(args.export_hf).resolve():
+            raise UserError("--export_adapter and --export_hf name the same folder; give each its own")
+        check_output_folder(Path(args.export_adapter), args.overwrite, force_flag="--overwrite")
+    return StartingModel(name_or_path, config, tokenizer, seq_len, adapter)
