@@ -37,7 +37,7 @@ lora-demo:
 # Preference tuning (DPO) of the fine-tuning demo's export on pairs built from the same task:
 # held-out reward accuracy and margin at step 0 and after training are in runs/dpo/metrics.jsonl.
 dpo-demo:
-	deepspeed --num_gpus $(RANKS) recipes/dpo.py --deepspeed_config ds_configs/zero3.json \
+	deepspeed --num_gpus $(RANKS) recipes/dpo.py --deepspeed_config ds_configs/zero3_dpo.json \
 		--model_name_or_path exported/finetuned --data data/dpo_demo/train.jsonl --output_dir runs/dpo \
 		--beta 0.1 --max_steps 100 --eval_interval 50 --eval_batches 19 --overwrite --export_hf exported/dpo
 

@@ -212,7 +212,7 @@ def reference_logps(engine, samples: PreferenceSamples, micro_batch: int, rank: 
         logps = sequence_logps(engine, {k: v.to(device) for k, v in inputs.items()}, targets.to(device))
         if len(real):
             out[torch.as_tensor(real, device=device)] = logps.double().view(2, -1).T[: len(real)]
-        progress(len(idx) * world_size)
+        progress(min(len(idx) * world_size, total - start * world_size))
     samples.reference = reference
     engine.train()
     return all_reduce(out).cpu()

@@ -84,8 +84,13 @@ def build(out_dir: Path, val_rows: int = 300, seed: int = 0) -> dict[str, int]:
 
 def build_preferences(sft_dir: Path, out_dir: Path, seed: int = 0) -> dict[str, int]:
     """Preference pairs from the demo task's rows: the function's own first docstring sentence is
-    chosen, another function's (of the same module where it has one) rejected. The splits keep
-    the task's: validation pairs come from modules training never sees."""
+    chosen, the same words in a shuffled order rejected (sentences of three words or more). The
+    splits keep the task's: validation pairs come from modules training never sees.
+
+    Another function's sentence as the rejected answer was tried first: the demo's 5M-parameter
+    model, fine-tuned to a held-out loss of 5.4, could not tell which of two fluent docstrings
+    belongs to a function it has not seen (held-out reward accuracy 0.56 after 150 steps), so
+    the preference it is taught is one it can generalise: well-formed answers over scrambled ones."""
     rng = random.Random(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -93,15 +98,12 @@ def build_preferences(sft_dir: Path, out_dir: Path, seed: int = 0) -> dict[str, 
         rows = [json.loads(line) for line in (sft_dir / f"{split}.jsonl").read_text().splitlines() if line.strip()]
         questions = [r["messages"][0]["content"] for r in rows]
         answers = [r["messages"][1]["content"] for r in rows]
-        by_module: dict[str, list[int]] = {}
-        for i, question in enumerate(questions):
-            by_module.setdefault(question.split(" module,")[0], []).append(i)
         pairs = []
-        for i, question in enumerate(questions):
-            peers = [j for j in by_module[question.split(" module,")[0]] if answers[j] != answers[i]]
-            others = peers or [j for j in rng.sample(range(len(rows)), min(20, len(rows))) if answers[j] != answers[i]]
-            if others:
-                pairs.append({"prompt": question, "chosen": answers[i], "rejected": answers[rng.choice(others)]})
+        for question, answer in zip(questions, answers):
+            words = answer.split()
+            shuffled = rng.sample(words, len(words))
+            if len(words) >= 3 and shuffled != words:
+                pairs.append({"prompt": question, "chosen": answer, "rejected": " ".join(shuffled)})
         with (out_dir / f"{split}.jsonl").open("w") as f:
             f.writelines(json.dumps(pair) + "\n" for pair in pairs)
         counts[split] = len(pairs)

@@ -275,7 +275,9 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
             metrics.write(record)
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
             mfu_text = f" | MFU {mfu:.1%}" if mfu is not None else ""
-            say(f"step {state.step:>6d} | loss {mean_loss:.4f} | lr {record['lr']:.2e} | "
+            rewards = (f" | reward acc {record['reward_accuracy']:.3f} margin {record['reward_margin']:.3f}"
+                       if "reward_accuracy" in record else "")
+            say(f"step {state.step:>6d} | loss {mean_loss:.4f}{rewards} | lr {record['lr']:.2e} | "
                 f"{tokens_per_sec:.0f} tok/s | {record['step_time'] * 1e3:.0f} ms/step | "
                 f"{tflops:.3g} TFLOP/s/rank{mfu_text} | peak {peak:.0f} MiB")
             loss_sum.zero_()

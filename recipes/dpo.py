@@ -15,6 +15,10 @@ data and model; no second model is held. Flags, outputs, checkpoints, LoRA (--us
 export are those of recipes/finetune.py.
 """
 
+import sys
+
+from tqdm.auto import tqdm
+
 from gpt_recipes import preference, sft
 from gpt_recipes.adapters import weights_fingerprint
 from gpt_recipes.args import DPOArgs, parse_args
@@ -71,8 +75,12 @@ def main() -> None:
         run.say(f"Reference log-probabilities: one pass of the starting model over {len(train)} + {len(val)} pairs "
                 f"before the first step, stored in {run.out_dir / preference.REFERENCE_FILE} (no second model is "
                 "held" + ("; the adapters start at zero, so this is the base model" if start.adapter else "") + ")")
-        scored = [preference.reference_logps(engine, samples, run.batch.micro_batch, run.env.rank,
-                                             run.env.world_size) for samples in (train, val)]
+        scored = []
+        for what, samples in (("train", train), ("val", val)):
+            with tqdm(total=len(samples), desc=f"reference ({what})", unit="pair", dynamic_ncols=True,
+                      disable=not run.env.is_main or not sys.stderr.isatty()) as bar:
+                scored.append(preference.reference_logps(engine, samples, run.batch.micro_batch, run.env.rank,
+                                                         run.env.world_size, progress=bar.update))
         if run.env.is_main:
             preference.save_reference(run.out_dir, fingerprint, *scored)
         train.reference, val.reference = scored

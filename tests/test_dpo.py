@@ -110,6 +110,10 @@ def test_resume_after_sigterm_reuses_the_stored_reference(runs, pretrained, pair
     for a, b in zip(full, part):
         assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["reward_margin"] - b["reward_margin"]) < 1e-6, (a, b)
 
+    (out / "reference_logps.pt").unlink()
+    proc = run_python("recipes/dpo.py", [*args, "--resume", "--max_steps", str(STEPS + 2)])
+    assert proc.returncode == 2 and "reference_logps.pt is missing" in proc.stderr.strip().splitlines()[-1]
+
 
 @pytest.mark.parametrize("row, message", [
     ({"prompt": "q", "chosen": "a"}, "row 2: a preference pair needs 'prompt' (or 'messages'), 'chosen' and "
@@ -134,3 +138,5 @@ def test_a_pair_longer_than_the_limit_is_dropped_or_refused(pretrained, pairs, t
     proc = run_python("recipes/dpo.py", args)
     assert proc.returncode == 2
     assert "every pair has a side longer than 9 tokens; raise --seq_len or pass --truncate" in proc.stderr
+    proc = run_python("recipes/dpo.py", [*args, "--beta", "0"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: --beta must be positive, got 0.0"
