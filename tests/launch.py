@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -96,8 +97,11 @@ class Background:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(self.port), script, *args]
         with open(log, "w") as out:
+            # SIGINT at its default, as under a terminal: a test suite started in the background
+            # (`make test &`) hands its children SIGINT ignored, and the launcher would not stop.
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def wait_for_step(self, out_dir: Path, step: int, timeout: float = 300) -> None:
         """Until metrics.jsonl has a training line at `step` or later."""
@@ -139,8 +143,6 @@ class Background:
         return self.log.read_text()
 
     def kill(self) -> None:
-        import signal
-
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
