@@ -98,9 +98,14 @@ def weights_fingerprint(name_or_path: str) -> str:
     """sha256 over a model folder's weight files (names and bytes); for a hub name, the name and revision."""
     folder = Path(name_or_path)
     if not folder.is_dir():
+        if folder.exists() or name_or_path.startswith((".", "/")):
+            raise UserError(f"model folder {name_or_path} does not exist or is not a folder")
         from transformers import AutoConfig
 
-        revision = getattr(AutoConfig.from_pretrained(name_or_path), "_commit_hash", None) or "unknown revision"
+        try:
+            revision = getattr(AutoConfig.from_pretrained(name_or_path), "_commit_hash", None) or "unknown revision"
+        except Exception as err:
+            raise UserError(f"could not find the model {name_or_path}: {first_line(err)}")
         return f"hub:{name_or_path}@{revision}"
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if not files:

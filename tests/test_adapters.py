@@ -118,6 +118,8 @@ def test_fingerprint_follows_the_weights_not_the_folder(tmp_path, base_folder):
     assert adapters.weights_fingerprint(str(copy)) != fingerprint
     with pytest.raises(UserError, match="holds no weight files"):
         adapters.weights_fingerprint(str(tmp_path))
+    with pytest.raises(UserError, match="does not exist or is not a folder"):  # e.g. --base_model with a typo
+        adapters.weights_fingerprint(str(tmp_path / "moved"))
 
 
 def test_resume_checks_kind_base_and_settings(tmp_path, gpt2_config, base_folder):
