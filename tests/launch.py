@@ -16,14 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def launch(script: str, args: list[str], ranks: int = 2, timeout: int = 600, check: bool = True,
-           launcher: str | None = None) -> subprocess.CompletedProcess:
+           launcher: str | None = None, fault: str | None = None) -> subprocess.CompletedProcess:
     """Start RANKS ranks of `script args...` from the repository root with `deepspeed`, `torchrun`
     or `accelerate` (launch, with the DeepSpeed JSON given to accelerate); returns the finished process.
 
     By default a run expected to succeed starts under torchrun, which starts 6 s sooner than
     the deepspeed launcher (test_distributed checks that both train identically); a run whose
     ending is inspected (check=False) starts under the deepspeed launcher, which passes a
-    rank's exit status through where torchrun reports 1.
+    rank's exit status through where torchrun reports 1. `fault` sets GPT_RECIPES_FAULT for this
+    run alone (see gpt_recipes/faults.py).
     """
     launcher = launcher or ("torchrun" if check else "deepspeed")
     port = free_port()
@@ -37,7 +38,7 @@ def launch(script: str, args: list[str], ranks: int = 2, timeout: int = 600, che
         cfg = args[args.index("--deepspeed_config") + 1]
         args = [a for i, a in enumerate(args) if a != "--deepspeed_config" and args[i - 1] != "--deepspeed_config"]
         prefix += ["--use_deepspeed", "--deepspeed_config_file", cfg]
-    return _run([*prefix, script, *args], port, timeout, check)
+    return _run([*prefix, script, *args], port, timeout, check, fault)
 
 
 def launch_two_nodes(script: str, args: list[str], tmp_path: Path, timeout: int = 600) -> list[subprocess.CompletedProcess]:
@@ -63,8 +64,8 @@ def launch_two_nodes(script: str, args: list[str], tmp_path: Path, timeout: int 
     return [subprocess.CompletedProcess(cmd, proc.returncode, out, "") for cmd, proc, out in zip(cmds, procs, outputs)]
 
 
-def _run(cmd: list[str], port: int, timeout: int, check: bool) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _run(cmd: list[str], port: int, timeout: int, check: bool, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"GPT_RECIPES_FAULT": fault} if fault else {})}
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     finally:

@@ -3,7 +3,6 @@ LoRA, exact resume reusing the stored reference, and stored references of other 
 
 import json
 import math
-import os
 
 import pytest
 from launch import ds_json, launch, read_metrics, run_python
@@ -86,11 +85,7 @@ def test_resume_after_sigterm_reuses_the_stored_reference(runs, pretrained, pair
     tmp, _, cfgs = runs
     out = tmp_path / "run"
     args = dpo_args(cfgs["zero3_2x2"], pretrained, pairs, out, "--save_interval", "2")
-    os.environ["GPT_RECIPES_FAULT"] = "sigterm@1:1"
-    try:
-        proc = launch("recipes/dpo.py", args, check=False)
-    finally:
-        os.environ.pop("GPT_RECIPES_FAULT")
+    proc = launch("recipes/dpo.py", args, check=False, fault="sigterm@1:1")
     assert proc.returncode == 143, proc.stderr[-3000:]
     stored = (out / "reference_logps.pt").stat().st_mtime_ns
 

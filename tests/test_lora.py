@@ -3,7 +3,6 @@ a frozen base, adapters-only checkpoints, merged and adapter exports in plain tr
 exact resume, and the one-line errors."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -130,11 +129,7 @@ def test_lora_resumes_exactly_after_sigterm_and_refuses_another_base(runs, pretr
     out = tmp_path / "run"
     plain = finetune_args(cfgs["zero3_2x2"], pretrained, demo, out, "--save_interval", "3")
     args = [*plain, *LORA]
-    os.environ["GPT_RECIPES_FAULT"] = "sigterm@2:1"
-    try:
-        proc = launch("recipes/finetune.py", args, check=False)
-    finally:
-        os.environ.pop("GPT_RECIPES_FAULT")
+    proc = launch("recipes/finetune.py", args, check=False, fault="sigterm@2:1")
     assert proc.returncode == 143, proc.stderr[-3000:]
     other = run_python("recipes/finetune.py", [*args, "--resume", "--model_name_or_path", str(tmp / "zero2_hf")])
     assert other.returncode == 2 and "Traceback" not in other.stderr
