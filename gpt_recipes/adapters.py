@@ -161,10 +161,10 @@ def lora_config(args: AdapterArgs, model_config: PretrainedConfig, where: str, b
     from peft import LoraConfig
     from transformers.pytorch_utils import Conv1D
 
-    from .models import _causal_lm_class
+    from .models import causal_lm_class
 
     with torch.device("meta"):
-        meta_model = _causal_lm_class(model_config)._from_config(model_config, attn_implementation="sdpa")
+        meta_model = causal_lm_class(model_config)._from_config(model_config, attn_implementation="sdpa")
     where = f"{where} ({model_config.model_type})"
     targets = resolve_targets(meta_model, requested_targets(args.lora_target_modules), where)
     to_save = requested_targets(args.lora_modules_to_save) if args.lora_modules_to_save else None

@@ -235,8 +235,18 @@ def saved_info(ckpt_dir: Path, tag: str) -> dict[str, Any]:
     return json.loads((ckpt_dir / tag / TRAINING_INFO).read_text())
 
 
-def layout_change(info: dict[str, Any], world_size: int, zero_stage: int) -> str | None:
-    """How a checkpoint's layout (its saved_info) differs from this run's (ranks, ZeRO stage), or None."""
+def layout_change(info: dict[str, Any], world_size: int, zero_stage: int, sp: int = 1, tp: int = 1) -> str | None:
+    """How a checkpoint's layout (its saved_info) differs from this run's (ranks, ZeRO stage), or None.
+
+    Sequence- and tensor-parallel checkpoints resume on the same layout only: DeepSpeed's universal
+    checkpoints do not regroup AutoTP shards, and these recipes do not test regrouping Ulysses runs.
+    """
+    saved = (info.get("sequence_parallel", 1), info.get("tensor_parallel", 1))
+    if saved != (sp, tp) or (sp * tp > 1 and (info["world_size"], info["zero_stage"]) != (world_size, zero_stage)):
+        raise UserError(f"the checkpoint was written by {info['world_size']} ranks at ZeRO-{info['zero_stage']}, "
+                        f"sequence_parallel_size {saved[0]}, tensor_parallel.autotp_size {saved[1]}; this run has "
+                        f"{world_size} ranks at ZeRO-{zero_stage}, {sp} and {tp}: resume a sequence- or "
+                        "tensor-parallel run with the same ranks and DeepSpeed JSON")
     if (info["world_size"], info["zero_stage"]) == (world_size, zero_stage):
         return None
     return (f"{info['world_size']} ranks at ZeRO-{info['zero_stage']} -> "
@@ -329,7 +339,31 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str | None = None) -> dict[str,
     if tag is None or not (ckpt_dir / tag).is_dir():
         raise UserError(f"{ckpt_dir} holds no checkpoint{f' tagged {tag}' if tag else ''}")
     tag_dir = ckpt_dir / tag
+    tp = saved_info(ckpt_dir, tag).get("tensor_parallel", 1) if (tag_dir / TRAINING_INFO).is_file() else 1
+    if tp > 1:
+        return _tensor_parallel_weights(tag_dir, tp)
     if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {name: t.float() for name, t in states["module"].items()}
+
+
+def _tensor_parallel_weights(tag_dir: Path, tp: int) -> dict[str, torch.Tensor]:
+    """Whole weights from a tensor-parallel checkpoint: each TP rank's model-states file holds its
+    slice of every split weight (ZeRO-0/1/2 keep the module's weights there), in the dtype the
+    engine computes with. A weight is split along the one dimension where its slice's shape
+    differs from the model's; the others are replicated."""
+    from transformers import AutoConfig
+
+    from .models import causal_lm_class
+
+    config = AutoConfig.from_pretrained(tag_dir)
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in causal_lm_class(config)._from_config(config).state_dict().items()}
+    shards = [torch.load(tag_dir / f"mp_rank_{t:02d}_model_states.pt", map_location="cpu", weights_only=False)["module"]
+              for t in range(tp)]
+    merged = {}
+    for name, first in shards[0].items():
+        split = [d for d, (have, whole) in enumerate(zip(first.shape, shapes.get(name, first.shape))) if have != whole]
+        merged[name] = (torch.cat([s[name] for s in shards], dim=split[0]) if split else first).float()
+    return merged

@@ -21,9 +21,20 @@ BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 
 @dataclass(frozen=True)
 class BatchPlan:
-    micro_batch: int  # samples per rank per forward pass
+    """Batch arithmetic over the data-parallel ranks, and how the other ranks share their samples.
+
+    With sequence parallelism (sp) or tensor parallelism (tp), the sp * tp consecutive ranks
+    of one group read the same samples: world_size counts data-parallel ranks, world / (sp * tp).
+    """
+
+    micro_batch: int  # samples per data-parallel rank per forward pass
     grad_accum: int  # micro-steps per optimizer step
-    world_size: int
+    world_size: int  # data-parallel ranks
+    sp: int = 1  # ranks that split each sample's sequence (DeepSpeed Ulysses)
+    tp: int = 1  # ranks that split each layer's weights (DeepSpeed AutoTP)
+    # DeepSpeed 0.19 sums gradients over a sequence-parallel group and averages over data-parallel
+    # ranks, except at ZeRO-3, whose reduce-scatter averages over every rank.
+    averages_over_sequence: bool = False
 
     @property
     def global_batch(self) -> int:
@@ -32,6 +43,48 @@ class BatchPlan:
     @property
     def per_rank(self) -> int:
         return self.micro_batch * self.grad_accum
+
+    @property
+    def grad_divisor(self) -> int:
+        """The number DeepSpeed divides a gradient summed over all ranks by."""
+        return self.world_size * (self.sp if self.averages_over_sequence else 1)
+
+    def data_rank(self, rank: int) -> int:
+        """The data-parallel rank of global rank `rank`: which part of each global batch it reads."""
+        return rank // (self.sp * self.tp)
+
+
+def parallel_sizes(cfg: dict[str, Any], world_size: int) -> tuple[int, int]:
+    """(sequence-parallel size, tensor-parallel size) the JSON asks for, checked against the world."""
+    sp = cfg.get("sequence_parallel_size", 1)
+    tp_block = cfg.get("tensor_parallel", {})
+    if not isinstance(tp_block, dict):
+        raise UserError("DeepSpeed config: tensor_parallel must be an object such as {\"autotp_size\": 2}")
+    tp = tp_block.get("autotp_size", 1) or 1
+    for key, value in (("sequence_parallel_size", sp), ("tensor_parallel.autotp_size", tp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"DeepSpeed config: {key} must be a positive integer, got {value!r}")
+    if sp > 1 and tp > 1:
+        raise UserError("DeepSpeed config: sequence_parallel_size and tensor_parallel.autotp_size are both above 1; "
+                        "these recipes run one of them at a time")
+    size, key = (sp, "sequence_parallel_size") if sp > 1 else (tp, "tensor_parallel.autotp_size")
+    if world_size % size:
+        raise UserError(f"DeepSpeed config: {key} {size} does not divide the {world_size} ranks; launch a multiple "
+                        f"of {size} ranks")
+    if tp > 1 and tp_block.get("vocab_parallel_lm_head") is not False:
+        # DeepSpeed would split a tied output layer by vocabulary, and each rank would see a slice
+        # of the logits; the loss, evaluation and export checks need them whole.
+        raise UserError("DeepSpeed config: set tensor_parallel.vocab_parallel_lm_head to false; these recipes take "
+                        "the loss over whole-vocabulary logits")
+    if sp > 1 and zero_stage(cfg) == 3 and cfg["zero_optimization"].get("reduce_scatter", True) is False:
+        # Without it DeepSpeed 0.19 averages some gradient buckets over data-parallel ranks and
+        # others over all ranks, so no single loss scale is right.
+        raise UserError("DeepSpeed config: sequence parallelism at ZeRO-3 needs zero_optimization.reduce_scatter "
+                        "true (its default)")
+    if tp > 1 and zero_stage(cfg) == 3:
+        raise UserError("DeepSpeed config: tensor parallelism (tensor_parallel.autotp_size) runs with ZeRO stage 0, "
+                        "1 or 2, not 3; use ds_configs/zero2_tp2.json or set zero_optimization.stage to 1 or 2")
+    return sp, tp
 
 
 def config_path(flag_value: str | None, default: str) -> str:
@@ -78,12 +131,15 @@ def _positive_int(cfg: dict, key: str) -> int | None:
     return value
 
 
-def resolve_batch(cfg: dict[str, Any], world_size: int) -> BatchPlan:
+def resolve_batch(cfg: dict[str, Any], world_size: int, sp: int = 1, tp: int = 1) -> BatchPlan:
     """Derive the missing batch value from the other two and check that they agree.
 
-    DeepSpeed requires train_batch_size == micro_batch * grad_accum * world_size; any two
-    determine the third. The resolved values are written back so DeepSpeed sees all three.
+    DeepSpeed requires train_batch_size == micro_batch * grad_accum * world_size, over the
+    data-parallel ranks; any two determine the third. The resolved values are written back
+    so DeepSpeed sees all three.
     """
+    world_size //= sp * tp
+    ranks = f"world size {world_size}" if sp * tp == 1 else f"data-parallel size {world_size}"
     total, micro, accum = (_positive_int(cfg, k) for k in BATCH_KEYS)
     if micro is None and total is None:
         raise UserError("DeepSpeed config: set train_micro_batch_size_per_gpu (or train_batch_size)")
@@ -94,22 +150,23 @@ def resolve_batch(cfg: dict[str, Any], world_size: int) -> BatchPlan:
             if rest or micro == 0:
                 raise UserError(
                     f"DeepSpeed config: train_batch_size {total} is not divisible by "
-                    f"gradient_accumulation_steps {accum} x world size {world_size}"
+                    f"gradient_accumulation_steps {accum} x {ranks}"
                 )
         elif accum is None:
             accum, rest = divmod(total, micro * world_size)
             if rest or accum == 0:
                 raise UserError(
                     f"DeepSpeed config: train_batch_size {total} is not divisible by "
-                    f"train_micro_batch_size_per_gpu {micro} x world size {world_size}"
+                    f"train_micro_batch_size_per_gpu {micro} x {ranks}"
                 )
         elif total != micro * accum * world_size:
             raise UserError(
                 f"DeepSpeed config: train_batch_size {total} != train_micro_batch_size_per_gpu {micro} "
-                f"x gradient_accumulation_steps {accum} x world size {world_size} "
+                f"x gradient_accumulation_steps {accum} x {ranks} "
                 f"(= {micro * accum * world_size}); fix one of them or drop train_batch_size"
             )
-    plan = BatchPlan(micro_batch=micro, grad_accum=accum or 1, world_size=world_size)
+    plan = BatchPlan(micro_batch=micro, grad_accum=accum or 1, world_size=world_size, sp=sp, tp=tp,
+                     averages_over_sequence=sp > 1 and zero_stage(cfg) == 3)
     cfg["train_micro_batch_size_per_gpu"] = plan.micro_batch
     cfg["gradient_accumulation_steps"] = plan.grad_accum
     cfg["train_batch_size"] = plan.global_batch
@@ -306,7 +363,11 @@ def resolve(path: str | Path, world_size: int, max_steps: int, device_type: str,
     zero_stage(cfg)
     check_device_support(cfg, device_type)
     check_launcher_precision(cfg)
-    plan = resolve_batch(cfg, world_size)
+    plan = resolve_batch(cfg, world_size, *parallel_sizes(cfg, world_size))
+    if plan.tp > 1:
+        # DeepSpeed 0.19 checks train_batch_size against every rank under AutoTP, though the ranks
+        # of a tensor-parallel group share their samples; micro-batch and accumulation define it.
+        cfg.pop("train_batch_size")
     filled = fill_auto(cfg, max_steps, out_dir)
     check_with_deepspeed(cfg)
     return cfg, plan, filled

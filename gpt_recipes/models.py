@@ -126,7 +126,7 @@ def _check_buildable(config: PretrainedConfig, spec: str) -> None:
         raise UserError(f"model config {spec} has {layers} layers; a model needs at least one")
     try:
         with torch.device("meta"):
-            _causal_lm_class(config)._from_config(config, attn_implementation="sdpa")
+            causal_lm_class(config)._from_config(config, attn_implementation="sdpa")
     except Exception as err:
         raise UserError(f"model config {spec} does not build a model: {first_line(err)}")
 
@@ -173,7 +173,7 @@ def partitioned_construction(ds_cfg: dict[str, Any] | None):
         del keep
 
 
-def _causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     # Resolved (and its module imported) before zero.Init is entered: importing model
     # modules inside zero.Init fails with this torch.
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -194,7 +194,7 @@ def build_model(config: PretrainedConfig, ds_cfg: dict[str, Any] | None = None) 
     """
     from transformers import initialization
 
-    model_class = _causal_lm_class(config)
+    model_class = causal_lm_class(config)
     if is_zero3(ds_cfg):
         with partitioned_construction(ds_cfg):
             return model_class._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
@@ -241,7 +241,7 @@ def load_pretrained_config(name_or_path: str) -> PretrainedConfig:
 def load_pretrained(name_or_path: str, config: PretrainedConfig, ds_cfg: dict[str, Any]) -> PreTrainedModel:
     """Pretrained weights in fp32 (the engine keeps fp32 master weights and casts the model);
     under ZeRO-3 each rank materialises only its own partition of every parameter."""
-    model_class = _causal_lm_class(config)
+    model_class = causal_lm_class(config)
     with partitioned_construction(ds_cfg):
         return model_class.from_pretrained(name_or_path, config=config, dtype=torch.float32,
                                            attn_implementation="sdpa")

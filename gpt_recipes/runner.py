@@ -15,7 +15,7 @@ import deepspeed
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from . import adapters, checkpoint, distributed, ds_config, flops
+from . import adapters, checkpoint, distributed, ds_config, flops, parallel
 from .adapters import AdapterPlan
 from .args import DEFAULT_DEEPSPEED_CONFIG, RunArgs
 from .data import GlobalBatchOrder, eval_micro_batches
@@ -115,12 +115,16 @@ def check_adapter_resume(run: RunPlan, adapter: AdapterPlan | None) -> None:
 
 def make_batches(args: RunArgs, run: RunPlan, train_samples: Samples, val_samples: Samples, what: str) -> Batches:
     """The global batch order over the training samples, and this rank's validation micro-batches."""
-    order = GlobalBatchOrder(len(train_samples), run.batch, args.seed)
-    val_batches = eval_micro_batches(len(val_samples), args.eval_batches * run.batch.global_batch,
-                                     run.batch.micro_batch, run.env.rank, run.env.world_size)
+    plan = run.batch
+    order = GlobalBatchOrder(len(train_samples), plan, args.seed)
+    val_batches = eval_micro_batches(len(val_samples), args.eval_batches * plan.global_batch,
+                                     plan.micro_batch, plan.data_rank(run.env.rank), plan.world_size)
     if not val_batches:
-        raise UserError(f"the validation set of {what} holds fewer samples than there are ranks "
-                        f"({run.env.world_size})")
+        raise UserError(f"the validation set of {what} holds fewer samples than there are data-parallel ranks "
+                        f"({plan.world_size})")
+    if plan.sp > 1:  # each rank of a group trains on its part of every sequence, and evaluates whole ones
+        return Batches(parallel.SequenceShards(train_samples, plan.sp, run.env.rank % plan.sp), order,
+                       parallel.WholeSequences(val_samples), val_batches)
     return Batches(train_samples, order, val_samples, val_batches)
 
 
@@ -135,7 +139,11 @@ def build(args: RunArgs, run: RunPlan, job: Job, stage: int) -> PreTrainedModel:
         enable_activation_checkpointing(model)
     run.say(f"Model: {count_parameters(model) / 1e6:.2f}M parameters ({job.model_config.model_type}); seq_len "
             f"{job.seq_len}; {ds_config.precision(run.ds_cfg)}, ZeRO-{stage}; global batch {run.batch.global_batch} = "
-            f"{run.batch.micro_batch} micro x {run.batch.grad_accum} accumulation x {run.batch.world_size} ranks")
+            f"{run.batch.micro_batch} micro x {run.batch.grad_accum} accumulation x {run.batch.world_size} "
+            + ("ranks" if run.batch.sp * run.batch.tp == 1 else "data-parallel ranks"))
+    layout = parallel.describe(run.batch)
+    if layout:
+        run.say(layout)
     if job.adapter is not None:
         trainable = adapters.trainable_parameters(model)
         job.record["adapter"] = job.adapter.record(trainable)
@@ -153,6 +161,8 @@ def build(args: RunArgs, run: RunPlan, job: Job, stage: int) -> PreTrainedModel:
 def build_loss(args: RunArgs, run: RunPlan, job: Job, model: PreTrainedModel, stage: int) -> CausalLMLoss:
     """The training loss, fused with the output layer unless asked not to or it cannot be; says which."""
     why_not = fused_unavailable(model, stage) if args.fused_loss else "--no-fused_loss"
+    if why_not is None and run.batch.tp > 1:
+        why_not = "tensor parallelism: DeepSpeed's AutoTP owns the output layer"
     loss_fn = CausalLMLoss(model, fused=why_not is None)
     run.say("Loss: output layer and cross-entropy fused, in chunks of rows (the logits are never held whole)"
             if loss_fn.fused else f"Loss: cross-entropy over the model's logits ({why_not})")
@@ -191,6 +201,8 @@ def keep_clip_norm(engine) -> None:
 
 def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
     env, say = run.env, run.say
+    parallel.check(run.batch, job.model_config, job.seq_len, lora=job.adapter is not None,
+                   objective=job.name.upper() if job.make_loss is not None else None)
     lock = RunLock(run.out_dir) if env.is_main else None  # held until this function returns
     if lock is not None and plan_output_dir(run.out_dir, args.resume, args.overwrite) != run.output:
         raise UserError(f"--output_dir {run.out_dir} changed while this run was starting (another run ended "
@@ -202,6 +214,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     job.record["shm_comm"] = why_not_shm is None
     distributed.barrier()  # every rank has checked the output folder before rank 0 writes to it
     distributed.seed_everything(args.seed)
+    mpu = parallel.start_sequence_parallel(job.model_config, run.batch) if run.batch.sp > 1 else None
 
     stage = ds_config.zero_stage(run.ds_cfg)
     model = build(args, run, job, stage)
@@ -212,7 +225,8 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     ckpt_dir = run.out_dir / checkpoint.CHECKPOINT_DIR
     resume_tag = run.output.resume_tag
     if resume_tag:
-        change = checkpoint.layout_change(checkpoint.saved_info(ckpt_dir, resume_tag), env.world_size, stage)
+        change = checkpoint.layout_change(checkpoint.saved_info(ckpt_dir, resume_tag), env.world_size, stage,
+                                          run.batch.sp, run.batch.tp)
         if change:
             # Another number of ranks or ZeRO stage: go through DeepSpeed's universal checkpoint,
             # which keeps the optimizer state. load_universal is derived here, not set in the JSON.
@@ -226,7 +240,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     distributed.barrier()
     # Only what trains reaches the optimizer (with LoRA, the adapters; the base stays frozen).
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=run.ds_cfg)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=run.ds_cfg, mpu=mpu)
     if env.world_size == 1 and stage == 0:
         # Nothing to average over one rank, but DeepSpeed would still flatten every gradient
         # into buckets, "all-reduce" them and copy them back after each backward.
@@ -256,7 +270,8 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         write_run_config(run.out_dir, {
             "recipe": job.name, "args": asdict(args), "seq_len": job.seq_len, "world_size": env.world_size,
             "batch": {"micro_batch": run.batch.micro_batch, "grad_accum": run.batch.grad_accum,
-                      "global_batch": run.batch.global_batch},
+                      "global_batch": run.batch.global_batch, "data_parallel": run.batch.world_size,
+                      "sequence_parallel": run.batch.sp, "tensor_parallel": run.batch.tp},
             "deepspeed": run.ds_cfg, "filled_auto": run.filled, "model": job.model_config.to_dict(),
             "parameters": count_parameters(model), **job.record,
         })
@@ -271,7 +286,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
                       global_batch=run.batch.global_batch)
     trainer_extra = {"global_batch": run.batch.global_batch, "seq_len": job.seq_len, "seed": args.seed}
     training_info = {"recipe": job.name, "precision": ds_config.precision(run.ds_cfg), "zero_stage": stage,
-                     "world_size": env.world_size,
+                     "world_size": env.world_size, "sequence_parallel": run.batch.sp, "tensor_parallel": run.batch.tp,
                      "schedule": {k: v for k, v in run.filled.items() if k.startswith("scheduler.")}}
     hf_files = [job.model_config, job.tokenizer]
     if job.adapter is not None:  # the checkpoint holds the adapters alone, and says which base they need

@@ -196,7 +196,9 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
     def window_loss() -> float:
         """Mean loss since the last log line over all ranks and micro-steps (waits for the device)."""
         total = all_reduce(loss_sum.clone()).item()
-        mean = total / (steps_since_log * plan.grad_accum * env.world_size)
+        # Each data-parallel rank's share, split over its sequence-parallel group or repeated by
+        # each rank of its tensor-parallel group.
+        mean = total / (steps_since_log * plan.grad_accum * plan.grad_divisor * plan.tp)
         if not math.isfinite(mean):
             raise _diverged(state.step, good_step, cfg.out_dir, "training loss")
         return mean
@@ -212,10 +214,10 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
         # The step's loss is the mean over every target token of the global batch, however the
         # batch is split into ranks and micro-batches (fine-tuning examples differ in length):
         # each micro-batch's summed loss is scaled so that DeepSpeed's averaging over ranks and
-        # accumulation steps yields it.
-        scale = plan.grad_accum * env.world_size / max(1, batches.train.num_targets(global_batch))
+        # accumulation steps yields it (a sequence-parallel rank's loss covers its part of each sample).
+        scale = plan.grad_accum * plan.grad_divisor / max(1, batches.train.num_targets(global_batch))
         for micro_step in range(plan.grad_accum):
-            idx = batches.order.micro_batch(state.step, env.rank, micro_step)
+            idx = batches.order.micro_batch(state.step, plan.data_rank(env.rank), micro_step)
             inputs, targets = _to_device(batches.train.batch(idx), engine.device)
             with probe.saved_activations() if probing and micro_step == 0 else contextlib.nullcontext():
                 loss = loss_fn(engine, inputs, targets, reduction="sum") * scale
