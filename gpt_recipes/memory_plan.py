@@ -12,6 +12,12 @@ whole on every rank. Offloading moves the optimizer state (and under stage 3 opt
 the parameters) to host memory. With LoRA only the adapters have gradients and optimizer
 state; the frozen base costs its weights alone (partitioned under stage 3).
 
+Sequence parallelism over S ranks leaves model states as data parallelism over all ranks
+has them and cuts each rank's activations to those of seq_len / S tokens. Tensor
+parallelism over T ranks splits the layers' projections (not embeddings, norms or the
+output layer) T ways, ZeRO partitions over the world / T data-parallel ranks, and a rank's
+activations are traced on the model with 1/T of the heads and MLP width.
+
 Activations are not guessed from a formula: one forward pass of the real model class is
 traced on the meta device (no memory used) and the tensors autograd saves for backward
 are summed, with attention counted as a fused kernel keeps it (inputs, output and the
@@ -48,6 +54,8 @@ class Layout:
     micro_batch: int
     reduce_bucket_size: int
     persistence_threshold: int
+    sp: int = 1
+    tp: int = 1
 
     @classmethod
     def from_config(cls, name: str, cfg: dict[str, Any]) -> "Layout":
@@ -66,6 +74,8 @@ class Layout:
             reduce_bucket_size=int(zero.get("reduce_bucket_size", STAGE3_DEFAULTS["reduce_bucket_size"])),
             persistence_threshold=int(zero.get("stage3_param_persistence_threshold",
                                                STAGE3_DEFAULTS["stage3_param_persistence_threshold"])),
+            sp=int(cfg.get("sequence_parallel_size", 1)),
+            tp=int((cfg.get("tensor_parallel") or {}).get("autotp_size", 1) or 1),
         )
 
 
@@ -73,6 +83,7 @@ class Layout:
 class ModelSizes:
     numels: tuple[int, ...]  # every parameter tensor, tied ones once
     trainable_numels: tuple[int, ...] | None = None  # those that train, when not all (LoRA)
+    projections: int = 0  # parameters of the layers' Linear projections, which tensor parallelism splits
 
     @property
     def total(self) -> int:
@@ -125,15 +136,33 @@ def _meta_model(config: PretrainedConfig, lora: Any = None) -> torch.nn.Module:
 
 
 def model_sizes(config: PretrainedConfig, lora: Any = None) -> ModelSizes:
-    params = list(_meta_model(config, lora).parameters())
+    model = _meta_model(config, lora)
+    params = list(model.parameters())
     trainable = tuple(p.numel() for p in params if p.requires_grad) if lora is not None else None
-    return ModelSizes(tuple(p.numel() for p in params), trainable)
+    head = model.get_output_embeddings()
+    projections = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+                      for p in m.parameters(recurse=False))
+    return ModelSizes(tuple(p.numel() for p in params), trainable, projections)
+
+
+def tensor_parallel_slice(config: PretrainedConfig, tp: int) -> PretrainedConfig:
+    """The model one tensor-parallel rank computes: 1/tp of the heads and MLP width, same hidden size."""
+    if tp == 1:
+        return config
+    part = config.__class__(**{**config.to_dict(), "head_dim": config.hidden_size // config.num_attention_heads})
+    part.num_attention_heads //= tp
+    part.num_key_value_heads //= tp
+    part.intermediate_size //= tp
+    return part
 
 
 def estimate(layout: Layout, sizes: ModelSizes, ranks: int, activations: float) -> Estimate:
     w, g, o = BYTES_PER_PARAM[layout.precision]
-    psi, n = sizes.total, ranks
-    params, grads, optimizer, buffers, host = w * psi, g * sizes.trainable, o * sizes.trainable, 0.0, 0.0
+    # A tensor-parallel rank holds 1/tp of the projections, and ZeRO partitions over the data-parallel ranks.
+    split = sizes.projections * (1 - 1 / layout.tp)
+    psi, n = sizes.total - split, max(1, ranks // layout.tp)
+    trainable = sizes.trainable - split
+    params, grads, optimizer, buffers, host = w * psi, g * trainable, o * trainable, 0.0, 0.0
     if layout.stage >= 1:
         optimizer /= n
         grads /= n  # DeepSpeed's stage 1 reduce-scatters gradients too
@@ -155,8 +184,10 @@ def deepspeed_estimate(layout: Layout, sizes: ModelSizes, ranks_per_node: int, n
 
     They assume mixed precision and count, besides the paper's terms, fp32 gradients and a
     1.5x host buffer factor, so they read higher than `estimate`. They assume every parameter
-    trains, so there is none for LoRA.
+    trains and every rank is data-parallel, so there is none for LoRA or tensor parallelism.
     """
+    if layout.tp > 1:
+        return None
     if sizes.trainable_numels is not None:
         return None
     if layout.stage == 2:

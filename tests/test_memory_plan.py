@@ -5,7 +5,8 @@ import json
 import pytest
 from launch import REPO, launch, read_metrics, run_python
 
-from gpt_recipes.memory_plan import Layout, ModelSizes, activation_bytes, estimate, model_sizes, plan, recommend
+from gpt_recipes.memory_plan import (Layout, ModelSizes, activation_bytes, estimate, model_sizes, plan, recommend,
+                                     tensor_parallel_slice)
 from gpt_recipes.models import build_config
 
 
@@ -41,6 +42,27 @@ def test_stage3_keeps_small_parameters_whole():
     sizes = ModelSizes((PSI, 1000, 1000))
     z3 = estimate(layout(3), sizes, 4, 0)
     assert z3.params == pytest.approx(2 * (2000 + PSI / 4))
+
+
+def test_tensor_parallel_splits_the_projections_and_partitions_over_data_parallel_ranks():
+    sizes = ModelSizes((PSI // 2, PSI // 2), projections=PSI // 2)  # half the parameters are projections
+    tp2 = estimate(Layout("tp", 2, "bf16", False, False, 1, 0, 0, tp=2), sizes, 4, 0)
+    kept = PSI - PSI // 4  # the other half whole, and half of the projections
+    assert tp2.params == 2 * kept
+    assert tp2.optimizer == pytest.approx(12 * kept / 2)  # ZeRO over 4 / 2 data-parallel ranks
+    sp2 = estimate(Layout("sp", 2, "bf16", False, False, 1, 0, 0, sp=2), sizes, 4, 0)
+    assert sp2.model_states == estimate(layout(2), sizes, 4, 0).model_states  # as data parallelism over all ranks
+
+
+def test_a_parallel_rank_traces_its_part_of_the_activations():
+    llama = build_config("llama-nano", 1024, 0)
+    whole = activation_bytes(llama, 1, 128, "bf16", fused_loss=False)
+    assert activation_bytes(llama, 1, 64, "bf16", fused_loss=False) == pytest.approx(whole / 2, rel=0.05)  # SP=2
+    part = tensor_parallel_slice(llama, 2)
+    assert (part.num_attention_heads, part.num_key_value_heads, part.head_dim) == (2, 2, 64)
+    assert 0.5 * whole < activation_bytes(part, 1, 128, "bf16", fused_loss=False) < 0.9 * whole  # TP=2
+    assert sum(model_sizes(part).numels) < sum(model_sizes(llama).numels)
+    assert model_sizes(llama).projections == 4 * (4 * 256 * 256 + 3 * 256 * 688)
 
 
 def test_traced_activations_scale_and_shrink_with_checkpointing(tiny_model):

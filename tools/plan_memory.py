@@ -21,7 +21,8 @@ from gpt_recipes.adapters import lora_config
 from gpt_recipes.args import AdapterArgs, PlanMemoryArgs, parse_args
 from gpt_recipes.ds_config import load_config
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.memory_plan import GiB, HEADROOM, Layout, activation_bytes, model_sizes, plan, recommend
+from gpt_recipes.memory_plan import (GiB, HEADROOM, Layout, activation_bytes, model_sizes, plan, recommend,
+                                     tensor_parallel_slice)
 from gpt_recipes.models import build_config, check_seq_len
 
 
@@ -67,12 +68,16 @@ def main() -> None:
     traced: dict[tuple, float] = {}
 
     def per_sample(layout: Layout) -> float:
-        # ZeRO-3 takes the plain loss (see gpt_recipes/loss.py), the other stages the fused one.
-        key = (layout.precision, layout.micro_batch, layout.stage < 3)
+        # ZeRO-3 and tensor parallelism take the plain loss (see gpt_recipes/loss.py), the others the fused
+        # one; a sequence-parallel rank holds the activations of its 1/sp of the tokens.
+        key = (layout.precision, layout.micro_batch, layout.stage < 3 and layout.tp == 1, layout.sp, layout.tp)
         if key not in traced:
-            traced[key] = activation_bytes(config, layout.micro_batch, seq_len, layout.precision,
-                                           args.activation_checkpointing, fused_loss=key[2],
-                                           lora=lora) / layout.micro_batch
+            if seq_len % layout.sp or (layout.tp > 1 and config.model_type == "gpt2"):
+                traced[key] = float("nan")  # the recipes refuse this layout for this model
+            else:
+                traced[key] = activation_bytes(tensor_parallel_slice(config, layout.tp), layout.micro_batch,
+                                               seq_len // layout.sp, layout.precision, args.activation_checkpointing,
+                                               fused_loss=key[2], lora=lora) / layout.micro_batch
         return traced[key]
 
     host = args.host_mem * GiB if args.host_mem else host_memory_bytes()
@@ -80,6 +85,14 @@ def main() -> None:
 
     rows = []
     for layout in layouts:
+        if (args.ranks * args.nodes) % (layout.sp * layout.tp):
+            print(f"{layout.name}: left out, its sequence/tensor-parallel size does not divide "
+                  f"{args.ranks * args.nodes} ranks")
+            continue
+        if per_sample(layout) != per_sample(layout):  # nan: the recipes refuse it
+            print(f"{layout.name}: left out, the recipes refuse it for {args.model} (seq_len not divisible by "
+                  "the sequence-parallel size, or tensor parallelism on a GPT-2 model)")
+            continue
         rows += plan([layout], sizes, per_sample(layout), args.ranks, args.nodes, device, host)
     where = f"{args.gpu_mem:g} GiB GPUs" if device else "CPU ranks sharing host memory"
     print(f"{args.model}: {sizes.total / 1e6:.1f}M parameters, seq_len {seq_len}; {args.ranks} rank(s) per node x "
