@@ -206,7 +206,9 @@ def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, 
     if dtype is None:
         target = default_dtype(info.get("precision"))
         log(f"Saving weights in {_name(target)}: the training precision ({info.get('precision', 'unknown')}); "
-            "the fp32 master weights are cast to it (--dtype fp32 keeps them exactly)")
+            + ("a tensor-parallel checkpoint holds the weights the engine computes with, in that precision"
+               if info.get("tensor_parallel", 1) > 1 else
+               "the fp32 master weights are cast to it (--dtype fp32 keeps them exactly)"))
     else:
         if dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

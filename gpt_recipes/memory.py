@@ -21,6 +21,7 @@ def tensor_memory_mb(device_type: str) -> float:
     """Bytes held by live tensors (parameters, gradients, optimizer state, buffers), in MiB."""
     if device_type == "cuda":
         return torch.cuda.memory_allocated() / MiB
+    gc.collect()  # tensors in unreachable cycles (freed by the next collection) are not held
     storages: dict[int, int] = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:

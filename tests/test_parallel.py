@@ -82,10 +82,24 @@ def test_sequence_parallel_pretraining_matches_one_rank_and_resumes(tmp_path, ti
                      "recipes/pretrain.py")
 
 
-def test_sequence_parallel_packed_finetuning_matches_one_rank(tmp_path, pretrained, demo):
+def test_sequence_parallel_llama_at_zero3_matches_one_rank(tmp_path, tiny_data):
+    """Llama (rotary positions, grouped key-value heads) with the model built partitioned."""
+    model = tmp_path / "llama.json"
+    model.write_text(json.dumps(TP_LLAMA))
+    common = ("--log_interval", "1", "--eval_interval", "4", "--seq_len", "64")
+    _run("recipes/pretrain.py", pretrain_args(_config(tmp_path, 3, 4, "ref"), tiny_data, model, tmp_path / "one_rank",
+                                              STEPS, *common), ranks=1)
+    _run("recipes/pretrain.py", pretrain_args(_config(tmp_path, 3, 4, "sp", sequence_parallel_size=2), tiny_data,
+                                              model, tmp_path / "sp2", STEPS, *common), ranks=2)
+    _compare(tmp_path / "one_rank", tmp_path / "sp2")
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "padded"])
+def test_sequence_parallel_finetuning_matches_one_rank(tmp_path, pretrained, demo, pack):
     def args(cfg, out):
         return ["--deepspeed_config", cfg, "--model_name_or_path", str(pretrained), "--data",
-                str(demo / "train.jsonl"), "--output_dir", str(out), "--max_steps", str(STEPS), "--pack",
+                str(demo / "train.jsonl"), "--output_dir", str(out), "--max_steps", str(STEPS),
+                *(["--pack"] if pack else []),
                 "--truncate", "--log_interval", "1", "--eval_interval", "4", "--eval_batches", "2"]
 
     _run("recipes/finetune.py", args(_config(tmp_path, 3, 2, "ref"), tmp_path / "one_rank"), ranks=1)
