@@ -100,6 +100,9 @@ class RunArgs:
                                         "(default: a table of GPUs; on a CPU, a matmul probe)")
     keep_last: int = flag(0, "keep only the newest N complete checkpoints (0: keep all)")
     export_hf: Optional[str] = flag(None, "after training, export the final checkpoint to this Hugging Face folder")
+    eval_tasks: list[str] = flag([], "at every evaluation, also run these lm-evaluation-harness tasks on the live "
+                                 "model (e.g. docstring_choice, the local task); scores go to metrics.jsonl")
+    eval_limit: Optional[int] = flag(None, "with --eval_tasks: only the first N examples of each task")
     resume: bool = flag(False, "continue from the latest checkpoint in OUTPUT_DIR/checkpoints")
     overwrite: bool = flag(False, "allow starting a fresh run in a non-empty OUTPUT_DIR (and replacing EXPORT_HF)")
     # Set by the deepspeed launcher; the rank is read from the environment instead.
@@ -230,6 +233,19 @@ class ConvertToHFArgs:
                          "merged model")
     base_model: Optional[str] = flag(None, "for a LoRA checkpoint: the base model folder, if it moved since "
                                      "training (its weights must be the same)")
+
+
+@dataclass
+class EvaluateArgs:
+    """Evaluate a model on downstream tasks with lm-evaluation-harness."""
+
+    model: str = flag("", "a Hugging Face model folder, or a recipe run / checkpoint folder (exported on the fly)",
+                      positional=True, metavar="MODEL_OR_CHECKPOINT")
+    tasks: list[str] = flag(["docstring_choice"], "harness task names (default: the local task, built offline)")
+    limit: Optional[int] = flag(None, "evaluate only the first N examples of each task")
+    output: Optional[str] = flag(None, "write the harness's results as JSON to this file")
+    batch_size: int = flag(8, "examples per forward pass")
+    tag: Optional[str] = flag(None, "for a checkpoint: its tag such as step200 (default: the 'latest' one)")
 
 
 @dataclass

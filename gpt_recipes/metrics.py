@@ -59,3 +59,31 @@ class MetricsLog:
             group = "eval" if "val_loss" in record else "train"
             self.monitor.write_events([(f"{group}/{key}", float(value), record["step"]) for key, value in record.items()
                                        if key != "step" and isinstance(value, (int, float))])
+
+
+def log_wandb_by_step(monitor: Any) -> None:
+    """Send DeepSpeed's W&B monitor one row per event list, each against its own x-axis.
+
+    DeepSpeed logs its own events against samples seen (step 8, 16, ...) and these recipes log
+    theirs against the optimizer step, both with wandb.log(step=...); W&B drops every row whose
+    step is below one it has seen ("Steps must be monotonically increasing"), so the recipe's
+    metrics after DeepSpeed's first event were lost. Each axis becomes a logged field instead.
+    """
+    writer = getattr(monitor, "wandb_monitor", None)
+    if writer is None or not writer.enabled:
+        return
+    import wandb
+
+    wandb.define_metric("samples")
+    wandb.define_metric("Train/Samples/*", step_metric="samples")
+    wandb.define_metric("optimizer_step")
+    for group in ("train", "eval"):
+        wandb.define_metric(f"{group}/*", step_metric="optimizer_step")
+
+    def write_events(events: list[tuple[str, float, int]]) -> None:
+        for axis, rows in (("samples", [e for e in events if e[0].startswith("Train/Samples")]),
+                           ("optimizer_step", [e for e in events if not e[0].startswith("Train/Samples")])):
+            if rows:
+                wandb.log({axis: rows[0][2], **{label: value for label, value, _ in rows}})
+
+    writer.write_events = write_events

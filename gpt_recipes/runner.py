@@ -7,6 +7,8 @@ and `execute` runs the rest of the story on every rank.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +17,7 @@ import deepspeed
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from . import adapters, checkpoint, distributed, ds_config, flops, parallel
+from . import adapters, checkpoint, distributed, ds_config, evaluation, flops, parallel
 from .adapters import AdapterPlan
 from .args import DEFAULT_DEEPSPEED_CONFIG, RunArgs
 from .data import GlobalBatchOrder, eval_micro_batches
@@ -25,7 +27,7 @@ from .errors import UserError
 from .export import check_output_folder, export_after_training
 from .loss import CausalLMLoss, fused_unavailable
 from .memory import tensor_memory_mb
-from .metrics import MetricsLog
+from .metrics import MetricsLog, log_wandb_by_step
 from .models import count_parameters, enable_activation_checkpointing
 from .run_dir import OutputPlan, RunLock, plan_output_dir, remove_previous_run, write_run_config
 from .train import Batches, LoopConfig, Samples, TrainState, train
@@ -43,6 +45,7 @@ class RunPlan:
     out_dir: Path
     output: OutputPlan
     notes: list[str] = field(default_factory=list)  # said once the ranks have started
+    eval_tasks: list[Any] = field(default_factory=list)  # lm-evaluation-harness tasks, resolved
 
     def say(self, *text: Any) -> None:
         if self.env.is_main:
@@ -90,7 +93,11 @@ def plan_run(args: RunArgs) -> RunPlan:
     output = plan_output_dir(out_dir, args.resume, args.overwrite)
     if args.export_hf:
         check_output_folder(Path(args.export_hf), args.overwrite, force_flag="--overwrite")
-    run = RunPlan(env, device, ds_cfg, batch, filled, out_dir, output)
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise UserError(f"--eval_limit must be at least 1, got {args.eval_limit}")
+    eval_tasks = evaluation.resolve_tasks([t for name in args.eval_tasks for t in name.split(",") if t]) \
+        if args.eval_tasks else []
+    run = RunPlan(env, device, ds_cfg, batch, filled, out_dir, output, eval_tasks=eval_tasks)
     if output.note:
         run.notes.append(output.note)
     if output.resume_tag:
@@ -183,6 +190,31 @@ def throughput_basis(args: RunArgs, run: RunPlan, job: Job) -> tuple[float, floa
     return flops_per_token, peak, source
 
 
+def downstream_eval(args: RunArgs, run: RunPlan, job: Job) -> Callable[[Any], dict[str, float]] | None:
+    """The harness on the live model, as the loop calls it after each validation pass.
+
+    Every rank runs the same requests in the same order: under ZeRO-3 each forward pass
+    gathers the layers collectively from their partitions, so no rank ever holds a second
+    whole copy of the model, and nothing is written to disk."""
+    if not run.eval_tasks:
+        return None
+    chat = bool(getattr(job.tokenizer, "chat_template", None))
+
+    def run_tasks(engine) -> dict[str, float]:
+        start = time.perf_counter()
+        engine.eval()
+        try:
+            lm = evaluation.language_model(engine.module, job.tokenizer, batch_size=run.batch.micro_batch)
+            results = evaluation.evaluate(lm, run.eval_tasks, args.eval_limit, chat)
+        finally:
+            engine.train()
+        # Every rank ran the same requests; the harness hands the results to local rank 0 alone.
+        scores = distributed.from_main(evaluation.scores(results) if results is not None else None)
+        return {**{f"eval/{name}": value for name, value in scores.items()}, "eval_tasks_s": time.perf_counter() - start}
+
+    return run_tasks
+
+
 def keep_clip_norm(engine) -> None:
     """Log the gradient norm at ZeRO-0 in fp32 too, so every stage's norms compare step by step.
 
@@ -240,6 +272,11 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     distributed.barrier()
     # Only what trains reaches the optimizer (with LoRA, the adapters; the base stays frozen).
     trainable = [p for p in model.parameters() if p.requires_grad]
+    tracking = "wandb" in ds_config.enabled_monitors(run.ds_cfg)
+    if tracking:  # no account needed: the run is written to OUTPUT_DIR/wandb; `wandb sync` uploads it later
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", str(run.out_dir))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=run.ds_cfg, mpu=mpu)
     if env.world_size == 1 and stage == 0:
         # Nothing to average over one rank, but DeepSpeed would still flatten every gradient
@@ -267,14 +304,21 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         say(f"Resumed from step {state.step} ({state.tokens:,} tokens seen)")
     if env.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
-        write_run_config(run.out_dir, {
+        resolved = {
             "recipe": job.name, "args": asdict(args), "seq_len": job.seq_len, "world_size": env.world_size,
             "batch": {"micro_batch": run.batch.micro_batch, "grad_accum": run.batch.grad_accum,
                       "global_batch": run.batch.global_batch, "data_parallel": run.batch.world_size,
                       "sequence_parallel": run.batch.sp, "tensor_parallel": run.batch.tp},
             "deepspeed": run.ds_cfg, "filled_auto": run.filled, "model": job.model_config.to_dict(),
             "parameters": count_parameters(model), **job.record,
-        })
+        }
+        write_run_config(run.out_dir, resolved)
+        if tracking:
+            import wandb
+
+            if wandb.run is not None:  # DeepSpeed's monitor started it on this rank
+                wandb.config.update(resolved, allow_val_change=True)
+                log_wandb_by_step(engine.monitor)
     metrics = MetricsLog(run.out_dir, env.is_main, resume_step=state.step if resume_tag else None,
                          monitor=engine.monitor)
     if job.before_training is not None:
@@ -283,7 +327,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     loop = LoopConfig(max_steps=args.max_steps, seq_len=job.seq_len, log_interval=args.log_interval,
                       eval_interval=args.eval_interval, save_interval=args.save_interval, out_dir=run.out_dir,
                       device_type=run.device, flops_per_token=flops_per_token, peak_tflops=peak,
-                      global_batch=run.batch.global_batch)
+                      global_batch=run.batch.global_batch, downstream=downstream_eval(args, run, job))
     trainer_extra = {"global_batch": run.batch.global_batch, "seq_len": job.seq_len, "seed": args.seed}
     training_info = {"recipe": job.name, "precision": ds_config.precision(run.ds_cfg), "zero_stage": stage,
                      "world_size": env.world_size, "sequence_parallel": run.batch.sp, "tensor_parallel": run.batch.tp,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import sys
 from dataclasses import dataclass, fields
@@ -36,6 +37,7 @@ class RunSummary:
     activation_mb: float | None
     final_val_loss: float | None
     best_val_loss: float | None
+    task_scores: dict[str, float] | None = None  # the last downstream evaluation (--eval_tasks)
 
 
 def metrics_path(run_dir: Path) -> Path:
@@ -94,7 +96,19 @@ def summarize(run_dir: Path, name: str | None = None, warmup_steps: int | None =
         activation_mb=memory.get("activation_mb"),
         final_val_loss=evals[-1]["val_loss"] if evals else None,
         best_val_loss=min(r["val_loss"] for r in evals) if evals else None,
+        task_scores=_task_scores(evals[-1]) if evals and _task_scores(evals[-1]) else None,
     )
+
+
+TASK_PREFIX = "eval/"  # downstream scores in metrics.jsonl: eval/<task>/<metric>
+
+
+def _task_scores(record: dict[str, Any]) -> dict[str, float]:
+    return {k[len(TASK_PREFIX):]: v for k, v in record.items() if k.startswith(TASK_PREFIX)}
+
+
+def _scores_text(scores: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.3f}" for name, value in scores.items())
 
 
 COLUMNS = [  # (field, header, format)
@@ -109,6 +123,7 @@ COLUMNS = [  # (field, header, format)
     ("model_state_mb", "model states MiB", "{:.0f}"),
     ("final_val_loss", "final val loss", "{:.4f}"),
     ("best_val_loss", "best val loss", "{:.4f}"),
+    ("task_scores", "task scores (last eval)", _scores_text),
 ]
 
 
@@ -116,7 +131,7 @@ def _cells(summary: RunSummary) -> list[str]:
     cells = []
     for key, _, fmt in COLUMNS:
         value = getattr(summary, key)
-        cells.append("-" if value is None else fmt.format(value))
+        cells.append("-" if value is None else fmt(value) if callable(fmt) else fmt.format(value))
     return cells
 
 
@@ -145,7 +160,8 @@ def csv_text(summaries: list[RunSummary]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=names)
     writer.writeheader()
     for s in summaries:
-        writer.writerow({k: ("" if getattr(s, k) is None else getattr(s, k)) for k in names})
+        writer.writerow({k: ("" if getattr(s, k) is None else json.dumps(getattr(s, k)) if k == "task_scores"
+                             else getattr(s, k)) for k in names})
     return buffer.getvalue()
 
 
@@ -186,4 +202,18 @@ def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
     written.append(out_dir / "tokens_per_sec.png")
     fig.savefig(written[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+    scored = [(name, [r for r in lines if _task_scores(r)]) for name, lines in runs]
+    if any(evals for _, evals in scored):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, evals in scored:
+            for metric in dict.fromkeys(k for r in evals for k in _task_scores(r)):
+                points = [(r["tokens"], r[TASK_PREFIX + metric]) for r in evals if TASK_PREFIX + metric in r]
+                ax.plot(*zip(*points), "o-", label=f"{name} {metric}")
+        ax.set(xlabel="tokens seen", ylabel="score", title="Downstream tasks (lm-evaluation-harness)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(out_dir / "task_scores.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
     return written

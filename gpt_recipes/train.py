@@ -57,6 +57,9 @@ class LoopConfig:
     flops_per_token: float = 0.0  # model FLOPs (forward + backward) per token; see flops.py
     peak_tflops: float | None = None  # per rank, for MFU
     global_batch: int = 1
+    # Run after each validation pass on every rank (downstream tasks on the live model): more
+    # metrics for the evaluation record.
+    downstream: Callable[[Any], dict[str, float]] | None = None
 
 
 @dataclass
@@ -177,6 +180,8 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
             raise _diverged(state.step, good_step, cfg.out_dir, "validation loss")
         if getattr(loss_fn, "reports_perplexity", True):
             result["val_ppl"] = math.exp(min(val_loss, 50.0))
+        if cfg.downstream is not None:
+            result.update(cfg.downstream(engine))
         metrics.write({"step": state.step, "tokens": state.tokens, **result})
         say(f"step {state.step:>6d} | " + " | ".join(f"{k} {v:.4f}" if k != "val_ppl" else f"{k} {v:.2f}"
                                                     for k, v in result.items()))

@@ -1,0 +1,169 @@
+"""Downstream evaluation with EleutherAI's lm-evaluation-harness: of a Hugging Face folder, of a
+recipe checkpoint (exported on the fly), or of the live engine between training steps.
+
+Standard tasks fetch their data sets from the hub. One small task is defined here and built
+offline from the default corpus, so evaluation works on a fresh machine: `docstring_choice`,
+choosing a standard-library function's first docstring sentence among four (the others are
+sentences of other functions), over the modules the fine-tuning demo holds out.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+HARNESS = "lm-eval==0.4.13"
+LOCAL_TASK = "docstring_choice"
+LOCAL_TASK_FILE = Path("data/eval") / f"{LOCAL_TASK}.jsonl"
+CHOICES = 4
+NOT_SCORES = ("alias", "sample_len")  # what the harness reports beside its metrics
+
+
+def harness():
+    """The lm_eval package, or a one-line error saying how to install it."""
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval import evaluator  # noqa: F401
+    except ImportError:
+        raise UserError(f"lm-evaluation-harness is not installed: pip install '{HARNESS}' (or make install)")
+    import lm_eval
+
+    return lm_eval
+
+
+def build_local_task(sft_val: Path, out_file: Path, seed: int = 0) -> int:
+    """Write the local task's rows from the demo task's held-out rows; returns their count."""
+    rows = [json.loads(line) for line in sft_val.read_text().splitlines() if line.strip()]
+    questions = [r["messages"][0]["content"] for r in rows]
+    answers = [r["messages"][1]["content"] for r in rows]
+    rng = random.Random(seed)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    tmp = out_file.with_suffix(".tmp")
+    distinct = sorted(set(answers))
+    with tmp.open("w") as f:
+        for question, answer in zip(questions, answers):
+            others = [a for a in distinct if a != answer]
+            if len(others) < CHOICES - 1:
+                continue
+            choices = rng.sample(others, CHOICES - 1) + [answer]
+            rng.shuffle(choices)
+            f.write(json.dumps({"question": question, "choices": choices, "gold": choices.index(answer)}) + "\n")
+            written += 1
+    tmp.replace(out_file)
+    return written
+
+
+def ensure_local_task() -> Path:
+    """The local task's data file, built on first use (with the demo task it comes from)."""
+    from .sft_demo import DEFAULT_DIR, ensure_demo
+
+    import fcntl
+
+    path = LOCAL_TASK_FILE.resolve()
+    if not path.is_file():
+        ensure_demo(str(DEFAULT_DIR / "train.jsonl"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "w") as lock:  # ranks take turns
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.is_file():
+                build_local_task(DEFAULT_DIR / "val.jsonl", path)
+    return path
+
+
+def local_task_config() -> dict[str, Any]:
+    """The harness task config of the local task (a multiple-choice task over a JSON file)."""
+    return {
+        "task": LOCAL_TASK,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(ensure_local_task())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{question}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{gold}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+
+
+def resolve_tasks(names: list[str]) -> list[Any]:
+    """Task names as the harness takes them (the local task as its config); an unknown name is a
+    one-line error listing the close ones."""
+    harness()
+    from lm_eval.tasks import TaskManager
+
+    if not names:
+        raise UserError("--tasks: name at least one task")
+    known = None
+    out: list[Any] = []
+    for name in names:
+        if name == LOCAL_TASK:
+            out.append(local_task_config())
+            continue
+        if known is None:
+            known = set(TaskManager().all_tasks) | {LOCAL_TASK}
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
+            raise UserError(f"unknown task {name!r}" + (f"; close: {', '.join(close)}" if close else
+                                                         f"; the local task is {LOCAL_TASK}"))
+        out.append(name)
+    return out
+
+
+def language_model(model, tokenizer, batch_size: int):
+    """The harness's Hugging Face model around an already built model (or the engine's module,
+    whose ZeRO-3 hooks gather each layer as the forward pass reaches it)."""
+    harness()
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_device(model)))
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def evaluate(lm, tasks: list[Any], limit: int | None, chat: bool) -> dict[str, Any] | None:
+    """Run the harness; its results dictionary (JSON-serialisable parts). The harness returns them
+    on local rank 0 only: None elsewhere."""
+    harness()
+    from lm_eval import evaluator
+
+    results = evaluator.simple_evaluate(model=lm, tasks=tasks, limit=limit, apply_chat_template=chat,
+                                        log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                        fewshot_random_seed=0, verbosity="ERROR")
+    if results is None:
+        return None
+    return {key: results[key] for key in ("results", "versions", "n-shot", "config") if key in results}
+
+
+def scores(results: dict[str, Any]) -> dict[str, float]:
+    """{"<task>/<metric>": value} for every metric the harness reports (standard errors left out)."""
+    out = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric = key.split(",")[0]
+            if isinstance(value, (int, float)) and not metric.endswith("_stderr") and metric not in NOT_SCORES:
+                out[f"{task}/{metric}"] = float(value)
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["| task | metric | value | stderr |", "|---|---|---:|---:|"]
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric = key.split(",")[0]
+            if isinstance(value, (int, float)) and not metric.endswith("_stderr") and metric not in NOT_SCORES:
+                err = metrics.get(f"{metric}_stderr,{key.split(',')[1]}" if "," in key else f"{metric}_stderr")
+                err_text = f"{err:.4f}" if isinstance(err, (int, float)) else "-"
+                lines.append(f"| {task} | {metric} | {value:.4f} | {err_text} |")
+    return "\n".join(lines)
