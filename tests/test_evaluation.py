@@ -109,6 +109,18 @@ def test_in_training_scores_equal_the_tool_on_the_export_and_the_checkpoint(eval
 
 
 @pytest.mark.slow
+def test_the_fine_tuned_model_beats_a_random_one(evaluated_run, export_scores, pretrained):
+    tmp, _, hf = evaluated_run
+    torch.manual_seed(0)
+    random_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained))
+    random_model.save_pretrained(tmp / "random")
+    AutoTokenizer.from_pretrained(hf).save_pretrained(tmp / "random")  # same prompts (chat template)
+    tuned = export_scores["docstring_choice/acc"]
+    chance = _tool_scores(tmp / "random", tmp, "random")["docstring_choice/acc"]
+    assert tuned > chance + 0.05, (tuned, chance)
+
+
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_config_and_the_metrics(evaluated_run):
     _, out, _ = evaluated_run
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))

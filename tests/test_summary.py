@@ -77,3 +77,24 @@ def test_cli_writes_table_csv_markdown_and_plots(tmp_path):
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
     proc = run_python("tools/summarize_throughput.py", [str(tmp_path / "missing")])
     assert proc.returncode == 2 and proc.stderr.startswith("error:")
+
+
+def test_downstream_scores_reach_the_table_csv_and_a_plot(tmp_path):
+    import json
+
+    from gpt_recipes.summary import csv_text, markdown_table, plot
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": 0, "tokens": 0, "val_loss": 6.0, "eval/docstring_choice/acc": 0.25},
+             {"step": 5, "tokens": 80, "loss": 5.5, "tokens_per_sec": 100.0},
+             {"step": 10, "tokens": 160, "loss": 5.0, "tokens_per_sec": 110.0},
+             {"step": 10, "tokens": 160, "val_loss": 5.1, "eval/docstring_choice/acc": 0.4,
+              "eval/docstring_choice/acc_norm": 0.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = summarize(run)
+    assert summary.task_scores == {"docstring_choice/acc": 0.4, "docstring_choice/acc_norm": 0.5}  # the last eval
+    assert "docstring_choice/acc 0.400, docstring_choice/acc_norm 0.500" in markdown_table([summary])
+    assert json.loads(next(csv.DictReader(csv_text([summary]).splitlines()))["task_scores"]) == summary.task_scores
+    written = plot([run], ["run"], tmp_path / "plots")
+    assert (tmp_path / "plots" / "task_scores.png") in written and (tmp_path / "plots" / "task_scores.png").stat().st_size
