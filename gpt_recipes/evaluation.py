@@ -16,8 +16,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import UserError
 
 HARNESS = "lm-eval==0.4.13"
@@ -149,11 +147,8 @@ def language_model(model, tokenizer, batch_size: int):
     # here each rank runs every request itself, on purpose.
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_device(model)))
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    device = next(model.parameters()).device
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
 
 
 def evaluate(lm, tasks: list[Any], limit: int | None, chat: bool) -> dict[str, Any] | None:
@@ -170,24 +165,23 @@ def evaluate(lm, tasks: list[Any], limit: int | None, chat: bool) -> dict[str, A
     return {key: results[key] for key in ("results", "versions", "n-shot", "config") if key in results}
 
 
-def scores(results: dict[str, Any]) -> dict[str, float]:
-    """{"<task>/<metric>": value} for every metric the harness reports (standard errors left out)."""
-    out = {}
+def _metrics(results: dict[str, Any]):
+    """(task, metric, value, standard error or None) for every metric the harness reports."""
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
-            metric = key.split(",")[0]
+            metric, _, variant = key.partition(",")
             if isinstance(value, (int, float)) and not metric.endswith("_stderr") and metric not in NOT_SCORES:
-                out[f"{task}/{metric}"] = float(value)
-    return out
+                err = metrics.get(f"{metric}_stderr,{variant}" if variant else f"{metric}_stderr")
+                yield task, metric, float(value), err if isinstance(err, (int, float)) else None
+
+
+def scores(results: dict[str, Any]) -> dict[str, float]:
+    """{"<task>/<metric>": value} for every metric the harness reports (standard errors left out)."""
+    return {f"{task}/{metric}": value for task, metric, value, _ in _metrics(results)}
 
 
 def table(results: dict[str, Any]) -> str:
     lines = ["| task | metric | value | stderr |", "|---|---|---:|---:|"]
-    for task, metrics in results["results"].items():
-        for key, value in metrics.items():
-            metric = key.split(",")[0]
-            if isinstance(value, (int, float)) and not metric.endswith("_stderr") and metric not in NOT_SCORES:
-                err = metrics.get(f"{metric}_stderr,{key.split(',')[1]}" if "," in key else f"{metric}_stderr")
-                err_text = f"{err:.4f}" if isinstance(err, (int, float)) else "-"
-                lines.append(f"| {task} | {metric} | {value:.4f} | {err_text} |")
+    for task, metric, value, err in _metrics(results):
+        lines.append(f"| {task} | {metric} | {value:.4f} | {'-' if err is None else f'{err:.4f}'} |")
     return "\n".join(lines)
