@@ -113,10 +113,13 @@ class RunArgs:
 class PretrainArgs(RunArgs):
     """Pretrain a GPT-style causal LM with DeepSpeed data parallelism (ZeRO 0-3 by config)."""
 
-    data: str = flag(
-        "data/stdlib",
-        "folder written by tools/prepare_data.py (the default is prepared on first use)",
+    data: list[str] = flag(
+        ["data/stdlib"],
+        "folder(s) written by tools/prepare_data.py, with one tokenizer; several make a weighted mixture (the "
+        "default is prepared on first use)",
     )
+    data_weights: list[float] = flag([], "with several --data folders: their sampling weights, normalised "
+                                     "(default: equal)")
     model: str = flag("gpt2-nano", "model preset name (see --list_models) or a model config JSON")
     output_dir: str = flag("runs/pretrain", "folder for metrics.jsonl, config.json and checkpoints/")
     list_models: bool = flag(False, "print the model presets and exit")

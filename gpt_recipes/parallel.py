@@ -134,11 +134,8 @@ class SequenceShards:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def num_tokens(self, indices) -> int:
-        return self.samples.num_tokens(indices)
-
-    def num_targets(self, indices) -> int:
-        return self.samples.num_targets(indices)
+    def __getattr__(self, name: str) -> Any:  # counts, a mixture's sources: those of the samples
+        return getattr(self.samples, name)
 
     def batch(self, indices) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         inputs, targets = self.samples.batch(indices)
@@ -172,11 +169,8 @@ class WholeSequences:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def num_tokens(self, indices) -> int:
-        return self.samples.num_tokens(indices)
-
-    def num_targets(self, indices) -> int:
-        return self.samples.num_targets(indices)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.samples, name)
 
     def batch(self, indices) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         inputs, targets = self.samples.batch(indices)

@@ -17,10 +17,10 @@ import deepspeed
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from . import adapters, checkpoint, distributed, ds_config, evaluation, flops, parallel
+from . import adapters, checkpoint, distributed, ds_config, evaluation, flops, mixture, parallel
 from .adapters import AdapterPlan
 from .args import DEFAULT_DEEPSPEED_CONFIG, RunArgs
-from .data import GlobalBatchOrder, eval_micro_batches
+from .data import GlobalBatchOrder, PackedTokens, eval_micro_batches
 from .distributed import DistEnv
 from .ds_config import BatchPlan
 from .errors import UserError
@@ -133,6 +133,28 @@ def make_batches(args: RunArgs, run: RunPlan, train_samples: Samples, val_sample
         return Batches(parallel.SequenceShards(train_samples, plan.sp, run.env.rank % plan.sp), order,
                        parallel.WholeSequences(val_samples), val_batches)
     return Batches(train_samples, order, val_samples, val_batches)
+
+
+def make_mixture_batches(args: RunArgs, run: RunPlan, sources: list[mixture.Source], weights: list[float],
+                         seq_len: int) -> Batches:
+    """A weighted mixture's global batch order, and each source's validation micro-batches."""
+    plan = run.batch
+    splits = {split: mixture.MixedWindows([PackedTokens(s.meta.split_path(split), s.meta.dtype, seq_len)
+                                           for s in sources], [s.name for s in sources])
+              for split in ("train", "val")}
+
+    def new_epoch(name: str, epoch: int, step: int) -> None:
+        run.say(f"step {step:>6d} | source {name}: every window seen; epoch {epoch + 1} of it starts, re-permuted")
+
+    order = mixture.MixtureOrder(splits["train"], weights, plan, args.seed, on_new_epoch=new_epoch)
+    val_batches = mixture.val_micro_batches(splits["val"], args.eval_batches * plan.global_batch, plan.micro_batch,
+                                            plan.data_rank(run.env.rank), plan.world_size)
+    if len(val_batches) == 0:
+        raise UserError(f"the validation splits hold fewer windows at seq_len {seq_len} than there are data-parallel "
+                        f"ranks ({plan.world_size})")
+    run.say("Mixture: " + ", ".join(f"{s.name} {w:.1%} ({len(t):,} windows)"
+                                    for s, w, t in zip(sources, weights, splits["train"].splits)))
+    return Batches(splits["train"], order, splits["val"], val_batches)
 
 
 def build(args: RunArgs, run: RunPlan, job: Job, stage: int) -> PreTrainedModel:

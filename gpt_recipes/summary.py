@@ -38,6 +38,7 @@ class RunSummary:
     final_val_loss: float | None
     best_val_loss: float | None
     task_scores: dict[str, float] | None = None  # the last downstream evaluation (--eval_tasks)
+    val_loss_by_source: dict[str, float] | None = None  # a mixture's last evaluation, per source
 
 
 def metrics_path(run_dir: Path) -> Path:
@@ -97,6 +98,7 @@ def summarize(run_dir: Path, name: str | None = None, warmup_steps: int | None =
         final_val_loss=evals[-1]["val_loss"] if evals else None,
         best_val_loss=min(r["val_loss"] for r in evals) if evals else None,
         task_scores=_task_scores(evals[-1]) if evals and _task_scores(evals[-1]) else None,
+        val_loss_by_source=evals[-1].get("val_loss_by_source") if evals else None,
     )
 
 
@@ -107,8 +109,8 @@ def _task_scores(record: dict[str, Any]) -> dict[str, float]:
     return {k[len(TASK_PREFIX):]: v for k, v in record.items() if k.startswith(TASK_PREFIX)}
 
 
-def _scores_text(scores: dict[str, float]) -> str:
-    return ", ".join(f"{name} {value:.3f}" for name, value in scores.items())
+def _scores_text(scores: dict[str, float], digits: int = 3) -> str:
+    return ", ".join(f"{name} {value:.{digits}f}" for name, value in scores.items())
 
 
 COLUMNS = [  # (field, header, format)
@@ -123,6 +125,7 @@ COLUMNS = [  # (field, header, format)
     ("model_state_mb", "model states MiB", "{:.0f}"),
     ("final_val_loss", "final val loss", "{:.4f}"),
     ("best_val_loss", "best val loss", "{:.4f}"),
+    ("val_loss_by_source", "val loss by source", lambda losses: _scores_text(losses, 4)),
     ("task_scores", "task scores (last eval)", _scores_text),
 ]
 
@@ -160,7 +163,7 @@ def csv_text(summaries: list[RunSummary]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=names)
     writer.writeheader()
     for s in summaries:
-        writer.writerow({k: ("" if getattr(s, k) is None else json.dumps(getattr(s, k)) if k == "task_scores"
+        writer.writerow({k: ("" if getattr(s, k) is None else json.dumps(getattr(s, k)) if isinstance(getattr(s, k), dict)
                              else getattr(s, k)) for k in names})
     return buffer.getvalue()
 

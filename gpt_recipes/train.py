@@ -95,15 +95,20 @@ def evaluate(engine, batches: Batches, loss_fn: CausalLMLoss) -> dict[str, float
     preference pair), and any further means the objective reports, prefixed val_."""
     engine.eval()
     loss_fn = loss_fn.for_evaluation() if hasattr(loss_fn, "for_evaluation") else loss_fn
-    total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    names = getattr(batches.val, "names", [None])  # a mixture's sources, each evaluated on its own
+    total = torch.zeros(len(names), 2, dtype=torch.float64, device=engine.device)
     for idx in batches.val_micro_batches:
         inputs, targets = _to_device(batches.val.batch(idx), engine.device)
-        total[0] += loss_fn(engine, inputs, targets, reduction="sum").double()
-        total[1] += batches.val.num_targets(idx)
+        k = batches.val.source_of(idx[0]) if len(names) > 1 else 0
+        total[k, 0] += loss_fn(engine, inputs, targets, reduction="sum").double()
+        total[k, 1] += batches.val.num_targets(idx)
     engine.train()
     all_reduce(total)
     extra = loss_fn.take_metrics("val_") if hasattr(loss_fn, "take_metrics") else {}
-    return {"val_loss": (total[0] / total[1]).item(), **extra}
+    overall = (total[:, 0].sum() / total[:, 1].sum()).item()
+    if len(names) > 1:
+        extra["val_loss_by_source"] = {name: (t[0] / t[1]).item() for name, t in zip(names, total)}
+    return {"val_loss": overall, **extra}
 
 
 class EngineTimers:
@@ -183,8 +188,7 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
         if cfg.downstream is not None:
             result.update(cfg.downstream(engine))
         metrics.write({"step": state.step, "tokens": state.tokens, **result})
-        say(f"step {state.step:>6d} | " + " | ".join(f"{k} {v:.4f}" if k != "val_ppl" else f"{k} {v:.2f}"
-                                                    for k, v in result.items()))
+        say(f"step {state.step:>6d} | " + " | ".join(_shown(k, v) for k, v in result.items()))
         return val_loss
 
     def save() -> None:
@@ -274,6 +278,8 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
                 "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
                 **memory_fields,
                 **(loss_fn.take_metrics() if hasattr(loss_fn, "take_metrics") else {}),
+                **({"source_tokens": batches.order.source_tokens(state.step)}
+                   if hasattr(batches.order, "source_tokens") else {}),
             }
             if memory_fields:
                 say(f"memory, fullest rank: model states {memory_fields['model_state_mb']:.0f} MiB (parameters, "
@@ -306,6 +312,12 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
         window_start += time.perf_counter() - pause_start  # keep eval and saving out of throughput
     bar.close()
     return state
+
+
+def _shown(key: str, value: Any) -> str:
+    if isinstance(value, dict):
+        return f"{key} " + " ".join(f"{name} {v:.4f}" for name, v in value.items())
+    return f"{key} {value:.2f}" if key == "val_ppl" else f"{key} {value:.4f}"
 
 
 def _diverged(step: int, good_step: int, out_dir: Path, what: str) -> DivergedError:

@@ -17,10 +17,11 @@ Hugging Face model folder of the final weights, checked against the trained engi
 
 from gpt_recipes.args import PretrainArgs, parse_args
 from gpt_recipes.data import PackedTokens, read_meta
-from gpt_recipes.errors import cli_entry
+from gpt_recipes.errors import UserError, cli_entry
+from gpt_recipes.mixture import check_sources
 from gpt_recipes.models import build_config, build_model, check_seq_len, describe_presets
 from gpt_recipes.prepare import ensure_default_data
-from gpt_recipes.runner import Job, execute, make_batches, plan_run
+from gpt_recipes.runner import Job, execute, make_batches, make_mixture_batches, plan_run
 from gpt_recipes.tokenizer import load_tokenizer
 
 
@@ -33,23 +34,33 @@ def main() -> None:
 
     # 1. Check every input before any rank starts: flags, DeepSpeed JSON, output folders...
     run = plan_run(args)
-    # ... the data and its tokenizer ...
-    ensure_default_data(args.data)
-    meta = read_meta(args.data)
+    # ... the data (one folder, or a weighted mixture made with one tokenizer) ...
+    for folder in args.data:
+        ensure_default_data(folder)
+    metas = [read_meta(folder) for folder in args.data]
+    if len(metas) == 1 and args.data_weights:
+        raise UserError("--data_weights weighs several --data folders; one was given")
+    sources, weights = check_sources(metas, args.data_weights) if len(metas) > 1 else (None, None)
+    meta = metas[0]
     tokenizer = load_tokenizer(meta.tokenizer_dir)
     # ... and the model, sized for the tokenizer.
     model_config = build_config(args.model, len(tokenizer), tokenizer.eos_token_id)
     seq_len = check_seq_len(model_config, args.seq_len)
 
     # 2. Windows of packed tokens, in a global order every rank agrees on.
-    train = PackedTokens(meta.split_path("train"), meta.dtype, seq_len)
-    val = PackedTokens(meta.split_path("val"), meta.dtype, seq_len)
-    batches = make_batches(args, run, train, val, f"{args.data} at seq_len {seq_len}")
+    train, val = (PackedTokens(meta.split_path(split), meta.dtype, seq_len) for split in ("train", "val"))
+    if sources is None:
+        batches = make_batches(args, run, train, val, f"{args.data[0]} at seq_len {seq_len}")
+        record = {"data": meta.raw}
+    else:
+        batches = make_mixture_batches(args, run, sources, weights, seq_len)
+        record = {"data": {"mixture": [{"name": s.name, "folder": str(s.meta.root.resolve()), "weight": w, **s.meta.raw}
+                                       for s, w in zip(sources, weights)]}}
 
     # 3. Start the ranks, build a randomly initialised model (same seed on every rank; partitioned
     #    across ranks from the start under ZeRO-3), train.
     job = Job("pretrain", model_config, tokenizer, seq_len, train, val, lambda: build_model(model_config, run.ds_cfg),
-              record={"data": meta.raw})
+              record=record)
     execute(args, run, job, batches)
 
 

@@ -5,7 +5,7 @@ from gpt_recipes.args import PrepareDataArgs, PretrainArgs, build_parser, parse_
 
 def test_defaults_run_the_quickstart():
     args = parse_args(PretrainArgs, [])
-    assert args.deepspeed_config is None and args.data == "data/stdlib"
+    assert args.deepspeed_config is None and args.data == ["data/stdlib"]
     assert args.seq_len is None and args.resume is False
 
 

@@ -1,0 +1,177 @@
+"""Weighted mixtures of prepared data folders (sources) for pretraining.
+
+Global batch s takes q_k(s) samples from source k. The counts follow the weights as closely as
+whole samples allow: each step hands out the global batch by largest remainder on every
+source's running shortfall against its share, so after any step the samples taken from a
+source differ from weight x samples seen by less than one. Each source walks through its own
+per-epoch permutation of its windows, re-permuted when it runs out, and the batch is
+shuffled so that every rank's part mixes the sources. All of it depends on the seed and the
+global batch alone: any number of ranks or accumulation steps sees the same global batches,
+and resuming at step s needs nothing but s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .data import DataMeta, GlobalBatchOrder, PackedTokens, eval_micro_batches
+from .ds_config import BatchPlan
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # the folder's name: the key of source_tokens and val_loss_by_source
+    meta: DataMeta
+
+
+def tokenizer_digest(meta: DataMeta) -> str:
+    """sha256 of what decides the token ids: tokenizer.json (vocabulary, merges, normalisation,
+    special tokens), or every file of a tokenizer without one. tokenizer_config.json is left out:
+    saving the same tokenizer again adds loading options to it."""
+    files = [meta.tokenizer_dir / "tokenizer.json"]
+    if not files[0].is_file():
+        files = sorted(p for p in meta.tokenizer_dir.iterdir() if p.is_file() and p.name != "tokenizer_config.json")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def check_sources(metas: list[DataMeta], weights: list[float]) -> tuple[list[Source], list[float]]:
+    """Sources named after their folders, made with one tokenizer, and the normalised weights."""
+    if weights and len(weights) != len(metas):
+        raise UserError(f"--data_weights gives {len(weights)} weights for {len(metas)} --data folders; give one "
+                        "per folder, or none for equal weights")
+    bad = [w for w in weights if not w > 0]
+    if bad:
+        raise UserError(f"--data_weights must all be positive, got {bad[0]:g}")
+    names = [Path(m.root).resolve().name for m in metas]
+    if len(set(names)) != len(names):
+        raise UserError(f"--data: two folders share the name {next(n for n in names if names.count(n) > 1)!r}; "
+                        "the name keys each source's metrics, so give them distinct names")
+    first = tokenizer_digest(metas[0])
+    for meta in metas[1:]:
+        if tokenizer_digest(meta) != first:
+            raise UserError(f"--data: {metas[0].root} and {meta.root} were prepared with different tokenizers "
+                            f"({metas[0].raw.get('tokenizer_source', '?')} / {meta.raw.get('tokenizer_source', '?')}); "
+                            "prepare every source with the same --tokenizer folder")
+    total = sum(weights) if weights else len(metas)
+    normalised = [w / total for w in weights] if weights else [1 / len(metas)] * len(metas)
+    return [Source(n, m) for n, m in zip(names, metas)], normalised
+
+
+class MixedWindows:
+    """The windows of several sources as one index space: source k holds indices
+    offsets[k] .. offsets[k] + len(split k) - 1."""
+
+    def __init__(self, splits: list[PackedTokens], names: list[str]):
+        self.splits = splits
+        self.names = names
+        self.offsets = np.cumsum([0] + [len(s) for s in splits])
+        self.seq_len = splits[0].seq_len
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def source_of(self, index: int) -> int:
+        return int(np.searchsorted(self.offsets, index, side="right") - 1)
+
+    def batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        T = self.seq_len
+        rows = []
+        for i in indices:
+            k = self.source_of(i)
+            local = int(i - self.offsets[k])
+            rows.append(self.splits[k].tokens[local * T : local * T + T + 1])
+        x = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return {"input_ids": x[:, :-1]}, x[:, 1:]
+
+    def num_tokens(self, indices: np.ndarray) -> int:
+        return len(indices) * self.seq_len
+
+    def num_targets(self, indices: np.ndarray) -> int:
+        return len(indices) * self.seq_len
+
+
+class MixtureOrder(GlobalBatchOrder):
+    """Global batch s of a weighted mixture, as global indices into MixedWindows."""
+
+    def __init__(self, windows: MixedWindows, weights: list[float], plan: BatchPlan, seed: int,
+                 on_new_epoch: Callable[[str, int, int], None] | None = None):
+        empty = [n for n, s in zip(windows.names, windows.splits) if len(s) == 0]
+        if empty:
+            raise UserError(f"--data: source {empty[0]} holds no training window at this seq_len")
+        self.windows = windows
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.plan = plan
+        self.seed = seed
+        self.on_new_epoch = on_new_epoch
+        self._taken = [np.zeros(len(weights), dtype=np.int64)]  # samples taken per source before step s
+        self._announced: set[tuple[int, int]] = set()
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its permutation)
+
+    def taken_before(self, step: int) -> np.ndarray:
+        """Samples taken from each source by steps 0 .. step - 1."""
+        G = self.plan.global_batch
+        while len(self._taken) <= step:
+            s = len(self._taken) - 1
+            taken = self._taken[-1]
+            want = self.weights * (s + 1) * G - taken  # each source's shortfall after this step
+            quota = np.floor(want).astype(np.int64).clip(min=0)
+            left = G - int(quota.sum())
+            # Largest remainders first; ties go to the earlier source, so the order is fixed.
+            order = sorted(range(len(want)), key=lambda k: (-(want[k] - quota[k]), k))
+            for k in order[:left]:
+                quota[k] += 1
+            self._taken.append(taken + quota)
+        return self._taken[step]
+
+    def source_tokens(self, step: int) -> dict[str, int]:
+        """Training tokens read from each source by steps 0 .. step - 1."""
+        return {name: int(n) * self.windows.seq_len for name, n in zip(self.windows.names, self.taken_before(step))}
+
+    def _walk(self, k: int, start: int, count: int, step: int) -> np.ndarray:
+        """Source k's samples number start .. start + count - 1 of its epoch-by-epoch walk."""
+        n = len(self.windows.splits[k])
+        positions = np.arange(start, start + count, dtype=np.int64)
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(positions // n):
+            epoch = int(epoch)
+            here = positions // n == epoch
+            out[here] = self._permutation(k, epoch)[positions[here] % n]
+            if epoch > 0 and (k, epoch) not in self._announced and start <= epoch * n and self.on_new_epoch:
+                self._announced.add((k, epoch))
+                self.on_new_epoch(self.windows.names[k], epoch, step)
+        return out + self.windows.offsets[k]
+
+    def _permutation(self, k: int, epoch: int) -> np.ndarray:
+        cached = self._perms.get(k)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, np.random.default_rng([self.seed, k, epoch]).permutation(len(self.windows.splits[k])))
+            self._perms[k] = cached
+        return cached[1]
+
+    def global_batch(self, step: int) -> np.ndarray:
+        before, after = self.taken_before(step), self.taken_before(step + 1)
+        parts = [self._walk(k, int(before[k]), int(after[k] - before[k]), step) for k in range(len(before))]
+        batch = np.concatenate(parts)
+        return batch[np.random.default_rng([self.seed, 2**31, step]).permutation(len(batch))]
+
+
+def val_micro_batches(val: MixedWindows, max_per_source: int, micro_batch: int, rank: int,
+                      world_size: int) -> list[np.ndarray]:
+    """Each source's validation windows in micro-batches of that source alone (so each
+    micro-batch's loss belongs to one source); every rank runs as many as the others."""
+    out = []
+    for k, split in enumerate(val.splits):
+        for micro in eval_micro_batches(len(split), max_per_source, micro_batch, rank, world_size):
+            out.append(micro + val.offsets[k])
+    return out
