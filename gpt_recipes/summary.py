@@ -188,11 +188,7 @@ def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
             ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o--", color=line.get_color(),
                     label=f"{name} validation")
     ax.set(xlabel="tokens seen", ylabel="loss (nats/token)", title="Loss against tokens")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    written.append(out_dir / "loss_vs_tokens.png")
-    fig.savefig(written[-1], dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    written.append(_save(plt, fig, ax, out_dir / "loss_vs_tokens.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, lines in runs:
@@ -200,11 +196,7 @@ def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
         ax.plot([r["step"] for r in train], [r["tokens_per_sec"] for r in train], "o-", label=name)
     ax.set(xlabel="step", ylabel="tokens/s (all ranks)", title="Throughput against step")
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    written.append(out_dir / "tokens_per_sec.png")
-    fig.savefig(written[-1], dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    written.append(_save(plt, fig, ax, out_dir / "tokens_per_sec.png"))
 
     scored = [(name, [r for r in lines if _task_scores(r)]) for name, lines in runs]
     if any(evals for _, evals in scored):
@@ -214,9 +206,13 @@ def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
                 points = [(r["tokens"], r[TASK_PREFIX + metric]) for r in evals if TASK_PREFIX + metric in r]
                 ax.plot(*zip(*points), "o-", label=f"{name} {metric}")
         ax.set(xlabel="tokens seen", ylabel="score", title="Downstream tasks (lm-evaluation-harness)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        written.append(out_dir / "task_scores.png")
-        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        written.append(_save(plt, fig, ax, out_dir / "task_scores.png"))
     return written
+
+
+def _save(plt, fig, ax, path: Path) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
