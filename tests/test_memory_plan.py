@@ -190,6 +190,10 @@ def test_plan_memory_tool(tmp_path):
     assert proc.returncode == 0 and "Nothing fits" in proc.stdout
     proc = run_python("tools/plan_memory.py", ["--configs", str(tmp_path / "nope.json")])
     assert proc.returncode == 2 and proc.stderr.startswith("error:")
+    proc = run_python("tools/plan_memory.py", ["--model", "gpt2-nano", "--ranks", "2", "--configs",
+                                               str(REPO / "ds_configs" / "zero2_tp2.json")])
+    assert proc.returncode == 2 and "tensor parallelism on a GPT-2 model" in proc.stdout, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: none of the configs can run gpt2-nano")
 
 
 def test_lora_plans_weights_for_the_frozen_base_and_full_states_for_the_adapters(tmp_path):

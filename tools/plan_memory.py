@@ -94,6 +94,9 @@ def main() -> None:
                   "the sequence-parallel size, or tensor parallelism on a GPT-2 model)")
             continue
         rows += plan([layout], sizes, per_sample(layout), args.ranks, args.nodes, device, host)
+    if not rows:
+        raise UserError(f"none of the configs can run {args.model} on {args.ranks * args.nodes} rank(s); the lines "
+                        "above say why")
     where = f"{args.gpu_mem:g} GiB GPUs" if device else "CPU ranks sharing host memory"
     print(f"{args.model}: {sizes.total / 1e6:.1f}M parameters, seq_len {seq_len}; {args.ranks} rank(s) per node x "
           f"{args.nodes} node(s) ({where}; host {host / GiB:.1f} GiB per node)"
