@@ -192,7 +192,7 @@ class PrepareDataArgs:
         positional=True,
         metavar="INPUT",
     )
-    output: str = flag("data/stdlib", "data folder to write (train.bin, val.bin, meta.json, tokenizer/)")
+    output: str = flag("data/stdlib", "data folder to write (token files, meta.json, tokenizer/)")
     tokenizer: Optional[str] = flag(None, "Hugging Face tokenizer folder; default: train a byte-level BPE on the inputs")
     vocab_size: int = flag(8192, "vocabulary size when training a tokenizer")
     val_fraction: float = flag(0.02, "fraction of documents held out for validation")
@@ -201,6 +201,12 @@ class PrepareDataArgs:
     split: str = flag("train", "split to read from saved or hub datasets")
     file_pattern: str = flag("*", "files to take from input folders (a glob, e.g. '*.txt')")
     num_proc: int = flag(0, "tokenising processes (0: one per core)")
+    num_shards: int = flag(1, "split the output into this many parts (shards); a stopped run resumes from "
+                           "finished parts")
+    shard_index: Optional[int] = flag(None, "prepare only this part (0-based), e.g. on one of several machines; "
+                                      "copy the parts into one folder to use it (needs --tokenizer)")
+    streaming: bool = flag(False, "read the inputs as a stream, e.g. a hub dataset without downloading it whole "
+                           "(needs --tokenizer; parts split the stream by its files)")
     overwrite: bool = flag(False, "replace an existing data folder prepared from other inputs")
 
 

@@ -1,8 +1,9 @@
 """Packed token data: memory-mapped splits and a deterministic, rank-sharded batch order.
 
-A prepared data folder holds `train.bin` and `val.bin` (documents tokenised, each
-followed by EOS, concatenated) plus `meta.json` and the tokenizer. Sample i of a split
-is the window tokens[i*T : i*T + T + 1]: inputs are its first T tokens, targets its last T.
+A prepared data folder holds each split's token stream (documents tokenised, each
+followed by EOS, concatenated) in one or more shard files, plus `meta.json` (the index)
+and the tokenizer; the shards are read in place as one stream. Sample i of a split is
+the window tokens[i*T : i*T + T + 1]: inputs are its first T tokens, targets its last T.
 
 The order of samples depends only on the data, the seed and the global batch size:
 global batch s is a fixed slice of a per-epoch permutation, and rank r takes the r-th
@@ -14,6 +15,7 @@ resuming at step s needs nothing but s.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,12 @@ from .errors import UserError
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "val")
+PART_FILE = re.compile(r"part-(\d{5})-of-(\d{5})\.json")
+
+
+def part_name(index: int, num_shards: int) -> str:
+    """The stem shared by one part's manifest and token files: part-00002-of-00004."""
+    return f"part-{index:05d}-of-{num_shards:05d}"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -50,8 +58,15 @@ class DataMeta:
     def tokenizer_dir(self) -> Path:
         return self.root / TOKENIZER_DIR
 
-    def split_path(self, split: str) -> Path:
-        return self.root / self.raw["splits"][split]["file"]
+    def shards(self, split: str) -> list[tuple[Path, int]]:
+        """(file, token count) of each of the split's shards, in stream order. Folders from before
+        sharding name one file per split."""
+        entry = self.raw["splits"][split]
+        listed = entry["shards"] if "shards" in entry else [entry]
+        return [(self.root / shard["file"], shard["tokens"]) for shard in listed]
+
+    def split_files(self, split: str) -> list[Path]:
+        return [path for path, _ in self.shards(split)]
 
     def split_tokens(self, split: str) -> int:
         return self.raw["splits"][split]["tokens"]
@@ -70,10 +85,62 @@ def _meta_problem(raw: Any) -> str | None:
     splits = raw.get("splits")
     for split in SPLITS:
         entry = splits.get(split) if isinstance(splits, dict) else None
-        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
-                and isinstance(entry.get("tokens"), int) and entry["tokens"] >= 0):
-            return f"lacks the {split} split's file and token count"
+        shards = entry.get("shards", [entry]) if isinstance(entry, dict) else None
+        if not (isinstance(shards, list) and shards and all(_is_shard(s) for s in shards) and _is_shard(
+                {"file": "", **entry}) and sum(s["tokens"] for s in shards) == entry["tokens"]):
+            return f"lacks the {split} split's files and token counts"
     return None
+
+
+def _is_shard(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("tokens"), int)
+            and entry["tokens"] >= 0)
+
+
+def read_parts(root: Path) -> dict[int, dict]:
+    """The finished parts in a data folder, {index: manifest}; one manifest that does not
+    belong with the others (another preparation, another number of parts) is an error."""
+    parts: dict[int, dict] = {}
+    first = None
+    for path in sorted(root.glob("part-*-of-*.json")):
+        match = PART_FILE.fullmatch(path.name)
+        try:
+            manifest = json.loads(path.read_text()) if match else None
+        except (OSError, ValueError):
+            manifest = None
+        if not isinstance(manifest, dict) or "preparation" not in manifest:
+            raise UserError(f"{path} is not a part manifest written by tools/prepare_data.py; remove it")
+        if first is None:
+            first = manifest
+        elif (manifest["preparation"], manifest.get("num_shards")) != (first["preparation"], first.get("num_shards")):
+            raise UserError(f"{path.name} in {root} comes from another preparation than {part_name(*_where(first))}"
+                            ".json (other inputs, options, tokenizer or number of parts); prepare that part again "
+                            "with the same flags, or use another folder")
+        parts[int(match.group(1))] = manifest
+    return parts
+
+
+def _where(manifest: dict) -> tuple[int, int]:
+    return manifest["shard_index"], manifest["num_shards"]
+
+
+def index_from_parts(root: Path, parts: dict[int, dict], fingerprint: str | None = None) -> dict:
+    """The folder's index (meta.json) from its parts: all of them must be there."""
+    num_shards = next(iter(parts.values()))["num_shards"]
+    missing = [i for i in range(num_shards) if i not in parts]
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        raise UserError(f"data folder {root} holds {len(parts)} of its {num_shards} parts; missing: {shown}. Prepare "
+                        f"each with tools/prepare_data.py --num_shards {num_shards} --shard_index I and the same "
+                        "flags, and copy it into the folder")
+    ordered = [parts[i] for i in range(num_shards)]
+    meta = {k: v for k, v in ordered[0].items() if k not in ("shard_index", "splits", "fingerprint")}
+    meta["fingerprint"] = fingerprint
+    meta["splits"] = {split: {"tokens": sum(p["splits"][split]["tokens"] for p in ordered),
+                              "documents": sum(p["splits"][split]["documents"] for p in ordered),
+                              "shards": [{k: p["splits"][split][k] for k in ("file", "tokens")} for p in ordered]}
+                      for split in SPLITS}
+    return meta
 
 
 def read_meta(root: str | Path) -> DataMeta:
@@ -81,13 +148,17 @@ def read_meta(root: str | Path) -> DataMeta:
     if not root.exists():
         raise UserError(f"data folder {root} does not exist; prepare it with tools/prepare_data.py")
     meta_path = root / META_FILE
-    if not meta_path.is_file():
+    parts = read_parts(root) if root.is_dir() else {}
+    if not meta_path.is_file() and not parts:
         raise UserError(f"data folder {root} has no {META_FILE}; prepare it with tools/prepare_data.py")
-    try:
-        raw = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{meta_path} is not valid JSON ({err.msg} at line {err.lineno}); prepare the folder again "
-                        "with tools/prepare_data.py")
+    if not meta_path.is_file():
+        raw = index_from_parts(root, parts)  # parts gathered by copying: the listing is the index
+    else:
+        try:
+            raw = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{meta_path} is not valid JSON ({err.msg} at line {err.lineno}); prepare the folder "
+                            "again with tools/prepare_data.py")
     problem = _meta_problem(raw)
     if problem:
         raise UserError(f"{meta_path} {problem}; prepare the folder again with tools/prepare_data.py")
@@ -95,20 +166,46 @@ def read_meta(root: str | Path) -> DataMeta:
     if not (meta.tokenizer_dir / "tokenizer_config.json").is_file():
         raise UserError(f"data folder {root} has no tokenizer in {TOKENIZER_DIR}/; prepare it again with "
                         "tools/prepare_data.py")
+    foreign = [i for i, part in parts.items() if part["preparation"] != raw.get("preparation")]
+    if foreign:
+        raise UserError(f"{part_name(foreign[0], parts[foreign[0]]['num_shards'])} in {root} comes from another "
+                        f"preparation than the folder's {META_FILE}; copy in the part prepared with the same flags")
     for split in SPLITS:
-        path = meta.split_path(split)
-        if not path.is_file():
-            raise UserError(f"data folder {root} is missing {path.name}; prepare it again with tools/prepare_data.py")
-        if path.stat().st_size != meta.split_tokens(split) * meta.dtype.itemsize:
-            raise UserError(f"{path} is truncated or corrupt (size does not match {META_FILE}); prepare it again")
+        for path, tokens in meta.shards(split):
+            if not path.is_file():
+                raise UserError(f"data folder {root} is missing {path.name}; prepare it again with "
+                                "tools/prepare_data.py (a sharded folder: that part, with the same flags)")
+            if path.stat().st_size != tokens * meta.dtype.itemsize:
+                raise UserError(f"{path} is truncated or corrupt (size does not match {META_FILE}); prepare it again")
     return meta
 
 
-class PackedTokens:
-    """One split's token stream, memory-mapped, cut into windows of seq_len + 1 tokens."""
+class TokenStream:
+    """A split's shard files read as one token stream, memory-mapped in place (never copied)."""
 
-    def __init__(self, path: Path, dtype: np.dtype, seq_len: int):
-        self.tokens = np.memmap(path, dtype=dtype, mode="r")
+    def __init__(self, paths: list[Path], dtype: np.dtype):
+        self.parts = [np.memmap(p, dtype=dtype, mode="r") for p in paths if Path(p).stat().st_size]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, window: slice) -> np.ndarray:
+        start, stop, _ = window.indices(len(self))
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces = []
+        while start < stop:  # a window may span the end of one shard and the start of the next
+            part_stop = min(stop, int(self.starts[k + 1]))
+            pieces.append(self.parts[k][start - self.starts[k] : part_stop - self.starts[k]])
+            start, k = part_stop, k + 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.empty(0, np.uint16)
+
+
+class PackedTokens:
+    """One split's token stream cut into windows of seq_len + 1 tokens."""
+
+    def __init__(self, paths: list[Path], dtype: np.dtype, seq_len: int):
+        self.tokens = TokenStream(paths, dtype)
         self.seq_len = seq_len
 
     def __len__(self) -> int:

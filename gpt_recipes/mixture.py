@@ -12,7 +12,6 @@ and resuming at step s needs nothing but s.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ import torch
 
 from .data import DataMeta, GlobalBatchOrder, PackedTokens, eval_micro_batches
 from .ds_config import BatchPlan
+from . import tokenizer
 from .errors import UserError
 
 
@@ -32,17 +32,7 @@ class Source:
 
 
 def tokenizer_digest(meta: DataMeta) -> str:
-    """sha256 of what decides the token ids: tokenizer.json (vocabulary, merges, normalisation,
-    special tokens), or every file of a tokenizer without one. tokenizer_config.json is left out:
-    saving the same tokenizer again adds loading options to it."""
-    files = [meta.tokenizer_dir / "tokenizer.json"]
-    if not files[0].is_file():
-        files = sorted(p for p in meta.tokenizer_dir.iterdir() if p.is_file() and p.name != "tokenizer_config.json")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return tokenizer.digest(meta.tokenizer_dir)
 
 
 def check_sources(metas: list[DataMeta], weights: list[float]) -> tuple[list[Source], list[float]]:

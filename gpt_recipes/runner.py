@@ -139,7 +139,7 @@ def make_mixture_batches(args: RunArgs, run: RunPlan, sources: list[mixture.Sour
                          seq_len: int) -> Batches:
     """A weighted mixture's global batch order, and each source's validation micro-batches."""
     plan = run.batch
-    splits = {split: mixture.MixedWindows([PackedTokens(s.meta.split_path(split), s.meta.dtype, seq_len)
+    splits = {split: mixture.MixedWindows([PackedTokens(s.meta.split_files(split), s.meta.dtype, seq_len)
                                            for s in sources], [s.name for s in sources])
               for split in ("train", "val")}
 

@@ -1,6 +1,8 @@
 """Where text comes from: local files, folders, globs, JSONL/Parquet, saved datasets, the hub.
 
-Everything is loaded with `datasets` into one Dataset with a single "text" column.
+Everything is loaded with `datasets` into one Dataset with a single "text" column, or, with
+streaming, one IterableDataset that reads its sources as it goes (a hub dataset is then
+never downloaded whole).
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def fingerprint(expanded: list[tuple[str, str]], extra: dict) -> str:
 
 
 def _text_column(ds: datasets.Dataset, text_field: str, where: str) -> datasets.Dataset:
+    if ds.column_names is None:  # a stream whose fields show only as it is read
+        return ds.map(lambda row: {"text": row[text_field]}).select_columns(["text"])
     if text_field not in ds.column_names:
         raise UserError(f"{where} has no field {text_field!r} (fields: {', '.join(ds.column_names)}); see --text_field")
     feature = ds.features[text_field]
@@ -113,46 +117,50 @@ def _text_column(ds: datasets.Dataset, text_field: str, where: str) -> datasets.
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
 
-def _load_saved(path: str, split: str) -> datasets.Dataset:
+def _load_saved(path: str, split: str, streaming: bool) -> datasets.Dataset:
     loaded = datasets.load_from_disk(path)
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise UserError(f"saved dataset {path} has no split {split!r} (splits: {', '.join(loaded)}); see --split")
         loaded = loaded[split]
-    return loaded
+    return loaded.to_iterable_dataset() if streaming else loaded
 
 
-def _load_hub(name: str, split: str) -> datasets.Dataset:
+def _load_hub(name: str, split: str, streaming: bool) -> datasets.Dataset:
     try:
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, split=split, streaming=streaming)
     except Exception as err:  # offline, unknown name, no such split: all user-fixable
         raise UserError(f"input {name} is not a local path, and loading it from the hub failed: {first_line(err)}")
 
 
-def load_texts(expanded: list[tuple[str, str]], text_field: str = "text", split: str = "train") -> datasets.Dataset:
-    """Load all inputs into one Dataset with a "text" column (one row per document)."""
+def load_texts(expanded: list[tuple[str, str]], text_field: str = "text", split: str = "train",
+               streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+    """Load all inputs into one Dataset with a "text" column (one row per document), in a fixed order."""
     parts: list[datasets.Dataset] = []
     by_kind: dict[str, list[str]] = {}
     for kind, spec in expanded:
         if kind.startswith("files:"):
             by_kind.setdefault(kind.split(":", 1)[1], []).append(spec)
         elif kind == "saved":
-            parts.append(_text_column(_load_saved(spec, split), text_field, f"saved dataset {spec}"))
+            parts.append(_text_column(_load_saved(spec, split, streaming), text_field, f"saved dataset {spec}"))
         else:
-            parts.append(_text_column(_load_hub(spec, split), text_field, f"hub dataset {spec}"))
+            parts.append(_text_column(_load_hub(spec, split, streaming), text_field, f"hub dataset {spec}"))
     for kind, files in by_kind.items():
         try:
             if kind == "text":
                 # One document per file, so EOS separates files, not lines.
-                ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
+                ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train",
+                                           streaming=streaming)
             else:
-                ds = datasets.load_dataset(kind, data_files=files, split="train")
+                ds = datasets.load_dataset(kind, data_files=files, split="train", streaming=streaming)
         except UserError:
             raise
         except Exception as err:
             raise UserError(f"could not read {kind} input ({files[0]}{' ...' if len(files) > 1 else ''}): {root_line(err)}")
         parts.append(_text_column(ds, "text" if kind == "text" else text_field, f"{kind} input {files[0]}"))
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if streaming:
+        return ds.filter(lambda batch: [bool(t) for t in batch["text"]], batched=True)
     ds = ds.filter(lambda batch: [bool(t) for t in batch["text"]], batched=True, desc="Dropping empty documents")
     if len(ds) == 0:
         raise UserError("the inputs hold no non-empty documents")

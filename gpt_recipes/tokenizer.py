@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -67,3 +68,17 @@ def text_batches(ds, batch_size: int = 1000) -> Iterator[list[str]]:
     """Yield lists of texts from a Dataset with a "text" column, for tokenizer training."""
     for batch in ds.iter(batch_size=batch_size):
         yield batch["text"]
+
+
+def digest(folder: Path) -> str:
+    """sha256 of what decides a saved tokenizer's ids: tokenizer.json (vocabulary, merges,
+    normalisation, special tokens), or every file of a tokenizer without one.
+    tokenizer_config.json is left out: saving the same tokenizer again adds loading options to it."""
+    files = [folder / "tokenizer.json"]
+    if not files[0].is_file():
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "tokenizer_config.json")
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()

@@ -48,7 +48,7 @@ def main() -> None:
     seq_len = check_seq_len(model_config, args.seq_len)
 
     # 2. Windows of packed tokens, in a global order every rank agrees on.
-    train, val = (PackedTokens(meta.split_path(split), meta.dtype, seq_len) for split in ("train", "val"))
+    train, val = (PackedTokens(meta.split_files(split), meta.dtype, seq_len) for split in ("train", "val"))
     if sources is None:
         batches = make_batches(args, run, train, val, f"{args.data[0]} at seq_len {seq_len}")
         record = {"data": meta.raw}

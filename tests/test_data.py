@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from gpt_recipes.data import GlobalBatchOrder, PackedTokens, eval_micro_batches, read_meta, token_dtype
 from gpt_recipes.ds_config import BatchPlan
@@ -14,7 +15,7 @@ def test_token_dtype_fits_vocabulary():
 def test_windows_are_contiguous_and_shifted(tmp_path):
     path = tmp_path / "t.bin"
     np.arange(100, dtype=np.uint16).tofile(path)
-    tokens = PackedTokens(path, np.dtype(np.uint16), seq_len=8)
+    tokens = PackedTokens([path], np.dtype(np.uint16), seq_len=8)
     assert len(tokens) == (100 - 1) // 8
     inputs, targets = tokens.batch(np.array([0, 3]))
     inputs = inputs["input_ids"]
@@ -24,6 +25,23 @@ def test_windows_are_contiguous_and_shifted(tmp_path):
     # the last window ends inside the stream
     last_in, last_tgt = tokens.batch(np.array([len(tokens) - 1]))
     assert int(last_tgt[0, -1]) <= 99
+
+
+def test_shards_read_as_one_stream(tmp_path):
+    """Windows that span the end of one shard and the start of the next read the same as from one file;
+    an empty shard (a part with no validation documents) is skipped."""
+    stream = np.arange(100, dtype=np.uint16)
+    paths = []
+    for i, (a, b) in enumerate([(0, 13), (13, 13), (13, 50), (50, 100)]):
+        paths.append(tmp_path / f"{i}.bin")
+        stream[a:b].tofile(paths[-1])
+    stream.tofile(tmp_path / "one.bin")
+    one, sharded = (PackedTokens(p, np.dtype(np.uint16), seq_len=8) for p in ([tmp_path / "one.bin"], paths))
+    assert len(one) == len(sharded) == 12
+    everything = np.arange(len(one))
+    for a, b in zip(one.batch(everything), sharded.batch(everything)):
+        a, b = (a["input_ids"], b["input_ids"]) if isinstance(a, dict) else (a, b)
+        assert torch.equal(a, b)
 
 
 def _samples_seen(order: GlobalBatchOrder, plan: BatchPlan, step: int) -> list[int]:
@@ -97,8 +115,8 @@ def test_truncated_token_file_is_reported(tmp_path, tiny_data):
 @pytest.mark.parametrize("edit, match", [
     ({"dtype": "float32"}, "gives the token dtype as 'float32', not one of uint16, uint32"),
     ({"dtype": "foo"}, "gives the token dtype as 'foo'"),
-    ({"splits": None}, "lacks the train split's file and token count"),
-    ({"splits": {"train": {"file": "train.bin", "tokens": -1}}}, "lacks the train split's file and token count"),
+    ({"splits": None}, "lacks the train split's files and token counts"),
+    ({"splits": {"train": {"file": "train.bin", "tokens": -1}}}, "lacks the train split's files and token counts"),
     ("{", "is not valid JSON"),
     ([], "is not a JSON object"),
 ])

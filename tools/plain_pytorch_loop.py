@@ -75,7 +75,7 @@ def main() -> None:
     meta = read_meta(args.data)
     config = build_config(args.model, len(load_tokenizer(meta.tokenizer_dir)), 0)
     seq_len = check_seq_len(config, args.seq_len)
-    train = PackedTokens(meta.split_path("train"), meta.dtype, seq_len)
+    train = PackedTokens(meta.split_files("train"), meta.dtype, seq_len)
     plan = BatchPlan(micro_batch=args.global_batch // env.world_size, grad_accum=1, world_size=env.world_size)
     order = GlobalBatchOrder(len(train), plan, args.seed)
 
