@@ -200,7 +200,8 @@ class PrepareDataArgs:
     text_field: str = flag("text", "field holding the text in JSONL/Parquet/datasets inputs")
     split: str = flag("train", "split to read from saved or hub datasets")
     file_pattern: str = flag("*", "files to take from input folders (a glob, e.g. '*.txt')")
-    num_proc: int = flag(0, "tokenising processes (0: one per core)")
+    num_proc: int = flag(0, "tokenising processes (0: one, threaded by the tokenizer, on up to 4 cores; else one "
+                         "per core)")
     num_shards: int = flag(1, "split the output into this many parts (shards); a stopped run resumes from "
                            "finished parts")
     shard_index: Optional[int] = flag(None, "prepare only this part (0-based), e.g. on one of several machines; "

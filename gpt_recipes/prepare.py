@@ -19,6 +19,9 @@ size: documents go through in batches, and token files are appended to, never he
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -43,7 +46,7 @@ from .tokenizer import check_vocab_size, load_tokenizer, text_batches, train_bpe
 FORMAT_VERSION = 2
 DATA_KIND = "prepared data"
 DEFAULT_DATA_DIR = "data/stdlib"
-BATCH_DOCUMENTS = 256
+BATCH_DOCUMENTS = 64
 
 
 @dataclass
@@ -108,7 +111,8 @@ def _set_worker_tokenizer(tok) -> None:
 
 
 def _encode(texts: list[str], tok=None) -> tuple[np.ndarray, np.ndarray]:
-    """The documents' token ids, each followed by EOS, concatenated (int64), and each one's length."""
+    """The documents' token ids, each followed by EOS, concatenated, and each one's length. int32
+    (not int64) halves what workers send back."""
     tok = tok or _WORKER_TOKENIZER
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:  # the Rust batch call, without the Python wrapper's extra outputs
@@ -116,33 +120,37 @@ def _encode(texts: list[str], tok=None) -> tuple[np.ndarray, np.ndarray]:
     else:
         ids = tok(texts, add_special_tokens=False)["input_ids"]
     lengths = np.fromiter(map(len, ids), np.int64, len(ids)) + 1
-    flat = np.empty(int(lengths.sum()), np.int64)
+    flat = np.empty(int(lengths.sum()), np.int32)
     ends = np.cumsum(lengths) - 1
     body = np.ones(len(flat), bool)
     body[ends] = False
-    flat[body] = np.fromiter(chain.from_iterable(ids), np.int64, len(flat) - len(ids))
+    flat[body] = np.fromiter(chain.from_iterable(ids), np.int32, len(flat) - len(ids))
     flat[ends] = tok.eos_token_id
     return flat, lengths
 
 
 def _encoded(batches: Iterator[tuple[list[str], np.ndarray]], tok, num_proc: int) -> Iterator[tuple]:
-    """(ids, lengths, held_out) per batch, in order. A few batches are in flight per worker,
-    never the whole corpus."""
+    """(ids, lengths, held_out) per batch, in order, while the next batches are read. One
+    process encodes on a thread (the tokenizer's own threads share the batch); more fork
+    workers. A few batches are in flight per worker, never the whole corpus."""
     if num_proc == 1:
-        for texts, held_out in batches:
-            yield (*_encode(texts, tok), held_out)
-        return
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; no fork warning
-    with multiprocessing.get_context("fork").Pool(num_proc, _set_worker_tokenizer, (tok,)) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        submit = functools.partial(pool.submit, _encode, tok=tok)
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; no fork warning
+        context = multiprocessing.get_context("fork")
+        pool = concurrent.futures.ProcessPoolExecutor(num_proc, context, _set_worker_tokenizer, (tok,))
+        submit = functools.partial(pool.submit, _encode)
+    with pool:
         pending: deque = deque()
         for texts, held_out in batches:
-            pending.append((pool.apply_async(_encode, (texts,)), held_out))
-            if len(pending) >= 2 * num_proc:
+            pending.append((submit(texts), held_out))
+            if len(pending) > 2 * num_proc:
                 result, held = pending.popleft()
-                yield (*result.get(), held)
+                yield (*result.result(), held)
         while pending:
             result, held = pending.popleft()
-            yield (*result.get(), held)
+            yield (*result.result(), held)
 
 
 # --- one part ----------------------------------------------------------------------------------
@@ -162,11 +170,13 @@ class _Corpus:
                 yield batch["text"], _held_out_by_content(batch["text"], opts.val_fraction, opts.seed)
             return
         lo, hi = self.part_range(index, num_shards)
-        for start in range(lo, hi, BATCH_DOCUMENTS):
-            stop = min(hi, start + BATCH_DOCUMENTS)
+        start = lo
+        for batch in self.texts.skip(lo).take(hi - lo).iter(batch_size=BATCH_DOCUMENTS):
+            stop = start + len(batch["text"])
             held = np.zeros(stop - start, bool)
             held[self.val_docs[np.searchsorted(self.val_docs, start):np.searchsorted(self.val_docs, stop)] - start] = True
-            yield self.texts[start:stop]["text"], held
+            yield batch["text"], held
+            start = stop
 
 
 def _write_part(corpus: _Corpus, index: int, num_shards: int, work: Path, tok, dtype: np.dtype,
@@ -176,6 +186,7 @@ def _write_part(corpus: _Corpus, index: int, num_shards: int, work: Path, tok, d
     files = {split: f"{split}.bin" if num_shards == 1 else f"{split}-{stem[len('part-'):]}.bin" for split in SPLITS}
     counts = {split: {"file": files[split], "tokens": 0, "documents": 0} for split in SPLITS}
     partial = {split: work / f".{files[split]}.partial" for split in SPLITS}
+    start = time.perf_counter()
     lo, hi = (0, None) if corpus.num_docs is None else corpus.part_range(index, num_shards)
     desc = "Tokenizing" if num_shards == 1 else f"Tokenizing part {index + 1}/{num_shards}"
     with open(partial["train"], "wb") as train, open(partial["val"], "wb") as val, \
@@ -196,6 +207,9 @@ def _write_part(corpus: _Corpus, index: int, num_shards: int, work: Path, tok, d
             bar.set_postfix(tokens=f"{counts['train']['tokens'] + counts['val']['tokens']:,}", refresh=False)
     for split in SPLITS:
         partial[split].rename(work / files[split])
+    tokens, seconds = counts["train"]["tokens"] + counts["val"]["tokens"], time.perf_counter() - start
+    print(f"Tokenized part {index + 1} of {num_shards}: {tokens:,} tokens in {seconds:.1f} s "
+          f"({tokens / seconds:,.0f} tokens/s)")
     return {"shard_index": index, "num_shards": num_shards, "splits": counts}
 
 
@@ -214,11 +228,22 @@ def _write_json(path: Path, content: dict) -> None:
 
 # --- the whole preparation ---------------------------------------------------------------------
 
+def _return_large_buffers_to_the_system() -> None:
+    """Fix glibc's mmap threshold at its default. Left dynamic, it rises after the first large
+    batch is freed, and later batches' buffers then fragment the heap, so peak memory creeps up
+    with the corpus; fixed, every large buffer is mapped and unmapped whole."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def _check_options(opts: PrepareOptions) -> None:
     if not 0 < opts.val_fraction < 1:
         raise UserError(f"--val_fraction must lie between 0 and 1, got {opts.val_fraction}")
     if opts.num_proc < 0:
-        raise UserError(f"--num_proc must be 0 (one per core) or positive, got {opts.num_proc}")
+        raise UserError(f"--num_proc must be 0 (automatic) or positive, got {opts.num_proc}")
     if opts.num_shards < 1:
         raise UserError(f"--num_shards must be at least 1, got {opts.num_shards}")
     if opts.shard_index is not None and not 0 <= opts.shard_index < opts.num_shards:
@@ -231,9 +256,12 @@ def _check_options(opts: PrepareOptions) -> None:
         check_vocab_size(opts.vocab_size)
 
 
-def _default_num_proc(num_docs: int | None) -> int:
+def _default_num_proc(tok) -> int:
+    """One process on a few cores: a Rust tokenizer threads each batch itself, and that beats
+    worker processes that compete with the reading process (measured on 2 cores). One
+    worker per core on bigger machines, or with a Python tokenizer."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores if num_docs is None else max(1, min(cores, num_docs // BATCH_DOCUMENTS or 1))
+    return 1 if cores <= 4 and getattr(tok, "is_fast", False) else cores
 
 
 def _work_folder(out_dir: Path, opts: PrepareOptions, digest: str) -> Path:
@@ -256,13 +284,19 @@ def _work_folder(out_dir: Path, opts: PrepareOptions, digest: str) -> Path:
 
 
 def _load_corpus(expanded, opts: PrepareOptions) -> _Corpus:
-    texts = sources.load_texts(expanded, opts.text_field, opts.split, streaming=opts.streaming)
+    """The documents as a stream, so nothing is held whole in memory or copied into a cache. Unless
+    the input is a hub stream, one pass counts them first (reading is fast next to tokenising)."""
+    texts = sources.load_texts(expanded, opts.text_field, opts.split, streaming=True, stream_hub=opts.streaming)
     if opts.streaming:
         if texts.num_shards < opts.num_shards:
             raise UserError(f"the stream has {texts.num_shards} source file(s), fewer than --num_shards "
                             f"{opts.num_shards}; a stream is split by its files")
         return _Corpus(texts, None, None)
-    return _Corpus(texts, len(texts), _val_documents(len(texts), opts.val_fraction, opts.seed))
+    num_docs = sum(len(batch["text"]) for batch in tqdm(texts.iter(batch_size=BATCH_DOCUMENTS), desc="Counting "
+                                                          "documents", unit="batch"))
+    if num_docs == 0:
+        raise UserError("the inputs hold no non-empty documents")
+    return _Corpus(texts, num_docs, _val_documents(num_docs, opts.val_fraction, opts.seed))
 
 
 def _tokenizer(work: Path, corpus: _Corpus, opts: PrepareOptions):
@@ -318,10 +352,11 @@ def prepare(opts: PrepareOptions) -> dict:
         raise UserError(f"--output {out_dir} exists and is not a folder")
     work = _work_folder(out_dir, opts, digest)
 
+    _return_large_buffers_to_the_system()
     corpus = _load_corpus(expanded, opts)
     tok = _tokenizer(work, corpus, opts)
     dtype = token_dtype(len(tok))
-    opts.num_proc = opts.num_proc or _default_num_proc(corpus.num_docs)
+    opts = dataclasses.replace(opts, num_proc=opts.num_proc or _default_num_proc(tok))
     work.mkdir(parents=True, exist_ok=True)
     if not folders.written_here(work, DATA_KIND):
         folders.mark(work, DATA_KIND)

@@ -106,7 +106,14 @@ def fingerprint(expanded: list[tuple[str, str]], extra: dict) -> str:
 
 def _text_column(ds: datasets.Dataset, text_field: str, where: str) -> datasets.Dataset:
     if ds.column_names is None:  # a stream whose fields show only as it is read
-        return ds.map(lambda row: {"text": row[text_field]}).select_columns(["text"])
+        def text_of(row: dict) -> dict:
+            if text_field not in row:
+                raise UserError(f"{where} has no field {text_field!r} (fields: {', '.join(row)}); see --text_field")
+            if not isinstance(row[text_field], str):
+                raise UserError(f"{where}: field {text_field!r} holds {type(row[text_field]).__name__}, not text; "
+                                "see --text_field")
+            return {"text": row[text_field]}
+        return ds.map(text_of).select_columns(["text"])
     if text_field not in ds.column_names:
         raise UserError(f"{where} has no field {text_field!r} (fields: {', '.join(ds.column_names)}); see --text_field")
     feature = ds.features[text_field]
@@ -134,8 +141,13 @@ def _load_hub(name: str, split: str, streaming: bool) -> datasets.Dataset:
 
 
 def load_texts(expanded: list[tuple[str, str]], text_field: str = "text", split: str = "train",
-               streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
-    """Load all inputs into one Dataset with a "text" column (one row per document), in a fixed order."""
+               streaming: bool = False, stream_hub: bool = True) -> datasets.Dataset | datasets.IterableDataset:
+    """Load all inputs into one Dataset with a "text" column (one row per document), in a fixed order.
+
+    With `streaming`, an IterableDataset that holds nothing whole in memory or in a cache: local
+    files are read one at a time, saved datasets from their own files, and hub datasets as a
+    stream, or, unless `stream_hub`, downloaded whole first and read from the download.
+    """
     parts: list[datasets.Dataset] = []
     by_kind: dict[str, list[str]] = {}
     for kind, spec in expanded:
@@ -144,7 +156,10 @@ def load_texts(expanded: list[tuple[str, str]], text_field: str = "text", split:
         elif kind == "saved":
             parts.append(_text_column(_load_saved(spec, split, streaming), text_field, f"saved dataset {spec}"))
         else:
-            parts.append(_text_column(_load_hub(spec, split, streaming), text_field, f"hub dataset {spec}"))
+            hub = _load_hub(spec, split, streaming and stream_hub)
+            if streaming and not stream_hub:
+                hub = hub.to_iterable_dataset()
+            parts.append(_text_column(hub, text_field, f"hub dataset {spec}"))
     for kind, files in by_kind.items():
         try:
             if kind == "text":
