@@ -107,7 +107,7 @@ def test_convert_shard_size_that_does_not_parse(monkeypatch, capsys, tmp_path):
 @pytest.mark.parametrize("script, flags, match", [
     ("prepare_data.py", ["--vocab_size", str(10**9)], "--vocab_size 1000000000 is beyond reason"),
     ("train_tokenizer.py", ["--vocab_size", str(10**9)], "--vocab_size 1000000000 is beyond reason"),
-    ("prepare_data.py", ["--num_proc", "-1"], "--num_proc must be 0 \\(one per core\\) or positive, got -1"),
+    ("prepare_data.py", ["--num_proc", "-1"], "--num_proc must be 0 \\(automatic\\) or positive, got -1"),
     ("prepare_data.py", ["--output", "{file}"], "--output .*notes.txt exists and is not a folder"),
     ("prepare_data.py", ["--output", "{file}/data"], "cannot create output folder .*notes.txt/data: .*is a file"),
     ("train_tokenizer.py", ["--output", "{file}/tok"], "cannot create output folder .*notes.txt/tok: .*is a file"),
