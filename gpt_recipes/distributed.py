@@ -10,6 +10,7 @@ import atexit
 import glob
 import os
 import random
+import re
 import socket
 import warnings
 from typing import Any
@@ -86,8 +87,20 @@ def init(env: DistEnv, shm_comm: bool = False) -> str | None:
         from deepspeed.accelerator import get_accelerator
 
         get_accelerator().set_device(env.local_rank)
+        plain_cuda_arch_list()
     deepspeed.init_distributed()
     return shm.enable() if why_not_shm is None else why_not_shm
+
+
+def plain_cuda_arch_list() -> None:
+    """Strip architecture-specific suffixes (9.0a, 10.0f) from TORCH_CUDA_ARCH_LIST, which CUDA
+    images often set: DeepSpeed 0.19's op builder parses each entry as numbers and fails
+    (`invalid literal for int() with base 10: '0a'`) when it JIT-builds FusedAdam. The ops it
+    builds use none of those features."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if archs:
+        plain = dict.fromkeys(re.sub(r"(\d+\.\d+)[a-zA-Z]+", r"\1", a) for a in re.split(r"[;\s]+", archs) if a)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(plain)
 
 
 def remove_own_shm_buffers() -> None:

@@ -181,7 +181,8 @@ def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
 
-def build_model(config: PretrainedConfig, ds_cfg: dict[str, Any] | None = None) -> PreTrainedModel:
+def build_model(config: PretrainedConfig, ds_cfg: dict[str, Any] | None = None,
+                device: str | torch.device | None = None) -> PreTrainedModel:
     """Randomly initialised model in fp32 (the engine casts to the config's precision);
     partitioned across ranks from the start when ds_cfg is a ZeRO-3 config.
 
@@ -191,6 +192,10 @@ def build_model(config: PretrainedConfig, ds_cfg: dict[str, Any] | None = None) 
     first) on gathered parameters. Unpartitioned, it would run torch's initialisers first,
     drawing other random numbers. So the unpartitioned build follows the partitioned one's
     steps: the same draws in the same order give bit-identical weights.
+
+    The draws must also come from the same generator: zero.Init gathers parameters on the
+    accelerator, so on a GPU they are CUDA draws. The unpartitioned build therefore runs on
+    `device`, by default (with a DeepSpeed config) the accelerator DeepSpeed trains on.
     """
     from transformers import initialization
 
@@ -198,7 +203,11 @@ def build_model(config: PretrainedConfig, ds_cfg: dict[str, Any] | None = None) 
     if is_zero3(ds_cfg):
         with partitioned_construction(ds_cfg):
             return model_class._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    with initialization.no_init_weights():
+    if device is None and ds_cfg is not None:
+        from deepspeed.accelerator import get_accelerator
+
+        device = get_accelerator().current_device_name()
+    with initialization.no_init_weights(), torch.device(device) if device else contextlib.nullcontext():
         model = model_class._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     model.initialize_weights()
     model.tie_weights()

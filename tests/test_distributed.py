@@ -60,3 +60,17 @@ def test_environment_reads_each_launchers_variables(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's name
     monkeypatch.delenv("LOCAL_SIZE")
     assert environment().local_world_size == 2
+
+
+@pytest.mark.parametrize("given, plain", [
+    ("9.0a", "9.0"),  # what CUDA images set on Hopper; DeepSpeed 0.19 failed on '0a' building FusedAdam
+    ("8.0;9.0a;10.0f+PTX", "8.0;9.0;10.0+PTX"),
+    ("7.5 8.6+PTX", "7.5;8.6+PTX"),
+    ("9.0 9.0a", "9.0"),
+])
+def test_cuda_arch_list_that_deepspeed_parses(monkeypatch, given, plain):
+    from gpt_recipes.distributed import plain_cuda_arch_list
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", given)
+    plain_cuda_arch_list()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == plain

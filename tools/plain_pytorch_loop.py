@@ -86,7 +86,7 @@ def main() -> None:
 
         model = MinimalGPT(config).to(device)
     else:
-        model = build_model(config).to(device)
+        model = build_model(config, device=device)
     loss_fn = CausalLMLoss(model, fused=args.fused_loss and fused_unavailable(model, 0) is None)
     if env.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None)
