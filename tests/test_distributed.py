@@ -1,6 +1,7 @@
 """Launchers: deepspeed, torchrun, accelerate launch and a simulated two-node run train identically."""
 
 import json
+import os
 
 import pytest
 from launch import ds_json, launch, launch_two_nodes, pretrain_args, read_metrics
