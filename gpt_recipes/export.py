@@ -1,9 +1,12 @@
 """Export a DeepSpeed checkpoint to a Hugging Face model folder, and check the result.
 
 Weights come from DeepSpeed's own consolidation (`zero_to_fp32`), which merges the fp32
-master weights of any ZeRO stage and any number of ranks. They are materialised once, as
-one fp32 copy; each safetensors shard is cast and written in turn, so the peak is about one
-fp32 copy of the model plus one shard. The folder is written next to its destination and
+master weights of any ZeRO stage and any number of ranks from memory-mapped rank files.
+Each weight is gathered and cast to the export dtype in turn, so what is held is one copy
+at the export dtype (ZeRO-3: DeepSpeed's lazy tensors gather one weight at a time; ZeRO-2:
+its merge builds the whole fp32 vector once, freed as the last weight is cast). Shards are
+written from those tensors, and the reference logits computed from them before the
+written folder is reloaded, so two copies are never alive together. The folder is written next to its destination and
 renamed into place when complete, so an existing folder is never left half-replaced.
 
 After writing, the folder is loaded back with `from_pretrained` and its logits on a fixed
@@ -27,7 +30,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
 from . import adapters, faults, folders
-from .checkpoint import CHECKPOINT_DIR, LATEST, TRAINING_INFO, consolidated_state_dict, latest_tag
+from .checkpoint import CHECKPOINT_DIR, LATEST, TRAINING_INFO, consolidated_state_dict, latest_tag, materialize
 from .distributed import from_main
 from .errors import ExportMismatch, RecipeExit, UserError, first_line
 from .tokenizer import load_tokenizer
@@ -119,6 +122,13 @@ def _weights_to_save(config: PretrainedConfig, state: dict[str, torch.Tensor], w
     if missing:
         raise UserError(f"checkpoint {where} lacks weights the model config needs: {', '.join(missing[:5])}")
     return {name: state[name] for name in wanted}
+
+
+def _cast_one_by_one(weights: dict, dtype: torch.dtype) -> None:
+    """Gather (if lazy) and cast each weight in place, so the fp32 originals go as the casts come."""
+    for name in list(weights):
+        tensor = materialize(weights[name])
+        weights[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def _write_weights(weights: dict[str, torch.Tensor], out: Path, dtype: torch.dtype, max_shard_size: str) -> list[str]:
@@ -222,9 +232,11 @@ def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, 
             state = adapted.merge_and_unload().state_dict()
             del adapted
         else:
-            state = consolidated_state_dict(ckpt_dir, tag)
+            state = consolidated_state_dict(ckpt_dir, tag, lazy=True)
         weights = _weights_to_save(config, state, tag_dir)
         del state
+        _cast_one_by_one(weights, target)
+        gc.collect()
         params = sum(t.numel() for t in weights.values())
         files = _write_weights(weights, tmp, target, max_shard_size)
         config.dtype = target

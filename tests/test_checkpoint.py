@@ -149,3 +149,17 @@ def test_a_file_holding_pickled_objects_is_refused(tmp_path):
     torch.save({"python": Payload()}, path)
     with pytest.raises(UserError, match="holds more than tensors and plain values, so it is not loaded"):
         checkpoint.load_own(path)
+
+
+def test_a_zero2_weight_gathers_across_rank_partitions():
+    """ZeRO-1/2 rank files hold equal consecutive partitions of each group's flat vector; a
+    weight may start in one rank's partition and end in another's."""
+    from gpt_recipes.checkpoint import _Zero2Weight, materialize
+
+    flat = torch.arange(24, dtype=torch.float32)
+    partitions = list(flat.chunk(3))  # 3 ranks x 8
+    for start, shape in [(0, (2, 3)), (5, (2, 5)), (7, (17,)), (16, (8,))]:
+        weight = _Zero2Weight(partitions, start, torch.Size(shape))
+        numel = torch.Size(shape).numel()
+        assert torch.equal(materialize(weight), flat[start : start + numel].view(shape))
+    assert materialize(flat) is flat
