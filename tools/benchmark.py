@@ -7,11 +7,11 @@
 
 Runs, in order and `--repeats` times over (interleaved, so drifts in machine speed hit
 every variant alike): the plain loop with DistributedDataParallel on RANKS ranks (the
-reference), the plain loop as one process (with RANKS ranks), the same loop around
-tools/minimal_gpt.py with the plain cross-entropy (what a minimal single-file GPT trainer
-does; GPT-2 models), and recipes/pretrain.py with each ds_configs/zero<N>.json changed only
-in batch layout and precision. The plain loops clip gradients as the JSONs do and take the
-recipe's fused loss unless --no-fused_loss. Prints the median
+reference), the plain loop as one process (with RANKS ranks), and recipes/pretrain.py with
+each ds_configs/zero<N>.json changed only in batch layout and precision. The plain loops
+clip gradients as the JSONs do, step torch's fused AdamW and take the recipe's fused loss
+unless --no-fused_loss. On a CPU, the matmul peak for MFU is probed once, here, with a
+rank's share of the cores, and given to every run. Prints the median
 tokens/s of each (warm-up left out), TFLOP/s, MFU, peak memory and the ratio to the
 reference, with the machine and the versions.
 """
@@ -28,9 +28,9 @@ from typing import Optional
 
 import torch
 
+from gpt_recipes import flops
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.models import build_config
 from gpt_recipes.summary import RunSummary, summarize
 from gpt_recipes.distributed import free_port
 from gpt_recipes.sweep import REPO, run_pretrain
@@ -53,7 +53,6 @@ class BenchmarkArgs:
     fused_loss: bool = flag(True, "the recipe and the plain loop fuse the output layer into the loss")
     ablate_loss: bool = flag(False, "also run the first stage's recipe with the loss taken from the logits")
     ablate_comm: bool = flag(False, "also run the first stage's recipe with gloo collectives (--no-shm_comm)")
-    minimal: bool = flag(True, "also run the minimal GPT-2 (tools/minimal_gpt.py) as one process")
     peak_tflops: Optional[float] = flag(None, "peak TFLOP/s per device for MFU (default: table or CPU probe)")
     output_dir: str = flag("runs/benchmark", "run folders go here (replaced)")
     markdown: bool = flag(False, "print the table as Markdown")
@@ -88,6 +87,19 @@ def run_plain(args: BenchmarkArgs, ranks: int, out: Path, extra: list[str]) -> i
     return proc.returncode
 
 
+def probe_cpu_peak(precision: str, ranks: int) -> float:
+    """One matmul probe for every run, on the threads one rank gets, so all share one MFU scale."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, cores // ranks))
+    try:
+        peak, source = flops.peak_tflops("cpu", precision, None)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"MFU peak for every run: {peak:.3g} TFLOP/s per rank ({source}, {max(1, cores // ranks)} threads)")
+    return peak
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         where = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
@@ -111,6 +123,8 @@ def main() -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     micro = args.global_batch // args.ranks
+    if args.peak_tflops is None and not torch.cuda.is_available() and not args.report_only:
+        args.peak_tflops = probe_cpu_peak(args.precision, args.ranks)
     recipe_args = ["--model", args.model, "--data", args.data, "--seq_len", str(args.seq_len), "--max_steps",
                    str(args.max_steps), "--log_interval", str(args.log_interval), "--eval_interval", "0",
                    "--eval_batches", "1", "--overwrite",
@@ -123,8 +137,6 @@ def main() -> None:
     plain_runs = {reference: (args.ranks, plain_args)}
     if args.ranks > 1:
         plain_runs["plain PyTorch, 1 process"] = (1, plain_args)
-    if args.minimal and build_config(args.model, 1024, 0).model_type == "gpt2":
-        plain_runs["minimal GPT, 1 process"] = (1, [*plain_args, "--model_impl", "minimal", "--no-fused_loss"])
     recipe_runs = {f"recipe ZeRO-{s}": (s, []) for s in args.stages}
     if args.ablate_loss and args.fused_loss and args.stages:
         recipe_runs[f"recipe ZeRO-{args.stages[0]}, logits loss"] = (args.stages[0], ["--no-fused_loss"])

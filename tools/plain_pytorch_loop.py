@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 tools/plain_pytorch_loop.py ...      # DistributedDataParallel
 
 Same model class, data windows and global batch order as the recipe; torch's AdamW
-(the fused kernel on GPU), bf16 by autocast when asked. Writes metrics.jsonl lines in the
+(the fused kernel, on CPU and GPU), bf16 by autocast when asked. Writes metrics.jsonl lines in the
 recipes' format (tokens/s, step time, TFLOP/s, MFU, peak memory) so
 tools/summarize_throughput.py reads both alike.
 """
@@ -40,8 +40,6 @@ class PlainLoopArgs:
 
     data: str = flag("data/stdlib", "folder written by tools/prepare_data.py")
     model: str = flag("gpt2-micro", "model preset name or a model config JSON")
-    model_impl: str = flag("transformers", "the model's code: the transformers class, or tools/minimal_gpt.py "
-                           "(GPT-2 configs only)", choices=["transformers", "minimal"])
     seq_len: Optional[int] = flag(256, "tokens per sample")
     global_batch: int = flag(8, "samples per optimizer step over all ranks")
     precision: str = flag("fp32", "fp32, or bf16 by autocast", choices=["fp32", "bf16"])
@@ -79,18 +77,12 @@ def main() -> None:
     plan = BatchPlan(micro_batch=args.global_batch // env.world_size, grad_accum=1, world_size=env.world_size)
     order = GlobalBatchOrder(len(train), plan, args.seed)
 
-    if args.model_impl == "minimal":
-        if config.model_type != "gpt2":
-            raise UserError(f"--model_impl minimal is a GPT-2; {args.model} is a {config.model_type} model")
-        from minimal_gpt import MinimalGPT  # beside this script
-
-        model = MinimalGPT(config).to(device)
-    else:
-        model = build_model(config, device=device)
+    model = build_model(config, device=device)
     loss_fn = CausalLMLoss(model, fused=args.fused_loss and fused_unavailable(model, 0) is None)
     if env.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
+    # torch's fastest AdamW: the fused kernel, which torch has for CPU and CUDA alike.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     flops_per_token = flops.flops_shape(config).per_token(seq_len)
     peak, source = flops.peak_tflops(device.type, args.precision, args.peak_tflops)
