@@ -94,7 +94,8 @@ class RunArgs:
                                           "(less memory, about a third more compute)")
     fused_loss: bool = flag(True, "compute the output layer and the loss together in chunks, never holding all "
                             "the logits (not under ZeRO-3, which partitions the output layer)")
-    shm_comm: bool = flag(True, "on CPU ranks that share one machine, all-reduce and all-gather through DeepSpeed's "
+    shm_comm: bool = flag(True, "on CPU ranks that share one machine, all-reduce, all-gather and reduce-scatter through "
+                          "DeepSpeed's "
                           "shared-memory kernel instead of gloo")
     peak_tflops: Optional[float] = flag(None, "peak TFLOP/s of one device at the training precision, for MFU "
                                         "(default: a table of GPUs; on a CPU, a matmul probe)")

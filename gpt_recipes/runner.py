@@ -263,7 +263,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
                         "there?); start it again")
     why_not_shm = distributed.init(env, args.shm_comm)
     if run.device == "cpu" and env.world_size > 1:
-        say("Collectives: " + ("all-reduce and all-gather through DeepSpeed's shared-memory kernel"
+        say("Collectives: " + ("all-reduce, all-gather and reduce-scatter through DeepSpeed's shared-memory kernel"
                                if why_not_shm is None else f"gloo ({why_not_shm})"))
     job.record["shm_comm"] = why_not_shm is None
     distributed.barrier()  # every rank has checked the output folder before rank 0 writes to it

@@ -5,10 +5,14 @@ shared-memory all-reduce kernel (`torch.ops.deepspeed.inference_all_reduce_`, wr
 inference tensor parallelism) that its training engine never calls. For gpt2-micro's 14M fp32
 gradients on 2 ranks here, gloo's all-reduce took 45 ms and the kernel 18 ms.
 
-`enable` routes the engine's blocking SUM all-reduces and all-gathers over the whole world
-through that kernel, the same way DeepSpeed's own backend routes world all-gathers to a
-faster transport where one exists. Anything else (other groups, other ops, async calls,
-dtypes the kernel lacks) still goes to gloo, so the engine needs no other change.
+`enable` routes the engine's SUM all-reduces, all-gathers and reduce-scatters over the
+whole world through that kernel, the same way DeepSpeed's own backend routes world
+all-gathers to a faster transport where one exists. Anything else (other groups, other
+ops, dtypes the kernel lacks) still goes to gloo, so the engine needs no other change.
+
+ZeRO-3 asks for its parameter all-gathers asynchronously, to overlap them with compute.
+The kernel runs them at once instead and hands back a finished handle: on a CPU, gloo's
+"asynchronous" work runs on the same cores as the compute it would overlap.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def prepare(world_size: int) -> None:
 
 
 def enable() -> str | None:
-    """Route world all-reduces and all-gathers through shared memory; None if done, else why not."""
+    """Route world all-reduces, all-gathers and reduce-scatters through shared memory; None if done, else why not."""
     from deepspeed import comm
 
     backend = comm.comm.cdb
@@ -55,32 +59,62 @@ def enable() -> str | None:
     gloo_all_reduce = backend.all_reduce
     gloo_all_gather = backend.all_gather_into_tensor
 
-    def served(tensor: torch.Tensor, group, async_op: bool) -> bool:
-        return (not async_op and tensor.device.type == "cpu" and tensor.is_contiguous()
+    gloo_reduce_scatter = backend.reduce_scatter_tensor
+
+    def served(tensor: torch.Tensor, group) -> bool:
+        return (tensor.device.type == "cpu" and tensor.is_contiguous()
                 and _KERNEL_LEVEL.get(tensor.dtype, 99) <= level
                 and (group is None or dist.get_world_size(group) == world))
 
+    def done(async_op: bool) -> "_Finished | None":
+        return _Finished() if async_op else None
+
     def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
         # DeepSpeed passes its own ReduceOp or torch's; the kernel only sums.
-        if getattr(op, "name", None) == "SUM" and served(tensor, group, async_op):
+        if getattr(op, "name", None) == "SUM" and served(tensor, group):
             torch.ops.deepspeed.inference_all_reduce_(tensor)
-            return None
+            return done(async_op)
         return gloo_all_reduce(tensor, op, group, async_op)
 
     def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
         # Each rank places its shard among zeros and the ranks sum: exact, since x + 0 == x.
         # ZeRO's shard is often a view into the output itself, so only the rest is zeroed.
-        if served(output_tensor, group, async_op) and input_tensor.dtype == output_tensor.dtype:
+        if served(output_tensor, group) and input_tensor.dtype == output_tensor.dtype:
             flat, shard = output_tensor.view(-1), input_tensor.numel()
             start = dist.get_rank(group) * shard
             flat[:start].zero_()
             flat[start + shard:].zero_()
             flat.narrow(0, start, shard).copy_(input_tensor.view(-1))
             torch.ops.deepspeed.inference_all_reduce_(output_tensor)
-            return None
+            return done(async_op)
         return gloo_all_gather(output_tensor=output_tensor, input_tensor=input_tensor, group=group,
                                async_op=async_op)
 
+    def reduce_scatter_tensor(output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        # The ranks sum the whole input and each keeps its part. The input then holds the sums,
+        # where gloo leaves it as it was: ZeRO reduces temporary buckets and never reads them again.
+        if (getattr(op, "name", None) == "SUM" and served(input_tensor, group)
+                and output_tensor.dtype == input_tensor.dtype):
+            torch.ops.deepspeed.inference_all_reduce_(input_tensor)
+            part = output_tensor.numel()
+            mine = input_tensor.view(-1).narrow(0, dist.get_rank(group) * part, part)
+            if mine.data_ptr() != output_tensor.data_ptr():
+                output_tensor.view(-1).copy_(mine)
+            return done(async_op)
+        return gloo_reduce_scatter(output_tensor=output_tensor, input_tensor=input_tensor, op=op, group=group,
+                                   async_op=async_op)
+
     backend.all_reduce = all_reduce
     backend.all_gather_into_tensor = all_gather_into_tensor
+    backend.reduce_scatter_tensor = reduce_scatter_tensor
     return None
+
+
+class _Finished:
+    """The handle of a collective that already ran: what callers of an async collective wait on."""
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True

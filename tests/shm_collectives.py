@@ -15,6 +15,7 @@ from gpt_recipes import distributed
 
 calls = {"gloo": 0}
 _gloo_all_reduce, _gloo_all_gather = dist.all_reduce, dist.all_gather_into_tensor
+_gloo_reduce_scatter = dist.reduce_scatter_tensor
 
 
 def _counted(fn):
@@ -48,6 +49,7 @@ def main() -> None:
         sys.exit(f"shared-memory route not enabled: {why_not}")
     dist.all_reduce = _counted(_gloo_all_reduce)
     comm.comm.cdb.all_gather_function = _counted(_gloo_all_gather)  # DeepSpeed's backend keeps its own reference
+    comm.comm.cdb.reduce_scatter_function = _counted(_gloo_reduce_scatter)
     rank, world = env.rank, env.world_size
 
     def all_reduce(numel, dtype, op=comm.ReduceOp.SUM, group=None):
@@ -85,6 +87,28 @@ def main() -> None:
         return ds, gloo
     check("all_gather_into_tensor", False, *gather(in_place=False))
     check("all_gather_into_tensor, shard inside the output (ZeRO's layout)", False, *gather(in_place=True))
+
+    def zero3_gather():  # ZeRO-3's parameter gather: asynchronous, waited on later
+        out = torch.empty(world * shard)
+        handle = comm.allgather_fn(out, values(shard, torch.float32, rank), async_op=True)
+        handle.wait()
+        return out
+    check("all_gather asynchronous (ZeRO-3's call)", False, zero3_gather, gather(in_place=False)[1])
+
+    part = 3_000_001
+    def scatter(output_in_input: bool, dtype=torch.float32):
+        def ds():
+            full = values(world * part, dtype, rank)
+            out = full.narrow(0, rank * part, part) if output_in_input else torch.empty(part, dtype=dtype)
+            comm.reduce_scatter_fn(out, full)
+            return out.clone()
+        def gloo():
+            out = torch.empty(part, dtype=dtype)
+            _gloo_reduce_scatter(out, values(world * part, dtype, rank))
+            return out
+        return ds, gloo
+    check("reduce_scatter_tensor", False, *scatter(output_in_input=False))
+    check("reduce_scatter_tensor, output inside the input (ZeRO's layout)", False, *scatter(output_in_input=True))
 
 
 if __name__ == "__main__":
