@@ -91,7 +91,7 @@ def main() -> None:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS_FILE).write_text("")
-        print(f"plain PyTorch: {args.model} ({args.model_impl}), {env.world_size} rank(s), {args.precision}, global batch "
+        print(f"plain PyTorch: {args.model} (transformers), {env.world_size} rank(s), {args.precision}, global batch "
               f"{args.global_batch} x {seq_len}; {'fused' if loss_fn.fused else 'plain'} loss; MFU peak {peak} TFLOP/s ({source})", flush=True)
     tokens, window_start, window_tokens, window_steps = 0, time.perf_counter(), 0, 0
     for step in range(args.max_steps):
