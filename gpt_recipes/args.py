@@ -37,7 +37,13 @@ def _unwrap_optional(tp: Any) -> Any:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults, and keep the docstring's usage examples as written."""
+    """Show defaults, and keep the docstring's usage examples as written. A default that is
+    None, or that the help text already describes, is not shown twice."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser(spec: type, description: str | None = None) -> argparse.ArgumentParser:
@@ -53,8 +59,8 @@ def build_parser(spec: type, description: str | None = None) -> argparse.Argumen
         tp = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kwargs: dict[str, Any] = {"help": help_text, "default": default}
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+        if tp is bool:  # a switch: --flag, and --no-flag only where the flag is on by default
+            kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
         elif typing.get_origin(tp) is list:
             kwargs["type"] = typing.get_args(tp)[0]
             kwargs["nargs"] = "*"
