@@ -51,6 +51,8 @@ def run_copy(tmp_path):
     (["--max_new_tokens", "5000"], r"the prompt is \d+ tokens and the model reads at most 64: --max_new_tokens can be "
                                    r"at most \d+, got 5000"),
     (["--temperature", "-1"], "--temperature must be 0 \\(greedy\\) or positive, got -1.0"),
+    (["--top_p", "0"], r"--top_p must lie in \(0, 1\], got 0.0"),
+    (["--repetition_penalty", "0"], "--repetition_penalty must be positive, got 0.0"),
     (["--chat"], "has no chat template; drop --chat"),
 ])
 def test_generate(monkeypatch, capsys, hf_model, flags, match):

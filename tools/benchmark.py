@@ -70,7 +70,7 @@ def stage_config(stage: int, precision: str, micro_batch: int, path: Path) -> Pa
     return path
 
 
-def run_plain(args: BenchmarkArgs, ranks: int, out: Path, extra: list[str]) -> int:
+def run_plain(args: BenchmarkArgs, ranks: int, out: Path, extra: list[str], peak: float | None) -> int:
     script = str(REPO / "tools" / "plain_pytorch_loop.py")
     launcher = ([sys.executable] if ranks == 1 else
                 ["torchrun", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
@@ -78,7 +78,7 @@ def run_plain(args: BenchmarkArgs, ranks: int, out: Path, extra: list[str]) -> i
     cmd = [*launcher, script, "--model", args.model, "--data", args.data, "--seq_len", str(args.seq_len),
            "--global_batch", str(args.global_batch), "--precision", args.precision, "--max_steps",
            str(args.max_steps), "--log_interval", str(args.log_interval), "--output_dir", str(out), *extra,
-           *(["--peak_tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
+           *(["--peak_tflops", str(peak)] if peak else [])]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout.splitlines():
@@ -88,7 +88,8 @@ def run_plain(args: BenchmarkArgs, ranks: int, out: Path, extra: list[str]) -> i
 
 
 def probe_cpu_peak(precision: str, ranks: int) -> float:
-    """One matmul probe for every run, on the threads one rank gets, so all share one MFU scale."""
+    """One matmul probe for every run with this many ranks, on the threads one rank gets, so
+    all runs share one MFU scale."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, cores // ranks))
@@ -123,12 +124,16 @@ def main() -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     micro = args.global_batch // args.ranks
-    if args.peak_tflops is None and not torch.cuda.is_available() and not args.report_only:
-        args.peak_tflops = probe_cpu_peak(args.precision, args.ranks)
+    probe = args.peak_tflops is None and not torch.cuda.is_available() and not args.report_only
+    peaks = {n: probe_cpu_peak(args.precision, n) for n in sorted({1, args.ranks})} if probe else {}
+
+    def peak_for(ranks: int) -> float | None:
+        return args.peak_tflops or peaks.get(ranks)
+
     recipe_args = ["--model", args.model, "--data", args.data, "--seq_len", str(args.seq_len), "--max_steps",
                    str(args.max_steps), "--log_interval", str(args.log_interval), "--eval_interval", "0",
                    "--eval_batches", "1", "--overwrite",
-                   *(["--peak_tflops", str(args.peak_tflops)] if args.peak_tflops else [])]
+                   *(["--peak_tflops", str(peak_for(args.ranks))] if peak_for(args.ranks) else [])]
     clip = json.loads((REPO / "ds_configs" / "zero0.json").read_text()).get("gradient_clipping", 0.0)
     plain_args = ["--grad_clip", str(clip), *([] if args.fused_loss else ["--no-fused_loss"])]
     recipe_args += [] if args.fused_loss else ["--no-fused_loss"]
@@ -154,7 +159,7 @@ def main() -> None:
             print(f"[round {round_}/{args.repeats}] {variant}", flush=True)
             if variant in plain_runs:
                 ranks, extra = plain_runs[variant]
-                code = run_plain(args, ranks, run_dir, extra)
+                code = run_plain(args, ranks, run_dir, extra, peak_for(ranks))
             else:
                 stage, extra = recipe_runs[variant]
                 cfg = stage_config(stage, args.precision, micro, out / f"zero{stage}_{args.precision}.json")
