@@ -97,7 +97,7 @@ def probe_cpu_peak(precision: str, ranks: int) -> float:
         peak, source = flops.peak_tflops("cpu", precision, None)
     finally:
         torch.set_num_threads(threads)
-    print(f"MFU peak for every run: {peak:.3g} TFLOP/s per rank ({source}, {max(1, cores // ranks)} threads)")
+    print(f"MFU peak for every run on {ranks} rank(s): {peak:.3g} TFLOP/s per rank ({source})")
     return peak
 
 
