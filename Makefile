@@ -2,6 +2,9 @@
 # and `make test` (set up, run the whole test suite). PYTHON picks the interpreter/environment.
 PYTHON ?= python3
 RANKS ?= 2
+# A free port for each launch, so two demos on one machine do not clash (PORT=29500 to pin one).
+PORT ?= $(shell $(PYTHON) -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+LAUNCH = deepspeed --num_gpus $(RANKS) --master_port $(PORT)
 
 .PHONY: install data quickstart finetune-demo lora-demo dpo-demo test test-quick
 
@@ -13,13 +16,13 @@ data:
 	$(PYTHON) tools/prepare_data.py
 
 quickstart: install data
-	deepspeed --num_gpus $(RANKS) recipes/pretrain.py --deepspeed_config ds_configs/zero2.json \
+	$(LAUNCH) recipes/pretrain.py --deepspeed_config ds_configs/zero2.json \
 		--data data/stdlib --model gpt2-nano --output_dir runs/quickstart --max_steps 200 --overwrite \
 		--export_hf exported/quickstart
 
 # Fine-tune the quickstart's exported model on the built-in demo task, export, and ask it something.
 finetune-demo:
-	deepspeed --num_gpus $(RANKS) recipes/finetune.py --deepspeed_config ds_configs/zero3.json \
+	$(LAUNCH) recipes/finetune.py --deepspeed_config ds_configs/zero3.json \
 		--model_name_or_path exported/quickstart --data data/sft_demo/train.jsonl --output_dir runs/finetune \
 		--max_steps 150 --overwrite --export_hf exported/finetuned
 	$(PYTHON) tools/generate.py exported/finetuned --chat --max_new_tokens 40 \
@@ -27,7 +30,7 @@ finetune-demo:
 
 # The same task with LoRA adapters on the frozen quickstart model: merged model and adapter exported.
 lora-demo:
-	deepspeed --num_gpus $(RANKS) recipes/finetune.py --deepspeed_config ds_configs/zero3.json \
+	$(LAUNCH) recipes/finetune.py --deepspeed_config ds_configs/zero3.json \
 		--model_name_or_path exported/quickstart --data data/sft_demo/train.jsonl --output_dir runs/lora \
 		--use_peft --lora_r 16 --max_steps 150 --overwrite --export_hf exported/lora_merged \
 		--export_adapter exported/lora_adapter
@@ -37,7 +40,7 @@ lora-demo:
 # Preference tuning (DPO) of the fine-tuning demo's export on pairs built from the same task:
 # held-out reward accuracy and margin at step 0 and after training are in runs/dpo/metrics.jsonl.
 dpo-demo:
-	deepspeed --num_gpus $(RANKS) recipes/dpo.py --deepspeed_config ds_configs/zero3_dpo.json \
+	$(LAUNCH) recipes/dpo.py --deepspeed_config ds_configs/zero3_dpo.json \
 		--model_name_or_path exported/finetuned --data data/dpo_demo/train.jsonl --output_dir runs/dpo \
 		--beta 0.1 --max_steps 100 --eval_interval 50 --eval_batches 19 --overwrite --export_hf exported/dpo
 

@@ -78,6 +78,7 @@ def init(env: DistEnv, shm_comm: bool = False) -> str | None:
     if why_not_shm is None:
         shm.prepare(env.world_size)
     if device_type() == "cpu":
+        _say_if_building_ops(env)
         # Launchers leave each rank at torch's default thread count; ranks sharing the
         # cores would otherwise oversubscribe them and run several times slower.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -90,6 +91,17 @@ def init(env: DistEnv, shm_comm: bool = False) -> str | None:
         plain_cuda_arch_list()
     deepspeed.init_distributed()
     return shm.enable() if why_not_shm is None else why_not_shm
+
+
+def _say_if_building_ops(env: DistEnv) -> None:
+    """DeepSpeed compiles its shared-memory op for CPU ranks on the first launch, silently,
+    for about a minute on 2 cores; say so rather than look stuck."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    built = glob.glob(os.path.join(_get_build_directory("deepspeed_shm_comm", verbose=False), "*.so"))
+    if not built and env.local_rank == 0:
+        print("Building DeepSpeed's shared-memory op for CPU ranks (first launch only; about a minute on 2 cores)",
+              flush=True)
 
 
 def plain_cuda_arch_list() -> None:

@@ -75,3 +75,16 @@ def test_cuda_arch_list_that_deepspeed_parses(monkeypatch, given, plain):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", given)
     plain_cuda_arch_list()
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == plain
+
+
+def test_the_first_launch_says_it_builds_the_shared_memory_op(monkeypatch, tmp_path, capsys):
+    from gpt_recipes.distributed import DistEnv, _say_if_building_ops
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    env = DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2)
+    _say_if_building_ops(env)
+    assert "Building DeepSpeed's shared-memory op" in capsys.readouterr().out
+    (tmp_path / "deepspeed_shm_comm").mkdir(exist_ok=True)  # the lookup itself may create it
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    _say_if_building_ops(env)
+    assert capsys.readouterr().out == ""
