@@ -166,12 +166,12 @@ class _Corpus:
 
     def batches(self, index: int, num_shards: int, opts: PrepareOptions) -> Iterator[tuple[list[str], np.ndarray]]:
         if self.num_docs is None:
-            for batch in self.texts.shard(num_shards, index, contiguous=True).iter(batch_size=BATCH_DOCUMENTS):
+            for batch in sources.read_batches(self.texts.shard(num_shards, index, contiguous=True), BATCH_DOCUMENTS):
                 yield batch["text"], _held_out_by_content(batch["text"], opts.val_fraction, opts.seed)
             return
         lo, hi = self.part_range(index, num_shards)
         start = lo
-        for batch in self.texts.skip(lo).take(hi - lo).iter(batch_size=BATCH_DOCUMENTS):
+        for batch in sources.read_batches(self.texts.skip(lo).take(hi - lo), BATCH_DOCUMENTS):
             stop = start + len(batch["text"])
             held = np.zeros(stop - start, bool)
             held[self.val_docs[np.searchsorted(self.val_docs, start):np.searchsorted(self.val_docs, stop)] - start] = True
@@ -292,7 +292,7 @@ def _load_corpus(expanded, opts: PrepareOptions) -> _Corpus:
             raise UserError(f"the stream has {texts.num_shards} source file(s), fewer than --num_shards "
                             f"{opts.num_shards}; a stream is split by its files")
         return _Corpus(texts, None, None)
-    num_docs = sum(len(batch["text"]) for batch in tqdm(texts.iter(batch_size=BATCH_DOCUMENTS), desc="Counting "
+    num_docs = sum(len(batch["text"]) for batch in tqdm(sources.read_batches(texts, BATCH_DOCUMENTS), desc="Counting "
                                                           "documents", unit="batch"))
     if num_docs == 0:
         raise UserError("the inputs hold no non-empty documents")
@@ -360,11 +360,12 @@ def prepare(opts: PrepareOptions) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     if not folders.written_here(work, DATA_KIND):
         folders.mark(work, DATA_KIND)
+    tokenizer_digest = _save_tokenizer(tok, work)
     shared = {
         "format": FORMAT_VERSION,
         # What parts must agree on to form one folder: not local paths or times, which differ by machine.
         "preparation": hashlib.sha256(json.dumps({
-            **{k: v for k, v in options.items() if k != "tokenizer"}, "tokenizer": _save_tokenizer(tok, work),
+            **{k: v for k, v in options.items() if k != "tokenizer"}, "tokenizer": tokenizer_digest,
             "documents": corpus.num_docs, "inputs": [spec for _, spec in expanded] if default_corpus else inputs,
         }, sort_keys=True).encode()).hexdigest()[:16],
         "fingerprint": digest,

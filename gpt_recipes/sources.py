@@ -180,3 +180,14 @@ def load_texts(expanded: list[tuple[str, str]], text_field: str = "text", split:
     if len(ds) == 0:
         raise UserError("the inputs hold no non-empty documents")
     return ds
+
+
+def read_batches(ds, batch_size: int):
+    """Batches of a (streamed) Dataset. A stream reads its files only now, so a file that is not
+    text (a binary among the inputs) fails here: one line naming the cause, not a traceback."""
+    try:
+        yield from ds.iter(batch_size=batch_size)
+    except UserError:
+        raise
+    except (UnicodeDecodeError, ValueError, OSError) as err:
+        raise UserError(f"could not read the inputs: {root_line(err)}; pick text files with --file_pattern")

@@ -305,3 +305,13 @@ def test_a_sharded_folder_trains_like_the_one_go_folder(tmp_path, corpus_files, 
         train, evals = read_metrics(tmp_path / "runs" / name)
         losses[name] = [r["loss"] for r in train] + [r["val_loss"] for r in evals]
     assert len(losses["one_go"]) > 6 and losses["one_go"] == losses["sharded"]
+
+
+def test_a_binary_file_among_streamed_inputs_is_one_line(tmp_path, tokenizer_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text(DOCS[0])
+    (src / "b.pyc").write_bytes(b"\xa7\x0d\r\n" + bytes(range(256)))
+    with pytest.raises(UserError, match="could not read the inputs: .*pick text files with --file_pattern"):
+        prepare(PrepareOptions(inputs=[str(src)], output=str(tmp_path / "out"), tokenizer=tokenizer_dir))
+    assert not (tmp_path / "out").exists()
