@@ -6,8 +6,8 @@ import json
 import deepspeed
 import torch
 
-from gpt_recipes import distributed
-from gpt_recipes.models import build_config, build_model
+from gpt_recipes.models.causal_lm import build_config, build_model
+from gpt_recipes.parallel import distributed
 
 distributed.init(distributed.environment())
 config = build_config("gpt2-micro", vocab_size=8192, eos_token_id=0)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, first_line
+from gpt_recipes.errors import UserError, first_line
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -211,14 +211,13 @@ AUTO_FILLERS = {
 
 # DeepSpeed's monitors: config section -> the package it needs (None: none).
 MONITORS = {"tensorboard": "tensorboard", "csv_monitor": None, "wandb": "wandb", "comet": "comet_ml"}
-MONITOR_DIR = "monitor"
 
 
-def fill_auto(cfg: dict[str, Any], max_steps: int, out_dir: Path | None = None) -> dict[str, Any]:
+def fill_auto(cfg: dict[str, Any], max_steps: int, monitor_dir: Path | None = None) -> dict[str, Any]:
     """Fill run-dependent "auto" values in place; returns {dotted key: value} of what was filled.
 
     The scheduler's step counts follow from --max_steps; an enabled TensorBoard or CSV
-    monitor with no output_path (or "auto") writes into OUTPUT_DIR/monitor. Any other
+    monitor with no output_path (or "auto") writes into `monitor_dir` (the run folder's monitor/). Any other
     "auto" is an error: the JSON owns those settings and must state them.
     """
     run = {"max_steps": max_steps}
@@ -231,9 +230,9 @@ def fill_auto(cfg: dict[str, Any], max_steps: int, out_dir: Path | None = None) 
     for name in enabled_monitors(cfg):
         section = cfg[name]
         if name in ("tensorboard", "csv_monitor") and section.get("output_path", "") in ("", "auto"):
-            if out_dir is None:
+            if monitor_dir is None:
                 raise UserError(f"DeepSpeed config: {name}.output_path must be given here")
-            section["output_path"] = str(out_dir / MONITOR_DIR)
+            section["output_path"] = str(monitor_dir)
             section.setdefault("job_name", name)
             filled[f"{name}.output_path"] = section["output_path"]
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
@@ -356,7 +355,7 @@ def check_with_deepspeed(cfg: dict[str, Any]) -> None:
 
 
 def resolve(path: str | Path, world_size: int, max_steps: int, device_type: str,
-            out_dir: Path | None = None) -> tuple[dict, BatchPlan, dict]:
+            monitor_dir: Path | None = None) -> tuple[dict, BatchPlan, dict]:
     """Load, check and resolve a DeepSpeed JSON for this run: (config, batch plan, filled values)."""
     cfg = copy.deepcopy(load_config(path))
     check_training_sections(cfg)
@@ -368,6 +367,6 @@ def resolve(path: str | Path, world_size: int, max_steps: int, device_type: str,
         # DeepSpeed 0.19 checks train_batch_size against every rank under AutoTP, though the ranks
         # of a tensor-parallel group share their samples; micro-batch and accumulation define it.
         cfg.pop("train_batch_size")
-    filled = fill_auto(cfg, max_steps, out_dir)
+    filled = fill_auto(cfg, max_steps, monitor_dir)
     check_with_deepspeed(cfg)
     return cfg, plan, filled

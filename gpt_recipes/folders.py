@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import UserError
+from gpt_recipes.errors import UserError
 
 MARKER = ".gpt-recipes.json"
 

@@ -9,14 +9,14 @@ from typing import Any, Callable
 
 from transformers import PretrainedConfig, PreTrainedModel
 
-from . import sft
-from .adapters import AdapterPlan, plan_adapter
-from .args import AdapterArgs, RunArgs
-from .errors import UserError
-from .export import check_output_folder
-from .models import check_seq_len, check_tokenizer_fits, load_pretrained, load_pretrained_config
-from .runner import RunPlan, check_adapter_resume
-from .tokenizer import load_tokenizer
+from gpt_recipes.args import AdapterArgs, RunArgs
+from gpt_recipes.checkpoints.export import check_output_folder
+from gpt_recipes.data import sft
+from gpt_recipes.data.tokenizer import load_tokenizer
+from gpt_recipes.errors import UserError
+from gpt_recipes.models.adapters import AdapterPlan, plan_adapter
+from gpt_recipes.models.causal_lm import check_seq_len, check_tokenizer_fits, load_pretrained, load_pretrained_config
+from gpt_recipes.runner import RunPlan, check_adapter_resume
 
 
 @dataclass

@@ -17,20 +17,25 @@ import deepspeed
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from . import adapters, checkpoint, distributed, ds_config, evaluation, flops, mixture, parallel
-from .adapters import AdapterPlan
-from .args import DEFAULT_DEEPSPEED_CONFIG, RunArgs
-from .data import GlobalBatchOrder, PackedTokens, eval_micro_batches
-from .distributed import DistEnv
-from .ds_config import BatchPlan
-from .errors import UserError
-from .export import check_output_folder, export_after_training
-from .loss import CausalLMLoss, fused_unavailable
-from .memory import tensor_memory_mb
-from .metrics import MetricsLog, log_wandb_by_step
-from .models import count_parameters, enable_activation_checkpointing
-from .run_dir import OutputPlan, RunLock, plan_output_dir, remove_previous_run, write_run_config
-from .train import Batches, LoopConfig, Samples, TrainState, train
+from gpt_recipes import ds_config
+from gpt_recipes.args import DEFAULT_DEEPSPEED_CONFIG, RunArgs
+from gpt_recipes.checkpoints import layout, saving
+from gpt_recipes.checkpoints.export import check_output_folder, export_after_training
+from gpt_recipes.checkpoints.run_dir import OutputPlan, RunLock, plan_output_dir, remove_previous_run, write_run_config
+from gpt_recipes.data import mixture
+from gpt_recipes.data.tokens import GlobalBatchOrder, PackedTokens, eval_micro_batches
+from gpt_recipes.ds_config import BatchPlan
+from gpt_recipes.errors import UserError
+from gpt_recipes.metrics import evaluation, flops
+from gpt_recipes.metrics.log import MetricsLog, log_wandb_by_step
+from gpt_recipes.metrics.memory import tensor_memory_mb
+from gpt_recipes.models import adapters
+from gpt_recipes.models.adapters import AdapterPlan
+from gpt_recipes.models.causal_lm import count_parameters, enable_activation_checkpointing
+from gpt_recipes.models.loss import CausalLMLoss, fused_unavailable
+from gpt_recipes.parallel import distributed, sequence_tensor
+from gpt_recipes.parallel.distributed import DistEnv
+from gpt_recipes.train.loop import Batches, LoopConfig, Samples, TrainState, train
 
 
 @dataclass
@@ -89,7 +94,8 @@ def plan_run(args: RunArgs) -> RunPlan:
     device = distributed.device_type()
     out_dir = Path(args.output_dir)
     config_path = ds_config.config_path(args.deepspeed_config, DEFAULT_DEEPSPEED_CONFIG)
-    ds_cfg, batch, filled = ds_config.resolve(config_path, env.world_size, args.max_steps, device, out_dir)
+    ds_cfg, batch, filled = ds_config.resolve(config_path, env.world_size, args.max_steps, device,
+                                                out_dir / layout.MONITOR)
     output = plan_output_dir(out_dir, args.resume, args.overwrite)
     if args.export_hf:
         check_output_folder(Path(args.export_hf), args.overwrite, force_flag="--overwrite")
@@ -101,7 +107,7 @@ def plan_run(args: RunArgs) -> RunPlan:
     if output.note:
         run.notes.append(output.note)
     if output.resume_tag:
-        saved = checkpoint.saved_info(out_dir / checkpoint.CHECKPOINT_DIR, output.resume_tag)
+        saved = layout.saved_info(layout.checkpoints_dir(out_dir), output.resume_tag)
         for key, (kept, fresh) in ds_config.keep_saved_schedule(ds_cfg, filled, saved.get("schedule", {})).items():
             run.notes.append(
                 f"Resuming keeps the schedule the run was planned with: {key} = {kept} (--max_steps {args.max_steps} "
@@ -114,8 +120,8 @@ def check_adapter_resume(run: RunPlan, adapter: AdapterPlan | None) -> None:
     """A resumed checkpoint must be of the same kind (LoRA or not) and adapt the same base."""
     tag = run.output.resume_tag
     if tag:
-        ckpt_dir = run.out_dir / checkpoint.CHECKPOINT_DIR
-        moved = adapters.check_resume(checkpoint.saved_info(ckpt_dir, tag).get("adapter"), adapter, ckpt_dir / tag)
+        ckpt_dir = layout.checkpoints_dir(run.out_dir)
+        moved = adapters.check_resume(layout.saved_info(ckpt_dir, tag).get("adapter"), adapter, ckpt_dir / tag)
         if moved:
             run.notes.append(moved)
 
@@ -130,8 +136,8 @@ def make_batches(args: RunArgs, run: RunPlan, train_samples: Samples, val_sample
         raise UserError(f"the validation set of {what} holds fewer samples than there are data-parallel ranks "
                         f"({plan.world_size})")
     if plan.sp > 1:  # each rank of a group trains on its part of every sequence, and evaluates whole ones
-        return Batches(parallel.SequenceShards(train_samples, plan.sp, run.env.rank % plan.sp), order,
-                       parallel.WholeSequences(val_samples), val_batches)
+        return Batches(sequence_tensor.SequenceShards(train_samples, plan.sp, run.env.rank % plan.sp), order,
+                       sequence_tensor.WholeSequences(val_samples), val_batches)
     return Batches(train_samples, order, val_samples, val_batches)
 
 
@@ -170,7 +176,7 @@ def build(args: RunArgs, run: RunPlan, job: Job, stage: int) -> PreTrainedModel:
             f"{job.seq_len}; {ds_config.precision(run.ds_cfg)}, ZeRO-{stage}; global batch {run.batch.global_batch} = "
             f"{run.batch.micro_batch} micro x {run.batch.grad_accum} accumulation x {run.batch.world_size} "
             + ("ranks" if run.batch.sp * run.batch.tp == 1 else "data-parallel ranks"))
-    layout = parallel.describe(run.batch)
+    layout = sequence_tensor.describe(run.batch)
     if layout:
         run.say(layout)
     if job.adapter is not None:
@@ -255,7 +261,7 @@ def keep_clip_norm(engine) -> None:
 
 def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
     env, say = run.env, run.say
-    parallel.check(run.batch, job.model_config, job.seq_len, lora=job.adapter is not None,
+    sequence_tensor.check(run.batch, job.model_config, job.seq_len, lora=job.adapter is not None,
                    objective=job.name.upper() if job.make_loss is not None else None)
     lock = RunLock(run.out_dir) if env.is_main else None  # held until this function returns
     if lock is not None and plan_output_dir(run.out_dir, args.resume, args.overwrite) != run.output:
@@ -268,7 +274,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     job.record["shm_comm"] = why_not_shm is None
     distributed.barrier()  # every rank has checked the output folder before rank 0 writes to it
     distributed.seed_everything(args.seed)
-    mpu = parallel.start_sequence_parallel(job.model_config, run.batch) if run.batch.sp > 1 else None
+    mpu = sequence_tensor.start_sequence_parallel(job.model_config, run.batch) if run.batch.sp > 1 else None
 
     stage = ds_config.zero_stage(run.ds_cfg)
     model = build(args, run, job, stage)
@@ -276,17 +282,17 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         say(f"DeepSpeed config: filled {key} = {value} (was \"auto\")")
     for note in run.notes:
         say(note)
-    ckpt_dir = run.out_dir / checkpoint.CHECKPOINT_DIR
+    ckpt_dir = layout.checkpoints_dir(run.out_dir)
     resume_tag = run.output.resume_tag
     if resume_tag:
-        change = checkpoint.layout_change(checkpoint.saved_info(ckpt_dir, resume_tag), env.world_size, stage,
+        change = layout.layout_change(layout.saved_info(ckpt_dir, resume_tag), env.world_size, stage,
                                           run.batch.sp, run.batch.tp)
         if change:
             # Another number of ranks or ZeRO stage: go through DeepSpeed's universal checkpoint,
             # which keeps the optimizer state. load_universal is derived here, not set in the JSON.
             say(f"Resuming across a layout change ({change}): converting the checkpoint to DeepSpeed's "
                 "universal format")
-            resume_tag = checkpoint.convert_to_universal(ckpt_dir, resume_tag, env.rank, stage)
+            resume_tag = saving.convert_to_universal(ckpt_dir, resume_tag, env.rank, stage)
             run.ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
     if run.output.replace and env.is_main:  # every check has passed: only now does the old run go
         say(f"--overwrite: removed the previous run's {', '.join(remove_previous_run(run.out_dir))} "
@@ -314,7 +320,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     flops_per_token, peak, _ = throughput_basis(args, run, job)
     state = TrainState()
     if resume_tag:
-        saved = checkpoint.load(engine, ckpt_dir, resume_tag, env.rank, frozen_base=job.adapter is not None)
+        saved = saving.load(engine, ckpt_dir, resume_tag, env.rank, frozen_base=job.adapter is not None)
         if saved["global_batch"] != run.batch.global_batch or saved["seq_len"] != job.seq_len:
             raise UserError(
                 f"checkpoint was written with global batch {saved['global_batch']} and seq_len {saved['seq_len']}; "
@@ -360,7 +366,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         hf_files.append(job.adapter.config)
 
     def save(s: TrainState) -> Path:
-        return checkpoint.save(engine, run.out_dir, s.as_dict(**trainer_extra), env.rank, hf_files, training_info,
+        return saving.save(engine, run.out_dir, s.as_dict(**trainer_extra), env.rank, hf_files, training_info,
                                adapters.trainable_parameters(model), args.keep_last, log=say,
                                frozen_base=job.adapter is not None)
 

@@ -19,14 +19,16 @@ import sys
 
 from tqdm.auto import tqdm
 
-from gpt_recipes import preference, sft
-from gpt_recipes.adapters import weights_fingerprint
 from gpt_recipes.args import DPOArgs, parse_args
+from gpt_recipes.checkpoints.layout import REFERENCE_LOGPS
+from gpt_recipes.data import sft
+from gpt_recipes.data.sft_demo import ensure_preference_demo
 from gpt_recipes.ds_config import precision
 from gpt_recipes.errors import UserError, cli_entry
+from gpt_recipes.models.adapters import weights_fingerprint
 from gpt_recipes.pretrained import check_starting_model
 from gpt_recipes.runner import Job, execute, make_batches, plan_run
-from gpt_recipes.sft_demo import ensure_preference_demo
+from gpt_recipes.train import preference
 
 
 def encode_pairs(tokenizer, rows, seq_len: int, truncate: bool, say) -> list[preference.Pair]:
@@ -68,12 +70,12 @@ def main() -> None:
 
     def reference_pass(engine, step: int) -> None:
         if stored is not None:
-            run.say(f"Reference log-probabilities: reusing {run.out_dir / preference.REFERENCE_FILE} (same data, "
+            run.say(f"Reference log-probabilities: reusing {run.out_dir / REFERENCE_LOGPS} (same data, "
                     "model and precision)")
             train.reference, val.reference = stored["train"], stored["val"]
             return
         run.say(f"Reference log-probabilities: one pass of the starting model over {len(train)} + {len(val)} pairs "
-                f"before the first step, stored in {run.out_dir / preference.REFERENCE_FILE} (no second model is "
+                f"before the first step, stored in {run.out_dir / REFERENCE_LOGPS} (no second model is "
                 "held" + ("; the adapters start at zero, so this is the base model" if start.adapter else "") + ")")
         scored = []
         for what, samples in (("train", train), ("val", val)):

@@ -20,12 +20,12 @@ the merged model, --export_adapter the adapter alone:
         --max_steps 200 --export_hf exported/lora_merged --export_adapter exported/lora_adapter
 """
 
-from gpt_recipes import sft
 from gpt_recipes.args import FinetuneArgs, parse_args
+from gpt_recipes.data import sft
+from gpt_recipes.data.sft_demo import ensure_demo
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.pretrained import check_starting_model
 from gpt_recipes.runner import Job, execute, make_batches, plan_run
-from gpt_recipes.sft_demo import ensure_demo
 
 
 def encode_rows(tokenizer, rows, seq_len: int, truncate: bool, say) -> list[sft.Example]:

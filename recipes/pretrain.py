@@ -16,13 +16,13 @@ Hugging Face model folder of the final weights, checked against the trained engi
 """
 
 from gpt_recipes.args import PretrainArgs, parse_args
-from gpt_recipes.data import PackedTokens, read_meta
+from gpt_recipes.data.mixture import check_sources
+from gpt_recipes.data.prepare import ensure_default_data
+from gpt_recipes.data.tokenizer import load_tokenizer
+from gpt_recipes.data.tokens import PackedTokens, read_meta
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.mixture import check_sources
-from gpt_recipes.models import build_config, build_model, check_seq_len, describe_presets
-from gpt_recipes.prepare import ensure_default_data
+from gpt_recipes.models.causal_lm import build_config, build_model, check_seq_len, describe_presets
 from gpt_recipes.runner import Job, execute, make_batches, make_mixture_batches, plan_run
-from gpt_recipes.tokenizer import load_tokenizer
 
 
 @cli_entry

@@ -8,9 +8,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # the launch helper module
 
 from launch import ds_json, launch, pretrain_args  # noqa: E402
 
-from gpt_recipes.prepare import PrepareOptions, prepare  # noqa: E402
-from gpt_recipes.sft_demo import build  # noqa: E402
-from gpt_recipes.sources import default_corpus_files  # noqa: E402
+from gpt_recipes.data.prepare import PrepareOptions, prepare  # noqa: E402
+from gpt_recipes.data.sft_demo import build  # noqa: E402
+from gpt_recipes.data.sources import default_corpus_files  # noqa: E402
 
 # A tiny GPT-2 so multi-rank runs take seconds: real text, real tokenizer, real engine.
 TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64,

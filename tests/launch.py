@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpt_recipes.distributed import free_port, remove_shm_buffers
+from gpt_recipes.parallel.distributed import free_port, remove_shm_buffers
 
 REPO = Path(__file__).resolve().parents[1]
 

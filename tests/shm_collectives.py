@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from deepspeed import comm
 
-from gpt_recipes import distributed
+from gpt_recipes.parallel import distributed
 
 calls = {"gloo": 0}
 _gloo_all_reduce, _gloo_all_gather = dist.all_reduce, dist.all_gather_into_tensor

@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_GPT2, TINY_LLAMA
-from gpt_recipes import adapters
+
 from gpt_recipes.args import FinetuneArgs
 from gpt_recipes.errors import UserError
-from gpt_recipes.models import build_config, build_model
+from gpt_recipes.models import adapters
+from gpt_recipes.models.causal_lm import build_config, build_model
 
 
 def config_of(tmp_path_factory, raw: dict):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt_recipes.data import GlobalBatchOrder, PackedTokens, eval_micro_batches, read_meta, token_dtype
+from gpt_recipes.data.tokens import GlobalBatchOrder, PackedTokens, eval_micro_batches, read_meta, token_dtype
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError
 

@@ -6,7 +6,7 @@ import os
 import pytest
 from launch import ds_json, launch, launch_two_nodes, pretrain_args, read_metrics
 
-from gpt_recipes.distributed import environment
+from gpt_recipes.parallel.distributed import environment
 
 STEPS = 6
 
@@ -70,7 +70,7 @@ def test_environment_reads_each_launchers_variables(monkeypatch):
     ("9.0 9.0a", "9.0"),
 ])
 def test_cuda_arch_list_that_deepspeed_parses(monkeypatch, given, plain):
-    from gpt_recipes.distributed import plain_cuda_arch_list
+    from gpt_recipes.parallel.distributed import plain_cuda_arch_list
 
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", given)
     plain_cuda_arch_list()
@@ -78,7 +78,7 @@ def test_cuda_arch_list_that_deepspeed_parses(monkeypatch, given, plain):
 
 
 def test_the_first_launch_says_it_builds_the_shared_memory_op(monkeypatch, tmp_path, capsys):
-    from gpt_recipes.distributed import DistEnv, _say_if_building_ops
+    from gpt_recipes.parallel.distributed import DistEnv, _say_if_building_ops
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     env = DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2)

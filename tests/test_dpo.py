@@ -7,7 +7,7 @@ import math
 import pytest
 from launch import ds_json, launch, read_metrics, run_python
 
-from gpt_recipes.sft_demo import build_preferences
+from gpt_recipes.data.sft_demo import build_preferences
 
 pytestmark = pytest.mark.slow
 

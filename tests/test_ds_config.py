@@ -100,13 +100,13 @@ def test_shipped_configs_cover_the_stages_and_precisions():
 def test_monitor_output_paths_default_into_the_run(tmp_path):
     cfg = {"tensorboard": {"enabled": True}, "csv_monitor": {"enabled": True, "output_path": "auto"},
            "wandb": {"enabled": False}}
-    filled = ds_config.fill_auto(cfg, max_steps=10, out_dir=tmp_path / "run")
+    filled = ds_config.fill_auto(cfg, max_steps=10, monitor_dir=tmp_path / "run" / "monitor")
     assert cfg["tensorboard"] == {"enabled": True, "output_path": str(tmp_path / "run" / "monitor"),
                                   "job_name": "tensorboard"}
     assert cfg["csv_monitor"]["output_path"] == str(tmp_path / "run" / "monitor")
     assert set(filled) == {"tensorboard.output_path", "csv_monitor.output_path"}
     given = {"tensorboard": {"enabled": True, "output_path": "/elsewhere", "job_name": "x"}}
-    assert ds_config.fill_auto(given, max_steps=10, out_dir=tmp_path) == {} and given["tensorboard"]["output_path"] == "/elsewhere"
+    assert ds_config.fill_auto(given, max_steps=10, monitor_dir=tmp_path) == {} and given["tensorboard"]["output_path"] == "/elsewhere"
 
 
 def test_monitor_without_its_package_is_a_one_line_error(monkeypatch):

@@ -8,9 +8,9 @@ import torch
 from launch import REPO, launch, read_metrics, run_python
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from gpt_recipes import evaluation
 from gpt_recipes.errors import UserError
-from gpt_recipes.summary import markdown_table, summarize
+from gpt_recipes.metrics import evaluation
+from gpt_recipes.metrics.summary import markdown_table, summarize
 
 
 def _val_rows(path, count):

@@ -9,7 +9,7 @@ import torch
 from launch import TOLERANCE, ds_json, hf_only, launch, pretrain_args, run_python
 from transformers import AutoModelForCausalLM
 
-from gpt_recipes.checkpoint import consolidated_state_dict
+from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from gpt_recipes.flops import flops_shape, mfu, table_peak
-from gpt_recipes.models import build_config
+from gpt_recipes.metrics.flops import flops_shape, mfu, table_peak
+from gpt_recipes.models.causal_lm import build_config
 
 
 def test_gpt2_flops_match_a_hand_count():

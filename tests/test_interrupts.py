@@ -8,7 +8,7 @@ import signal
 import pytest
 from launch import Background, ds_json, launch, pretrain_args, read_metrics
 
-from gpt_recipes.checkpoint import is_complete
+from gpt_recipes.checkpoints.layout import is_complete
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from launch import TOLERANCE, ds_json, hf_only, launch, read_metrics, run_python
 
-from gpt_recipes.checkpoint import consolidated_state_dict
+from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 

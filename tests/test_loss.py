@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from gpt_recipes import loss as loss_module
-from gpt_recipes.loss import CausalLMLoss, fused_unavailable, linear_cross_entropy, lm_loss
-from gpt_recipes.models import build_config, build_model
+from gpt_recipes.models import loss as loss_module
+from gpt_recipes.models.causal_lm import build_config, build_model
+from gpt_recipes.models.loss import CausalLMLoss, fused_unavailable, linear_cross_entropy, lm_loss
 
 VOCAB = 1000
 

@@ -5,9 +5,17 @@ import json
 import pytest
 from launch import REPO, launch, read_metrics, run_python
 
-from gpt_recipes.memory_plan import (Layout, ModelSizes, activation_bytes, estimate, model_sizes, plan, recommend,
-                                     tensor_parallel_slice)
-from gpt_recipes.models import build_config
+from gpt_recipes.metrics.memory_plan import (
+    Layout,
+    ModelSizes,
+    activation_bytes,
+    estimate,
+    model_sizes,
+    plan,
+    recommend,
+    tensor_parallel_slice,
+)
+from gpt_recipes.models.causal_lm import build_config
 
 
 def layout(stage, precision="bf16", offload=False, offload_param=False, bucket=50_000_000, micro=1):
@@ -199,8 +207,8 @@ def test_plan_memory_tool(tmp_path):
 def test_lora_plans_weights_for_the_frozen_base_and_full_states_for_the_adapters(tmp_path):
     from conftest import TINY_GPT2
 
-    from gpt_recipes.adapters import lora_config
     from gpt_recipes.args import AdapterArgs
+    from gpt_recipes.models.adapters import lora_config
 
     adapters_only = ModelSizes((PSI, PSI // 100), trainable_numels=(PSI // 100,))
     e = estimate(layout(2), adapters_only, 2, 0.0)

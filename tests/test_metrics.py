@@ -5,8 +5,8 @@ import json
 import pytest
 
 from gpt_recipes.errors import UserError
-from gpt_recipes.metrics import MetricsLog, read_metrics
-from gpt_recipes.summary import summarize
+from gpt_recipes.metrics.log import MetricsLog, read_metrics
+from gpt_recipes.metrics.summary import summarize
 
 LINES = [{"step": s, "tokens": 1024 * s, "loss": 5.0 - s / 10, "tokens_per_sec": 1000.0, "step_time": 1.0}
          for s in range(1, 6)]

@@ -1,14 +1,13 @@
 """Weighted mixtures of data folders: shares, epochs per source, layout independence, checks."""
 
-import json
 
 import numpy as np
 import pytest
 
-from gpt_recipes.data import DataMeta
+from gpt_recipes.data.mixture import MixedWindows, MixtureOrder, check_sources
+from gpt_recipes.data.tokens import DataMeta
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError
-from gpt_recipes.mixture import MixedWindows, MixtureOrder, check_sources
 
 
 class Split:
@@ -103,8 +102,8 @@ def test_mixture_checks(tmp_path):
 @pytest.fixture(scope="module")
 def library_source(tmp_path_factory, tiny_data):
     """A second source, other modules of the standard library, prepared with tiny_data's tokenizer."""
-    from gpt_recipes.prepare import PrepareOptions, prepare
-    from gpt_recipes.sources import default_corpus_files
+    from gpt_recipes.data.prepare import PrepareOptions, prepare
+    from gpt_recipes.data.sources import default_corpus_files
 
     files = [str(p) for p in default_corpus_files() if p.parent.name in ("unittest", "importlib")]
     out = tmp_path_factory.mktemp("mixture") / "library"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gpt_recipes.errors import UserError
-from gpt_recipes.models import PRESETS, build_config, build_model, check_seq_len, context_length
+from gpt_recipes.models.causal_lm import PRESETS, build_config, build_model, check_seq_len, context_length
 
 
 @pytest.mark.parametrize("name", ["gpt2-nano", "llama-nano"])
@@ -81,7 +81,7 @@ def test_seq_len_defaults_to_context_and_is_bounded():
 
 
 def test_tokenizer_larger_than_the_model_is_refused():
-    from gpt_recipes.models import check_tokenizer_fits
+    from gpt_recipes.models.causal_lm import check_tokenizer_fits
 
     class Tok:
         def __len__(self):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from launch import TOLERANCE, ds_json, hf_only, launch, pretrain_args, read_metrics, run_python
 
-from gpt_recipes.checkpoint import consolidated_state_dict
+from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 

@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from launch import REPO
 from transformers import AutoConfig
 
-from gpt_recipes import ds_config, parallel
-from gpt_recipes.checkpoint import layout_change
+from gpt_recipes import ds_config
+from gpt_recipes.checkpoints.layout import layout_change
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError
-
-from launch import REPO
+from gpt_recipes.parallel import sequence_tensor
 
 
 def _resolve(tmp_path, world_size=2, stage=2, **extra):
@@ -78,26 +78,26 @@ LLAMA = AutoConfig.for_model("llama", num_attention_heads=4, num_key_value_heads
 ])
 def test_model_checks(plan, config, seq_len, lora, objective, message):
     with pytest.raises(UserError, match=message):
-        parallel.check(plan, config, seq_len, lora, objective)
+        sequence_tensor.check(plan, config, seq_len, lora, objective)
 
 
 def test_models_that_split_pass():
-    parallel.check(BatchPlan(1, 1, 1, sp=2), GPT2, 64, False, None)
-    parallel.check(BatchPlan(1, 1, 1, sp=4), GPT2, 64, False, None)
-    parallel.check(BatchPlan(1, 1, 1, tp=2), LLAMA, 64, False, None)
+    sequence_tensor.check(BatchPlan(1, 1, 1, sp=2), GPT2, 64, False, None)
+    sequence_tensor.check(BatchPlan(1, 1, 1, sp=4), GPT2, 64, False, None)
+    sequence_tensor.check(BatchPlan(1, 1, 1, tp=2), LLAMA, 64, False, None)
 
 
 def test_shards_put_back_together_are_the_sample():
     ids = torch.arange(24).view(2, 12)
     targets = ids + 100
     mask = torch.ones(2, 1, 12, 12, dtype=torch.bool).tril()
-    parts = [parallel.shard_sequence({"input_ids": ids, "attention_mask": mask}, targets, 3, r) for r in range(3)]
+    parts = [sequence_tensor.shard_sequence({"input_ids": ids, "attention_mask": mask}, targets, 3, r) for r in range(3)]
     assert torch.equal(torch.cat([p[0]["input_ids"] for p in parts], 1), ids)
     assert torch.equal(torch.cat([p[1] for p in parts], 1), targets)
     assert torch.equal(torch.cat([p[0]["position_ids"] for p in parts], 1), torch.arange(12).expand(2, 12))
-    assert all(p[0][parallel.SEQUENCE_MASK] is mask for p in parts)  # a packed batch's mask goes whole
+    assert all(p[0][sequence_tensor.SEQUENCE_MASK] is mask for p in parts)  # a packed batch's mask goes whole
     positions = torch.tensor([[0, 1, 2, 0, 1, 0]])  # packed: positions restart per example
-    local, _ = parallel.shard_sequence({"input_ids": ids[:1, :6], "position_ids": positions}, targets[:1, :6], 2, 1)
+    local, _ = sequence_tensor.shard_sequence({"input_ids": ids[:1, :6], "position_ids": positions}, targets[:1, :6], 2, 1)
     assert local["position_ids"].tolist() == [[0, 1, 0]] and "attention_mask" not in local
 
 

@@ -8,8 +8,8 @@ import time
 
 import psutil
 
-from gpt_recipes import preemption
-from gpt_recipes.preemption import StopSignal
+from gpt_recipes.train import preemption
+from gpt_recipes.train.preemption import StopSignal
 
 
 def test_a_forwarded_signal_is_the_same_interrupt_and_a_later_one_insists(monkeypatch):

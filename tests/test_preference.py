@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from gpt_recipes import preference
+from gpt_recipes.data.sft import Example
 from gpt_recipes.errors import UserError
-from gpt_recipes.sft import Example
+from gpt_recipes.train import preference
 
 
 def test_loss_and_rewards_match_a_hand_computation():
@@ -58,8 +58,8 @@ def test_bad_pairs_name_the_row(row, message):
 
 
 def test_chat_pairs_score_the_final_answer_only(tmp_path):
-    from gpt_recipes.sft import ensure_chat_template
-    from gpt_recipes.tokenizer import train_bpe
+    from gpt_recipes.data.sft import ensure_chat_template
+    from gpt_recipes.data.tokenizer import train_bpe
 
     tokenizer = train_bpe(["hello there, how are you? earlier answer, and now? fine thanks. " * 50], vocab_size=300)
     ensure_chat_template(tokenizer)

@@ -4,10 +4,10 @@ import datasets
 import numpy as np
 import pytest
 
-from gpt_recipes.data import read_meta
+from gpt_recipes.data.prepare import PrepareOptions, prepare
+from gpt_recipes.data.tokenizer import load_tokenizer
+from gpt_recipes.data.tokens import read_meta
 from gpt_recipes.errors import UserError
-from gpt_recipes.prepare import PrepareOptions, prepare
-from gpt_recipes.tokenizer import load_tokenizer
 
 DOCS = ["def f(x):\n    return x + 1\n", "The quick brown fox jumps over the lazy dog.\n",
         "import os\nprint(os.getcwd())\n", "Data parallel training averages gradients.\n"] * 5
@@ -213,7 +213,7 @@ def test_parts_prepared_apart_and_gathered_read_as_the_one_go_stream(tmp_path, c
 
 def test_an_interrupted_preparation_resumes_from_finished_parts(tmp_path, corpus_files, tokenizer_dir, one_go,
                                                                 monkeypatch, capsys):
-    from gpt_recipes import prepare as prepare_module
+    from gpt_recipes.data import prepare as prepare_module
 
     write_part = prepare_module._write_part
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from launch import REPO, ds_json, launch, pretrain_args, read_metrics, run_python
 
-from gpt_recipes.checkpoint import consolidated_state_dict
+from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 

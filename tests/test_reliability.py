@@ -7,7 +7,8 @@ import shutil
 import pytest
 from launch import ds_json, launch, pretrain_args, read_metrics
 
-from gpt_recipes.checkpoint import complete_tags, consolidated_state_dict, is_complete
+from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
+from gpt_recipes.checkpoints.layout import complete_tags, is_complete
 
 pytestmark = pytest.mark.slow
 

@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from gpt_recipes.checkpoint import CHECKPOINT_DIR, LATEST, TRAINING_INFO
+from gpt_recipes.checkpoints.layout import CHECKPOINTS, LATEST, RUN_CONFIG, TRAINING_INFO
+from gpt_recipes.checkpoints.run_dir import OutputPlan, plan_output_dir, remove_previous_run
 from gpt_recipes.errors import UserError
-from gpt_recipes.run_dir import RUN_CONFIG_FILE, OutputPlan, plan_output_dir, remove_previous_run
 
 
 def _run_folder(path, steps=(3, 6), latest="step6", incomplete=()):
     """A run folder as the recipes leave it: config.json, metrics.jsonl, checkpoints/step<N>/, latest."""
-    ckpt = path / CHECKPOINT_DIR
+    ckpt = path / CHECKPOINTS
     for step in (*steps, *incomplete):
         (ckpt / f"step{step}").mkdir(parents=True)
         (ckpt / f"step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"x")
@@ -19,7 +19,7 @@ def _run_folder(path, steps=(3, 6), latest="step6", incomplete=()):
             (ckpt / f"step{step}" / TRAINING_INFO).write_text(json.dumps({"step": step}))
     if latest:
         (ckpt / LATEST).write_text(latest)
-    (path / RUN_CONFIG_FILE).write_text(json.dumps({"recipe": "pretrain"}))
+    (path / RUN_CONFIG).write_text(json.dumps({"recipe": "pretrain"}))
     (path / "metrics.jsonl").write_text('{"step": 6, "loss": 1.0}\n')
     return path
 
@@ -74,7 +74,7 @@ def test_overwrite_replaces_only_a_run_folder(tmp_path):
 def test_overwrite_removes_the_previous_runs_outputs_and_nothing_else(tmp_path):
     out = _run_folder(tmp_path / "run")
     (out / "notes.txt").write_text("keep me")
-    assert sorted(remove_previous_run(out)) == sorted([CHECKPOINT_DIR, "metrics.jsonl", RUN_CONFIG_FILE])
+    assert sorted(remove_previous_run(out)) == sorted([CHECKPOINTS, "metrics.jsonl", RUN_CONFIG])
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 

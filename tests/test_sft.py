@@ -4,12 +4,20 @@ import numpy as np
 import pytest
 import torch
 
+from gpt_recipes.data.sft import (
+    IGNORE,
+    SFTSamples,
+    encode,
+    ensure_chat_template,
+    fit_length,
+    load_rows,
+    pack,
+    to_messages,
+)
+from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.errors import UserError
-from gpt_recipes.loss import lm_loss
-from gpt_recipes.models import build_config, build_model, load_pretrained_config
-from gpt_recipes.sft import (IGNORE, SFTSamples, encode, ensure_chat_template, fit_length, load_rows, pack,
-                             to_messages)
-from gpt_recipes.tokenizer import load_tokenizer
+from gpt_recipes.models.causal_lm import build_config, build_model, load_pretrained_config
+from gpt_recipes.models.loss import lm_loss
 
 CHAT = [{"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": "What does json.dumps do?"},

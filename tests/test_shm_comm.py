@@ -5,7 +5,7 @@ import json
 import pytest
 from launch import ds_json, launch, pretrain_args, read_metrics
 
-from gpt_recipes.shm_comm import unavailable
+from gpt_recipes.parallel.shm_comm import unavailable
 
 
 def test_where_the_shared_memory_route_applies():

@@ -9,7 +9,7 @@ import pytest
 from launch import run_python
 
 from gpt_recipes.errors import UserError
-from gpt_recipes.summary import percentile, read_lines, summarize
+from gpt_recipes.metrics.summary import percentile, read_lines, summarize
 
 DATA = Path(__file__).parent / "data"
 RECIPE = DATA / "recipe_zero0_metrics.jsonl"  # recipes/pretrain.py at ZeRO-0, 30 steps, a line every 5
@@ -82,7 +82,7 @@ def test_cli_writes_table_csv_markdown_and_plots(tmp_path):
 def test_downstream_scores_reach_the_table_csv_and_a_plot(tmp_path):
     import json
 
-    from gpt_recipes.summary import csv_text, markdown_table, plot
+    from gpt_recipes.metrics.summary import csv_text, markdown_table, plot
 
     run = tmp_path / "run"
     run.mkdir()

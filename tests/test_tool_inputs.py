@@ -11,8 +11,8 @@ import sys
 import pytest
 from launch import REPO
 
-from gpt_recipes.models import build_config, build_model
-from gpt_recipes.tokenizer import load_tokenizer
+from gpt_recipes.data.tokenizer import load_tokenizer
+from gpt_recipes.models.causal_lm import build_config, build_model
 
 
 def tool_error(monkeypatch, capsys, script: str, *argv: str) -> str:

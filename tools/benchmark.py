@@ -28,12 +28,12 @@ from typing import Optional
 
 import torch
 
-from gpt_recipes import flops
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.summary import RunSummary, summarize
-from gpt_recipes.distributed import free_port
-from gpt_recipes.sweep import REPO, run_pretrain
+from gpt_recipes.launch import REPO, run_pretrain
+from gpt_recipes.metrics import flops
+from gpt_recipes.metrics.summary import RunSummary, summarize
+from gpt_recipes.parallel.distributed import free_port
 
 
 @dataclass

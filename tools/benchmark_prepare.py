@@ -32,10 +32,10 @@ from pathlib import Path
 import psutil
 
 from gpt_recipes.args import flag, parse_args
+from gpt_recipes.data.prepare import DEFAULT_DATA_DIR
+from gpt_recipes.data.sources import default_corpus_files
+from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.prepare import DEFAULT_DATA_DIR
-from gpt_recipes.sources import default_corpus_files
-from gpt_recipes.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 

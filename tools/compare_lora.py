@@ -14,13 +14,13 @@ gpt_recipes.memory_plan), the peak resident memory per rank and the final checkp
 from pathlib import Path
 
 from gpt_recipes import ds_config
-from gpt_recipes.adapters import lora_config
 from gpt_recipes.args import AdapterArgs, CompareLoraArgs, parse_args
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.memory_plan import Layout, estimate, model_sizes
-from gpt_recipes.models import load_pretrained_config
-from gpt_recipes.summary import read_lines, summarize
-from gpt_recipes.sweep import REPO, run_recipe
+from gpt_recipes.launch import REPO, run_recipe
+from gpt_recipes.metrics.memory_plan import Layout, estimate, model_sizes
+from gpt_recipes.metrics.summary import read_lines, summarize
+from gpt_recipes.models.adapters import lora_config
+from gpt_recipes.models.causal_lm import load_pretrained_config
 
 MiB = 2**20
 

@@ -13,9 +13,9 @@ found where it was trained from (or --base_model) and checked to hold the same w
 """
 
 from gpt_recipes.args import ConvertToHFArgs, parse_args
+from gpt_recipes.checkpoints.export import export
 from gpt_recipes.errors import cli_entry
-from gpt_recipes.export import export
-from gpt_recipes.memory import PeakAnonymous, peak_memory_mb
+from gpt_recipes.metrics.memory import PeakAnonymous, peak_memory_mb
 
 
 @cli_entry

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from gpt_recipes import evaluation
 from gpt_recipes.args import EvaluateArgs, parse_args
+from gpt_recipes.checkpoints.export import export
+from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.export import export
-from gpt_recipes.tokenizer import load_tokenizer
+from gpt_recipes.metrics import evaluation
 
 
 def is_model_folder(path: Path) -> bool:

@@ -18,9 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gpt_recipes.args import flag, parse_args
+from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.models import context_length, load_pretrained_config
-from gpt_recipes.tokenizer import load_tokenizer
+from gpt_recipes.models.causal_lm import context_length, load_pretrained_config
 
 
 @dataclass

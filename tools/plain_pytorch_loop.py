@@ -20,18 +20,18 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from gpt_recipes import flops
 from gpt_recipes.args import flag, parse_args
-from gpt_recipes.data import GlobalBatchOrder, PackedTokens, read_meta
-from gpt_recipes.distributed import environment, seed_everything
+from gpt_recipes.checkpoints.layout import METRICS
+from gpt_recipes.data.prepare import ensure_default_data
+from gpt_recipes.data.tokenizer import load_tokenizer
+from gpt_recipes.data.tokens import GlobalBatchOrder, PackedTokens, read_meta
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.loss import CausalLMLoss, fused_unavailable
-from gpt_recipes.memory import peak_memory_mb
-from gpt_recipes.metrics import METRICS_FILE
-from gpt_recipes.models import build_config, build_model, check_seq_len
-from gpt_recipes.prepare import ensure_default_data
-from gpt_recipes.tokenizer import load_tokenizer
+from gpt_recipes.metrics import flops
+from gpt_recipes.metrics.memory import peak_memory_mb
+from gpt_recipes.models.causal_lm import build_config, build_model, check_seq_len
+from gpt_recipes.models.loss import CausalLMLoss, fused_unavailable
+from gpt_recipes.parallel.distributed import environment, seed_everything
 
 
 @dataclass
@@ -90,7 +90,7 @@ def main() -> None:
     out = Path(args.output_dir)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / METRICS_FILE).write_text("")
+        (out / METRICS).write_text("")
         print(f"plain PyTorch: {args.model} (transformers), {env.world_size} rank(s), {args.precision}, global batch "
               f"{args.global_batch} x {seq_len}; {'fused' if loss_fn.fused else 'plain'} loss; MFU peak {peak} TFLOP/s ({source})", flush=True)
     tokens, window_start, window_tokens, window_steps = 0, time.perf_counter(), 0, 0
@@ -117,7 +117,7 @@ def main() -> None:
                       "tokens_per_sec": tps, "samples_per_sec": window_steps * args.global_batch / elapsed,
                       "tflops_per_rank": tflops, "mfu": mfu, "peak_mem_mb": peak_memory_mb(device.type)}
             if env.is_main:
-                with (out / METRICS_FILE).open("a") as f:
+                with (out / METRICS).open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 print(f"step {step + 1:>6d} | loss {loss_value:.4f} | {tps:.0f} tok/s | "
                       f"{record['step_time'] * 1e3:.0f} ms/step", flush=True)

@@ -17,13 +17,21 @@ import glob
 import os
 from pathlib import Path
 
-from gpt_recipes.adapters import lora_config
 from gpt_recipes.args import AdapterArgs, PlanMemoryArgs, parse_args
 from gpt_recipes.ds_config import load_config
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.memory_plan import (GiB, HEADROOM, Layout, activation_bytes, model_sizes, plan, recommend,
-                                     tensor_parallel_slice)
-from gpt_recipes.models import build_config, check_seq_len
+from gpt_recipes.metrics.memory_plan import (
+    HEADROOM,
+    GiB,
+    Layout,
+    activation_bytes,
+    model_sizes,
+    plan,
+    recommend,
+    tensor_parallel_slice,
+)
+from gpt_recipes.models.adapters import lora_config
+from gpt_recipes.models.causal_lm import build_config, check_seq_len
 
 
 def host_memory_bytes() -> float:

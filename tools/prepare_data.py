@@ -9,8 +9,8 @@ Re-running with the same inputs and options reuses the prepared folder.
 """
 
 from gpt_recipes.args import PrepareDataArgs, parse_args
+from gpt_recipes.data.prepare import PrepareOptions, prepare
 from gpt_recipes.errors import cli_entry
-from gpt_recipes.prepare import PrepareOptions, prepare
 
 
 @cli_entry

@@ -14,7 +14,7 @@ from pathlib import Path
 from gpt_recipes.args import SummarizeArgs, parse_args
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.folders import check_creatable
-from gpt_recipes.summary import csv_text, markdown_table, metrics_path, plot, summarize, text_table
+from gpt_recipes.metrics.summary import csv_text, markdown_table, metrics_path, plot, summarize, text_table
 
 
 @cli_entry

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from gpt_recipes.args import SweepArgs, parse_args
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.summary import markdown_table, plot, summarize, text_table
-from gpt_recipes.sweep import run_pretrain
+from gpt_recipes.launch import run_pretrain
+from gpt_recipes.metrics.summary import markdown_table, plot, summarize, text_table
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:

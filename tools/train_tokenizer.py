@@ -10,11 +10,11 @@ one tokenizer between several data folders.)
 
 from pathlib import Path
 
-from gpt_recipes import folders, sources
+from gpt_recipes import folders
 from gpt_recipes.args import TrainTokenizerArgs, parse_args
+from gpt_recipes.data import sources
+from gpt_recipes.data.tokenizer import check_vocab_size, text_batches, train_bpe
 from gpt_recipes.errors import cli_entry
-from gpt_recipes.tokenizer import check_vocab_size, text_batches, train_bpe
-
 
 TOKENIZER_KIND = "tokenizer"
 

@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from .sources import default_corpus_files
+from gpt_recipes.data.sources import default_corpus_files
 
 
 def _summary(doc: str) -> str | None:

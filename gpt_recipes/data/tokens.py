@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .ds_config import BatchPlan
-from .errors import UserError
+from gpt_recipes.ds_config import BatchPlan
+from gpt_recipes.errors import UserError
 
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .errors import UserError, first_line
+from gpt_recipes.errors import UserError, first_line
 
 EOS_TOKEN = "<|endoftext|>"
 # Documents are packed into fixed windows, so the tokenizer should never truncate or warn.

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-from .ds_config import BatchPlan
-from .errors import UserError
+from gpt_recipes.ds_config import BatchPlan
+from gpt_recipes.errors import UserError
 
 SP_ATTENTION = "sdpa"  # Ulysses wraps one of transformers' attention functions; eager it rejects
 SEQUENCE_MASK = "sequence_mask"  # a packed batch's whole-sequence mask, passed through to attention
@@ -51,7 +51,7 @@ def check(plan: BatchPlan, config: PretrainedConfig, seq_len: int, lora: bool, o
         raise UserError(f"{what} is not supported with LoRA (--use_peft) yet; use a data-parallel/ZeRO config")
     heads, kv_heads = _heads(config)
     if plan.sp > 1:
-        from .models import causal_lm_class
+        from gpt_recipes.models.causal_lm import causal_lm_class
 
         if not getattr(causal_lm_class(config), "_supports_sdpa", False):
             raise UserError(f"{what}: model type {config.model_type!r} has no '{SP_ATTENTION}' attention "

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import sft
-from .distributed import all_reduce
-from .errors import UserError
-from .sft import IGNORE, Example
+from gpt_recipes.checkpoints.layout import REFERENCE_LOGPS
+from gpt_recipes.data import sft
+from gpt_recipes.data.sft import IGNORE, Example
+from gpt_recipes.errors import UserError
+from gpt_recipes.parallel.distributed import all_reduce
 
-REFERENCE_FILE = "reference_logps.pt"
 # Summed per pair, reduced at each log line (and evaluation) and divided by the pairs seen.
 STATS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logp_accuracy")
 
@@ -228,9 +228,9 @@ def reference_fingerprint(model_fingerprint: str, precision: str, train: Prefere
 
 def load_reference(out_dir: Path, fingerprint: str) -> dict[str, torch.Tensor]:
     """Stored reference log-probabilities of a run being resumed, checked to be of this data and model."""
-    from .checkpoint import load_own
+    from gpt_recipes.checkpoints.saving import load_own
 
-    path = out_dir / REFERENCE_FILE
+    path = out_dir / REFERENCE_LOGPS
     if not path.is_file():
         raise UserError(f"--resume: {path} is missing, and the starting model it was computed with is gone; "
                         "start the run again with --overwrite")
@@ -243,10 +243,10 @@ def load_reference(out_dir: Path, fingerprint: str) -> dict[str, torch.Tensor]:
 
 
 def save_reference(out_dir: Path, fingerprint: str, train: torch.Tensor, val: torch.Tensor) -> None:
-    from .folders import fsync_path
+    from gpt_recipes.folders import fsync_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{REFERENCE_FILE}.tmp"
+    tmp = out_dir / f".{REFERENCE_LOGPS}.tmp"
     torch.save({"fingerprint": fingerprint, "train": train, "val": val}, tmp)
     fsync_path(tmp)
-    tmp.replace(out_dir / REFERENCE_FILE)
+    tmp.replace(out_dir / REFERENCE_LOGPS)

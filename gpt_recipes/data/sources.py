@@ -16,7 +16,7 @@ from typing import Iterable
 
 import datasets
 
-from .errors import UserError, first_line, root_line
+from gpt_recipes.errors import UserError, first_line, root_line
 
 JSON_SUFFIXES = {".json", ".jsonl"}
 PARQUET_SUFFIXES = {".parquet"}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt_recipes import checkpoint
+from gpt_recipes.checkpoints import layout, saving
 from gpt_recipes.errors import UserError
 
 
@@ -17,7 +17,7 @@ def _fake(ckpt, step, complete=True):
     tag.mkdir(parents=True)
     (tag / "shard.pt").write_bytes(b"x" * 100)
     if complete:
-        (tag / checkpoint.TRAINING_INFO).write_text(json.dumps({"step": step}))
+        (tag / layout.TRAINING_INFO).write_text(json.dumps({"step": step}))
     return tag
 
 
@@ -26,34 +26,34 @@ def test_rotation_keeps_the_newest_complete_ones_and_never_latest(tmp_path):
         _fake(tmp_path, step)
     _fake(tmp_path, 15, complete=False)
     (tmp_path / "latest").write_text("step12")
-    assert checkpoint.rotate(tmp_path, keep_last=2) == ["step3", "step6"]
+    assert saving.rotate(tmp_path, keep_last=2) == ["step3", "step6"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step12", "step15", "step9"]
     # keep_last=1 when latest is not the newest complete one: latest survives regardless
     (tmp_path / "latest").write_text("step9")
-    checkpoint.rotate(tmp_path, keep_last=1)
+    saving.rotate(tmp_path, keep_last=1)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step12", "step15", "step9"]
 
 
 def test_only_complete_checkpoints_count(tmp_path):
-    assert checkpoint.latest_tag(tmp_path) is None
+    assert layout.latest_tag(tmp_path) is None
     _fake(tmp_path, 3)
     (tmp_path / "latest").write_text("step3")
-    assert checkpoint.latest_tag(tmp_path) == "step3"
-    assert checkpoint.is_complete(tmp_path / "step3") and not checkpoint.is_complete(_fake(tmp_path, 6, False))
+    assert layout.latest_tag(tmp_path) == "step3"
+    assert layout.is_complete(tmp_path / "step3") and not layout.is_complete(_fake(tmp_path, 6, False))
 
 
 def test_free_space_is_checked_against_the_last_checkpoint(tmp_path, monkeypatch):
     _fake(tmp_path, 3)
     (tmp_path / "latest").write_text("step3")
-    needed = checkpoint.expected_bytes(tmp_path, num_params=10**9)
+    needed = saving.expected_bytes(tmp_path, num_params=10**9)
     assert 100 <= needed < 1000  # measured from the existing checkpoint, not estimated
-    assert checkpoint.expected_bytes(tmp_path / "none", num_params=1000) == 16000
+    assert saving.expected_bytes(tmp_path / "none", num_params=1000) == 16000
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 50, 50))
+    monkeypatch.setattr(saving.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 50, 50))
     with pytest.raises(UserError, match="not enough disk space for a checkpoint"):
-        checkpoint.check_free_space(tmp_path, needed)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(10**6, 0, 10**6))
-    checkpoint.check_free_space(tmp_path, needed)
+        saving.check_free_space(tmp_path, needed)
+    monkeypatch.setattr(saving.shutil, "disk_usage", lambda p: usage(10**6, 0, 10**6))
+    saving.check_free_space(tmp_path, needed)
 
 
 class _FakeEngine:
@@ -67,12 +67,12 @@ class _FakeEngine:
 
 
 def _save(out, step, **kwargs):
-    return checkpoint.save(_FakeEngine(), out, {"step": step}, rank=0, hf_files=[], training_info={},
+    return saving.save(_FakeEngine(), out, {"step": step}, rank=0, hf_files=[], training_info={},
                            num_params=10, log=lambda *_: None, **kwargs)
 
 
 def test_a_save_removes_an_incomplete_folder_of_its_tag_but_never_a_complete_one(tmp_path):
-    ckpt = tmp_path / checkpoint.CHECKPOINT_DIR
+    ckpt = tmp_path / layout.CHECKPOINTS
     _fake(ckpt, 3, complete=False)
     _save(tmp_path, 3)
     assert (ckpt / "step3" / "mp_rank_00_model_states.pt").read_bytes() == b"new shard"
@@ -81,8 +81,8 @@ def test_a_save_removes_an_incomplete_folder_of_its_tag_but_never_a_complete_one
     _fake(ckpt, 6)
     _save(tmp_path, 6)
     assert (ckpt / "step6.replaced" / "shard.pt").read_bytes() == b"x" * 100  # kept, renamed aside
-    assert (ckpt / "latest").read_text() == "step6" and checkpoint.is_complete(ckpt / "step6")
-    assert checkpoint.complete_tags(ckpt) == ["step3", "step6"]  # the renamed one is never rotated away
+    assert (ckpt / "latest").read_text() == "step6" and layout.is_complete(ckpt / "step6")
+    assert layout.complete_tags(ckpt) == ["step3", "step6"]  # the renamed one is never rotated away
 
 
 def test_everything_is_flushed_before_latest_moves(tmp_path, monkeypatch):
@@ -107,11 +107,11 @@ def test_rotation_takes_the_completion_mark_first(tmp_path, monkeypatch):
     def interrupted(path, *args, **kwargs):
         raise KeyboardInterrupt  # the deletion is cut short after the mark went
 
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", interrupted)
+    monkeypatch.setattr(saving.shutil, "rmtree", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.rotate(tmp_path, keep_last=1)
-    assert (tmp_path / "step3").is_dir() and not checkpoint.is_complete(tmp_path / "step3")
-    assert checkpoint.complete_tags(tmp_path) == ["step6", "step9"]
+        saving.rotate(tmp_path, keep_last=1)
+    assert (tmp_path / "step3").is_dir() and not layout.is_complete(tmp_path / "step3")
+    assert layout.complete_tags(tmp_path) == ["step6", "step9"]
 
 
 def test_rng_states_load_without_unpickling_code(tmp_path):
@@ -119,12 +119,12 @@ def test_rng_states_load_without_unpickling_code(tmp_path):
     np.random.seed(5)
     torch.manual_seed(5)
     path = tmp_path / "rng.pt"
-    torch.save(checkpoint._rng_state(), path)
+    torch.save(saving._rng_state(), path)
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
-    checkpoint._set_rng_state(checkpoint.load_own(path))  # weights_only=True inside
+    saving._set_rng_state(saving.load_own(path))  # weights_only=True inside
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
@@ -135,7 +135,7 @@ def test_rng_states_of_the_earlier_form_still_load(tmp_path):
     np.random.seed(9)
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}, path)
     expected = (random.random(), np.random.rand())
-    checkpoint._set_rng_state(checkpoint.load_own(path))
+    saving._set_rng_state(saving.load_own(path))
     assert (random.random(), np.random.rand()) == expected
 
 
@@ -148,13 +148,13 @@ def test_a_file_holding_pickled_objects_is_refused(tmp_path):
     path = tmp_path / "rng_state_rank0.pt"
     torch.save({"python": Payload()}, path)
     with pytest.raises(UserError, match="holds more than tensors and plain values, so it is not loaded"):
-        checkpoint.load_own(path)
+        saving.load_own(path)
 
 
 def test_a_zero2_weight_gathers_across_rank_partitions():
     """ZeRO-1/2 rank files hold equal consecutive partitions of each group's flat vector; a
     weight may start in one rank's partition and end in another's."""
-    from gpt_recipes.checkpoint import _Zero2Weight, materialize
+    from gpt_recipes.checkpoints.consolidate import _Zero2Weight, materialize
 
     flat = torch.arange(24, dtype=torch.float32)
     partitions = list(flat.chunk(3))  # 3 ranks x 8

@@ -29,11 +29,19 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
-from . import adapters, faults, folders
-from .checkpoint import CHECKPOINT_DIR, LATEST, TRAINING_INFO, consolidated_state_dict, latest_tag, materialize
-from .distributed import from_main
-from .errors import ExportMismatch, RecipeExit, UserError, first_line
-from .tokenizer import load_tokenizer
+from gpt_recipes import faults, folders
+from gpt_recipes.checkpoints.consolidate import consolidated_state_dict, materialize
+from gpt_recipes.checkpoints.layout import (
+    EXPORT_CHECK,
+    MODEL_CONFIG,
+    checkpoints_dir,
+    recorded_info,
+    resolve_checkpoint,
+)
+from gpt_recipes.data.tokenizer import load_tokenizer
+from gpt_recipes.errors import ExportMismatch, RecipeExit, UserError, first_line
+from gpt_recipes.models import adapters
+from gpt_recipes.parallel.distributed import from_main
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Reloaded logits must match the consolidated weights' at the same dtype: the computation
@@ -51,39 +59,8 @@ class ExportReport:
     max_logit_diff: float | None
 
 
-def _is_tag_dir(path: Path) -> bool:
-    # ZeRO-3 names its model-states files zero_pp_rank_<r>_mp_rank_00_model_states.pt.
-    return path.is_dir() and any(path.glob("*mp_rank_00_model_states.pt"))
-
-
-def resolve_checkpoint(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
-    """(checkpoints folder, tag) from a run folder, a checkpoints folder or a tag folder."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"checkpoint {path} does not exist or is not a folder")
-    if (path / CHECKPOINT_DIR).is_dir():
-        path = path / CHECKPOINT_DIR
-    elif _is_tag_dir(path) and tag is None:
-        return path.parent, path.name
-    tags = sorted(p.name for p in path.iterdir() if _is_tag_dir(p))
-    if not tags:
-        raise UserError(f"{path} is not a DeepSpeed checkpoint folder (no '{LATEST}' and no step folders)")
-    if tag is None:
-        tag = latest_tag(path)
-        if tag is None:
-            raise UserError(f"{path} has no '{LATEST}' tag; pass --tag (one of: {', '.join(tags)})")
-    if tag not in tags:
-        raise UserError(f"{path} holds no checkpoint tagged {tag!r} (available: {', '.join(tags)})")
-    return path, tag
-
-
-def _training_info(tag_dir: Path) -> dict:
-    info = tag_dir / TRAINING_INFO
-    return json.loads(info.read_text()) if info.is_file() else {}
-
-
 def _load_config(tag_dir: Path) -> PretrainedConfig:
-    if not (tag_dir / "config.json").is_file():
+    if not (tag_dir / MODEL_CONFIG).is_file():
         raise UserError(f"checkpoint {tag_dir} has no config.json (the model config); it was not written by these "
                         "recipes or is incomplete")
     try:
@@ -204,7 +181,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, 
     tokenizer = load_tokenizer(tag_dir) if (tag_dir / "tokenizer_config.json").is_file() else None
     if tokenizer is None:
         raise UserError(f"checkpoint {tag_dir} has no tokenizer files; it was not written by these recipes")
-    info = _training_info(tag_dir)
+    info = recorded_info(tag_dir)
     lora = info.get("adapter")
     if (adapter or base_model) and not lora:
         raise UserError(f"{'--adapter' if adapter else '--base_model'}: checkpoint {tag_dir} holds a whole model, "
@@ -329,7 +306,6 @@ class EngineCheck:
 
 
 PROMPT_TOKENS = 8
-EXPORT_CHECK = "export_check.pt"
 NEW_TOKENS = 16
 
 
@@ -396,6 +372,6 @@ def export_after_training(engine, run_dir: Path, config: PretrainedConfig, eos_t
                 break
     problem = from_main(problem)
     if problem:
-        raise ExportMismatch(f"{problem}; the checkpoint in {run_dir / CHECKPOINT_DIR} is kept: export it again "
+        raise ExportMismatch(f"{problem}; the checkpoint in {checkpoints_dir(run_dir)} is kept: export it again "
                              "with tools/convert_to_hf.py, and report this if it persists")
     return record

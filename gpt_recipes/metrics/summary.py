@@ -16,8 +16,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .metrics import METRICS_FILE, read_metrics
+from gpt_recipes.checkpoints.layout import METRICS
+from gpt_recipes.errors import UserError
+from gpt_recipes.metrics.log import read_metrics
 
 
 @dataclass
@@ -43,13 +44,13 @@ class RunSummary:
 
 def metrics_path(run_dir: Path) -> Path:
     """A run folder's metrics.jsonl, or the file itself when given one."""
-    return Path(run_dir) / METRICS_FILE if Path(run_dir).is_dir() else Path(run_dir)
+    return Path(run_dir) / METRICS if Path(run_dir).is_dir() else Path(run_dir)
 
 
 def read_lines(run_dir: Path) -> list[dict[str, Any]]:
     path = metrics_path(run_dir)
     if not path.is_file():
-        raise UserError(f"{run_dir} holds no {METRICS_FILE} (is it a run folder written by the recipes?)")
+        raise UserError(f"{run_dir} holds no {METRICS} (is it a run folder written by the recipes?)")
     return read_metrics(path, warn=lambda text: print(f"warning: {text}", file=sys.stderr))
 
 

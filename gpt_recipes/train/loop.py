@@ -19,15 +19,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, faults, flops
-from .data import GlobalBatchOrder
-from .distributed import DistEnv, all_reduce, rank_max, remove_own_shm_buffers
-from .ds_config import BatchPlan
-from .errors import DivergedError, RecipeExit
-from .loss import CausalLMLoss
-from .memory import MemoryProbe, peak_memory_mb
-from .metrics import MetricsLog
-from .preemption import LAUNCHER_GONE, StopSignal
+from gpt_recipes import faults
+from gpt_recipes.checkpoints import layout
+from gpt_recipes.data.tokens import GlobalBatchOrder
+from gpt_recipes.ds_config import BatchPlan
+from gpt_recipes.errors import DivergedError, RecipeExit
+from gpt_recipes.metrics import flops
+from gpt_recipes.metrics.log import MetricsLog
+from gpt_recipes.metrics.memory import MemoryProbe, peak_memory_mb
+from gpt_recipes.models.loss import CausalLMLoss
+from gpt_recipes.parallel.distributed import DistEnv, all_reduce, rank_max, remove_own_shm_buffers
+from gpt_recipes.train.preemption import LAUNCHER_GONE, StopSignal
 
 
 class Samples(Protocol):
@@ -321,7 +323,7 @@ def _shown(key: str, value: Any) -> str:
 
 
 def _diverged(step: int, good_step: int, out_dir: Path, what: str) -> DivergedError:
-    tag = checkpoint.latest_tag(out_dir / checkpoint.CHECKPOINT_DIR)
+    tag = layout.latest_tag(layout.checkpoints_dir(out_dir))
     kept = f"the last good checkpoint, {tag}, is kept" if tag else "no checkpoint was written"
     return DivergedError(f"the {what} became NaN or infinite between steps {good_step} and {step}; {kept}. "
                          "Lower the learning rate, or use bf16 or fp32 instead of fp16, and --resume")

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .distributed import free_port, remove_shm_buffers
+from gpt_recipes.parallel.distributed import free_port, remove_shm_buffers
 
 REPO = Path(__file__).resolve().parents[1]
 

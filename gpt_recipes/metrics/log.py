@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
-
-METRICS_FILE = "metrics.jsonl"
+from gpt_recipes.checkpoints.layout import METRICS
+from gpt_recipes.errors import UserError
 
 
 def read_metrics(path: Path, warn: Callable[[str], Any] = print) -> list[dict[str, Any]]:
@@ -38,7 +37,7 @@ class MetricsLog:
     """
 
     def __init__(self, out_dir: Path, enabled: bool, resume_step: int | None = None, monitor: Any = None):
-        self.path = out_dir / METRICS_FILE
+        self.path = out_dir / METRICS
         self.enabled = enabled
         # DeepSpeed's MonitorMaster (TensorBoard, CSV, W&B, Comet as its config enables):
         # every numeric field is mirrored there, against the optimizer step.

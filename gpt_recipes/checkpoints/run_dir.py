@@ -21,18 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CHECKPOINT_DIR, resume_tag
-from .ds_config import MONITOR_DIR
-from .errors import UserError
-from .export import EXPORT_CHECK
-from .folders import check_creatable
-from .metrics import METRICS_FILE
-from .preference import REFERENCE_FILE
-
-RUN_CONFIG_FILE = "config.json"
-LOCK_FILE = ".run.lock"
-# Everything a run writes into its folder: what --overwrite replaces, and nothing else.
-RUN_OUTPUTS = (CHECKPOINT_DIR, METRICS_FILE, RUN_CONFIG_FILE, MONITOR_DIR, EXPORT_CHECK, REFERENCE_FILE)
+from gpt_recipes.checkpoints.layout import LOCK, RUN_CONFIG, RUN_OUTPUTS, checkpoints_dir, resume_tag
+from gpt_recipes.errors import UserError
+from gpt_recipes.folders import check_creatable
 
 
 @dataclass(frozen=True)
@@ -46,10 +37,10 @@ class OutputPlan:
 
 def is_run_folder(out_dir: Path) -> bool:
     try:
-        record = json.loads((out_dir / RUN_CONFIG_FILE).read_text())
+        record = json.loads((out_dir / RUN_CONFIG).read_text())
     except (OSError, ValueError):
         record = None
-    return (isinstance(record, dict) and "recipe" in record) or (out_dir / CHECKPOINT_DIR).is_dir()
+    return (isinstance(record, dict) and "recipe" in record) or checkpoints_dir(out_dir).is_dir()
 
 
 def plan_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> OutputPlan:
@@ -59,13 +50,13 @@ def plan_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> OutputPlan:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output_dir {out_dir} exists and is not a folder")
     check_creatable(out_dir, "--output_dir")
-    if not out_dir.exists() or all(p.name == LOCK_FILE for p in out_dir.iterdir()):
+    if not out_dir.exists() or all(p.name == LOCK for p in out_dir.iterdir()):
         return OutputPlan(note=f"--resume: nothing to resume in {out_dir} yet, starting at step 0" if resume else None)
     if resume:
         if not is_run_folder(out_dir):
             raise UserError(f"--resume: {out_dir} is not a run folder written by these recipes (no run config.json, "
                             "no checkpoints/); give the run's own --output_dir")
-        tag, note = resume_tag(out_dir / CHECKPOINT_DIR)
+        tag, note = resume_tag(checkpoints_dir(out_dir))
         if tag is None:
             raise UserError(f"--resume: {out_dir} holds no complete checkpoint to continue from; pass --overwrite to "
                             "start a fresh run there (replacing that run's outputs), or choose another folder")
@@ -89,7 +80,7 @@ class RunLock:
 
     def __init__(self, out_dir: Path):
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / LOCK_FILE
+        path = out_dir / LOCK
         self._file = open(path, "a+")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -138,4 +129,4 @@ def write_run_config(out_dir: Path, record: dict[str, Any]) -> None:
             "transformers": transformers.__version__,
         },
     }
-    (out_dir / RUN_CONFIG_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (out_dir / RUN_CONFIG).write_text(json.dumps(record, indent=2, default=str) + "\n")

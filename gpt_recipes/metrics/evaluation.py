@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from gpt_recipes.errors import UserError
 
 HARNESS = "lm-eval==0.4.13"
 LOCAL_TASK = "docstring_choice"
@@ -79,9 +79,9 @@ def build_local_task(sft_val: Path, out_file: Path, seed: int = 0) -> int:
 
 def ensure_local_task() -> Path:
     """The local task's data file, built on first use (with the demo task it comes from)."""
-    from .sft_demo import DEFAULT_DIR, ensure_demo
-
     import fcntl
+
+    from gpt_recipes.data.sft_demo import DEFAULT_DIR, ensure_demo
 
     path = LOCAL_TASK_FILE.resolve()
     if not path.is_file():

@@ -38,10 +38,21 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import folders, sources, tokenizer as tokenizers
-from .data import META_FILE, SPLITS, TOKENIZER_DIR, index_from_parts, part_name, read_meta, read_parts, token_dtype
-from .errors import UserError
-from .tokenizer import check_vocab_size, load_tokenizer, text_batches, train_bpe
+from gpt_recipes import folders
+from gpt_recipes.data import sources
+from gpt_recipes.data import tokenizer as tokenizers
+from gpt_recipes.data.tokenizer import check_vocab_size, load_tokenizer, text_batches, train_bpe
+from gpt_recipes.data.tokens import (
+    META_FILE,
+    SPLITS,
+    TOKENIZER_DIR,
+    index_from_parts,
+    part_name,
+    read_meta,
+    read_parts,
+    token_dtype,
+)
+from gpt_recipes.errors import UserError
 
 FORMAT_VERSION = 2
 DATA_KIND = "prepared data"

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .args import AdapterArgs
-from .errors import UserError, first_line
+from gpt_recipes.args import AdapterArgs
+from gpt_recipes.errors import UserError, first_line
 
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's file name, in checkpoints and adapter exports
@@ -161,7 +161,7 @@ def lora_config(args: AdapterArgs, model_config: PretrainedConfig, where: str, b
     from peft import LoraConfig
     from transformers.pytorch_utils import Conv1D
 
-    from .models import causal_lm_class
+    from gpt_recipes.models.causal_lm import causal_lm_class
 
     with torch.device("meta"):
         meta_model = causal_lm_class(model_config)._from_config(model_config, attn_implementation="sdpa")

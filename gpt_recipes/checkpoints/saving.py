@@ -1,4 +1,4 @@
-"""Checkpoints through the DeepSpeed engine, plus what the engine does not store.
+"""Save and load checkpoints through the DeepSpeed engine, plus what the engine does not store.
 
 Each checkpoint OUT/checkpoints/step<N>/ holds the engine's model and optimizer shards,
 the trainer state in client_state (step, tokens seen, batch layout), one RNG-state file
@@ -10,10 +10,8 @@ finished writing, so it never names an incomplete checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,67 +19,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import faults
-from .distributed import barrier
-from .errors import UserError, first_line
-from .folders import fsync_path, fsync_tree
+from gpt_recipes import faults
+from gpt_recipes.checkpoints.layout import (
+    TRAINING_INFO,
+    checkpoints_dir,
+    complete_tags,
+    is_complete,
+    latest_tag,
+    rng_state_file,
+    tag_for,
+    universal_tag,
+    write_latest,
+)
+from gpt_recipes.errors import UserError, first_line
+from gpt_recipes.folders import fsync_path, fsync_tree
+from gpt_recipes.parallel.distributed import barrier
 
-CHECKPOINT_DIR = "checkpoints"
-LATEST = "latest"
 TRAINER_STATE_KEY = "trainer_state"
-# Plain-JSON facts about the run that tools read without loading any tensor file.
-TRAINING_INFO = "training.json"
-
-
-def tag_for(step: int) -> str:
-    return f"step{step}"
-
-
-def is_complete(tag_dir: Path) -> bool:
-    # training.json is written by rank 0 after every rank has written (and flushed) its shards.
-    return (tag_dir / TRAINING_INFO).is_file()
-
-
-def _step_of(tag_dir: Path) -> int:
-    return saved_info(tag_dir.parent, tag_dir.name)["step"]
-
-
-def _latest_file_tag(ckpt_dir: Path) -> str | None:
-    latest = ckpt_dir / LATEST
-    return latest.read_text().strip() if latest.is_file() else None
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag `latest` names, if that checkpoint is there and complete."""
-    tag = _latest_file_tag(ckpt_dir)
-    return tag if tag and is_complete(ckpt_dir / tag) else None
-
-
-def complete_tags(ckpt_dir: Path) -> list[str]:
-    """The complete step<N> checkpoints, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step\d+", p.name) and is_complete(p)]
-    return [p.name for p in sorted(found, key=_step_of)]
-
-
-def resume_tag(ckpt_dir: Path) -> tuple[str | None, str | None]:
-    """(the checkpoint to resume from, a note when it is not the one `latest` names).
-
-    `latest` wins when it names a complete checkpoint (a user may point it at an older step
-    to roll back). When it is missing, or names a folder that was deleted or never finished,
-    the newest complete checkpoint is taken instead, and the note says so.
-    """
-    tag = latest_tag(ckpt_dir)
-    if tag is not None:
-        return tag, None
-    complete = complete_tags(ckpt_dir)
-    if not complete:
-        return None, None
-    named = _latest_file_tag(ckpt_dir)
-    why = (f"'{LATEST}' names {named}, which is missing or incomplete" if named
-           else f"there is no '{LATEST}' file")
-    return complete[-1], f"{why}: resuming from the newest complete checkpoint, {complete[-1]}"
 
 
 def _rng_state() -> dict[str, Any]:
@@ -123,16 +77,6 @@ def load_own(path: Path) -> Any:
     except pickle.UnpicklingError as err:
         raise UserError(f"{path} holds more than tensors and plain values, so it is not loaded "
                         f"({first_line(err)}); was it written by another program or an older version?")
-
-
-def _write_latest(ckpt_dir: Path, tag: str) -> None:
-    tmp = ckpt_dir / f".{LATEST}.tmp"
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_dir / LATEST)
-    fsync_path(ckpt_dir)  # the rename itself
 
 
 def _dir_bytes(path: Path) -> int:
@@ -196,7 +140,7 @@ def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_fil
     save); a complete one of that tag (from before a roll-back) is renamed aside. With
     frozen_base (LoRA), the frozen parameters are left out: num_params counts what trains.
     """
-    ckpt_dir = out_dir / CHECKPOINT_DIR
+    ckpt_dir = checkpoints_dir(out_dir)
     step = trainer_state["step"]
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
@@ -210,7 +154,7 @@ def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_fil
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={TRAINER_STATE_KEY: trainer_state},
                            save_latest=False, exclude_frozen_parameters=frozen_base)
-    torch.save(_rng_state(), tag_dir / f"rng_state_rank{rank}.pt")
+    torch.save(_rng_state(), rng_state_file(tag_dir, rank))
     faults.during_save(step, rank)
     fsync_tree(tag_dir)  # each rank flushes what it wrote (and what it sees) before the checkpoint counts
     barrier()
@@ -224,37 +168,10 @@ def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_fil
         for path in set(tag_dir.iterdir()) - sharded:
             fsync_tree(path) if path.is_dir() else fsync_path(path)
         fsync_path(tag_dir)
-        _write_latest(ckpt_dir, tag)
+        write_latest(ckpt_dir, tag)
         rotate(ckpt_dir, keep_last)
     barrier()
     return tag_dir
-
-
-def saved_info(ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    """The plain-JSON facts a complete checkpoint records (step, layout, precision, schedule)."""
-    return json.loads((ckpt_dir / tag / TRAINING_INFO).read_text())
-
-
-def layout_change(info: dict[str, Any], world_size: int, zero_stage: int, sp: int = 1, tp: int = 1) -> str | None:
-    """How a checkpoint's layout (its saved_info) differs from this run's (ranks, ZeRO stage), or None.
-
-    Sequence- and tensor-parallel checkpoints resume on the same layout only: DeepSpeed's universal
-    checkpoints do not regroup AutoTP shards, and these recipes do not test regrouping Ulysses runs.
-    """
-    saved = (info.get("sequence_parallel", 1), info.get("tensor_parallel", 1))
-    if saved != (sp, tp) or (sp * tp > 1 and (info["world_size"], info["zero_stage"]) != (world_size, zero_stage)):
-        raise UserError(f"the checkpoint was written by {info['world_size']} ranks at ZeRO-{info['zero_stage']}, "
-                        f"sequence_parallel_size {saved[0]}, tensor_parallel.autotp_size {saved[1]}; this run has "
-                        f"{world_size} ranks at ZeRO-{zero_stage}, {sp} and {tp}: resume a sequence- or "
-                        "tensor-parallel run with the same ranks and DeepSpeed JSON")
-    if (info["world_size"], info["zero_stage"]) == (world_size, zero_stage):
-        return None
-    return (f"{info['world_size']} ranks at ZeRO-{info['zero_stage']} -> "
-            f"{world_size} ranks at ZeRO-{zero_stage}")
-
-
-def universal_tag(tag: str) -> str:
-    return f"{tag}_universal"
 
 
 def convert_to_universal(ckpt_dir: Path, tag: str, rank: int, zero_stage: int) -> str:
@@ -278,7 +195,6 @@ def convert_to_universal(ckpt_dir: Path, tag: str, rank: int, zero_stage: int) -
         done.write_text("")
     barrier()
     return universal_tag(tag)
-
 
 
 def _zero3_universal_for_lower_stages(target: Path) -> None:
@@ -320,109 +236,9 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, frozen_base: bool = False)
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=not frozen_base)
     if path is None or not client_state or TRAINER_STATE_KEY not in client_state:
         raise UserError(f"checkpoint {ckpt_dir / tag} could not be loaded or was not written by these recipes")
-    rng_file = ckpt_dir / tag / f"rng_state_rank{rank}.pt"
+    rng_file = rng_state_file(ckpt_dir / tag, rank)
     if rng_file.is_file():  # absent when resuming on another layout: each rank's stream then starts afresh
         _set_rng_state(load_own(rng_file))
     return client_state[TRAINER_STATE_KEY]
 
 
-def consolidated_state_dict(ckpt_dir: Path, tag: str | None = None, lazy: bool = False) -> dict[str, Any]:
-    """The full fp32 weights of a checkpoint, whatever its ZeRO stage and number of ranks.
-
-    ZeRO checkpoints hold the fp32 master weights partitioned across ranks' optimizer
-    files; DeepSpeed's zero_to_fp32 merges them. Without a ZeRO optimizer (stage 0 in
-    fp32) the module weights in the model-states file are the master weights.
-
-    With `lazy`, weights come as lazy tensors over the memory-mapped rank files, each
-    gathered by `materialize`, so the whole fp32 model is never held at once: DeepSpeed's
-    own at ZeRO-3, `_Zero2Weight` at ZeRO-1/2, where DeepSpeed's merge concatenates
-    every rank's partition into one fp32 vector first.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    tag = tag or latest_tag(ckpt_dir)
-    if tag is None or not (ckpt_dir / tag).is_dir():
-        raise UserError(f"{ckpt_dir} holds no checkpoint{f' tagged {tag}' if tag else ''}")
-    tag_dir = ckpt_dir / tag
-    tp = saved_info(ckpt_dir, tag).get("tensor_parallel", 1) if (tag_dir / TRAINING_INFO).is_file() else 1
-    if tp > 1:
-        return _tensor_parallel_weights(tag_dir, tp)
-    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        return (lazy and _lazy_zero2_weights(tag_dir)) or get_fp32_state_dict_from_zero_checkpoint(
-            str(ckpt_dir), tag=tag, lazy_mode=lazy)
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {name: t.float() for name, t in states["module"].items()}
-
-
-class _Zero2Weight:
-    """One weight of a ZeRO-1/2 checkpoint, gathered on demand: elements [start, start + numel)
-    of its parameter group's flat fp32 vector, which the ranks' files hold as equal
-    consecutive partitions."""
-
-    def __init__(self, partitions: list[torch.Tensor], start: int, shape: torch.Size):
-        self.partitions, self.start, self.shape = partitions, start, torch.Size(shape)
-        self.dtype = partitions[0].dtype
-
-    def contiguous(self) -> torch.Tensor:
-        size, numel = len(self.partitions[0]), self.shape.numel()
-        out = torch.empty(numel, dtype=self.dtype)
-        done = 0
-        while done < numel:
-            rank, offset = divmod(self.start + done, size)
-            take = min(size - offset, numel - done)
-            out[done : done + take] = self.partitions[rank][offset : offset + take]
-            done += take
-        return out.view(self.shape)
-
-
-def _lazy_zero2_weights(tag_dir: Path) -> dict[str, Any] | None:
-    """A ZeRO-1/2 checkpoint's weights as `_Zero2Weight`s, laid out as DeepSpeed's zero_to_fp32
-    lays them (parameters in order, each followed by its alignment padding); None for other
-    checkpoints (ZeRO-3, frozen parameters), which DeepSpeed's own reader takes."""
-    from deepspeed.utils import zero_to_fp32 as z
-
-    model_states = z.parse_model_states(z.get_model_state_files(str(tag_dir)))
-    if model_states[0].frozen_param_shapes:
-        return None
-    stage, _, flat_groups, paddings = z.parse_optim_states(z.get_optim_files(str(tag_dir)), str(tag_dir))
-    if stage > 2:
-        return None
-    state: dict[str, Any] = dict(model_states[0].buffers)
-    for group, shapes in enumerate(model_states[0].param_shapes):
-        partitions = [rank_groups[group] for rank_groups in flat_groups]
-        if len({len(p) for p in partitions}) != 1:
-            return None  # not the equal partitions this reader assumes
-        offset = 0
-        for index, (name, shape) in enumerate(shapes.items()):
-            state[name] = _Zero2Weight(partitions, offset, shape)
-            offset += torch.Size(shape).numel() + (paddings[group][index] if paddings else 0)
-    for alias, name in model_states[0].shared_params:
-        if name in state:
-            state[alias] = state[name]
-    return state
-
-
-def materialize(weight: Any) -> torch.Tensor:
-    """A real tensor from a `consolidated_state_dict(lazy=True)` entry."""
-    return weight if isinstance(weight, torch.Tensor) else weight.contiguous()
-
-
-def _tensor_parallel_weights(tag_dir: Path, tp: int) -> dict[str, torch.Tensor]:
-    """Whole weights from a tensor-parallel checkpoint: each TP rank's model-states file holds its
-    slice of every split weight (ZeRO-0/1/2 keep the module's weights there), in the dtype the
-    engine computes with. A weight is split along the one dimension where its slice's shape
-    differs from the model's; the others are replicated."""
-    from transformers import AutoConfig
-
-    from .models import causal_lm_class
-
-    config = AutoConfig.from_pretrained(tag_dir)
-    with torch.device("meta"):
-        shapes = {name: t.shape for name, t in causal_lm_class(config)._from_config(config).state_dict().items()}
-    shards = [torch.load(tag_dir / f"mp_rank_{t:02d}_model_states.pt", map_location="cpu", weights_only=False)["module"]
-              for t in range(tp)]
-    merged = {}
-    for name, first in shards[0].items():
-        split = [d for d, (have, whole) in enumerate(zip(first.shape, shapes.get(name, first.shape))) if have != whole]
-        merged[name] = (torch.cat([s[name] for s in shards], dim=split[0]) if split else first).float()
-    return merged

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError, first_line, root_line
+from gpt_recipes.errors import UserError, first_line, root_line
 
 IGNORE = -100
 

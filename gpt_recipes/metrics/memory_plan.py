@@ -34,7 +34,7 @@ from unittest import mock
 import torch
 from transformers import PretrainedConfig, masking_utils
 
-from . import ds_config
+from gpt_recipes import ds_config
 
 GiB = 2**30
 # bytes per parameter: (weights, gradients, optimizer state) for Adam
@@ -124,12 +124,12 @@ class Estimate:
 
 def _meta_model(config: PretrainedConfig, lora: Any = None) -> torch.nn.Module:
     """The model on the meta device (no memory), with LoRA adapters when `lora` (a peft LoraConfig) is given."""
-    from .models import build_model
+    from gpt_recipes.models.causal_lm import build_model
 
     with torch.device("meta"):
         model = build_model(config)
         if lora is not None:
-            from .adapters import add_adapters
+            from gpt_recipes.models.adapters import add_adapters
 
             model = add_adapters(model, lora)
     return model
@@ -235,8 +235,8 @@ def activation_bytes(config: PretrainedConfig, micro_batch: int, seq_len: int, p
     fused_loss: the recipe's fused output layer and loss where the model allows it (it
     keeps the output weight's gradient instead of the logits); pass False under ZeRO-3.
     """
-    from .loss import CausalLMLoss, fused_unavailable
-    from .models import enable_activation_checkpointing
+    from gpt_recipes.models.causal_lm import enable_activation_checkpointing
+    from gpt_recipes.models.loss import CausalLMLoss, fused_unavailable
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     model = _meta_model(config, lora).to(dtype)

@@ -13,8 +13,8 @@ import random
 import re
 import socket
 import warnings
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ def init(env: DistEnv, shm_comm: bool = False) -> str | None:
     """
     import deepspeed
 
-    from gpt_recipes import shm_comm as shm
+    from gpt_recipes.parallel import shm_comm as shm
 
     # DeepSpeed's ZeRO collectives call torch APIs that torch now marks deprecated; the
     # warning repeats on every rank and says nothing a user can act on.

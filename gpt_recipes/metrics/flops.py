@@ -61,7 +61,7 @@ def flops_shape(model_config: PretrainedConfig) -> FlopsShape:
     """Reads the model's matmul weights from an instance built on the meta device."""
     from transformers.pytorch_utils import Conv1D
 
-    from .models import build_model
+    from gpt_recipes.models.causal_lm import build_model
 
     with torch.device("meta"):
         model = build_model(model_config)

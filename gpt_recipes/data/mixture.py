@@ -19,10 +19,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data import DataMeta, GlobalBatchOrder, PackedTokens, eval_micro_batches
-from .ds_config import BatchPlan
-from . import tokenizer
-from .errors import UserError
+from gpt_recipes.data import tokenizer
+from gpt_recipes.data.tokens import DataMeta, GlobalBatchOrder, PackedTokens, eval_micro_batches
+from gpt_recipes.ds_config import BatchPlan
+from gpt_recipes.errors import UserError
 
 
 @dataclass(frozen=True)

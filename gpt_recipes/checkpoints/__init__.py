@@ -1,0 +1,1 @@
+"""The run folder: checkpoints, resume, export to Hugging Face."""

@@ -1,0 +1,1 @@
+"""Prepared data: text sources, tokenizers, packed token files, mixtures, fine-tuning rows."""

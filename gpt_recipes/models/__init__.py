@@ -1,0 +1,1 @@
+"""Causal LMs from transformers: presets and building, the fused loss, LoRA adapters."""
