@@ -1,16 +1,47 @@
-"""Run a recipe once per DeepSpeed config or setting (same model, data and length) for comparison."""
+"""Start recipes as a user does, as subprocesses under `deepspeed`, `torchrun` or `accelerate`
+on this machine: each launch on a free port, with DeepSpeed's shared-memory buffers of that
+port removed afterwards. Used by the sweep and benchmark tools and by the tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from gpt_recipes.parallel.distributed import free_port, remove_shm_buffers
 
 REPO = Path(__file__).resolve().parents[1]
+LAUNCHERS = ("deepspeed", "torchrun", "accelerate")
+
+
+def launcher_prefix(launcher: str, ranks: int, port: int) -> list[str]:
+    """The command that starts `ranks` ranks of a script on this machine, before the script's path."""
+    return {
+        "deepspeed": ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)],
+        "torchrun": ["torchrun", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+                     "--master_port", str(port)],
+        "accelerate": ["accelerate", "launch", "--num_processes", str(ranks), "--main_process_port", str(port)],
+    }[launcher]
+
+
+@contextlib.contextmanager
+def master_port() -> Iterator[int]:
+    """A free port for one launch; afterwards (also after a run that was killed) the shared-memory
+    buffers DeepSpeed's CPU collectives keyed to it are removed."""
+    port = free_port()
+    try:
+        yield port
+    finally:
+        remove_shm_buffers("127.0.0.1", str(port))
+
+
+def unbuffered_env(**extra: str) -> dict[str, str]:
+    """This process's environment, with the ranks' output unbuffered so it streams in order."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
 
 
 @dataclass
@@ -24,27 +55,24 @@ class SweepRun:
         return self.returncode == 0
 
 
-def run_pretrain(config: Path, out_dir: Path, ranks: int, recipe_args: list[str], quiet: bool = False) -> SweepRun:
-    return run_recipe("pretrain", config, out_dir, ranks, recipe_args, quiet)
-
-
 def run_recipe(recipe: str, config: Path, out_dir: Path, ranks: int, recipe_args: list[str],
                quiet: bool = False) -> SweepRun:
     """One `deepspeed --num_gpus RANKS recipes/<recipe>.py` run; its output streams through
     (or only the recipe's own lines when quiet)."""
-    port = str(free_port())
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, str(REPO / "recipes" / f"{recipe}.py"),
-           "--deepspeed_config", str(config), "--output_dir", str(out_dir), *recipe_args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    try:
+    with master_port() as port:
+        cmd = [*launcher_prefix("deepspeed", ranks, port), str(REPO / "recipes" / f"{recipe}.py"),
+               "--deepspeed_config", str(config), "--output_dir", str(out_dir), *recipe_args]
         if quiet:
-            proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.run(cmd, env=unbuffered_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
             failed = proc.returncode != 0
             for line in proc.stdout.splitlines():
                 if failed or line.startswith(("step ", "Model:", "LoRA:", "FLOPs:", "memory,", "error:")):
                     print(f"  {line}", flush=True)
         else:
-            proc = subprocess.run(cmd, env=env, stdout=sys.stdout, stderr=sys.stderr)
-    finally:
-        remove_shm_buffers("127.0.0.1", port)
+            proc = subprocess.run(cmd, env=unbuffered_env(), stdout=sys.stdout, stderr=sys.stderr)
     return SweepRun(config, out_dir, proc.returncode)
+
+
+def run_pretrain(config: Path, out_dir: Path, ranks: int, recipe_args: list[str], quiet: bool = False) -> SweepRun:
+    return run_recipe("pretrain", config, out_dir, ranks, recipe_args, quiet)

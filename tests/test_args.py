@@ -1,6 +1,14 @@
+from dataclasses import dataclass
+
 import pytest
 
-from gpt_recipes.args import PrepareDataArgs, PretrainArgs, build_parser, parse_args
+from gpt_recipes.args import PretrainArgs, build_parser, flag, parse_args
+
+
+@dataclass
+class ToolArgs:
+    inputs: list[str] = flag([], "input files", positional=True, metavar="INPUT")
+    output: str = flag("out", "output folder")
 
 
 def test_defaults_run_the_quickstart():
@@ -15,9 +23,9 @@ def test_flags_are_typed():
 
 
 def test_positional_inputs():
-    args = parse_args(PrepareDataArgs, ["a.txt", "b/", "--output", "d"])
+    args = parse_args(ToolArgs, ["a.txt", "b/", "--output", "d"])
     assert args.inputs == ["a.txt", "b/"] and args.output == "d"
-    assert parse_args(PrepareDataArgs, []).inputs == []
+    assert parse_args(ToolArgs, []).inputs == []
 
 
 def test_help_lists_every_flag_with_its_default(capsys):

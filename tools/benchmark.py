@@ -30,10 +30,9 @@ import torch
 
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.launch import REPO, run_pretrain
+from gpt_recipes.launch import REPO, launcher_prefix, master_port, run_pretrain, unbuffered_env
 from gpt_recipes.metrics import flops
 from gpt_recipes.metrics.summary import RunSummary, summarize
-from gpt_recipes.parallel.distributed import free_port
 
 
 @dataclass
@@ -71,16 +70,14 @@ def stage_config(stage: int, precision: str, micro_batch: int, path: Path) -> Pa
 
 
 def run_plain(args: BenchmarkArgs, ranks: int, out: Path, extra: list[str], peak: float | None) -> int:
-    script = str(REPO / "tools" / "plain_pytorch_loop.py")
-    launcher = ([sys.executable] if ranks == 1 else
-                ["torchrun", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
-                 "--master_port", str(free_port())])
-    cmd = [*launcher, script, "--model", args.model, "--data", args.data, "--seq_len", str(args.seq_len),
-           "--global_batch", str(args.global_batch), "--precision", args.precision, "--max_steps",
-           str(args.max_steps), "--log_interval", str(args.log_interval), "--output_dir", str(out), *extra,
-           *(["--peak_tflops", str(peak)] if peak else [])]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    script = str(REPO / "benchmarks" / "plain_pytorch_loop.py")
+    with master_port() as port:
+        launcher = [sys.executable] if ranks == 1 else launcher_prefix("torchrun", ranks, port)
+        cmd = [*launcher, script, "--model", args.model, "--data", args.data, "--seq_len", str(args.seq_len),
+               "--global_batch", str(args.global_batch), "--precision", args.precision, "--max_steps",
+               str(args.max_steps), "--log_interval", str(args.log_interval), "--output_dir", str(out), *extra,
+               *(["--peak_tflops", str(peak)] if peak else [])]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=unbuffered_env())
     for line in proc.stdout.splitlines():
         if proc.returncode or line.startswith(("step ", "plain PyTorch", "error:")):
             print(f"  {line}", flush=True)

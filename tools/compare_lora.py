@@ -11,10 +11,11 @@ trainable parameters, the model states per rank (measured by the recipe, and pre
 gpt_recipes.memory_plan), the peak resident memory per rank and the final checkpoint's size.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from gpt_recipes import ds_config
-from gpt_recipes.args import AdapterArgs, CompareLoraArgs, parse_args
+from gpt_recipes.args import AdapterArgs, flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.launch import REPO, run_recipe
 from gpt_recipes.metrics.memory_plan import Layout, estimate, model_sizes
@@ -23,6 +24,21 @@ from gpt_recipes.models.adapters import lora_config
 from gpt_recipes.models.causal_lm import load_pretrained_config
 
 MiB = 2**20
+
+
+@dataclass
+class CompareLoraArgs:
+    """Fine-tune in full and with LoRA at each ZeRO stage, on the same data and steps, and compare."""
+
+    model_name_or_path: str = flag("exported/quickstart", "Hugging Face model folder to fine-tune")
+    data: str = flag("data/sft_demo/train.jsonl", "fine-tuning rows (the default demo task is built on first use)")
+    stages: list[int] = flag([2, 3], "ZeRO stages to compare (ds_configs/zero<stage>.json each)")
+    ranks: int = flag(2, "ranks per run")
+    max_steps: int = flag(150, "steps per run")
+    lora_r: int = flag(16, "LoRA rank (alpha and dropout at recipes/finetune.py's defaults)")
+    output_dir: str = flag("runs/compare_lora", "one run folder per setting is written under this folder")
+    markdown: bool = flag(False, "print the table as Markdown")
+    overwrite: bool = flag(False, "replace run folders left by an earlier comparison")
 
 
 def checkpoint_bytes(run_dir: Path) -> int:

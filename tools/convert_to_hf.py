@@ -12,10 +12,33 @@ mismatch is an error and leaves OUT_DIR untouched. A LoRA checkpoint needs its b
 found where it was trained from (or --base_model) and checked to hold the same weights.
 """
 
-from gpt_recipes.args import ConvertToHFArgs, parse_args
+from dataclasses import dataclass
+from typing import Optional
+
+from gpt_recipes.args import flag, parse_args
 from gpt_recipes.checkpoints.export import export
 from gpt_recipes.errors import cli_entry
 from gpt_recipes.metrics.memory import PeakAnonymous, peak_memory_mb
+
+
+@dataclass
+class ConvertToHFArgs:
+    """Export a checkpoint written by the recipes to a Hugging Face model folder."""
+
+    checkpoint: str = flag("", "run folder, its checkpoints/ folder, or one step folder", positional=True,
+                           metavar="CHECKPOINT_DIR")
+    out_dir: str = flag("", "folder to write (config, generation config, safetensors, tokenizer)", positional=True,
+                        metavar="OUT_DIR")
+    tag: Optional[str] = flag(None, "checkpoint tag such as step200 (default: the 'latest' one)")
+    dtype: Optional[str] = flag(None, "fp32, bf16 or fp16 (default: the training precision)",
+                                choices=["fp32", "bf16", "fp16"])
+    max_shard_size: str = flag("2GB", "largest safetensors file before the weights are sharded")
+    force: bool = flag(False, "replace a non-empty OUT_DIR (only once the new folder is complete)")
+    verify: bool = flag(True, "reload the folder and compare its logits with the checkpoint's")
+    adapter: bool = flag(False, "for a LoRA checkpoint: export the adapter alone (peft's format) instead of the "
+                         "merged model")
+    base_model: Optional[str] = flag(None, "for a LoRA checkpoint: the base model folder, if it moved since "
+                                     "training (its weights must be the same)")
 
 
 @cli_entry

@@ -14,16 +14,31 @@ function's first docstring sentence among four, over modules the fine-tuning dem
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from gpt_recipes.args import EvaluateArgs, parse_args
+from gpt_recipes.args import flag, parse_args
 from gpt_recipes.checkpoints.export import export
 from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.metrics import evaluation
+
+
+@dataclass
+class EvaluateArgs:
+    """Evaluate a model on downstream tasks with lm-evaluation-harness."""
+
+    model: str = flag("", "a Hugging Face model folder, or a recipe run / checkpoint folder (exported on the fly)",
+                      positional=True, metavar="MODEL_OR_CHECKPOINT")
+    tasks: list[str] = flag(["docstring_choice"], "harness task names (default: the local task, built offline)")
+    limit: Optional[int] = flag(None, "evaluate only the first N examples of each task")
+    output: Optional[str] = flag(None, "write the harness's results as JSON to this file")
+    batch_size: int = flag(8, "examples per forward pass")
+    tag: Optional[str] = flag(None, "for a checkpoint: its tag such as step200 (default: the 'latest' one)")
 
 
 def is_model_folder(path: Path) -> bool:

@@ -12,7 +12,6 @@ tools/summarize_throughput.py reads both alike.
 
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,6 +28,7 @@ from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.metrics import flops
 from gpt_recipes.metrics.memory import peak_memory_mb
+from gpt_recipes.metrics.throughput import ThroughputWindow
 from gpt_recipes.models.causal_lm import build_config, build_model, check_seq_len
 from gpt_recipes.models.loss import CausalLMLoss, fused_unavailable
 from gpt_recipes.parallel.distributed import environment, seed_everything
@@ -93,7 +93,7 @@ def main() -> None:
         (out / METRICS).write_text("")
         print(f"plain PyTorch: {args.model} (transformers), {env.world_size} rank(s), {args.precision}, global batch "
               f"{args.global_batch} x {seq_len}; {'fused' if loss_fn.fused else 'plain'} loss; MFU peak {peak} TFLOP/s ({source})", flush=True)
-    tokens, window_start, window_tokens, window_steps = 0, time.perf_counter(), 0, 0
+    tokens, window = 0, ThroughputWindow(flops_per_token, env.world_size, peak, args.global_batch)
     for step in range(args.max_steps):
         inputs, targets = train.batch(order.micro_batch(step, env.rank, 0))
         inputs, targets = {k: v.to(device) for k, v in inputs.items()}, targets.to(device)
@@ -106,22 +106,17 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         step_tokens = args.global_batch * seq_len
         tokens += step_tokens
-        window_tokens += step_tokens
-        window_steps += 1
+        window.add_step(step_tokens)
         if (step + 1) % args.log_interval == 0 or step + 1 == args.max_steps:
             loss_value = loss.item()  # waits for the device, once per log line
-            elapsed = time.perf_counter() - window_start
-            tps = window_tokens / elapsed
-            tflops, mfu = flops.mfu(flops_per_token, tps, env.world_size, peak)
-            record = {"step": step + 1, "tokens": tokens, "loss": loss_value, "step_time": elapsed / window_steps,
-                      "tokens_per_sec": tps, "samples_per_sec": window_steps * args.global_batch / elapsed,
-                      "tflops_per_rank": tflops, "mfu": mfu, "peak_mem_mb": peak_memory_mb(device.type)}
+            record = {"step": step + 1, "tokens": tokens, "loss": loss_value, **window.record(),
+                      "peak_mem_mb": peak_memory_mb(device.type)}
             if env.is_main:
                 with (out / METRICS).open("a") as f:
                     f.write(json.dumps(record) + "\n")
-                print(f"step {step + 1:>6d} | loss {loss_value:.4f} | {tps:.0f} tok/s | "
+                print(f"step {step + 1:>6d} | loss {loss_value:.4f} | {record['tokens_per_sec']:.0f} tok/s | "
                       f"{record['step_time'] * 1e3:.0f} ms/step", flush=True)
-            window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+            window.reset()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -15,9 +15,11 @@ fitting config that communicates least.
 
 import glob
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from gpt_recipes.args import AdapterArgs, PlanMemoryArgs, parse_args
+from gpt_recipes.args import AdapterArgs, flag, parse_args
 from gpt_recipes.ds_config import load_config
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.metrics.memory_plan import (
@@ -32,6 +34,27 @@ from gpt_recipes.metrics.memory_plan import (
 )
 from gpt_recipes.models.adapters import lora_config
 from gpt_recipes.models.causal_lm import build_config, check_seq_len
+
+
+@dataclass
+class PlanMemoryArgs:
+    """Predict per-rank memory of a model under each DeepSpeed config, and recommend one."""
+
+    model: str = flag("gpt2-nano", "model preset name or a model config JSON (as for recipes/pretrain.py)")
+    ranks: int = flag(1, "ranks (GPUs, or processes on a CPU) per node")
+    nodes: int = flag(1, "nodes")
+    gpu_mem: Optional[float] = flag(None, "memory per GPU in GiB (default: plan for CPU ranks sharing host memory)")
+    host_mem: Optional[float] = flag(None, "host memory per node in GiB (default: this machine's)")
+    seq_len: Optional[int] = flag(None, "tokens per sample (default: the model's context length)")
+    micro_batch: Optional[int] = flag(None, "samples per rank per forward (default: each config's "
+                                      "train_micro_batch_size_per_gpu)")
+    vocab_size: int = flag(8192, "vocabulary size, unless the model config states one")
+    activation_checkpointing: bool = flag(False, "plan for --activation_checkpointing")
+    lora_r: Optional[int] = flag(None, "plan for LoRA adapters of this rank (recipes/finetune.py --use_peft): only "
+                                 "they have gradients and optimizer state")
+    lora_target_modules: Optional[list[str]] = flag(None, "with --lora_r: the adapted modules, as for "
+                                                    "recipes/finetune.py (default: all-linear)")
+    configs: list[str] = flag(["ds_configs/*.json"], "DeepSpeed JSON files or globs to compare")
 
 
 def host_memory_bytes() -> float:

@@ -9,12 +9,27 @@ memory per rank, the measured model states, final and best validation loss. Log 
 the warm-up (default: up to 10% of the steps, and at least the first line) are left out.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from gpt_recipes.args import SummarizeArgs, parse_args
+from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.folders import check_creatable
 from gpt_recipes.metrics.summary import csv_text, markdown_table, metrics_path, plot, summarize, text_table
+
+
+@dataclass
+class SummarizeArgs:
+    """Summarise the throughput, memory and loss of runs written by the recipes."""
+
+    runs: list[str] = flag([], "run folders (or their metrics.jsonl files)", positional=True, metavar="RUN_DIR",
+                           nargs="+")
+    warmup_steps: Optional[int] = flag(None, "leave log lines up to this step out of throughput figures "
+                                       "(default: 10%% of the steps, and at least the first line)")
+    markdown: bool = flag(False, "print the table as Markdown")
+    csv: Optional[str] = flag(None, "also write every figure to this CSV file")
+    plots: Optional[str] = flag(None, "write loss_vs_tokens.png and tokens_per_sec.png into this folder")
 
 
 @cli_entry

@@ -13,12 +13,31 @@ the sweep goes on.
 
 import glob
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from gpt_recipes.args import SweepArgs, parse_args
+from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.launch import run_pretrain
 from gpt_recipes.metrics.summary import markdown_table, plot, summarize, text_table
+
+
+@dataclass
+class SweepArgs:
+    """Run the same short pretraining once per DeepSpeed config, then summarise the runs.
+
+    Flags after `--` go to recipes/pretrain.py (model, data, seq_len, ...).
+    """
+
+    configs: list[str] = flag(["ds_configs/zero[0-3].json"], "DeepSpeed JSON files or globs, one run each",
+                              positional=True, metavar="CONFIG", nargs="*")
+    output_dir: str = flag("runs/sweep", "one run folder per config is written under this folder")
+    ranks: int = flag(2, "ranks per run (deepspeed --num_gpus)")
+    max_steps: int = flag(30, "steps per run")
+    log_interval: int = flag(5, "steps between metrics lines")
+    markdown: bool = flag(False, "print the table as Markdown")
+    plots: bool = flag(True, "write the comparison plots into OUTPUT_DIR")
+    overwrite: bool = flag(False, "replace run folders left by an earlier sweep")
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -8,15 +8,30 @@
 one tokenizer between several data folders.)
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from gpt_recipes import folders
-from gpt_recipes.args import TrainTokenizerArgs, parse_args
+from gpt_recipes.args import flag, parse_args
 from gpt_recipes.data import sources
 from gpt_recipes.data.tokenizer import check_vocab_size, text_batches, train_bpe
 from gpt_recipes.errors import cli_entry
 
 TOKENIZER_KIND = "tokenizer"
+
+
+@dataclass
+class TrainTokenizerArgs:
+    """Train a byte-level BPE tokenizer that AutoTokenizer.from_pretrained loads."""
+
+    inputs: list[str] = flag([], "text files, folders, globs, JSONL/Parquet files, a datasets folder or a hub name "
+                             "(default: the built-in corpus)", positional=True, metavar="INPUT")
+    output: str = flag("tokenizer", "folder to save the tokenizer to")
+    vocab_size: int = flag(8192, "vocabulary size, including the EOS token")
+    text_field: str = flag("text", "field holding the text in JSONL/Parquet/datasets inputs")
+    split: str = flag("train", "split to read from saved or hub datasets")
+    file_pattern: str = flag("*", "files to take from input folders (a glob, e.g. '*.txt')")
+    overwrite: bool = flag(False, "replace an existing non-empty output folder")
 
 
 @cli_entry

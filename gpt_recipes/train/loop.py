@@ -10,7 +10,6 @@ import contextlib
 import math
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -24,9 +23,9 @@ from gpt_recipes.checkpoints import layout
 from gpt_recipes.data.tokens import GlobalBatchOrder
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import DivergedError, RecipeExit
-from gpt_recipes.metrics import flops
 from gpt_recipes.metrics.log import MetricsLog
 from gpt_recipes.metrics.memory import MemoryProbe, peak_memory_mb
+from gpt_recipes.metrics.throughput import ThroughputWindow
 from gpt_recipes.models.loss import CausalLMLoss
 from gpt_recipes.parallel.distributed import DistEnv, all_reduce, rank_max, remove_own_shm_buffers
 from gpt_recipes.train.preemption import LAUNCHER_GONE, StopSignal
@@ -201,15 +200,14 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
         run_eval()
 
     loss_sum = torch.zeros((), device=engine.device)
-    steps_since_log = tokens_since_log = 0
-    window_start = time.perf_counter()
+    window = ThroughputWindow(cfg.flops_per_token, env.world_size, cfg.peak_tflops, cfg.global_batch)
 
     def window_loss() -> float:
         """Mean loss since the last log line over all ranks and micro-steps (waits for the device)."""
         total = all_reduce(loss_sum.clone()).item()
         # Each data-parallel rank's share, split over its sequence-parallel group or repeated by
         # each rank of its tensor-parallel group.
-        mean = total / (steps_since_log * plan.grad_accum * plan.grad_divisor * plan.tp)
+        mean = total / (window.steps * plan.grad_accum * plan.grad_divisor * plan.tp)
         if not math.isfinite(mean):
             raise _diverged(state.step, good_step, cfg.out_dir, "training loss")
         return mean
@@ -222,26 +220,7 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
     while state.step < cfg.max_steps:
         probing = state.step == probe_step
         global_batch = batches.order.global_batch(state.step)
-        # The step's loss is the mean over every target token of the global batch, however the
-        # batch is split into ranks and micro-batches (fine-tuning examples differ in length):
-        # each micro-batch's summed loss is scaled so that DeepSpeed's averaging over ranks and
-        # accumulation steps yields it (a sequence-parallel rank's loss covers its part of each sample).
-        scale = plan.grad_accum * plan.grad_divisor / max(1, batches.train.num_targets(global_batch))
-        for micro_step in range(plan.grad_accum):
-            idx = batches.order.micro_batch(state.step, plan.data_rank(env.rank), micro_step)
-            inputs, targets = _to_device(batches.train.batch(idx), engine.device)
-            with probe.saved_activations() if probing and micro_step == 0 else contextlib.nullcontext():
-                loss = loss_fn(engine, inputs, targets, reduction="sum") * scale
-            loss = faults.poison_loss(loss, state.step + 1, env.rank)
-            engine.backward(loss)
-            if probing and micro_step == 0:
-                probe.finish_activations()
-            if probing and micro_step == plan.grad_accum - 1:
-                read_start = time.perf_counter()
-                probe.read_model_states()
-                window_start += time.perf_counter() - read_start  # keep the reading out of throughput
-            engine.step()
-            loss_sum += loss.detach()
+        loss_sum += _step(engine, batches, plan, env, state.step, loss_fn, probe if probing else None, window)
         if probing:  # one-off readings, logged with the next metrics line
             memory_fields = {"model_state_mb": rank_max(probe.model_state_mb, engine.device),
                              "activation_mb": rank_max(probe.activation_mb, engine.device)}
@@ -249,8 +228,7 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
         step_tokens = batches.train.num_tokens(global_batch)  # host-side count
         state.step += 1
         state.tokens += step_tokens
-        tokens_since_log += step_tokens
-        steps_since_log += 1
+        window.add_step(step_tokens)
         bar.update(1)
         last = state.step == cfg.max_steps
         faults.after_step(state.step, env.rank)
@@ -260,20 +238,13 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
             mean_loss = window_loss()
             good_step = state.step
             peak = rank_max(peak_memory_mb(cfg.device_type), engine.device)
-            elapsed = time.perf_counter() - window_start
-            tokens_per_sec = tokens_since_log / elapsed
-            tflops, mfu = flops.mfu(cfg.flops_per_token, tokens_per_sec, env.world_size, cfg.peak_tflops)
             record = {
                 "step": state.step,
                 "tokens": state.tokens,
                 "loss": mean_loss,
                 "lr": engine.get_lr()[0],
                 "grad_norm": _grad_norm(engine),
-                "step_time": elapsed / steps_since_log,
-                "tokens_per_sec": tokens_per_sec,
-                "samples_per_sec": steps_since_log * cfg.global_batch / elapsed,
-                "tflops_per_rank": tflops,
-                "mfu": mfu,
+                **window.record(),
                 **timers.window_means(),
                 "peak_mem_mb": peak,
                 # fp16 steps the loss scaler skipped after an overflow: expected, not a failure.
@@ -289,31 +260,61 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
             memory_fields = {}
             metrics.write(record)
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
-            mfu_text = f" | MFU {mfu:.1%}" if mfu is not None else ""
-            rewards = (f" | reward acc {record['reward_accuracy']:.3f} margin {record['reward_margin']:.3f}"
-                       if "reward_accuracy" in record else "")
-            say(f"step {state.step:>6d} | loss {mean_loss:.4f}{rewards} | lr {record['lr']:.2e} | "
-                f"{tokens_per_sec:.0f} tok/s | {record['step_time'] * 1e3:.0f} ms/step | "
-                f"{tflops:.3g} TFLOP/s/rank{mfu_text} | peak {peak:.0f} MiB")
+            say(_train_line(record))
             loss_sum.zero_()
-            steps_since_log = tokens_since_log = 0
-            window_start = time.perf_counter()
+            window.reset()
 
         if signum:
             save()
             bar.close()
             raise Preempted(signum, state.step)
 
-        pause_start = time.perf_counter()
-        if _is_due(state.step, cfg.eval_interval, last):
-            run_eval()
-        if _is_due(state.step, cfg.save_interval, last):
-            if steps_since_log:
-                window_loss()  # never save weights that a NaN may already have reached
-            save()
-        window_start += time.perf_counter() - pause_start  # keep eval and saving out of throughput
+        with window.paused():  # keep evaluation and saving out of throughput
+            if _is_due(state.step, cfg.eval_interval, last):
+                run_eval()
+            if _is_due(state.step, cfg.save_interval, last):
+                if window.steps:
+                    window_loss()  # never save weights that a NaN may already have reached
+                save()
     bar.close()
     return state
+
+
+def _step(engine, batches: Batches, plan: BatchPlan, env: DistEnv, step: int, loss_fn: CausalLMLoss,
+          probe: MemoryProbe | None, window: ThroughputWindow) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns their summed loss (on the device).
+
+    The step's loss is the mean over every target token of the global batch, however the batch is
+    split into ranks and micro-batches (fine-tuning examples differ in length): each micro-batch's
+    summed loss is scaled so that DeepSpeed's averaging over ranks and accumulation steps yields it
+    (a sequence-parallel rank's loss covers its part of each sample). With a probe, the first
+    micro-batch's activations and the model states before the update are measured."""
+    scale = plan.grad_accum * plan.grad_divisor / max(1, batches.train.num_targets(batches.order.global_batch(step)))
+    total = torch.zeros((), device=engine.device)
+    for micro_step in range(plan.grad_accum):
+        idx = batches.order.micro_batch(step, plan.data_rank(env.rank), micro_step)
+        inputs, targets = _to_device(batches.train.batch(idx), engine.device)
+        with probe.saved_activations() if probe and micro_step == 0 else contextlib.nullcontext():
+            loss = loss_fn(engine, inputs, targets, reduction="sum") * scale
+        loss = faults.poison_loss(loss, step + 1, env.rank)
+        engine.backward(loss)
+        if probe and micro_step == 0:
+            probe.finish_activations()
+        if probe and micro_step == plan.grad_accum - 1:
+            with window.paused():  # keep the reading out of throughput
+                probe.read_model_states()
+        engine.step()
+        total += loss.detach()
+    return total
+
+
+def _train_line(record: dict[str, Any]) -> str:
+    mfu = f" | MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
+    rewards = (f" | reward acc {record['reward_accuracy']:.3f} margin {record['reward_margin']:.3f}"
+               if "reward_accuracy" in record else "")
+    return (f"step {record['step']:>6d} | loss {record['loss']:.4f}{rewards} | lr {record['lr']:.2e} | "
+            f"{record['tokens_per_sec']:.0f} tok/s | {record['step_time'] * 1e3:.0f} ms/step | "
+            f"{record['tflops_per_rank']:.3g} TFLOP/s/rank{mfu} | peak {record['peak_mem_mb']:.0f} MiB")
 
 
 def _shown(key: str, value: Any) -> str:
