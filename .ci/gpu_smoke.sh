@@ -29,7 +29,7 @@ run zero2_fp16 --deepspeed_config ds_configs/zero2_fp16.json
 python3 tools/generate.py /tmp/runs/zero3_bf16_hf --prompt "def main(" --max_new_tokens 24 2>&1 | tail -3
 
 start=$SECONDS
-timeout "${BENCH_TIMEOUT:-200}" python3 tools/benchmark.py --ranks 1 --model gpt2 --precision bf16 --seq_len 1024 \
+timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/benchmark.py --ranks 1 --model gpt2 --precision bf16 --seq_len 1024 \
   --global_batch 8 --stages 0 2 3 --max_steps 20 --markdown --output_dir /tmp/runs/bench \
   > "$OUT/benchmark.log" 2>&1
 echo "== benchmark: exit $? in $((SECONDS - start)) s"

@@ -1,24 +1,12 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # the launch helper module
-
-from launch import ds_json, launch, pretrain_args  # noqa: E402
-
-from gpt_recipes.data.prepare import PrepareOptions, prepare  # noqa: E402
-from gpt_recipes.data.sft_demo import build  # noqa: E402
-from gpt_recipes.data.sources import default_corpus_files  # noqa: E402
-
-# A tiny GPT-2 so multi-rank runs take seconds: real text, real tokenizer, real engine.
-TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64,
-             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-
-TINY_LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "intermediate_size": 176, "max_position_embeddings": 64,
-              "tie_word_embeddings": False}
+from gpt_recipes.data.prepare import PrepareOptions, prepare
+from gpt_recipes.data.sft_demo import build
+from gpt_recipes.data.sources import default_corpus_files
+from tests.helpers import TINY_GPT2, TINY_LLAMA, ds_json, launch, pretrain_args
 
 
 @pytest.fixture(scope="session")

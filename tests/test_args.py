@@ -2,13 +2,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from gpt_recipes.args import PretrainArgs, build_parser, flag, parse_args
+from gpt_recipes import args as recipe_args
+from gpt_recipes.args import PretrainArgs, build_parser, parse_args
 
 
 @dataclass
 class ToolArgs:
-    inputs: list[str] = flag([], "input files", positional=True, metavar="INPUT")
-    output: str = flag("out", "output folder")
+    inputs: list[str] = recipe_args.flag([], "input files", positional=True, metavar="INPUT")
+    output: str = recipe_args.flag("out", "output folder")
 
 
 def test_defaults_run_the_quickstart():

@@ -1,0 +1,150 @@
+"""Export round trips: train on 2 ranks, export, reload with plain transformers in another process."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
+from tests.helpers import TOLERANCE, ds_json, hf_only, launch, pretrain_args, run_python
+
+pytestmark = pytest.mark.slow
+
+@pytest.mark.parametrize("stage, family, precision", [(0, "gpt2", "bf16"), (2, "llama", "fp32"), (3, "llama", "bf16")])
+def test_recipe_export_round_trip(tmp_path, tiny_data, tiny_model, tiny_llama, stage, family, precision):
+    out, hf = tmp_path / "run", tmp_path / "hf"
+    cfg = ds_json(tmp_path, stage, micro=2, fp32=precision == "fp32")
+    model = tiny_model if family == "gpt2" else tiny_llama
+    launch("recipes/pretrain.py", pretrain_args(cfg, tiny_data, model, out, 6, "--eval_interval", "0",
+                                                "--export_hf", str(hf)))
+    names = sorted(p.name for p in hf.iterdir())
+    assert names == [".gpt-recipes.json", "config.json", "generation_config.json", "model.safetensors",
+                     "tokenizer.json", "tokenizer_config.json"]  # the first marks it as an export of ours
+    result = hf_only(hf, out / "export_check.pt")
+    assert result["foreign_modules"] == []
+    assert result["class"] == ("GPT2LMHeadModel" if family == "gpt2" else "LlamaForCausalLM")
+    assert result["dtype"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[precision]
+    assert result["max_logit_diff"] <= TOLERANCE[precision], result
+    assert result["same_greedy_tokens"], result
+    assert result["pipeline_text"].startswith("def main(")
+    record = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "export_dir" in l][-1]
+    assert record["export_same_greedy_tokens"] and record["export_logit_diff_vs_engine"] <= TOLERANCE[precision]
+    # Gathered one weight at a time, the export is bit for bit DeepSpeed's whole-model merge, cast.
+    master = consolidated_state_dict(out / "checkpoints")
+    exported = AutoModelForCausalLM.from_pretrained(hf).state_dict()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    assert all(torch.equal(exported[k], master[k].to(dtype)) for k in master if k in exported)
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory, tiny_data, tiny_model):
+    """A 2-rank ZeRO-2 bf16 run with checkpoints at steps 3 and 6."""
+    tmp = tmp_path_factory.mktemp("zero2")
+    out = tmp / "run"
+    launch("recipes/pretrain.py", pretrain_args(ds_json(tmp, 2, micro=2), tiny_data, tiny_model, out, 6,
+                                                "--eval_interval", "0", "--save_interval", "3"))
+    return out
+
+
+def test_convert_tool_named_tag_fp32_sharded(tmp_path, zero2_run):
+    hf = tmp_path / "hf"
+    proc = run_python("tools/convert_to_hf.py", [str(zero2_run / "checkpoints"), str(hf), "--tag", "step3",
+                                                 "--dtype", "fp32", "--max_shard_size", "100KB"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Verified: reloaded logits differ" in proc.stdout and "Peak memory: " in proc.stdout
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    assert model.dtype == torch.float32
+    master = consolidated_state_dict(zero2_run / "checkpoints", "step3")
+    exported = model.state_dict()
+    assert max((exported[k] - master[k]).abs().max().item() for k in master if k in exported) == 0.0
+    latest = consolidated_state_dict(zero2_run / "checkpoints")  # step6: training moved the weights
+    assert any(not torch.equal(master[k], latest[k]) for k in master)
+
+
+def test_convert_tool_defaults_to_latest_and_training_precision(tmp_path, zero2_run):
+    hf = tmp_path / "hf"
+    proc = run_python("tools/convert_to_hf.py", [str(zero2_run), str(hf)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Saving weights in bf16: the training precision (bf16)" in proc.stdout
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    assert model.dtype == torch.bfloat16
+    master = consolidated_state_dict(zero2_run / "checkpoints", "step6")
+    exported = model.state_dict()
+    assert all(torch.equal(exported[k], master[k].to(torch.bfloat16)) for k in master if k in exported)
+
+
+def _broken_copy(tmp_path, zero2_run, remove):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(zero2_run / "checkpoints", copy)
+    for name in remove:
+        (copy / "step6" / name).unlink()
+    return copy
+
+
+@pytest.mark.parametrize("case", ["not a checkpoint", "no such tag", "no config", "no tokenizer", "adapter of a whole model",
+                                  "output exists"])
+def test_bad_inputs(tmp_path, zero2_run, case):
+    out = tmp_path / "hf"
+    args = [str(zero2_run), str(out)]
+    if case == "not a checkpoint":
+        (tmp_path / "empty").mkdir()
+        args, pattern = [str(tmp_path / "empty"), str(out)], "is not a DeepSpeed checkpoint folder"
+    elif case == "no such tag":
+        args, pattern = [*args, "--tag", "step99"], r"no checkpoint tagged 'step99' \(available: step3, step6\)"
+    elif case == "no config":
+        args, pattern = [str(_broken_copy(tmp_path, zero2_run, ["config.json"])), str(out)], "has no config.json"
+    elif case == "no tokenizer":
+        copy = _broken_copy(tmp_path, zero2_run, ["tokenizer.json", "tokenizer_config.json"])
+        args, pattern = [str(copy), str(out)], "has no tokenizer files"
+    elif case == "adapter of a whole model":
+        args, pattern = [*args, "--adapter"], "--adapter: checkpoint .* holds a whole model, not LoRA adapters"
+    else:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        pattern = "is not empty; choose another or pass --force"
+    proc = run_python("tools/convert_to_hf.py", args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert re.search(pattern, proc.stderr.strip().splitlines()[-1]), proc.stderr
+    if case == "output exists":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        # --force replaces an earlier export, but never a folder of anyone else's.
+        proc = run_python("tools/convert_to_hf.py", [*args, "--force"])
+        assert proc.returncode == 2 and "is not a Hugging Face export folder written by these tools" in proc.stderr
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        (out / "keep.txt").unlink()
+        assert run_python("tools/convert_to_hf.py", args).returncode == 0
+        (out / "stale.safetensors").write_text("left by hand in the export")
+        proc = run_python("tools/convert_to_hf.py", [*args, "--tag", "step3", "--force"])
+        assert proc.returncode == 0 and (out / "model.safetensors").is_file() and not (out / "stale.safetensors").exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing left aside
+    else:
+        assert not out.exists()
+
+
+def test_overwrite_replaces_the_run_and_a_failed_export_check_exits_nonzero(tmp_path, zero2_run, tiny_data,
+                                                                             tiny_model, monkeypatch):
+    """--overwrite: a fresh run whose outputs replace the previous run's (never a mix), the user's
+    own files kept. An export that does not reproduce the engine ends the run with status 4 and the
+    figure, and the checkpoint stays."""
+    out, hf = tmp_path / "run", tmp_path / "hf"
+    shutil.copytree(zero2_run, out)
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setenv("GPT_RECIPES_FAULT", "export_skew@0")
+    proc = launch("recipes/pretrain.py", pretrain_args(ds_json(tmp_path, 2, micro=2), tiny_data, tiny_model, out, 2,
+                                                       "--eval_interval", "0", "--overwrite", "--export_hf", str(hf)),
+                  check=False)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert re.search(r"error: the export in \S+ does not reproduce the trained engine: max \|logits difference\| "
+                     r"1(\.\d+)? \(tolerance 0\.05\), greedy tokens identical; the checkpoint in \S+ is kept",
+                     proc.stderr), proc.stderr[-3000:]
+    assert "--overwrite: removed the previous run's checkpoints, metrics.jsonl, config.json" in proc.stdout
+    ckpt = out / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step2"]  # nothing of the old run's step3/6
+    assert (ckpt / "latest").read_text() == "step2" and (out / "notes.txt").read_text() == "mine"
+    assert max(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()) == 2

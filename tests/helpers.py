@@ -1,0 +1,185 @@
+"""What the tests share: the tiny models, launching the recipes as users do (real processes under
+the deepspeed launcher, CPU + gloo), test DeepSpeed configs, and readers of what runs wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gpt_recipes.launch import REPO, launcher_prefix, master_port, unbuffered_env
+from gpt_recipes.parallel.distributed import free_port, remove_shm_buffers
+
+# A tiny GPT-2 so multi-rank runs take seconds: real text, real tokenizer, real engine.
+TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64,
+             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+TINY_LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "intermediate_size": 176, "max_position_embeddings": 64,
+              "tie_word_embeddings": False}
+
+
+def launch(script: str, args: list[str], ranks: int = 2, timeout: int = 600, check: bool = True,
+           launcher: str | None = None, fault: str | None = None) -> subprocess.CompletedProcess:
+    """Start RANKS ranks of `script args...` from the repository root with `deepspeed`, `torchrun`
+    or `accelerate` (launch, with the DeepSpeed JSON given to accelerate); returns the finished process.
+
+    By default a run expected to succeed starts under torchrun, which starts 6 s sooner than
+    the deepspeed launcher (test_distributed checks that both train identically); a run whose
+    ending is inspected (check=False) starts under the deepspeed launcher, which passes a
+    rank's exit status through where torchrun reports 1. `fault` sets GPT_RECIPES_FAULT for this
+    run alone (see gpt_recipes/faults.py).
+    """
+    launcher = launcher or ("torchrun" if check else "deepspeed")
+    if launcher == "accelerate":  # accelerate passes the JSON to the ranks; the recipe picks it up
+        cfg = args[args.index("--deepspeed_config") + 1]
+        args = [a for i, a in enumerate(args) if a != "--deepspeed_config" and args[i - 1] != "--deepspeed_config"]
+        extra = ["--use_deepspeed", "--deepspeed_config_file", cfg]
+    else:
+        extra = []
+    with master_port() as port:  # its buffers are removed also after runs the tests kill on purpose
+        return _run([*launcher_prefix(launcher, ranks, port), *extra, script, *args], timeout, check, fault)
+
+
+def launch_two_nodes(script: str, args: list[str], tmp_path: Path, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """Two 'nodes' of one rank each on this machine: one deepspeed launcher per node with
+    --no_ssh --node_rank 0/1, as on a cluster without passwordless ssh."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    with master_port() as port:
+        cmds = [["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
+                 "127.0.0.1", "--master_port", str(port), script, *args] for node in (0, 1)]
+        procs = [subprocess.Popen(cmd, cwd=REPO, env=unbuffered_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for cmd in cmds]
+        try:
+            outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+        finally:
+            for proc in procs:
+                proc.kill()
+    for cmd, proc, out in zip(cmds, procs, outputs):
+        if proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-4000:]}")
+    return [subprocess.CompletedProcess(cmd, proc.returncode, out, "") for cmd, proc, out in zip(cmds, procs, outputs)]
+
+
+def _run(cmd: list[str], timeout: int, check: bool, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = unbuffered_env(**({"GPT_RECIPES_FAULT": fault} if fault else {}))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_python(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python script args...` from the repository root, without a launcher."""
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=unbuffered_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training lines, evaluation lines) of a run's metrics.jsonl."""
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in lines if "loss" in r], [r for r in lines if "val_loss" in r]
+
+
+class Background:
+    """A `deepspeed` launch left running in its own process group, as a terminal runs a command:
+    signals can go to the whole group (Ctrl-C) or to the launcher alone."""
+
+    def __init__(self, script: str, args: list[str], log: Path, ranks: int = 2):
+        self.port = free_port()
+        self.log = log
+        cmd = [*launcher_prefix("deepspeed", ranks, self.port), script, *args]
+        with open(log, "w") as out:
+            # SIGINT at its default, as under a terminal: a test suite started in the background
+            # (`make test &`) hands its children SIGINT ignored, and the launcher would not stop.
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=unbuffered_env(), stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True,
+                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def wait_for_step(self, out_dir: Path, step: int, timeout: float = 300) -> None:
+        """Until metrics.jsonl has a training line at `step` or later."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            path = out_dir / "metrics.jsonl"
+            if path.is_file() and any(json.loads(line).get("step", 0) >= step and "loss" in line
+                                      for line in path.read_text().splitlines() if line.endswith("}")):
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the run ended early ({self.proc.returncode}):\n{self.output()[-3000:]}")
+            time.sleep(0.5)
+        raise AssertionError(f"no step {step} within {timeout} s:\n{self.output()[-3000:]}")
+
+    def wait_all(self, pids: list[int], timeout: float = 120) -> None:
+        """Until every process in `pids` has ended (the launcher's children included)."""
+        import psutil
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                                  for p in pids):
+            time.sleep(0.5)
+        self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+
+    def shm_buffers(self) -> list[str]:
+        """DeepSpeed's shared-memory buffers of this run still in /dev/shm."""
+        import glob
+
+        return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{self.port}_*")
+
+    def tree(self) -> list[int]:
+        """Every process the launch consists of: the launcher and all below it."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        return [root.pid, *(c.pid for c in root.children(recursive=True))]
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        remove_shm_buffers("127.0.0.1", str(self.port))
+
+
+def ds_json(tmp_path, stage: int, micro: int, accum: int = 1, fp32: bool = False, clip: bool = False,
+            name: str = "") -> str:
+    """A copy of ds_configs/zero<stage>.json with the batch layout (and precision) of a test.
+
+    fp32 runs drop gradient clipping unless `clip`: same-layout comparisons (resume, launchers)
+    are then bit-level, with no partition-order drift in the clipping norm."""
+    cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+    cfg["optimizer"]["params"]["lr"] = 3e-3  # the tiny test model learns visibly in a few steps
+    if fp32:
+        cfg.pop("bf16")
+        if not clip:
+            cfg.pop("gradient_clipping")
+    path = tmp_path / f"ds_zero{stage}_{micro}x{accum}{'_fp32' if fp32 else ''}{'_clip' if clip else ''}{name}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def pretrain_args(cfg: str, data, model, out, steps: int, *extra: str) -> list[str]:
+    return ["--deepspeed_config", cfg, "--data", str(data), "--model", str(model), "--output_dir", str(out),
+            "--max_steps", str(steps), *extra]
+
+
+# Exported logits against the trained engine's on the same batch. fp32: rounding level.
+# bf16: both sides run the same bf16 weights through the same kernels, so they agree up to
+# bf16 rounding of the logits (|logit| < ~10, bf16 spacing there 2^-5 to 2^-4).
+TOLERANCE = {"fp32": 1e-4, "bf16": 6e-2}
+
+
+def hf_only(folder, check_file, adapter: bool = False) -> dict:
+    """What hf_only_check.py reports for an exported folder (or, with adapter, a LoRA adapter on its base)."""
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "hf_only_check.py"), str(folder), str(check_file),
+                           *(["--adapter"] if adapter else [])], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,70 @@
+"""Interrupts as users cause them: Ctrl-C in a terminal, a launcher killed on its own, and a second
+run started into the folder of a live one. Real 2-rank runs under the deepspeed launcher."""
+
+import os
+import re
+import signal
+
+import pytest
+
+from gpt_recipes.checkpoints.layout import is_complete
+from tests.helpers import Background, ds_json, launch, pretrain_args, read_metrics
+
+pytestmark = pytest.mark.slow
+
+LONG = 2000  # steps (tens of ms each): still training when the test interrupts it
+
+
+def _args(tmp_path, data, model, out, *extra, steps=LONG):
+    return pretrain_args(ds_json(tmp_path, 2, micro=2, fp32=True), data, model, out, steps, "--log_interval", "1",
+                         "--eval_interval", "0", "--save_interval", "2", *extra)
+
+
+def _stopped_at(log: str, why: str, status: int) -> int:
+    found = re.findall(rf"stopped: {why}: saved a checkpoint at step (\d+) and exited with status {status}", log)
+    assert len(found) == 1, log[-4000:]  # one save, one message
+    return int(found[0])
+
+
+def test_ctrl_c_saves_once_and_a_second_run_into_the_live_folder_is_refused(tmp_path, tiny_data, tiny_model):
+    out = tmp_path / "run"
+    run = Background("recipes/pretrain.py", _args(tmp_path, tiny_data, tiny_model, out), tmp_path / "run.log")
+    try:
+        run.wait_for_step(out, 3)  # step2's checkpoint exists, so a --resume passes every other check
+        second = launch("recipes/pretrain.py", _args(tmp_path, tiny_data, tiny_model, out, "--resume"), check=False)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert re.search(rf"error: --output_dir {re.escape(str(out))} is in use by another run \(pid \d+ on \S+, "
+                         r"started [\d-]+ [\d:]+: \S*recipes/pretrain.py", second.stderr), second.stderr[-3000:]
+        pids = run.tree()
+        os.killpg(run.proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole process group
+        run.wait_all(pids)
+        log = run.output()
+        step = _stopped_at(log, "SIGINT received", 130)
+        assert run.shm_buffers() == []
+    finally:
+        run.kill()
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == f"step{step}" and is_complete(ckpt / f"step{step}")
+    # A run killed while writing a metrics line leaves half of it: the resume drops it and says so.
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9999, "tokens": 12')
+    # The lock file the stopped run left does not block the next run, which continues from its step.
+    proc = launch("recipes/pretrain.py", _args(tmp_path, tiny_data, tiny_model, out, "--resume", steps=step + 2))
+    assert f"Resumed from step {step}" in proc.stdout
+    assert "metrics.jsonl: dropped its last line, which was cut short" in proc.stdout
+    assert [r["step"] for r in read_metrics(out)[0]] == list(range(1, step + 3))
+
+
+def test_ranks_whose_launcher_is_killed_save_and_exit(tmp_path, tiny_data, tiny_model):
+    out = tmp_path / "run"
+    run = Background("recipes/pretrain.py", _args(tmp_path, tiny_data, tiny_model, out), tmp_path / "run.log")
+    try:
+        run.wait_for_step(out, 2)
+        pids = run.tree()
+        os.kill(run.proc.pid, signal.SIGINT)  # the `deepspeed` launcher alone, not its ranks
+        run.wait_all(pids)
+        step = _stopped_at(run.output(), "the launcher that started the ranks is gone", 129)
+        assert run.shm_buffers() == []
+    finally:
+        run.kill()
+    assert is_complete(out / "checkpoints" / f"step{step}")
