@@ -1,0 +1,129 @@
+"""Every command README.md, docs/ and the Makefile show must parse: the script exists, knows each
+flag, and a command without placeholders parses whole (types, choices, positionals). So the
+docs cannot drift from the code."""
+
+import argparse
+import contextlib
+import io
+import re
+import runpy
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt_recipes import args as recipe_args
+from tests.helpers import REPO
+
+SCRIPT = r"(?:recipes|tools|benchmarks)/[a-z_]+\.py"
+LAUNCHER = r"(?:python3?|deepspeed|torchrun|accelerate launch|\$\(PYTHON\)|\$\(LAUNCH\))"
+# In a fenced block: any launch of a script. In running text: a launch, or a script with a flag.
+FENCED = re.compile(rf"{LAUNCHER}\b[^\n]*?\s({SCRIPT})([^\n]*)")
+INLINE = re.compile(rf"^(?:({LAUNCHER})\b[^\n]*?\s({SCRIPT})(.*)|()({SCRIPT})(\s+--.*|\s*))$")
+# Wrapped around the command or standing for something the reader supplies.
+PLACEHOLDER = re.compile(r"^(\.\.\.|[A-Z][A-Z0-9_]*(\.json)?|[a-z]+_OR_[A-Z_]+)$")
+
+
+def _documents() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "tests" / "README.md", REPO / "Makefile"]
+
+
+def documented_commands() -> list[tuple[str, str, str, bool]]:
+    """(where, script, the text after it, launched) for every command shown; a script named in
+    running text with some of its flags, not launched, is a fragment: its flags are checked."""
+    found = []
+    for doc in _documents():
+        text = doc.read_text()
+        if doc.name == "Makefile":
+            blocks, spans = [text], []
+        else:
+            blocks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+            spans = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        for block in blocks:
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                found += [(doc.name, m.group(1), m.group(2), True) for m in FENCED.finditer(line)]
+        for span in spans:
+            if m := INLINE.match(span.strip()):
+                launched = m.group(1) is not None
+                found.append((doc.name, *(m.group(2, 3) if launched else m.group(5, 6)), launched))
+    return found
+
+
+class _Parsed(Exception):
+    def __init__(self, spec: type):
+        self.spec = spec
+
+
+def parser_of(script: str) -> argparse.ArgumentParser:
+    """The script's own parser: the script runs until it parses its flags."""
+    def capture(spec, argv=None, description=None):
+        raise _Parsed(spec)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recipe_args, "parse_args", capture)
+        patch.setattr(sys, "argv", [script])
+        with pytest.raises(_Parsed) as parsed:
+            runpy.run_path(str(REPO / script), run_name="__main__")
+    return recipe_args.build_parser(parsed.value.spec)
+
+
+def _words(rest: str) -> list[str]:
+    rest = rest.split(" # ")[0].split("  #")[0].split(" ──>")[0]
+    rest = re.sub(r"\s+\|\s+(?=[a-z])", " ", rest)  # "[--x a | b]": alternatives
+    return shlex.split(rest.replace("[", " ").replace("]", " "))
+
+
+def check(parser: argparse.ArgumentParser, rest: str, whole: bool) -> str | None:
+    """Why `rest` does not parse, or None."""
+    words = _words(rest)
+    known = {s for action in parser._actions for s in action.option_strings}
+    unknown = [w.split("=")[0] for w in words if w.startswith("--") and w != "--" and w.split("=")[0] not in known]
+    if unknown:
+        return f"unknown flags {unknown}"
+    if not whole or "[" in rest or any(PLACEHOLDER.match(w) for w in words):
+        return None
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            parser.parse_args(words)
+    except SystemExit:
+        return err.getvalue().strip().splitlines()[-1]
+    return None
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_show_commands_of_every_kind():
+    scripts = {script for _, script, _, _ in COMMANDS}
+    assert {"recipes/pretrain.py", "recipes/finetune.py", "recipes/dpo.py", "tools/prepare_data.py",
+            "tools/convert_to_hf.py", "tools/evaluate.py", "tools/plan_memory.py",
+            "benchmarks/benchmark.py"} <= scripts
+    assert len(COMMANDS) > 60 and sum(launched for *_, launched in COMMANDS) > 40
+
+
+@pytest.mark.parametrize("script", sorted({script for _, script, _, _ in COMMANDS}))
+def test_every_documented_command_parses(script):
+    assert (REPO / script).is_file(), f"{script} is shown in the docs but does not exist"
+    parser = parser_of(script)
+    problems = []
+    for where, shown, rest, launched in COMMANDS:
+        if shown != script:
+            continue
+        own, _, passed_on = rest.partition(" -- ")
+        why = check(parser, own, whole=launched)
+        if why is None and passed_on:  # the sweep hands flags after `--` to the pretraining recipe
+            why = check(parser_of("recipes/pretrain.py"), passed_on, whole=launched)
+        if why:
+            problems.append(f"{where}: {script}{rest}\n    {why}")
+    assert not problems, "\n".join(problems)
+
+
+def test_a_drifted_command_is_caught():
+    parser = parser_of("tools/convert_to_hf.py")
+    assert check(parser, " runs/a exported/a --tag step3", whole=True) is None
+    assert "unknown flags ['--verify_logits']" in check(parser, " runs/a out --verify_logits", whole=True)
+    assert "invalid choice" in check(parser, " runs/a out --dtype fp8", whole=True)
+    assert check(parser, " RUN OUT [--dtype fp32|bf16]", whole=True) is None  # placeholders: flags only
+    assert "required" in check(parser_of("tools/summarize_throughput.py"), " --markdown", whole=True)
