@@ -47,7 +47,7 @@ class PlainLoopArgs:
     log_interval: int = flag(5, "steps between metrics lines")
     lr: float = flag(1e-3, "AdamW learning rate (constant)")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off); the recipe's JSONs clip at 1.0")
-    fused_loss: bool = flag(True, "the recipe's fused output layer and loss (see gpt_recipes/loss.py)")
+    fused_loss: bool = flag(True, "the recipe's fused output layer and loss (see gpt_recipes/models/loss.py)")
     seed: int = flag(1234, "seed for initialisation and the data order")
     peak_tflops: Optional[float] = flag(None, "peak TFLOP/s per device for MFU (default: table or CPU probe)")
     output_dir: str = flag("runs/plain", "folder for metrics.jsonl")

@@ -99,7 +99,7 @@ def main() -> None:
     traced: dict[tuple, float] = {}
 
     def per_sample(layout: Layout) -> float:
-        # ZeRO-3 and tensor parallelism take the plain loss (see gpt_recipes/loss.py), the others the fused
+        # ZeRO-3 and tensor parallelism take the plain loss (see gpt_recipes/models/loss.py), the others the fused
         # one; a sequence-parallel rank holds the activations of its 1/sp of the tokens.
         key = (layout.precision, layout.micro_batch, layout.stage < 3 and layout.tp == 1, layout.sp, layout.tp)
         if key not in traced:

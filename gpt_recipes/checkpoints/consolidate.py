@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from gpt_recipes import console
 from gpt_recipes.checkpoints.layout import latest_tag, recorded_info
 from gpt_recipes.errors import UserError
 
@@ -25,6 +26,11 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str | None = None, lazy: bool =
     own at ZeRO-3, `_Zero2Weight` at ZeRO-1/2, where DeepSpeed's merge concatenates
     every rank's partition into one fp32 vector first.
     """
+    with console.quiet_prints():  # DeepSpeed's reader narrates each file it opens
+        return _consolidated(ckpt_dir, tag, lazy)
+
+
+def _consolidated(ckpt_dir: Path, tag: str | None, lazy: bool) -> dict[str, Any]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag = tag or latest_tag(ckpt_dir)

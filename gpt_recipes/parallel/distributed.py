@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gpt_recipes import console
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -62,7 +64,7 @@ def init(env: DistEnv, shm_comm: bool = False) -> str | None:
     """Start the process group (gloo on CPU, NCCL on GPU: DeepSpeed picks from the accelerator).
 
     With `shm_comm`, CPU ranks on one machine also send their collectives through shared
-    memory (gpt_recipes/shm_comm.py). Returns None if they do, else why not.
+    memory (gpt_recipes/parallel/shm_comm.py). Returns None if they do, else why not.
     """
     import deepspeed
 
@@ -89,7 +91,8 @@ def init(env: DistEnv, shm_comm: bool = False) -> str | None:
 
         get_accelerator().set_device(env.local_rank)
         plain_cuda_arch_list()
-    deepspeed.init_distributed()
+    with console.quiet_prints():  # DeepSpeed's "built successfully", on every rank and launch
+        deepspeed.init_distributed()
     return shm.enable() if why_not_shm is None else why_not_shm
 
 

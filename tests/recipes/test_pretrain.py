@@ -57,7 +57,8 @@ def _parity_run(tmp_path, tiny_data, tiny_model, stage, ranks, micro, accum, fus
         proc = run_python("recipes/pretrain.py", args)
         assert proc.returncode == 0, proc.stderr[-3000:]
     else:
-        launch("recipes/pretrain.py", args, ranks=ranks)
+        proc = launch("recipes/pretrain.py", args, ranks=ranks)
+    (tmp_path / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
     return out
 
 
@@ -121,6 +122,11 @@ def test_two_rank_run_learns_and_records_what_it_did(cross_stage, stage):
     assert resolved["deepspeed"]["scheduler"]["params"]["total_num_steps"] == PARITY_STEPS
     assert resolved["fused_loss"] == (stage < 3)
     assert resolved["shm_comm"] is True  # so the parity covers the shared-memory collectives
+    # The ranks print the recipe's lines, not DeepSpeed's chatter (console.py) or progress bars.
+    log = (out.parent / f"{out.name}.log").read_text()
+    assert log.count("\nstep ") >= PARITY_STEPS and "Model:" in log
+    for chatter in ("Setting accelerator to CPU", "built successfully", "before it has started", "0%|"):
+        assert chatter not in log
 
 
 def test_accumulating_runs_took_the_loss_route_asked_for(cross_stage):
