@@ -127,3 +127,15 @@ def test_a_drifted_command_is_caught():
     assert "invalid choice" in check(parser, " runs/a out --dtype fp8", whole=True)
     assert check(parser, " RUN OUT [--dtype fp32|bf16]", whole=True) is None  # placeholders: flags only
     assert "required" in check(parser_of("tools/summarize_throughput.py"), " --markdown", whole=True)
+
+
+def test_every_test_the_docs_cite_exists():
+    """`test_x.py` and `test_x.py::test_y` in the docs name a test file and a test in it."""
+    files = {p.name: p.read_text() for p in (REPO / "tests").rglob("test_*.py")}
+    missing = []
+    for doc in _documents():
+        for m in re.finditer(r"\b(test_[a-z_]+\.py)(?:::(test_[a-z0-9_]+))?", doc.read_text()):
+            name, test = m.groups()
+            if name not in files or (test and not re.search(rf"^def {test}\b", files[name], flags=re.M)):
+                missing.append(f"{doc.name}: {m.group(0)}")
+    assert not missing, "\n".join(missing)

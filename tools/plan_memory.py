@@ -44,7 +44,8 @@ class PlanMemoryArgs:
     ranks: int = flag(1, "ranks (GPUs, or processes on a CPU) per node")
     nodes: int = flag(1, "nodes")
     gpu_mem: Optional[float] = flag(None, "memory per GPU in GiB (default: plan for CPU ranks sharing host memory)")
-    host_mem: Optional[float] = flag(None, "host memory per node in GiB (default: this machine's)")
+    host_mem: Optional[float] = flag(None, "host memory per node in GiB (default: this machine's for CPU ranks; for "
+                                     "GPUs, not checked)")
     seq_len: Optional[int] = flag(None, "tokens per sample (default: the model's context length)")
     micro_batch: Optional[int] = flag(None, "samples per rank per forward (default: each config's "
                                       "train_micro_batch_size_per_gpu)")
@@ -111,8 +112,9 @@ def main() -> None:
                                                fused_loss=key[2], lora=lora) / layout.micro_batch
         return traced[key]
 
-    host = args.host_mem * GiB if args.host_mem else host_memory_bytes()
     device = args.gpu_mem * GiB if args.gpu_mem else None
+    # This machine's memory describes CPU ranks run here, not the hosts of a GPU cluster.
+    host = args.host_mem * GiB if args.host_mem else None if device else host_memory_bytes()
 
     rows = []
     for layout in layouts:
@@ -129,8 +131,9 @@ def main() -> None:
         raise UserError(f"none of the configs can run {args.model} on {args.ranks * args.nodes} rank(s); the lines "
                         "above say why")
     where = f"{args.gpu_mem:g} GiB GPUs" if device else "CPU ranks sharing host memory"
+    host_text = f"host {host / GiB:.1f} GiB per node" if host else "host memory not given"
     print(f"{args.model}: {sizes.total / 1e6:.1f}M parameters, seq_len {seq_len}; {args.ranks} rank(s) per node x "
-          f"{args.nodes} node(s) ({where}; host {host / GiB:.1f} GiB per node)"
+          f"{args.nodes} node(s) ({where}; {host_text})"
           f"{'; activation checkpointing' if args.activation_checkpointing else ''}")
     if lora is not None:
         print(f"LoRA r {lora.r} on {', '.join(sorted(lora.target_modules))}: {sizes.trainable / 1e6:.2f}M trainable "
@@ -151,7 +154,14 @@ def main() -> None:
         print(f"{layout.name:15s} {layout.stage:>4d} {layout.precision:>4s} {size(e.params):>7s} {size(e.grads):>6s} "
               f"{size(e.optimizer):>6s} {size(e.buffers):>7s} {size(e.model_states):>7s} {size(e.activations):>6s} "
               f"{layout.micro_batch:>3d} {size(e.host):>6s} {ds:>13s} {size(row.need):>7s}  "
-              f"{'yes' if row.fits else 'no'}")
+              f"{row.verdict}")
+    if device:
+        print("\nOffloading configs fit only if their node's host memory holds the offloaded states of its ranks, by "
+              "this estimate and by DeepSpeed's (the larger). DeepSpeed's host figure for a config without offload "
+              "counts each rank building the whole fp32 model in host memory at start-up; the recipes build it on the "
+              "device (ZeRO-3: partitioned), so that figure is not a limit here.")
+        if any(row.verdict == "yes*" for row in rows):
+            print("yes*: fits the GPU; the host memory was not checked (give --host_mem, in GiB per node).")
     best = recommend(rows)
     if best is None:
         print("\nNothing fits: add ranks or nodes, lower the micro-batch (raise gradient_accumulation_steps to keep "

@@ -171,7 +171,8 @@ def estimate(layout: Layout, sizes: ModelSizes, ranks: int, activations: float) 
         params = w * (persistent + (psi - persistent) / n)
         buffers = g * layout.reduce_bucket_size  # allocated whole, however small the model
     if layout.offload_optimizer and layout.stage >= 1:
-        host += optimizer
+        # The optimizer steps on the host, on fp32 copies of this rank's gradient partition.
+        host += optimizer + 4 * trainable / n
         optimizer = 0.0
     if layout.offload_param and layout.stage == 3:
         host += params
@@ -281,32 +282,49 @@ class PlanRow:
     deepspeed: tuple[float, float] | None  # DeepSpeed's (device, host per node) estimate
     need: float  # per rank, with runtime and headroom
     fits: bool
+    host_need: float = 0.0  # per node: what its ranks offload (GPUs) or all they hold (CPU ranks)
+    host_checked: bool = True  # False: states are offloaded but no host memory was given to check
+
+    @property
+    def verdict(self) -> str:
+        return "no" if not self.fits else "yes" if self.host_checked else "yes*"
 
 
 def plan(layouts: list[Layout], sizes: ModelSizes, activations_per_sample: float, ranks_per_node: int,
-         nodes: int, device_memory: float | None, host_memory: float) -> list[PlanRow]:
-    """One row per layout. With device_memory (GPUs) the device must hold each rank's share
-    and the host the offloaded states of its node's ranks; on a CPU the host holds all."""
+         nodes: int, device_memory: float | None, host_memory: float | None) -> list[PlanRow]:
+    """One row per layout. With device_memory (GPUs) the device must hold each rank's share and
+    the host the offloaded states of its node's ranks, by this estimate and by DeepSpeed's where it
+    has one (the larger counts); without host_memory the host is not checked, and an offloading
+    row says so. On CPU ranks the host holds everything, and host_memory is required."""
     rows = []
     for layout in layouts:
         est = estimate(layout, sizes, ranks_per_node * nodes, activations_per_sample * layout.micro_batch)
+        ds = deepspeed_estimate(layout, sizes, ranks_per_node, nodes)
         if device_memory is not None:
             need = HEADROOM["cuda"] * est.device + RUNTIME_BYTES["cuda"]
-            fits = need <= device_memory and ranks_per_node * est.host <= host_memory
+            host_need = ranks_per_node * est.host
+            if est.host and ds:  # DeepSpeed's host figure without offload is start-up in fp32, see tools/plan_memory.py
+                host_need = max(host_need, ds[1])
+            checked = host_memory is not None or not est.host
+            fits = need <= device_memory and (host_memory is None or host_need <= host_memory)
         else:
+            if host_memory is None:
+                raise ValueError("CPU ranks hold everything in host memory: give host_memory")
             need = HEADROOM["cpu"] * (est.device + est.host) + RUNTIME_BYTES["cpu"]
-            fits = ranks_per_node * need <= host_memory
-        rows.append(PlanRow(est, deepspeed_estimate(layout, sizes, ranks_per_node, nodes), need, fits))
+            host_need, checked = ranks_per_node * need, True
+            fits = host_need <= host_memory
+        rows.append(PlanRow(est, ds, need, fits, host_need, checked))
     return rows
 
 
 def recommend(rows: list[PlanRow]) -> PlanRow | None:
-    """The fitting row that communicates least (see PREFERENCE); bf16 configs first."""
+    """The fitting row that communicates least (see PREFERENCE); bf16 configs first, and rows whose
+    host memory was checked before those whose was not."""
     fitting = [r for r in rows if r.fits]
 
     def rank(row: PlanRow) -> tuple:
         name = row.estimate.layout.name
         order = PREFERENCE.index(name) if name in PREFERENCE else len(PREFERENCE)
-        return (row.estimate.layout.precision != "bf16", order, row.need)
+        return (not row.host_checked, row.estimate.layout.precision != "bf16", order, row.need)
 
     return min(fitting, key=rank) if fitting else None

@@ -39,11 +39,13 @@ def test_model_states_follow_the_zero_paper(ranks):
 
 
 def test_offload_moves_optimizer_state_to_the_host():
+    """The host holds the optimizer state and the fp32 gradients it steps on (this rank's partition)."""
     on_device = estimate(layout(2), BIG, 4, 0)
     offloaded = estimate(layout(2, offload=True), BIG, 4, 0)
-    assert offloaded.optimizer == 0 and offloaded.host == on_device.optimizer == 12 * PSI / 4
+    assert on_device.optimizer == 12 * PSI / 4
+    assert offloaded.optimizer == 0 and offloaded.host == on_device.optimizer + 4 * PSI / 4
     z3 = estimate(layout(3, offload=True, offload_param=True), BIG, 4, 0)
-    assert z3.params == 2 * (PSI // 2) and z3.host == pytest.approx(12 * PSI / 4 + 2 * PSI / 4)
+    assert z3.params == 2 * (PSI // 2) and z3.host == pytest.approx((12 + 4 + 2) * PSI / 4)
 
 
 def test_stage3_keeps_small_parameters_whole():
@@ -101,6 +103,24 @@ def test_recommendation_prefers_least_communication_that_fits():
     assert [r.fits for r in rows] == [False, True, True] and recommend(rows).estimate.layout.stage == 2
     rows = plan(layouts, sizes, 0, ranks_per_node=8, nodes=1, device_memory=2 * gib, host_memory=1000 * gib)
     assert recommend(rows) is None
+
+
+def test_offloading_fits_only_where_the_host_holds_it_by_both_estimates():
+    gib = 2**30
+    offload = layout(3, offload=True, offload_param=True)
+    rows = plan([layout(3), offload], BIG, 0, ranks_per_node=8, nodes=1, device_memory=80 * gib, host_memory=None)
+    assert [r.verdict for r in rows] == ["yes", "yes*"]  # no host memory given: the offloading row says so
+    assert recommend(rows).estimate.layout is rows[0].estimate.layout
+    ours, deepspeeds = 8 * rows[1].estimate.host, rows[1].deepspeed[1]
+    assert deepspeeds > ours  # DeepSpeed counts a 1.5x buffer factor on the host
+    assert rows[1].host_need == deepspeeds
+    between = (ours + deepspeeds) / 2  # our estimate alone would fit
+    rows = plan([offload], BIG, 0, ranks_per_node=8, nodes=1, device_memory=80 * gib, host_memory=between)
+    assert rows[0].verdict == "no"
+    rows = plan([offload], BIG, 0, ranks_per_node=8, nodes=1, device_memory=80 * gib, host_memory=2 * deepspeeds)
+    assert rows[0].verdict == "yes"
+    with pytest.raises(ValueError):
+        plan([offload], BIG, 0, ranks_per_node=2, nodes=1, device_memory=None, host_memory=None)
 
 
 # A model whose matrices exceed ZeRO-3's persistence threshold, so every stage partitions it.
