@@ -16,7 +16,7 @@ from typing import Optional
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.folders import check_creatable
-from gpt_recipes.metrics.summary import csv_text, markdown_table, metrics_path, plot, summarize, text_table
+from gpt_recipes.metrics.summary import caveats, csv_text, markdown_table, metrics_path, plot, summarize, text_table
 
 
 @dataclass
@@ -53,6 +53,8 @@ def main() -> None:
     names = _names(run_dirs)
     summaries = [summarize(d, name, args.warmup_steps) for d, name in zip(run_dirs, names)]
     print(markdown_table(summaries) if args.markdown else text_table(summaries))
+    for note in caveats(summaries):
+        print(note)
     if args.csv:
         Path(args.csv).write_text(csv_text(summaries))
         print(f"Wrote {args.csv}")

@@ -19,7 +19,7 @@ from pathlib import Path
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.launch import run_pretrain
-from gpt_recipes.metrics.summary import markdown_table, plot, summarize, text_table
+from gpt_recipes.metrics.summary import caveats, markdown_table, plot, summarize, text_table
 
 
 @dataclass
@@ -77,6 +77,8 @@ def main() -> None:
     summaries = [summarize(r.out_dir, r.config.stem) for r in done]
     print()
     print(markdown_table(summaries) if args.markdown else text_table(summaries))
+    for note in caveats(summaries):
+        print(note)
     if args.plots:
         for path in plot([r.out_dir for r in done], [r.config.stem for r in done], out):
             print(f"Wrote {path}")

@@ -116,6 +116,7 @@ def _scores_text(scores: dict[str, float], digits: int = 3) -> str:
 
 COLUMNS = [  # (field, header, format)
     ("name", "run", "{}"),
+    ("measured_lines", "log lines", "{}"),
     ("tokens_per_sec", "tokens/s (median)", "{:.0f}"),
     ("tokens_per_sec_p10", "p10", "{:.0f}"),
     ("tokens_per_sec_p90", "p90", "{:.0f}"),
@@ -129,6 +130,21 @@ COLUMNS = [  # (field, header, format)
     ("val_loss_by_source", "val loss by source", lambda losses: _scores_text(losses, 4)),
     ("task_scores", "task scores (last eval)", _scores_text),
 ]
+
+
+# Fewer measured log lines than this, and a median is one or two windows: say so under the table.
+FEW_LINES = 3
+
+
+def caveats(summaries: list[RunSummary]) -> list[str]:
+    """A line for each run whose throughput figures rest on too few log lines to be a median."""
+    notes = []
+    for s in summaries:
+        if s.measured_lines < FEW_LINES:
+            what = "no log line" if not s.measured_lines else f"{s.measured_lines} log line(s)"
+            notes.append(f"note: {s.name}'s throughput rests on {what} after warm-up (p10 and p90 are then the "
+                         "same windows); run longer, or log more often (--log_interval)")
+    return notes
 
 
 def _cells(summary: RunSummary) -> list[str]:

@@ -1,6 +1,7 @@
 """The throughput summariser on metrics files recorded from real runs (2 CPU ranks, gpt2-micro, fp32)."""
 
 import csv
+import json
 import shutil
 import statistics
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gpt_recipes.errors import UserError
-from gpt_recipes.metrics.summary import percentile, read_lines, summarize
+from gpt_recipes.metrics.summary import caveats, percentile, read_lines, summarize, text_table
 from tests.helpers import run_python
 
 DATA = Path(__file__).parents[1] / "fixtures"
@@ -39,6 +40,20 @@ def test_summary_values_match_the_recorded_lines(tmp_path):
     assert (s.final_val_loss, s.best_val_loss) == (evals[-1], min(evals))
     # An explicit warm-up keeps every line.
     assert summarize(_run_dir(tmp_path, "all", RECIPE), warmup_steps=0).measured_lines == len(train)
+
+
+def test_a_short_run_says_its_figures_rest_on_few_lines(tmp_path):
+    lines = [json.loads(line) for line in RECIPE.read_text().splitlines() if line.strip()]
+    run = tmp_path / "short"
+    run.mkdir()
+    kept = [r for r in lines if "tokens_per_sec" not in r or r["step"] <= 10]  # two training lines
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    short, full = summarize(run), summarize(_run_dir(tmp_path, "zero0", RECIPE))
+    assert short.measured_lines == 1 and full.measured_lines == 5
+    assert caveats([full]) == []
+    assert caveats([full, short]) == ["note: short's throughput rests on 1 log line(s) after warm-up (p10 and p90 "
+                                      "are then the same windows); run longer, or log more often (--log_interval)"]
+    assert text_table([short]).splitlines()[0].split()[1:3] == ["log", "lines"]
 
 
 def test_percentile_interpolates():
