@@ -68,17 +68,17 @@ def main() -> None:
             name = f"{method}_zero{stage}"
             print(f"[{name}] {config.relative_to(REPO)}", flush=True)
             extra = ["--use_peft", "--lora_r", str(args.lora_r)] if method == "lora" else []
-            run = run_recipe("finetune", config, out / name, args.ranks, [*common, *extra], quiet=True)
-            if not run.ok:
-                raise UserError(f"the {name} run failed (exit {run.returncode}); see its output above")
-            evals = [r for r in read_lines(run.out_dir) if "val_loss" in r]
-            summary = summarize(run.out_dir)
+            result = run_recipe("finetune", config, out / name, args.ranks, [*common, *extra], quiet=True)
+            if not result.ok:
+                raise UserError(f"the {name} run failed (exit {result.returncode}); see its output above")
+            evals = [r for r in read_lines(result.out_dir) if "val_loss" in r]
+            summary = summarize(result.out_dir)
             sizes = model_sizes(model_config, lora if method == "lora" else None)
             planned = estimate(Layout.from_config(name, ds_config.load_config(config)), sizes, args.ranks, 0.0)
             rows.append([name, f"{evals[0]['val_loss']:.3f} -> {evals[-1]['val_loss']:.3f}",
                          f"{summary.tokens_per_sec:.0f}", f"{sizes.trainable / 1e6:.3f}M",
                          f"{summary.model_state_mb:.0f}", f"{planned.model_states / MiB:.0f}",
-                         f"{summary.peak_mem_mb:.0f}", f"{checkpoint_bytes(run.out_dir) / MiB:.1f}"])
+                         f"{summary.peak_mem_mb:.0f}", f"{checkpoint_bytes(result.out_dir) / MiB:.1f}"])
 
     header = ["run", "held-out loss", "tokens/s", "trainable", "model states MiB", "planned MiB", "peak RSS MiB",
               "checkpoint MiB"]

@@ -202,10 +202,10 @@ def _warmup_steps(max_steps: int) -> int:
     return max(1, round(0.05 * max_steps))
 
 
-# "auto" values the recipe may fill: (section, key) -> function of the run.
+# "auto" values the recipe may fill: (section, key) -> function of the run's settings.
 AUTO_FILLERS = {
-    ("scheduler", "total_num_steps"): lambda run: run["max_steps"],
-    ("scheduler", "warmup_num_steps"): lambda run: _warmup_steps(run["max_steps"]),
+    ("scheduler", "total_num_steps"): lambda settings: settings["max_steps"],
+    ("scheduler", "warmup_num_steps"): lambda settings: _warmup_steps(settings["max_steps"]),
 }
 
 
@@ -220,12 +220,12 @@ def fill_auto(cfg: dict[str, Any], max_steps: int, monitor_dir: Path | None = No
     monitor with no output_path (or "auto") writes into `monitor_dir` (the run folder's monitor/). Any other
     "auto" is an error: the JSON owns those settings and must state them.
     """
-    run = {"max_steps": max_steps}
+    settings = {"max_steps": max_steps}
     filled: dict[str, Any] = {}
     sched_params = (cfg.get("scheduler") or {}).get("params") or {}
     for (section, key), fill in AUTO_FILLERS.items():
         if section == "scheduler" and sched_params.get(key) == "auto":
-            sched_params[key] = fill(run)
+            sched_params[key] = fill(settings)
             filled[f"scheduler.params.{key}"] = sched_params[key]
     for name in enabled_monitors(cfg):
         section = cfg[name]

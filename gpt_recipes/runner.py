@@ -35,7 +35,7 @@ from gpt_recipes.models.causal_lm import count_parameters, enable_activation_che
 from gpt_recipes.models.loss import CausalLMLoss, fused_unavailable
 from gpt_recipes.parallel import distributed, sequence_tensor
 from gpt_recipes.parallel.distributed import DistEnv
-from gpt_recipes.train.loop import Batches, LoopConfig, Samples, TrainState, train
+from gpt_recipes.train.loop import Batches, LoopSettings, Samples, TrainState, train
 
 
 @dataclass
@@ -182,8 +182,8 @@ def build(args: RunArgs, run: RunPlan, job: Job, stage: int) -> PreTrainedModel:
     if job.adapter is not None:
         trainable = adapters.trainable_parameters(model)
         job.record["adapter"] = job.adapter.record(trainable)
-        cfg = job.adapter.config
-        run.say(f"LoRA: r {cfg.r}, alpha {cfg.lora_alpha:g}, dropout {cfg.lora_dropout:g} on "
+        lora = job.adapter.config
+        run.say(f"LoRA: r {lora.r}, alpha {lora.lora_alpha:g}, dropout {lora.lora_dropout:g} on "
                 f"{', '.join(job.adapter.targets)}: {trainable / 1e6:.3f}M trainable parameters "
                 f"({trainable / count_parameters(model):.2%}); the base is frozen"
                 + (" and stays partitioned" if stage == 3 else ""))
@@ -352,7 +352,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     if job.before_training is not None:
         job.before_training(engine, state.step)
 
-    loop = LoopConfig(max_steps=args.max_steps, seq_len=job.seq_len, log_interval=args.log_interval,
+    loop = LoopSettings(max_steps=args.max_steps, seq_len=job.seq_len, log_interval=args.log_interval,
                       eval_interval=args.eval_interval, save_interval=args.save_interval, out_dir=run.out_dir,
                       device_type=run.device, flops_per_token=flops_per_token, peak_tflops=peak,
                       global_batch=run.batch.global_batch, downstream=downstream_eval(args, run, job))

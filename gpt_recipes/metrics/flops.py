@@ -67,11 +67,11 @@ def flops_shape(model_config: PretrainedConfig) -> FlopsShape:
         model = build_model(model_config)
     # Every Linear (GPT-2's blocks use Conv1D) including the output head, tied or not.
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
-    cfg = model_config
-    n_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    n_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    width = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    head_dim = getattr(cfg, "head_dim", None) or width // n_heads
+    c = model_config
+    n_layers = getattr(c, "num_hidden_layers", None) or c.n_layer
+    n_heads = getattr(c, "num_attention_heads", None) or c.n_head
+    width = getattr(c, "hidden_size", None) or c.n_embd
+    head_dim = getattr(c, "head_dim", None) or width // n_heads
     return FlopsShape(matmul, n_layers, n_heads * head_dim)
 
 

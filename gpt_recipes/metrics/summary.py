@@ -68,19 +68,19 @@ def _median(values: list[float]) -> float | None:
 
 def summarize(run_dir: Path, name: str | None = None, warmup_steps: int | None = None) -> RunSummary:
     lines = read_lines(run_dir)
-    train = [r for r in lines if "loss" in r and "tokens_per_sec" in r]
+    train_lines = [r for r in lines if "loss" in r and "tokens_per_sec" in r]
     evals = [r for r in lines if "val_loss" in r]
     steps = max((r["step"] for r in lines), default=0)
     if warmup_steps is None:
-        warmup_steps = max(train[0]["step"] if train else 0, math.ceil(0.1 * steps))
-    measured = [r for r in train if r["step"] > warmup_steps]
+        warmup_steps = max(train_lines[0]["step"] if train_lines else 0, math.ceil(0.1 * steps))
+    measured = [r for r in train_lines if r["step"] > warmup_steps]
 
     def column(key: str) -> list[float]:
         return [float(r[key]) for r in measured if r.get(key) is not None]
 
     tps = column("tokens_per_sec")
     memory = next((r for r in lines if "model_state_mb" in r), {})
-    peaks = [float(r["peak_mem_mb"]) for r in train if r.get("peak_mem_mb") is not None]
+    peaks = [float(r["peak_mem_mb"]) for r in train_lines if r.get("peak_mem_mb") is not None]
     step_times = column("step_time")
     return RunSummary(
         name=name or Path(run_dir).name,
@@ -198,9 +198,9 @@ def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, lines in runs:
-        train = [r for r in lines if "loss" in r]
+        train_lines = [r for r in lines if "loss" in r]
         evals = [r for r in lines if "val_loss" in r]
-        line, = ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label=f"{name} train")
+        line, = ax.plot([r["tokens"] for r in train_lines], [r["loss"] for r in train_lines], label=f"{name} train")
         if evals:
             ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o--", color=line.get_color(),
                     label=f"{name} validation")
@@ -209,8 +209,8 @@ def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, lines in runs:
-        train = [r for r in lines if "tokens_per_sec" in r]
-        ax.plot([r["step"] for r in train], [r["tokens_per_sec"] for r in train], "o-", label=name)
+        train_lines = [r for r in lines if "tokens_per_sec" in r]
+        ax.plot([r["step"] for r in train_lines], [r["tokens_per_sec"] for r in train_lines], "o-", label=name)
     ax.set(xlabel="step", ylabel="tokens/s (all ranks)", title="Throughput against step")
     ax.set_ylim(bottom=0)
     written.append(_save(plt, fig, ax, out_dir / "tokens_per_sec.png"))

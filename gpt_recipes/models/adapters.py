@@ -143,9 +143,9 @@ class AdapterPlan:
 
     def record(self, trainable: int | None = None) -> dict[str, Any]:
         """What OUT/config.json and each checkpoint's training.json say about the adapters."""
-        cfg = self.config
-        return {"type": "lora", "r": cfg.r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-                "target_modules": self.targets, "modules_to_save": sorted(cfg.modules_to_save or []),
+        lora = self.config
+        return {"type": "lora", "r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
+                "target_modules": self.targets, "modules_to_save": sorted(lora.modules_to_save or []),
                 "base_model": self.base, "base_fingerprint": self.base_fingerprint,
                 **({"trainable_parameters": trainable} if trainable is not None else {})}
 
@@ -229,26 +229,26 @@ def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
 
-def check_resume(saved: dict[str, Any] | None, plan: AdapterPlan | None, where: Path) -> str | None:
+def check_resume(saved: dict[str, Any] | None, adapter: AdapterPlan | None, where: Path) -> str | None:
     """Refuse to resume a checkpoint with another kind of run or another base; a note if the base moved."""
-    if saved is None and plan is None:
+    if saved is None and adapter is None:
         return None
     if saved is None:
         raise UserError(f"checkpoint {where} is from full fine-tuning: resume it without --use_peft")
-    if plan is None:
+    if adapter is None:
         raise UserError(f"checkpoint {where} holds LoRA adapters: resume it with --use_peft")
-    if saved["base_fingerprint"] != plan.base_fingerprint:
+    if saved["base_fingerprint"] != adapter.base_fingerprint:
         raise UserError(f"checkpoint {where} adapts the base model {saved['base_model']} ({_short(saved)}); "
-                        f"--model_name_or_path {plan.base} holds other weights ({_short(plan.record())}): resume "
+                        f"--model_name_or_path {adapter.base} holds other weights ({_short(adapter.record())}): resume "
                         "with the base it was trained on")
-    mine = plan.record()
+    mine = adapter.record()
     changed = [f"--lora_{key} {saved[key]} -> {mine[key]}" for key in ("r", "alpha", "dropout", "target_modules",
                                                                       "modules_to_save") if saved[key] != mine[key]]
     if changed:
         raise UserError(f"checkpoint {where} was trained with other LoRA settings ({'; '.join(changed)}); resume "
                         "with the same ones")
-    if saved["base_model"] != plan.base:
-        return f"The base model moved: {saved['base_model']} -> {plan.base} (same weights)"
+    if saved["base_model"] != adapter.base:
+        return f"The base model moved: {saved['base_model']} -> {adapter.base} (same weights)"
     return None
 
 

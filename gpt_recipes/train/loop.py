@@ -47,7 +47,7 @@ class Samples(Protocol):
 
 
 @dataclass
-class LoopConfig:
+class LoopSettings:
     max_steps: int
     seq_len: int
     log_interval: int
@@ -158,24 +158,24 @@ def train(
     batches: Batches,
     plan: BatchPlan,
     env: DistEnv,
-    cfg: LoopConfig,
+    settings: LoopSettings,
     state: TrainState,
     metrics: MetricsLog,
     loss_fn: CausalLMLoss,
     save_checkpoint: Callable[[TrainState], Path],
 ) -> TrainState:
-    """Train until cfg.max_steps; raises DivergedError on a non-finite loss (without saving) and
+    """Train until settings.max_steps; raises DivergedError on a non-finite loss (without saving) and
     Preempted after saving when any rank receives SIGTERM/SIGINT."""
     stop = StopSignal(on_insist=remove_own_shm_buffers)
     try:
-        return _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkpoint, stop)
+        return _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_checkpoint, stop)
     finally:
         stop.restore()
 
 
-def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkpoint, stop) -> TrainState:
+def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_checkpoint, stop) -> TrainState:
     say = tqdm.write if env.is_main else (lambda *_: None)
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=settings.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not env.is_main or not sys.stderr.isatty())
     good_step = state.step  # the last step known to have a finite loss
 
@@ -183,11 +183,11 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
         result = evaluate(engine, batches, loss_fn)
         val_loss = result["val_loss"]
         if not math.isfinite(val_loss):
-            raise _diverged(state.step, good_step, cfg.out_dir, "validation loss")
+            raise _diverged(state.step, good_step, settings.out_dir, "validation loss")
         if getattr(loss_fn, "reports_perplexity", True):
             result["val_ppl"] = math.exp(min(val_loss, 50.0))
-        if cfg.downstream is not None:
-            result.update(cfg.downstream(engine))
+        if settings.downstream is not None:
+            result.update(settings.downstream(engine))
         metrics.write({"step": state.step, "tokens": state.tokens, **result})
         say(f"step {state.step:>6d} | " + " | ".join(_shown(k, v) for k, v in result.items()))
         return val_loss
@@ -200,7 +200,7 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
         run_eval()
 
     loss_sum = torch.zeros((), device=engine.device)
-    window = ThroughputWindow(cfg.flops_per_token, env.world_size, cfg.peak_tflops, cfg.global_batch)
+    window = ThroughputWindow(settings.flops_per_token, env.world_size, settings.peak_tflops, settings.global_batch)
 
     def window_loss() -> float:
         """Mean loss since the last log line over all ranks and micro-steps (waits for the device)."""
@@ -209,15 +209,15 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
         # each rank of its tensor-parallel group.
         mean = total / (window.steps * plan.grad_accum * plan.grad_divisor * plan.tp)
         if not math.isfinite(mean):
-            raise _diverged(state.step, good_step, cfg.out_dir, "training loss")
+            raise _diverged(state.step, good_step, settings.out_dir, "training loss")
         return mean
 
     timers = EngineTimers(engine)
-    probe = MemoryProbe(engine.module, cfg.device_type)
+    probe = MemoryProbe(engine.module, settings.device_type)
     probe_step = state.step + 1  # the second step of this process: optimizer state exists by then
     memory_fields: dict[str, float] = {}
 
-    while state.step < cfg.max_steps:
+    while state.step < settings.max_steps:
         probing = state.step == probe_step
         global_batch = batches.order.global_batch(state.step)
         loss_sum += _step(engine, batches, plan, env, state.step, loss_fn, probe if probing else None, window)
@@ -230,14 +230,14 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
         state.tokens += step_tokens
         window.add_step(step_tokens)
         bar.update(1)
-        last = state.step == cfg.max_steps
+        last = state.step == settings.max_steps
         faults.after_step(state.step, env.rank)
         signum = stop.agreed()
 
-        if _is_due(state.step, cfg.log_interval, last) or signum:
+        if _is_due(state.step, settings.log_interval, last) or signum:
             mean_loss = window_loss()
             good_step = state.step
-            peak = rank_max(peak_memory_mb(cfg.device_type), engine.device)
+            peak = rank_max(peak_memory_mb(settings.device_type), engine.device)
             record = {
                 "step": state.step,
                 "tokens": state.tokens,
@@ -270,9 +270,9 @@ def _train(engine, batches, plan, env, cfg, state, metrics, loss_fn, save_checkp
             raise Preempted(signum, state.step)
 
         with window.paused():  # keep evaluation and saving out of throughput
-            if _is_due(state.step, cfg.eval_interval, last):
+            if _is_due(state.step, settings.eval_interval, last):
                 run_eval()
-            if _is_due(state.step, cfg.save_interval, last):
+            if _is_due(state.step, settings.save_interval, last):
                 if window.steps:
                     window_loss()  # never save weights that a NaN may already have reached
                 save()
