@@ -30,13 +30,13 @@ import torch
 
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.launch import REPO, launcher_prefix, master_port, run_pretrain, unbuffered_env
+from gpt_recipes.launch import REPO, ComparisonArgs, launcher_prefix, master_port, run_pretrain, unbuffered_env
 from gpt_recipes.metrics import flops
 from gpt_recipes.metrics.summary import RunSummary, summarize
 
 
 @dataclass
-class BenchmarkArgs:
+class BenchmarkArgs(ComparisonArgs):
     """Benchmark the recipe at each ZeRO stage against a plain PyTorch loop."""
 
     model: str = flag("gpt2-micro", "model preset or config JSON")
@@ -44,9 +44,7 @@ class BenchmarkArgs:
     seq_len: int = flag(256, "tokens per sample")
     global_batch: int = flag(8, "samples per optimizer step over all ranks")
     precision: str = flag("fp32", "training precision for every run", choices=["fp32", "bf16"])
-    ranks: int = flag(2, "ranks (GPUs, or processes on a CPU)")
     stages: list[int] = flag([0, 1, 2, 3], "ZeRO stages to run")
-    max_steps: int = flag(30, "steps per run")
     log_interval: int = flag(5, "steps between metrics lines (the first is warm-up)")
     repeats: int = flag(1, "rounds over all variants; figures are medians over rounds")
     fused_loss: bool = flag(True, "the recipe and the plain loop fuse the output layer into the loss")
@@ -54,7 +52,6 @@ class BenchmarkArgs:
     ablate_comm: bool = flag(False, "also run the first stage's recipe with gloo collectives (--no-shm_comm)")
     peak_tflops: Optional[float] = flag(None, "peak TFLOP/s per device for MFU (default: table or CPU probe)")
     output_dir: str = flag("runs/benchmark", "run folders go here (replaced)")
-    markdown: bool = flag(False, "print the table as Markdown")
     report_only: bool = flag(False, "run nothing: print the table from the run folders an earlier benchmark with "
                                     "the same flags left in --output_dir")
 
@@ -113,9 +110,7 @@ def machine() -> str:
 @cli_entry
 def main() -> None:
     args = parse_args(BenchmarkArgs, description=__doc__)
-    for name in ("ranks", "repeats", "max_steps", "global_batch", "seq_len", "log_interval"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    args.check_counts("repeats", "global_batch", "seq_len", "log_interval")
     if args.global_batch % args.ranks:
         raise UserError(f"--global_batch {args.global_batch} is not divisible by --ranks {args.ranks}")
     out = Path(args.output_dir)

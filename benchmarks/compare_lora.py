@@ -8,7 +8,7 @@ Each setting trains into OUTPUT_DIR/<full|lora>_zero<stage>/ with ds_configs/zer
 (the JSON owns optimizer, learning rate and precision, so both methods get the same ones).
 Per run: the held-out response loss at step 0 and at the end, the median tokens/s, the
 trainable parameters, the model states per rank (measured by the recipe, and predicted by
-gpt_recipes.memory_plan), the peak resident memory per rank and the final checkpoint's size.
+gpt_recipes.metrics.memory_plan), the peak resident memory per rank and the final checkpoint's size.
 """
 
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ from pathlib import Path
 from gpt_recipes import ds_config
 from gpt_recipes.args import AdapterArgs, flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.launch import REPO, run_recipe
+from gpt_recipes.launch import REPO, ComparisonArgs, run_recipe
 from gpt_recipes.metrics.memory_plan import Layout, estimate, model_sizes
 from gpt_recipes.metrics.summary import read_lines, summarize
 from gpt_recipes.models.adapters import lora_config
@@ -27,17 +27,15 @@ MiB = 2**20
 
 
 @dataclass
-class CompareLoraArgs:
+class CompareLoraArgs(ComparisonArgs):
     """Fine-tune in full and with LoRA at each ZeRO stage, on the same data and steps, and compare."""
 
     model_name_or_path: str = flag("exported/quickstart", "Hugging Face model folder to fine-tune")
     data: str = flag("data/sft_demo/train.jsonl", "fine-tuning rows (the default demo task is built on first use)")
     stages: list[int] = flag([2, 3], "ZeRO stages to compare (ds_configs/zero<stage>.json each)")
-    ranks: int = flag(2, "ranks per run")
     max_steps: int = flag(150, "steps per run")
     lora_r: int = flag(16, "LoRA rank (alpha and dropout at recipes/finetune.py's defaults)")
     output_dir: str = flag("runs/compare_lora", "one run folder per setting is written under this folder")
-    markdown: bool = flag(False, "print the table as Markdown")
     overwrite: bool = flag(False, "replace run folders left by an earlier comparison")
 
 
@@ -49,9 +47,7 @@ def checkpoint_bytes(run_dir: Path) -> int:
 @cli_entry
 def main() -> None:
     args = parse_args(CompareLoraArgs, description=__doc__)
-    for name in ("ranks", "max_steps", "lora_r"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    args.check_counts("lora_r")
     configs = {stage: REPO / "ds_configs" / f"zero{stage}.json" for stage in args.stages}
     for stage, path in configs.items():
         if not path.is_file():
@@ -69,7 +65,7 @@ def main() -> None:
             print(f"[{name}] {config.relative_to(REPO)}", flush=True)
             extra = ["--use_peft", "--lora_r", str(args.lora_r)] if method == "lora" else []
             result = run_recipe("finetune", config, out / name, args.ranks, [*common, *extra], quiet=True)
-            if not result.ok:
+            if result.returncode:
                 raise UserError(f"the {name} run failed (exit {result.returncode}); see its output above")
             evals = [r for r in read_lines(result.out_dir) if "val_loss" in r]
             summary = summarize(result.out_dir)

@@ -41,7 +41,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     None, or that the help text already describes, is not shown twice."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from gpt_recipes.args import flag
+from gpt_recipes.errors import UserError
 from gpt_recipes.parallel.distributed import free_port, remove_shm_buffers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,14 +47,25 @@ def unbuffered_env(**extra: str) -> dict[str, str]:
 
 
 @dataclass
+class ComparisonArgs:
+    """Flags of the tools that run a recipe once per setting and compare the runs."""
+
+    output_dir: str = flag("runs/compare", "one run folder per setting is written under this folder")
+    ranks: int = flag(2, "ranks per run (deepspeed --num_gpus: GPUs, or processes on a CPU)")
+    max_steps: int = flag(30, "steps per run")
+    markdown: bool = flag(False, "print the table as Markdown")
+
+    def check_counts(self, *more: str) -> None:
+        for name in ("ranks", "max_steps", *more):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
 class SweepRun:
     config: Path
     out_dir: Path
     returncode: int
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
 
 
 def run_recipe(recipe: str, config: Path, out_dir: Path, ranks: int, recipe_args: list[str],

@@ -33,12 +33,7 @@ from gpt_recipes.train import preference
 
 def encode_pairs(tokenizer, rows, seq_len: int, truncate: bool, say) -> list[preference.Pair]:
     pairs = [preference.encode_pair(tokenizer, row, where) for where, row in rows]
-    kept, report = preference.fit_length(pairs, seq_len + 1, truncate)
-    say(f"  {str(report).replace('examples', 'pairs')} (limit {seq_len + 1} tokens per side; policy: "
-        f"{'truncate' if truncate else 'drop'})")
-    if not kept:
-        raise UserError(f"every pair has a side longer than {seq_len + 1} tokens; raise --seq_len or pass --truncate")
-    return kept
+    return sft.apply_length_policy(pairs, seq_len, truncate, say, fit=preference.fit_length, noun="pair")
 
 
 @cli_entry

@@ -23,18 +23,14 @@ the merged model, --export_adapter the adapter alone:
 from gpt_recipes.args import FinetuneArgs, parse_args
 from gpt_recipes.data import sft
 from gpt_recipes.data.sft_demo import ensure_demo
-from gpt_recipes.errors import UserError, cli_entry
+from gpt_recipes.errors import cli_entry
 from gpt_recipes.pretrained import check_starting_model
 from gpt_recipes.runner import Job, execute, make_batches, plan_run
 
 
 def encode_rows(tokenizer, rows, seq_len: int, truncate: bool, say) -> list[sft.Example]:
     examples = [sft.encode(tokenizer, sft.to_messages(row, where), where) for where, row in rows]
-    kept, report = sft.fit_length(examples, seq_len + 1, truncate)
-    say(f"  {report} (limit {seq_len + 1} tokens; policy: {'truncate' if truncate else 'drop'})")
-    if not kept:
-        raise UserError(f"every example is longer than {seq_len + 1} tokens; raise --seq_len or pass --truncate")
-    return kept
+    return sft.apply_length_policy(examples, seq_len, truncate, say)
 
 
 @cli_entry

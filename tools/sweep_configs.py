@@ -18,12 +18,12 @@ from pathlib import Path
 
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.launch import run_pretrain
+from gpt_recipes.launch import ComparisonArgs, run_pretrain
 from gpt_recipes.metrics.summary import caveats, markdown_table, plot, summarize, text_table
 
 
 @dataclass
-class SweepArgs:
+class SweepArgs(ComparisonArgs):
     """Run the same short pretraining once per DeepSpeed config, then summarise the runs.
 
     Flags after `--` go to recipes/pretrain.py (model, data, seq_len, ...).
@@ -32,10 +32,7 @@ class SweepArgs:
     configs: list[str] = flag(["ds_configs/zero[0-3].json"], "DeepSpeed JSON files or globs, one run each",
                               positional=True, metavar="CONFIG", nargs="*")
     output_dir: str = flag("runs/sweep", "one run folder per config is written under this folder")
-    ranks: int = flag(2, "ranks per run (deepspeed --num_gpus)")
-    max_steps: int = flag(30, "steps per run")
     log_interval: int = flag(5, "steps between metrics lines")
-    markdown: bool = flag(False, "print the table as Markdown")
     plots: bool = flag(True, "write the comparison plots into OUTPUT_DIR")
     overwrite: bool = flag(False, "replace run folders left by an earlier sweep")
 
@@ -51,9 +48,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 def main() -> None:
     own, recipe_args = split_argv(sys.argv[1:])
     args = parse_args(SweepArgs, own, description=__doc__)
-    for name in ("ranks", "max_steps", "log_interval"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    args.check_counts("log_interval")
     configs = sorted({Path(f) for pattern in args.configs for f in (glob.glob(pattern) or [pattern])})
     if not configs:
         raise UserError("no DeepSpeed configs given")
@@ -68,9 +63,9 @@ def main() -> None:
     for n, config in enumerate(configs, 1):
         print(f"[{n}/{len(configs)}] {config}", flush=True)
         runs.append(run_pretrain(config, out / config.stem, args.ranks, run_args, quiet=True))
-    done = [r for r in runs if r.ok]
+    done = [r for r in runs if r.returncode == 0]
     for r in runs:
-        if not r.ok:
+        if r.returncode:
             print(f"{r.config}: failed (exit {r.returncode}); left out of the summary")
     if not done:
         raise UserError("every run of the sweep failed")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -190,6 +190,22 @@ def fit_length(examples: list[Example], max_tokens: int, truncate: bool) -> tupl
         else:
             dropped += 1
     return kept, LengthReport(len(examples), dropped, truncated)
+
+
+def apply_length_policy(items: list, seq_len: int, truncate: bool, say: Callable[[str], None],
+                        fit: Callable = fit_length, noun: str = "example") -> list:
+    """Keep the items that fit seq_len + 1 tokens (the last token is only a target) under the length
+    policy, say what it did, and refuse data of which nothing fits. `fit` and `noun` serve pairs
+    of sides too (preference data), where the limit holds per side."""
+    limit = seq_len + 1
+    kept, report = fit(items, limit, truncate)
+    per_side = noun != "example"
+    say(f"  {str(report).replace('examples', noun + 's')} (limit {limit} tokens{' per side' if per_side else ''}; "
+        f"policy: {'truncate' if truncate else 'drop'})")
+    if not kept:
+        raise UserError(f"every {noun} {'has a side longer' if per_side else 'is longer'} than {limit} tokens; raise "
+                        "--seq_len or pass --truncate")
+    return kept
 
 
 def pack(examples: list[Example], seq_len: int) -> list[list[Example]]:

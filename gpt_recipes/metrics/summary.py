@@ -114,22 +114,24 @@ def _scores_text(scores: dict[str, float], digits: int = 3) -> str:
     return ", ".join(f"{name} {value:.{digits}f}" for name, value in scores.items())
 
 
-COLUMNS = [  # (field, header, format)
-    ("name", "run", "{}"),
-    ("measured_lines", "log lines", "{}"),
+# Table columns by what they tell: (field, header, format).
+WHICH_RUN = [("name", "run", "{}"), ("measured_lines", "log lines", "{}")]
+THROUGHPUT = [  # medians over the measured lines
     ("tokens_per_sec", "tokens/s (median)", "{:.0f}"),
     ("tokens_per_sec_p10", "p10", "{:.0f}"),
     ("tokens_per_sec_p90", "p90", "{:.0f}"),
     ("step_time_ms", "step ms", "{:.0f}"),
     ("tflops_per_rank", "TFLOP/s/rank", "{:.3g}"),
     ("mfu", "MFU", "{:.1%}"),
-    ("peak_mem_mb", "peak MiB", "{:.0f}"),
-    ("model_state_mb", "model states MiB", "{:.0f}"),
+]
+MEMORY = [("peak_mem_mb", "peak MiB", "{:.0f}"), ("model_state_mb", "model states MiB", "{:.0f}")]
+QUALITY = [
     ("final_val_loss", "final val loss", "{:.4f}"),
     ("best_val_loss", "best val loss", "{:.4f}"),
     ("val_loss_by_source", "val loss by source", lambda losses: _scores_text(losses, 4)),
     ("task_scores", "task scores (last eval)", _scores_text),
 ]
+COLUMNS = [*WHICH_RUN, *THROUGHPUT, *MEMORY, *QUALITY]
 
 
 # Fewer measured log lines than this, and a median is one or two windows: say so under the table.
