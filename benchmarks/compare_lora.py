@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gpt_recipes import ds_config
 from gpt_recipes.args import AdapterArgs, flag, parse_args
-from gpt_recipes.checkpoints import layout
+from gpt_recipes.checkpoints import paths
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.launch import REPO, ComparisonArgs, run_recipe
 from gpt_recipes.metrics.memory_plan import Layout, estimate, model_sizes
@@ -41,8 +41,8 @@ class CompareLoraArgs(ComparisonArgs):
 
 
 def checkpoint_bytes(run_dir: Path) -> int:
-    ckpt_dir = layout.checkpoints_dir(run_dir)
-    return sum(p.stat().st_size for p in (ckpt_dir / layout.latest_tag(ckpt_dir)).rglob("*") if p.is_file())
+    ckpt_dir = paths.checkpoints_dir(run_dir)
+    return sum(p.stat().st_size for p in (ckpt_dir / paths.latest_tag(ckpt_dir)).rglob("*") if p.is_file())
 
 
 @cli_entry

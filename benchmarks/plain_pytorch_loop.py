@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_recipes.args import flag, parse_args
-from gpt_recipes.checkpoints.layout import METRICS
+from gpt_recipes.checkpoints.paths import METRICS
 from gpt_recipes.data.prepare import ensure_default_data
 from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.data.tokens import GlobalBatchOrder, PackedTokens, read_meta

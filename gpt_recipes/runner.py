@@ -19,7 +19,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from gpt_recipes import ds_config
 from gpt_recipes.args import DEFAULT_DEEPSPEED_CONFIG, RunArgs
-from gpt_recipes.checkpoints import layout, saving
+from gpt_recipes.checkpoints import paths, saving
 from gpt_recipes.checkpoints.export import check_output_folder, export_after_training
 from gpt_recipes.checkpoints.run_dir import OutputPlan, RunLock, plan_output_dir, remove_previous_run, write_run_config
 from gpt_recipes.data import mixture
@@ -95,7 +95,7 @@ def plan_run(args: RunArgs) -> RunPlan:
     out_dir = Path(args.output_dir)
     config_path = ds_config.config_path(args.deepspeed_config, DEFAULT_DEEPSPEED_CONFIG)
     ds_cfg, batch, filled = ds_config.resolve(config_path, env.world_size, args.max_steps, device,
-                                                out_dir / layout.MONITOR)
+                                                out_dir / paths.MONITOR)
     output = plan_output_dir(out_dir, args.resume, args.overwrite)
     if args.export_hf:
         check_output_folder(Path(args.export_hf), args.overwrite, force_flag="--overwrite")
@@ -107,7 +107,7 @@ def plan_run(args: RunArgs) -> RunPlan:
     if output.note:
         run.notes.append(output.note)
     if output.resume_tag:
-        saved = layout.saved_info(layout.checkpoints_dir(out_dir), output.resume_tag)
+        saved = paths.saved_info(paths.checkpoints_dir(out_dir), output.resume_tag)
         for key, (kept, fresh) in ds_config.keep_saved_schedule(ds_cfg, filled, saved.get("schedule", {})).items():
             run.notes.append(
                 f"Resuming keeps the schedule the run was planned with: {key} = {kept} (--max_steps {args.max_steps} "
@@ -120,8 +120,8 @@ def check_adapter_resume(run: RunPlan, adapter: AdapterPlan | None) -> None:
     """A resumed checkpoint must be of the same kind (LoRA or not) and adapt the same base."""
     tag = run.output.resume_tag
     if tag:
-        ckpt_dir = layout.checkpoints_dir(run.out_dir)
-        moved = adapters.check_resume(layout.saved_info(ckpt_dir, tag).get("adapter"), adapter, ckpt_dir / tag)
+        ckpt_dir = paths.checkpoints_dir(run.out_dir)
+        moved = adapters.check_resume(paths.saved_info(ckpt_dir, tag).get("adapter"), adapter, ckpt_dir / tag)
         if moved:
             run.notes.append(moved)
 
@@ -282,10 +282,10 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         say(f"DeepSpeed config: filled {key} = {value} (was \"auto\")")
     for note in run.notes:
         say(note)
-    ckpt_dir = layout.checkpoints_dir(run.out_dir)
+    ckpt_dir = paths.checkpoints_dir(run.out_dir)
     resume_tag = run.output.resume_tag
     if resume_tag:
-        change = layout.layout_change(layout.saved_info(ckpt_dir, resume_tag), env.world_size, stage,
+        change = paths.layout_change(paths.saved_info(ckpt_dir, resume_tag), env.world_size, stage,
                                           run.batch.sp, run.batch.tp)
         if change:
             # Another number of ranks or ZeRO stage: go through DeepSpeed's universal checkpoint,

@@ -20,7 +20,7 @@ import sys
 from tqdm.auto import tqdm
 
 from gpt_recipes.args import DPOArgs, parse_args
-from gpt_recipes.checkpoints.layout import REFERENCE_LOGPS
+from gpt_recipes.checkpoints.paths import REFERENCE_LOGPS
 from gpt_recipes.data import sft
 from gpt_recipes.data.sft_demo import ensure_preference_demo
 from gpt_recipes.ds_config import precision

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from gpt_recipes import console
-from gpt_recipes.checkpoints.layout import latest_tag, recorded_info
+from gpt_recipes.checkpoints.paths import latest_tag, recorded_info
 from gpt_recipes.errors import UserError
 
 

@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 
 from gpt_recipes import faults, folders
 from gpt_recipes.checkpoints.consolidate import consolidated_state_dict, materialize
-from gpt_recipes.checkpoints.layout import (
+from gpt_recipes.checkpoints.paths import (
     EXPORT_CHECK,
     MODEL_CONFIG,
     checkpoints_dir,

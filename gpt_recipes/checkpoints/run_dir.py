@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt_recipes.checkpoints.layout import LOCK, RUN_CONFIG, RUN_OUTPUTS, checkpoints_dir, resume_tag
+from gpt_recipes.checkpoints.paths import LOCK, RUN_CONFIG, RUN_OUTPUTS, checkpoints_dir, resume_tag
 from gpt_recipes.errors import UserError
 from gpt_recipes.folders import check_creatable
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from gpt_recipes import faults
-from gpt_recipes.checkpoints.layout import (
+from gpt_recipes.checkpoints.paths import (
     TRAINING_INFO,
     checkpoints_dir,
     complete_tags,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from gpt_recipes.checkpoints.layout import METRICS
+from gpt_recipes.checkpoints.paths import METRICS
 from gpt_recipes.errors import UserError
 
 

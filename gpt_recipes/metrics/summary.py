@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from gpt_recipes.checkpoints.layout import METRICS
+from gpt_recipes.checkpoints.paths import METRICS
 from gpt_recipes.errors import UserError
 from gpt_recipes.metrics.log import read_metrics
 

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gpt_recipes import faults
-from gpt_recipes.checkpoints import layout
+from gpt_recipes.checkpoints import paths
 from gpt_recipes.data.tokens import GlobalBatchOrder
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import DivergedError, RecipeExit
@@ -324,7 +324,7 @@ def _shown(key: str, value: Any) -> str:
 
 
 def _diverged(step: int, good_step: int, out_dir: Path, what: str) -> DivergedError:
-    tag = layout.latest_tag(layout.checkpoints_dir(out_dir))
+    tag = paths.latest_tag(paths.checkpoints_dir(out_dir))
     kept = f"the last good checkpoint, {tag}, is kept" if tag else "no checkpoint was written"
     return DivergedError(f"the {what} became NaN or infinite between steps {good_step} and {step}; {kept}. "
                          "Lower the learning rate, or use bf16 or fp32 instead of fp16, and --resume")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt_recipes.checkpoints.layout import REFERENCE_LOGPS
+from gpt_recipes.checkpoints.paths import REFERENCE_LOGPS
 from gpt_recipes.data import sft
 from gpt_recipes.data.sft import IGNORE, Example
 from gpt_recipes.errors import UserError

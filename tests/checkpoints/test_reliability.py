@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
-from gpt_recipes.checkpoints.layout import complete_tags, is_complete
+from gpt_recipes.checkpoints.paths import complete_tags, is_complete
 from tests.helpers import ds_json, launch, pretrain_args, read_metrics
 
 pytestmark = pytest.mark.slow

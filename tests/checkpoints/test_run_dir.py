@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gpt_recipes.checkpoints.layout import CHECKPOINTS, LATEST, RUN_CONFIG, TRAINING_INFO
+from gpt_recipes.checkpoints.paths import CHECKPOINTS, LATEST, RUN_CONFIG, TRAINING_INFO
 from gpt_recipes.checkpoints.run_dir import OutputPlan, plan_output_dir, remove_previous_run
 from gpt_recipes.errors import UserError
 

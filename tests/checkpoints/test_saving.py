@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt_recipes.checkpoints import layout, saving
+from gpt_recipes.checkpoints import paths, saving
 from gpt_recipes.errors import UserError
 
 
@@ -17,7 +17,7 @@ def _fake(ckpt, step, complete=True):
     tag.mkdir(parents=True)
     (tag / "shard.pt").write_bytes(b"x" * 100)
     if complete:
-        (tag / layout.TRAINING_INFO).write_text(json.dumps({"step": step}))
+        (tag / paths.TRAINING_INFO).write_text(json.dumps({"step": step}))
     return tag
 
 
@@ -35,11 +35,11 @@ def test_rotation_keeps_the_newest_complete_ones_and_never_latest(tmp_path):
 
 
 def test_only_complete_checkpoints_count(tmp_path):
-    assert layout.latest_tag(tmp_path) is None
+    assert paths.latest_tag(tmp_path) is None
     _fake(tmp_path, 3)
     (tmp_path / "latest").write_text("step3")
-    assert layout.latest_tag(tmp_path) == "step3"
-    assert layout.is_complete(tmp_path / "step3") and not layout.is_complete(_fake(tmp_path, 6, False))
+    assert paths.latest_tag(tmp_path) == "step3"
+    assert paths.is_complete(tmp_path / "step3") and not paths.is_complete(_fake(tmp_path, 6, False))
 
 
 def test_free_space_is_checked_against_the_last_checkpoint(tmp_path, monkeypatch):
@@ -72,7 +72,7 @@ def _save(out, step, **kwargs):
 
 
 def test_a_save_removes_an_incomplete_folder_of_its_tag_but_never_a_complete_one(tmp_path):
-    ckpt = tmp_path / layout.CHECKPOINTS
+    ckpt = tmp_path / paths.CHECKPOINTS
     _fake(ckpt, 3, complete=False)
     _save(tmp_path, 3)
     assert (ckpt / "step3" / "mp_rank_00_model_states.pt").read_bytes() == b"new shard"
@@ -81,8 +81,8 @@ def test_a_save_removes_an_incomplete_folder_of_its_tag_but_never_a_complete_one
     _fake(ckpt, 6)
     _save(tmp_path, 6)
     assert (ckpt / "step6.replaced" / "shard.pt").read_bytes() == b"x" * 100  # kept, renamed aside
-    assert (ckpt / "latest").read_text() == "step6" and layout.is_complete(ckpt / "step6")
-    assert layout.complete_tags(ckpt) == ["step3", "step6"]  # the renamed one is never rotated away
+    assert (ckpt / "latest").read_text() == "step6" and paths.is_complete(ckpt / "step6")
+    assert paths.complete_tags(ckpt) == ["step3", "step6"]  # the renamed one is never rotated away
 
 
 def test_everything_is_flushed_before_latest_moves(tmp_path, monkeypatch):
@@ -110,8 +110,8 @@ def test_rotation_takes_the_completion_mark_first(tmp_path, monkeypatch):
     monkeypatch.setattr(saving.shutil, "rmtree", interrupted)
     with pytest.raises(KeyboardInterrupt):
         saving.rotate(tmp_path, keep_last=1)
-    assert (tmp_path / "step3").is_dir() and not layout.is_complete(tmp_path / "step3")
-    assert layout.complete_tags(tmp_path) == ["step6", "step9"]
+    assert (tmp_path / "step3").is_dir() and not paths.is_complete(tmp_path / "step3")
+    assert paths.complete_tags(tmp_path) == ["step6", "step9"]
 
 
 def test_rng_states_load_without_unpickling_code(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig
 
 from gpt_recipes import ds_config
-from gpt_recipes.checkpoints.layout import layout_change
+from gpt_recipes.checkpoints.paths import layout_change
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError
 from gpt_recipes.parallel import sequence_tensor

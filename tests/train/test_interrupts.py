@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from gpt_recipes.checkpoints.layout import is_complete
+from gpt_recipes.checkpoints.paths import is_complete
 from tests.helpers import Background, ds_json, launch, pretrain_args, read_metrics
 
 pytestmark = pytest.mark.slow

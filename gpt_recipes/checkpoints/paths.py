@@ -1,4 +1,4 @@
-"""The run folder's layout: every name the recipes write in it, checkpoint tags, `latest`,
+"""The run folder's names and paths: every file the recipes write in it, checkpoint tags, `latest`,
 and which checkpoint a resume or an export takes.
 
     OUT/
