@@ -25,11 +25,16 @@ class _DropChatter(logging.Filter):
         return VERBOSE or not record.getMessage().startswith(CHATTER)
 
 
+def progress_bars() -> bool:
+    """Whether to draw progress bars: on a terminal, or when verbose."""
+    return VERBOSE or sys.stderr.isatty()
+
+
 def install() -> None:
     deepspeed_logger = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _DropChatter) for f in deepspeed_logger.filters):
         deepspeed_logger.addFilter(_DropChatter())
-    if not VERBOSE and not sys.stderr.isatty():
+    if not progress_bars():  # tqdm's; the tokenizers library's own bar asks progress_bars()
         os.environ.setdefault("TQDM_DISABLE", "1")
 
 

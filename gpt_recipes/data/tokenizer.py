@@ -9,6 +9,7 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from gpt_recipes import console
 from gpt_recipes.errors import UserError, first_line
 
 EOS_TOKEN = "<|endoftext|>"
@@ -40,7 +41,7 @@ def train_bpe(texts: Iterable[str | list[str]], vocab_size: int, length: int | N
         vocab_size=vocab_size,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=True,
+        show_progress=console.progress_bars(),
     )
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     return PreTrainedTokenizerFast(

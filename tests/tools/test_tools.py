@@ -14,6 +14,8 @@ def test_train_tokenizer_then_prepare_with_it(tmp_path, corpus_files):
     tok_dir = tmp_path / "tok"
     proc = run_python("tools/train_tokenizer.py", [*corpus_files[:20], "--vocab_size", "600", "--output", str(tok_dir)])
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # Into a log, not a terminal: the trainer's progress bar (it leaves blank lines) stays off.
+    assert proc.stdout.splitlines() == [f"Saved a byte-level BPE tokenizer with 600 tokens to {tok_dir}"]
     tok = AutoTokenizer.from_pretrained(tok_dir)
     assert len(tok) == 600 and tok.eos_token == "<|endoftext|>"
     text = open(corpus_files[0]).read()
