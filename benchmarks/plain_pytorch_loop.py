@@ -10,7 +10,6 @@ recipes' format (tokens/s, step time, TFLOP/s, MFU, peak memory) so
 tools/summarize_throughput.py reads both alike.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +19,13 @@ import torch
 import torch.distributed as dist
 
 from gpt_recipes.args import flag, parse_args
-from gpt_recipes.checkpoints.paths import METRICS
 from gpt_recipes.data.prepare import ensure_default_data
 from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.data.tokens import GlobalBatchOrder, PackedTokens, read_meta
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.metrics import flops
+from gpt_recipes.metrics.log import MetricsLog
 from gpt_recipes.metrics.memory import peak_memory_mb
 from gpt_recipes.metrics.throughput import ThroughputWindow
 from gpt_recipes.models.causal_lm import build_config, build_model, check_seq_len
@@ -90,9 +89,9 @@ def main() -> None:
     out = Path(args.output_dir)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / METRICS).write_text("")
         print(f"plain PyTorch: {args.model} (transformers), {env.world_size} rank(s), {args.precision}, global batch "
               f"{args.global_batch} x {seq_len}; {'fused' if loss_fn.fused else 'plain'} loss; MFU peak {peak} TFLOP/s ({source})", flush=True)
+    metrics = MetricsLog(out, enabled=env.is_main)
     tokens, window = 0, ThroughputWindow(flops_per_token, env.world_size, peak, args.global_batch)
     for step in range(args.max_steps):
         inputs, targets = train.batch(order.micro_batch(step, env.rank, 0))
@@ -111,9 +110,8 @@ def main() -> None:
             loss_value = loss.item()  # waits for the device, once per log line
             record = {"step": step + 1, "tokens": tokens, "loss": loss_value, **window.record(),
                       "peak_mem_mb": peak_memory_mb(device.type)}
+            metrics.write(record)
             if env.is_main:
-                with (out / METRICS).open("a") as f:
-                    f.write(json.dumps(record) + "\n")
                 print(f"step {step + 1:>6d} | loss {loss_value:.4f} | {record['tokens_per_sec']:.0f} tok/s | "
                       f"{record['step_time'] * 1e3:.0f} ms/step", flush=True)
             window.reset()

@@ -220,7 +220,8 @@ def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_c
     while state.step < settings.max_steps:
         probing = state.step == probe_step
         global_batch = batches.order.global_batch(state.step)
-        loss_sum += _step(engine, batches, plan, env, state.step, loss_fn, probe if probing else None, window)
+        loss_sum += _step(engine, batches, plan, env, state.step, global_batch, loss_fn, probe if probing else None,
+                          window)
         if probing:  # one-off readings, logged with the next metrics line
             memory_fields = {"model_state_mb": rank_max(probe.model_state_mb, engine.device),
                              "activation_mb": rank_max(probe.activation_mb, engine.device)}
@@ -280,8 +281,8 @@ def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_c
     return state
 
 
-def _step(engine, batches: Batches, plan: BatchPlan, env: DistEnv, step: int, loss_fn: CausalLMLoss,
-          probe: MemoryProbe | None, window: ThroughputWindow) -> torch.Tensor:
+def _step(engine, batches: Batches, plan: BatchPlan, env: DistEnv, step: int, global_batch: np.ndarray,
+          loss_fn: CausalLMLoss, probe: MemoryProbe | None, window: ThroughputWindow) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns their summed loss (on the device).
 
     The step's loss is the mean over every target token of the global batch, however the batch is
@@ -289,7 +290,7 @@ def _step(engine, batches: Batches, plan: BatchPlan, env: DistEnv, step: int, lo
     summed loss is scaled so that DeepSpeed's averaging over ranks and accumulation steps yields it
     (a sequence-parallel rank's loss covers its part of each sample). With a probe, the first
     micro-batch's activations and the model states before the update are measured."""
-    scale = plan.grad_accum * plan.grad_divisor / max(1, batches.train.num_targets(batches.order.global_batch(step)))
+    scale = plan.grad_accum * plan.grad_divisor / max(1, batches.train.num_targets(global_batch))
     total = torch.zeros((), device=engine.device)
     for micro_step in range(plan.grad_accum):
         idx = batches.order.micro_batch(step, plan.data_rank(env.rank), micro_step)
