@@ -166,6 +166,13 @@ def main() -> None:
     if best is None:
         print("\nNothing fits: add ranks or nodes, lower the micro-batch (raise gradient_accumulation_steps to keep "
               "the global batch), or use --activation_checkpointing.")
+        host_bound = [row.estimate.layout.name for row in rows if device and row.need <= device and host
+                      and row.host_need > host]
+        if host_bound:
+            one = len(host_bound) == 1
+            print(f"{', '.join(host_bound)} {'fits' if one else 'fit'} the GPUs but not the host memory "
+                  f"({host / GiB:g} GiB per node): with more host memory, or the ranks spread over more nodes, "
+                  f"{'it' if one else 'they'} would fit.")
     else:
         print(f"\nRecommended: ds_configs/{best.estimate.layout.name}.json (fits, and communicates least)")
 

@@ -216,6 +216,11 @@ def test_plan_memory_tool(tmp_path):
     assert "zero3 " in proc.stdout and "Recommended: ds_configs/zero0.json" in proc.stdout
     proc = run_python("tools/plan_memory.py", ["--model", "gpt2-xl", "--ranks", "2", "--host_mem", "8"])
     assert proc.returncode == 0 and "Nothing fits" in proc.stdout
+    proc = run_python("tools/plan_memory.py", ["--model", "gpt2-large", "--ranks", "8", "--gpu_mem", "16",
+                                               "--micro_batch", "1", "--host_mem", "8", "--configs",
+                                               str(REPO / "ds_configs" / "zero3_offload.json")])
+    assert proc.returncode == 0 and "Nothing fits" in proc.stdout
+    assert "zero3_offload fits the GPUs but not the host memory (8 GiB per node)" in proc.stdout, proc.stdout
     proc = run_python("tools/plan_memory.py", ["--configs", str(tmp_path / "nope.json")])
     assert proc.returncode == 2 and proc.stderr.startswith("error:")
     proc = run_python("tools/plan_memory.py", ["--model", "gpt2-nano", "--ranks", "2", "--configs",
