@@ -1,19 +1,30 @@
 #!/usr/bin/env python
-"""Benchmark the recipe at ZeRO 0-3 against a plain PyTorch loop on the same model, data and batch.
+"""Benchmark the recipe at ZeRO 0-3 against a plain PyTorch loop and a minimal DeepSpeed loop
+on the same model, data and batch.
 
     python benchmarks/benchmark.py                                  # GPT-2 6L/384 (gpt2-micro), fp32, 2 ranks
     python benchmarks/benchmark.py --precision bf16 --repeats 3 --markdown
-    python benchmarks/benchmark.py --model gpt2 --precision bf16 --ranks 1 --global_batch 16 --seq_len 1024   # one GPU
+    python benchmarks/benchmark.py --model gpt2 --precision bf16 --ranks 1 --global_batch 8 --seq_len 1024   # one GPU
+    # the overhead-bound case: steps of a few milliseconds, where fixed per-step costs show
+    python benchmarks/benchmark.py --ranks 1 --model gpt2-nano --seq_len 32 --global_batch 2 --max_steps 60 \
+        --log_interval 10 --repeats 3
 
-Runs, in order and `--repeats` times over (interleaved, so drifts in machine speed hit
-every variant alike): the plain loop with DistributedDataParallel on RANKS ranks (the
-reference), the plain loop as one process (with RANKS ranks), and recipes/pretrain.py with
-each ds_configs/zero<N>.json changed only in batch layout and precision. The plain loops
-clip gradients as the JSONs do, step torch's fused AdamW and take the recipe's fused loss
-unless --no-fused_loss. On a CPU, the matmul peak for MFU is probed once, here, with a
-rank's share of the cores, and given to every run. Prints the median
-tokens/s of each (warm-up left out), TFLOP/s, MFU, peak memory and the ratio to the
-reference, with the machine and the versions.
+Three references per ZeRO stage, so that each cost has a name:
+  plain PyTorch        the model, data and global batch order in a bare loop (DDP over RANKS ranks);
+  minimal DeepSpeed    benchmarks/minimal_deepspeed_loop.py: `deepspeed.initialize` with the same
+                       JSON, then forward, engine.backward, engine.step and nothing else. Its gap
+                       to the plain loop is DeepSpeed's own cost at that JSON;
+  recipe               recipes/pretrain.py with the same JSON. Its gap to the minimal loop is the
+                       recipe's own cost (evaluation and saving are kept out of its throughput).
+Each JSON is ds_configs/zero<N>.json (or each of --configs) changed only in batch layout and
+precision. With --torch_compile, every run is also made compiled (torch.compile, inductor).
+Runs go in order and `--repeats` times over (interleaved, so drifts in machine speed hit
+every variant alike). The plain loops clip gradients as the JSONs do, step torch's fused AdamW
+and take the recipe's fused loss unless --no-fused_loss. On a CPU, the matmul peak for MFU is
+probed once, here, with a rank's share of the cores, and given to every run. Prints the
+median tokens/s and ms per step of each (warm-up left out), TFLOP/s, MFU, peak memory, the
+ratio to the plain loop and, for the recipe, to the minimal loop with the same JSON; with
+the machine and the versions.
 """
 
 import json
@@ -22,7 +33,7 @@ import platform
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -37,17 +48,21 @@ from gpt_recipes.metrics.summary import RunSummary, summarize
 
 @dataclass
 class BenchmarkArgs(ComparisonArgs):
-    """Benchmark the recipe at each ZeRO stage against a plain PyTorch loop."""
+    """Benchmark the recipe at each ZeRO stage against a plain PyTorch loop and a minimal DeepSpeed loop."""
 
     model: str = flag("gpt2-micro", "model preset or config JSON")
     data: str = flag("data/stdlib", "prepared data folder")
     seq_len: int = flag(256, "tokens per sample")
     global_batch: int = flag(8, "samples per optimizer step over all ranks")
     precision: str = flag("fp32", "training precision for every run", choices=["fp32", "bf16"])
-    stages: list[int] = flag([0, 1, 2, 3], "ZeRO stages to run")
+    stages: list[int] = flag([0, 1, 2, 3], "ZeRO stages to run (ds_configs/zero<N>.json)")
+    configs: list[str] = flag([], "DeepSpeed JSONs to run instead of the --stages ones (e.g. "
+                                  "ds_configs/zero3_one_gpu.json)")
     log_interval: int = flag(5, "steps between metrics lines (the first is warm-up)")
     repeats: int = flag(1, "rounds over all variants; figures are medians over rounds")
-    fused_loss: bool = flag(True, "the recipe and the plain loop fuse the output layer into the loss")
+    fused_loss: bool = flag(True, "the recipe and the reference loops fuse the output layer into the loss")
+    torch_compile: bool = flag(False, "also run every variant compiled with torch.compile (inductor)")
+    eager: bool = flag(True, "run the eager variants (--no-eager with --torch_compile: compiled ones only)")
     ablate_loss: bool = flag(False, "also run the first stage's recipe with the loss taken from the logits")
     ablate_comm: bool = flag(False, "also run the first stage's recipe with gloo collectives (--no-shm_comm)")
     peak_tflops: Optional[float] = flag(None, "peak TFLOP/s per device for MFU (default: table or CPU probe)")
@@ -56,27 +71,52 @@ class BenchmarkArgs(ComparisonArgs):
                                     "the same flags left in --output_dir")
 
 
-def stage_config(stage: int, precision: str, micro_batch: int, path: Path) -> Path:
-    cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+@dataclass
+class Variant:
+    """One row of the table: which loop, on how many ranks, with which JSON and flags."""
+
+    name: str
+    kind: str  # "plain", "minimal" or "recipe"
+    ranks: int
+    config: Path | None = None
+    extra: list[str] = field(default_factory=list)
+    compare_to: str | None = None  # the minimal loop's row with the same JSON (recipe rows)
+
+
+def benchmark_config(source: Path, precision: str, micro_batch: int, path: Path) -> Path:
+    """SOURCE changed only in batch layout (one micro-batch per rank per step) and precision."""
+    cfg = json.loads(source.read_text())
     cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1)
     cfg.pop("train_batch_size", None)
+    cfg.pop("fp16", None)
     if precision == "fp32":
         cfg.pop("bf16", None)
+    else:
+        cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": True}
     path.write_text(json.dumps(cfg, indent=2))
     return path
 
 
-def run_plain(args: BenchmarkArgs, ranks: int, out: Path, extra: list[str], peak: float | None) -> int:
-    script = str(REPO / "benchmarks" / "plain_pytorch_loop.py")
+def common_flags(args: BenchmarkArgs) -> list[str]:
+    return ["--model", args.model, "--data", args.data, "--seq_len", str(args.seq_len), "--max_steps",
+            str(args.max_steps), "--log_interval", str(args.log_interval),
+            *([] if args.fused_loss else ["--no-fused_loss"])]
+
+
+def run_script(script: str, args: BenchmarkArgs, variant: Variant, out: Path, peak: float | None) -> int:
+    """One reference loop (plain or minimal DeepSpeed); its log lines stream through."""
     with master_port() as port:
-        launcher = [sys.executable] if ranks == 1 else launcher_prefix("torchrun", ranks, port)
-        cmd = [*launcher, script, "--model", args.model, "--data", args.data, "--seq_len", str(args.seq_len),
-               "--global_batch", str(args.global_batch), "--precision", args.precision, "--max_steps",
-               str(args.max_steps), "--log_interval", str(args.log_interval), "--output_dir", str(out), *extra,
-               *(["--peak_tflops", str(peak)] if peak else [])]
+        launcher = ([sys.executable] if variant.kind == "plain" and variant.ranks == 1 else
+                    launcher_prefix("torchrun" if variant.kind == "plain" else "deepspeed", variant.ranks, port))
+        cmd = [*launcher, str(REPO / "benchmarks" / script), *common_flags(args), "--output_dir", str(out),
+               *variant.extra, *(["--peak_tflops", str(peak)] if peak else [])]
+        if variant.kind == "plain":
+            cmd += ["--global_batch", str(args.global_batch), "--precision", args.precision]
+        else:
+            cmd += ["--deepspeed_config", str(variant.config)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=unbuffered_env())
     for line in proc.stdout.splitlines():
-        if proc.returncode or line.startswith(("step ", "plain PyTorch", "error:")):
+        if proc.returncode or line.startswith(("step ", "plain PyTorch", "minimal DeepSpeed", "compiled", "error:")):
             print(f"  {line}", flush=True)
     return proc.returncode
 
@@ -107,12 +147,44 @@ def machine() -> str:
             f"transformers {transformers.__version__}")
 
 
+def variants(args: BenchmarkArgs, out: Path, micro: int) -> list[Variant]:
+    """The table's rows, in the order they run within a round."""
+    sources = ([Path(c) for c in args.configs] if args.configs else
+               [REPO / "ds_configs" / f"zero{s}.json" for s in args.stages])
+    for source in sources:
+        if not source.is_file():
+            raise UserError(f"DeepSpeed config {source} does not exist")
+    clip = json.loads(sources[0].read_text()).get("gradient_clipping", 0.0) if sources else 1.0
+    modes = ([("", [])] if args.eager else []) + ([(", compiled", ["--torch_compile"])] if args.torch_compile else [])
+    rows: list[Variant] = []
+    for suffix, compile_flag in modes:
+        rows.append(Variant(f"plain PyTorch{' DDP x%d' % args.ranks if args.ranks > 1 else ''}{suffix}", "plain",
+                            args.ranks, extra=["--grad_clip", str(clip), *compile_flag]))
+        if args.ranks > 1 and not suffix:
+            rows.append(Variant("plain PyTorch, 1 process", "plain", 1, extra=["--grad_clip", str(clip)]))
+        for source in sources:
+            label = source.stem.replace("zero", "ZeRO-") if not args.configs else source.name
+            cfg = benchmark_config(source, args.precision, micro, out / f"{source.stem}_{args.precision}.json")
+            minimal = Variant(f"minimal DeepSpeed {label}{suffix}", "minimal", args.ranks, cfg, compile_flag)
+            rows += [minimal, Variant(f"recipe {label}{suffix}", "recipe", args.ranks, cfg, compile_flag, minimal.name)]
+    first = next((r for r in rows if r.kind == "recipe"), None)
+    if first is not None and args.ablate_loss and args.fused_loss:
+        rows.append(Variant(f"{first.name}, logits loss", "recipe", args.ranks, first.config,
+                            [*first.extra, "--no-fused_loss"], first.compare_to))
+    if first is not None and args.ablate_comm and args.ranks > 1:
+        rows.append(Variant(f"{first.name}, gloo", "recipe", args.ranks, first.config, [*first.extra, "--no-shm_comm"],
+                            first.compare_to))
+    return rows
+
+
 @cli_entry
 def main() -> None:
     args = parse_args(BenchmarkArgs, description=__doc__)
     args.check_counts("repeats", "global_batch", "seq_len", "log_interval")
     if args.global_batch % args.ranks:
         raise UserError(f"--global_batch {args.global_batch} is not divisible by --ranks {args.ranks}")
+    if not args.eager and not args.torch_compile:
+        raise UserError("--no-eager leaves nothing to run; add --torch_compile")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     micro = args.global_batch // args.ranks
@@ -122,77 +194,68 @@ def main() -> None:
     def peak_for(ranks: int) -> float | None:
         return args.peak_tflops or peaks.get(ranks)
 
-    recipe_args = ["--model", args.model, "--data", args.data, "--seq_len", str(args.seq_len), "--max_steps",
-                   str(args.max_steps), "--log_interval", str(args.log_interval), "--eval_interval", "0",
-                   "--eval_batches", "1", "--overwrite",
+    recipe_args = [*common_flags(args), "--eval_interval", "0", "--eval_batches", "1", "--overwrite",
                    *(["--peak_tflops", str(peak_for(args.ranks))] if peak_for(args.ranks) else [])]
-    clip = json.loads((REPO / "ds_configs" / "zero0.json").read_text()).get("gradient_clipping", 0.0)
-    plain_args = ["--grad_clip", str(clip), *([] if args.fused_loss else ["--no-fused_loss"])]
-    recipe_args += [] if args.fused_loss else ["--no-fused_loss"]
-    reference = f"plain PyTorch DDP x{args.ranks}" if args.ranks > 1 else "plain PyTorch"
-    # variant -> (ranks, extra flags) for the plain loops; ZeRO stage and extra flags for the recipe
-    plain_runs = {reference: (args.ranks, plain_args)}
-    if args.ranks > 1:
-        plain_runs["plain PyTorch, 1 process"] = (1, plain_args)
-    recipe_runs = {f"recipe ZeRO-{s}": (s, []) for s in args.stages}
-    if args.ablate_loss and args.fused_loss and args.stages:
-        recipe_runs[f"recipe ZeRO-{args.stages[0]}, logits loss"] = (args.stages[0], ["--no-fused_loss"])
-    if args.ablate_comm and args.ranks > 1 and args.stages:
-        recipe_runs[f"recipe ZeRO-{args.stages[0]}, gloo"] = (args.stages[0], ["--no-shm_comm"])
-    variants = [*plain_runs, *recipe_runs]
-    results: dict[str, list[RunSummary]] = {v: [] for v in variants}
+    rows = variants(args, out, micro)
+    reference = rows[0].name
+    results: dict[str, list[RunSummary]] = {v.name: [] for v in rows}
 
     for round_ in range(1, args.repeats + 1):
-        for variant in variants:
-            run_dir = out / f"{variant.replace(' ', '_').replace(',', '')}_r{round_}"
+        for variant in rows:
+            run_dir = out / f"{variant.name.replace(' ', '_').replace(',', '')}_r{round_}"
             if args.report_only:
-                results[variant].append(summarize(run_dir, variant))
+                results[variant.name].append(summarize(run_dir, variant.name))
                 continue
-            print(f"[round {round_}/{args.repeats}] {variant}", flush=True)
-            if variant in plain_runs:
-                ranks, extra = plain_runs[variant]
-                code = run_plain(args, ranks, run_dir, extra, peak_for(ranks))
+            print(f"[round {round_}/{args.repeats}] {variant.name}", flush=True)
+            if variant.kind == "recipe":
+                code = run_pretrain(variant.config, run_dir, args.ranks, [*recipe_args, *variant.extra],
+                                    quiet=True).returncode
             else:
-                stage, extra = recipe_runs[variant]
-                cfg = stage_config(stage, args.precision, micro, out / f"zero{stage}_{args.precision}.json")
-                code = run_pretrain(cfg, run_dir, args.ranks, [*recipe_args, *extra], quiet=True).returncode
+                script = "plain_pytorch_loop.py" if variant.kind == "plain" else "minimal_deepspeed_loop.py"
+                code = run_script(script, args, variant, run_dir, peak_for(variant.ranks))
             if code != 0:
-                raise UserError(f"{variant} failed (exit {code}); see its output above")
-            results[variant].append(summarize(run_dir, variant))
+                raise UserError(f"{variant.name} failed (exit {code}); see its output above")
+            results[variant.name].append(summarize(run_dir, variant.name))
 
-    def median(variant: str, key: str) -> float | None:
-        values = [getattr(s, key) for s in results[variant] if getattr(s, key) is not None]
+    def median(name: str, key: str) -> float | None:
+        values = [getattr(s, key, None) for s in results[name] if getattr(s, key, None) is not None]
         return statistics.median(values) if values else None
 
-    def vs_reference(variant: str) -> tuple[float, float, float]:
-        """Median, min and max over rounds of tokens/s against the reference's in the same round:
+    def ratio(name: str, other: str) -> tuple[float, float, float]:
+        """Median, min and max over rounds of tokens/s against another row's in the same round:
         a round's runs are minutes apart, so drifts in machine speed cancel out."""
-        ratios = [s.tokens_per_sec / r.tokens_per_sec for s, r in zip(results[variant], results[reference])]
+        ratios = [s.tokens_per_sec / r.tokens_per_sec for s, r in zip(results[name], results[other])]
         return statistics.median(ratios), min(ratios), max(ratios)
 
-    header = ["run", "tokens/s", "vs reference", "range over rounds", "step ms", "TFLOP/s/rank", "MFU",
-              "peak MiB/rank"]
-    rows = []
-    for variant in variants:
-        tps, mfu = median(variant, "tokens_per_sec"), median(variant, "mfu")
-        ratio, low, high = vs_reference(variant)
-        rows.append([variant, f"{tps:.0f}", f"{ratio:.1%}", f"{low:.0%}–{high:.0%}",
-                     f"{median(variant, 'step_time_ms'):.0f}",
-                     f"{median(variant, 'tflops_per_rank'):.3g}", "-" if mfu is None else f"{mfu:.1%}",
-                     f"{median(variant, 'peak_mem_mb'):.0f}"])
+    header = ["run", "tokens/s", "step ms", "vs plain", "range over rounds", "vs minimal DS", "TFLOP/s/rank", "MFU",
+              "peak MiB/rank", "compile s"]
+    table = []
+    for variant in rows:
+        name = variant.name
+        mfu, compile_s = median(name, "mfu"), median(name, "compile_s")
+        mid, low, high = ratio(name, reference)
+        table.append([name, f"{median(name, 'tokens_per_sec'):.0f}", f"{median(name, 'step_time_ms'):.1f}",
+                      f"{mid:.1%}", f"{low:.0%}–{high:.0%}",
+                      f"{ratio(name, variant.compare_to)[0]:.1%}" if variant.compare_to else "",
+                      f"{median(name, 'tflops_per_rank'):.3g}", "-" if mfu is None else f"{mfu:.1%}",
+                      f"{median(name, 'peak_mem_mb'):.0f}", "" if compile_s is None else f"{compile_s:.0f}"])
     print(f"\n{args.model}, seq_len {args.seq_len}, global batch {args.global_batch}, {args.precision}, "
           f"{args.ranks} rank(s); median over {args.repeats} round(s) of each run's median tokens/s "
-          f"(steps {args.log_interval + 1}-{args.max_steps}); vs reference: median of each round's ratio")
+          f"(steps {args.log_interval + 1}-{args.max_steps}); vs plain / vs minimal DS: median of each round's ratio")
     print(f"Machine: {machine()}")
     print(f"Command: python benchmarks/benchmark.py {' '.join(sys.argv[1:])}".rstrip())
-    if args.markdown:
+    print_table(header, table, args.markdown)
+
+
+def print_table(header: list[str], rows: list[list[str]], markdown: bool) -> None:
+    if markdown:
         print("| " + " | ".join(header) + " |\n|---|" + "---:|" * (len(header) - 1))
         for row in rows:
             print("| " + " | ".join(row) + " |")
-    else:
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        for row in [header, *rows]:
-            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        return
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
 
 
 if __name__ == "__main__":

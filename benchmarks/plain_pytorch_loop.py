@@ -27,7 +27,7 @@ from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.metrics import flops
 from gpt_recipes.metrics.log import MetricsLog
 from gpt_recipes.metrics.memory import peak_memory_mb
-from gpt_recipes.metrics.throughput import ThroughputWindow
+from gpt_recipes.metrics.throughput import ThroughputWindow, compile_note
 from gpt_recipes.models.causal_lm import build_config, build_model, check_seq_len
 from gpt_recipes.models.loss import CausalLMLoss, fused_unavailable
 from gpt_recipes.parallel.distributed import environment, seed_everything
@@ -47,6 +47,7 @@ class PlainLoopArgs:
     lr: float = flag(1e-3, "AdamW learning rate (constant)")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off); the recipe's JSONs clip at 1.0")
     fused_loss: bool = flag(True, "the recipe's fused output layer and loss (see gpt_recipes/models/loss.py)")
+    torch_compile: bool = flag(False, "compile the model with torch.compile (inductor), as single-file trainers do")
     seed: int = flag(1234, "seed for initialisation and the data order")
     peak_tflops: Optional[float] = flag(None, "peak TFLOP/s per device for MFU (default: table or CPU probe)")
     output_dir: str = flag("runs/plain", "folder for metrics.jsonl")
@@ -78,6 +79,8 @@ def main() -> None:
 
     model = build_model(config, device=device)
     loss_fn = CausalLMLoss(model, fused=args.fused_loss and fused_unavailable(model, 0) is None)
+    if args.torch_compile:
+        model.compile()
     if env.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None)
     # torch's fastest AdamW: the fused kernel, which torch has for CPU and CUDA alike.
@@ -90,7 +93,8 @@ def main() -> None:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         print(f"plain PyTorch: {args.model} (transformers), {env.world_size} rank(s), {args.precision}, global batch "
-              f"{args.global_batch} x {seq_len}; {'fused' if loss_fn.fused else 'plain'} loss; MFU peak {peak} TFLOP/s ({source})", flush=True)
+              f"{args.global_batch} x {seq_len}; {'fused' if loss_fn.fused else 'plain'} loss"
+              f"{'; compiled' if args.torch_compile else ''}; MFU peak {peak} TFLOP/s ({source})", flush=True)
     metrics = MetricsLog(out, enabled=env.is_main)
     tokens, window = 0, ThroughputWindow(flops_per_token, env.world_size, peak, args.global_batch)
     for step in range(args.max_steps):
@@ -113,7 +117,7 @@ def main() -> None:
             metrics.write(record)
             if env.is_main:
                 print(f"step {step + 1:>6d} | loss {loss_value:.4f} | {record['tokens_per_sec']:.0f} tok/s | "
-                      f"{record['step_time'] * 1e3:.0f} ms/step", flush=True)
+                      f"{record['step_time'] * 1e3:.0f} ms/step" + compile_note(record), flush=True)
             window.reset()
     if dist.is_initialized():
         dist.destroy_process_group()

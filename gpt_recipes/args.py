@@ -100,11 +100,19 @@ class RunArgs:
                                           "(less memory, about a third more compute)")
     fused_loss: bool = flag(True, "compute the output layer and the loss together in chunks, never holding all "
                             "the logits (not under ZeRO-3, which partitions the output layer)")
+    torch_compile: bool = flag(False, "compile the model with torch.compile through DeepSpeed (engine.compile); the "
+                               "compile time is printed and kept out of tokens/s")
+    torch_compile_backend: Optional[str] = flag(None, "torch.compile backend (default: inductor)")
+    torch_compile_mode: Optional[str] = flag(None, "torch.compile mode (default: torch's)",
+                                             choices=["default", "reduce-overhead", "max-autotune",
+                                                      "max-autotune-no-cudagraphs"])
     shm_comm: bool = flag(True, "on CPU ranks that share one machine, all-reduce, all-gather and reduce-scatter through "
                           "DeepSpeed's "
                           "shared-memory kernel instead of gloo")
     peak_tflops: Optional[float] = flag(None, "peak TFLOP/s of one device at the training precision, for MFU "
                                         "(default: a table of GPUs; on a CPU, a matmul probe)")
+    profile_step: int = flag(0, "record this optimizer step with torch.profiler: OUTPUT_DIR/profile/step<N>.json "
+                             "(top kernels or ops, device-to-host copies, host waits) and a Chrome trace (0: none)")
     keep_last: int = flag(0, "keep only the newest N complete checkpoints (0: keep all)")
     export_hf: Optional[str] = flag(None, "after training, export the final checkpoint to this Hugging Face folder")
     eval_tasks: list[str] = flag([], "at every evaluation, also run these lm-evaluation-harness tasks on the live "

@@ -288,7 +288,7 @@ WELL_KNOWN_KEYS = (*BATCH_KEYS, *SECTIONS, "gradient_clipping", "steps_per_print
                    "activation_checkpointing", "checkpoint", "tensorboard", "csv_monitor", "wandb", "comet",
                    "flops_profiler", "communication_data_type", "prescale_gradients", "gradient_predivide_factor",
                    "sequence_parallel_size", "tensor_parallel", "data_types", "torch_autocast", "memory_breakdown",
-                   "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "amp", "compile")
+                   "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "amp", "compile", "timers")
 
 
 def _number(value: Any) -> bool:

@@ -32,9 +32,11 @@ from gpt_recipes.metrics.memory import tensor_memory_mb
 from gpt_recipes.models import adapters
 from gpt_recipes.models.adapters import AdapterPlan
 from gpt_recipes.models.causal_lm import count_parameters, enable_activation_checkpointing
+from gpt_recipes.models.compile import CompilePlan, plan_compile
 from gpt_recipes.models.loss import CausalLMLoss, fused_unavailable
 from gpt_recipes.parallel import distributed, sequence_tensor
 from gpt_recipes.parallel.distributed import DistEnv
+from gpt_recipes.train import engine_setup
 from gpt_recipes.train.loop import Batches, LoopSettings, Samples, TrainState, train
 
 
@@ -51,6 +53,7 @@ class RunPlan:
     output: OutputPlan
     notes: list[str] = field(default_factory=list)  # said once the ranks have started
     eval_tasks: list[Any] = field(default_factory=list)  # lm-evaluation-harness tasks, resolved
+    compile: CompilePlan | None = None  # how the model is compiled (None: eagerly)
 
     def say(self, *text: Any) -> None:
         if self.env.is_main:
@@ -84,6 +87,8 @@ def plan_run(args: RunArgs) -> RunPlan:
     for name in ("eval_interval", "save_interval"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be 0 (only at the end) or positive, got {getattr(args, name)}")
+    if args.profile_step < 0:
+        raise UserError(f"--profile_step must be 0 (none) or a step number, got {args.profile_step}")
     if args.keep_last < 0:
         raise UserError(f"--keep_last must be 0 (keep all) or positive, got {args.keep_last}")
     if not 0 <= args.seed < 2**32:
@@ -103,7 +108,8 @@ def plan_run(args: RunArgs) -> RunPlan:
         raise UserError(f"--eval_limit must be at least 1, got {args.eval_limit}")
     eval_tasks = evaluation.resolve_tasks([t for name in args.eval_tasks for t in name.split(",") if t]) \
         if args.eval_tasks else []
-    run = RunPlan(env, device, ds_cfg, batch, filled, out_dir, output, eval_tasks=eval_tasks)
+    run = RunPlan(env, device, ds_cfg, batch, filled, out_dir, output, eval_tasks=eval_tasks,
+                  compile=plan_compile(args, ds_cfg, batch, device))
     if output.note:
         run.notes.append(output.note)
     if output.resume_tag:
@@ -243,22 +249,6 @@ def downstream_eval(args: RunArgs, run: RunPlan, job: Job) -> Callable[[Any], di
     return run_tasks
 
 
-def keep_clip_norm(engine) -> None:
-    """Log the gradient norm at ZeRO-0 in fp32 too, so every stage's norms compare step by step.
-
-    Without a ZeRO or mixed-precision optimizer DeepSpeed clips with
-    deepspeed.runtime.utils.clip_grad_norm_, which returns the global norm, and drops it:
-    get_global_grad_norm() stays None. The same call, keeping what it returns.
-    """
-    from deepspeed.runtime.utils import clip_grad_norm_
-
-    def clip_and_keep() -> None:
-        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
-
-    engine.clip_fp32_gradients = clip_and_keep
-
-
 def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
     env, say = run.env, run.say
     sequence_tensor.check(run.batch, job.model_config, job.seq_len, lora=job.adapter is not None,
@@ -306,11 +296,12 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_DIR", str(run.out_dir))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=run.ds_cfg, mpu=mpu)
-    if env.world_size == 1 and stage == 0:
-        # Nothing to average over one rank, but DeepSpeed would still flatten every gradient
-        # into buckets, "all-reduce" them and copy them back after each backward.
-        engine.enable_backward_allreduce = False
-    keep_clip_norm(engine)
+    engine_setup.lighten_step(engine, env.world_size, stage)
+    if run.compile is not None:
+        engine.compile(backend=run.compile.backend, compile_kwargs=run.compile.kwargs())
+        say(run.compile.describe())
+        job.record["compile"] = {"backend": run.compile.backend, "mode": run.compile.mode,
+                                 "deepcompile": run.compile.deepcompile}
     if job.adapter is not None:
         adapters.leave_base_out_of_checkpoints(engine)
         base_digest = adapters.frozen_digest(engine.module)
@@ -355,7 +346,8 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     loop = LoopSettings(max_steps=args.max_steps, seq_len=job.seq_len, log_interval=args.log_interval,
                       eval_interval=args.eval_interval, save_interval=args.save_interval, out_dir=run.out_dir,
                       device_type=run.device, flops_per_token=flops_per_token, peak_tflops=peak,
-                      global_batch=run.batch.global_batch, downstream=downstream_eval(args, run, job))
+                      global_batch=run.batch.global_batch, profile_step=args.profile_step,
+                      downstream=downstream_eval(args, run, job))
     trainer_extra = {"global_batch": run.batch.global_batch, "seq_len": job.seq_len, "seed": args.seed}
     training_info = {"recipe": job.name, "precision": ds_config.precision(run.ds_cfg), "zero_stage": stage,
                      "world_size": env.world_size, "sequence_parallel": run.batch.sp, "tensor_parallel": run.batch.tp,

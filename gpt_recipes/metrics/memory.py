@@ -22,9 +22,15 @@ def tensor_memory_mb(device_type: str) -> float:
     """Bytes held by live tensors (parameters, gradients, optimizer state, buffers), in MiB."""
     if device_type == "cuda":
         return torch.cuda.memory_allocated() / MiB
+    frozen = gc.get_freeze_count() > 0
+    if frozen:  # gc.get_objects() leaves out what the training loop froze
+        gc.unfreeze()
     gc.collect()  # tensors in unreachable cycles (freed by the next collection) are not held
+    objects = gc.get_objects()
+    if frozen:
+        gc.freeze()
     storages: dict[int, int] = {}
-    for obj in gc.get_objects():
+    for obj in objects:
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
             try:
                 storage = obj.untyped_storage()

@@ -38,6 +38,7 @@ class RunSummary:
     activation_mb: float | None
     final_val_loss: float | None
     best_val_loss: float | None
+    compile_s: float | None = None  # torch.compile's time, kept out of the throughput figures
     task_scores: dict[str, float] | None = None  # the last downstream evaluation (--eval_tasks)
     val_loss_by_source: dict[str, float] | None = None  # a mixture's last evaluation, per source
 
@@ -82,6 +83,7 @@ def summarize(run_dir: Path, name: str | None = None, warmup_steps: int | None =
     memory = next((r for r in lines if "model_state_mb" in r), {})
     peaks = [float(r["peak_mem_mb"]) for r in train_lines if r.get("peak_mem_mb") is not None]
     step_times = column("step_time")
+    compiled = [float(r["compile_s"]) for r in train_lines if r.get("compile_s")]
     return RunSummary(
         name=name or Path(run_dir).name,
         steps=steps,
@@ -98,6 +100,7 @@ def summarize(run_dir: Path, name: str | None = None, warmup_steps: int | None =
         activation_mb=memory.get("activation_mb"),
         final_val_loss=evals[-1]["val_loss"] if evals else None,
         best_val_loss=min(r["val_loss"] for r in evals) if evals else None,
+        compile_s=max(compiled) if compiled else None,
         task_scores=_task_scores(evals[-1]) if evals and _task_scores(evals[-1]) else None,
         val_loss_by_source=evals[-1].get("val_loss_by_source") if evals else None,
     )
@@ -123,6 +126,7 @@ THROUGHPUT = [  # medians over the measured lines
     ("step_time_ms", "step ms", "{:.0f}"),
     ("tflops_per_rank", "TFLOP/s/rank", "{:.3g}"),
     ("mfu", "MFU", "{:.1%}"),
+    ("compile_s", "compile s", "{:.0f}"),
 ]
 MEMORY = [("peak_mem_mb", "peak MiB", "{:.0f}"), ("model_state_mb", "model states MiB", "{:.0f}")]
 QUALITY = [

@@ -1,7 +1,8 @@
 """Throughput between two log lines: tokens and samples per second, step time, TFLOP/s and MFU.
 
-Shared by the recipes' loop and the plain PyTorch reference, so both report the same
-quantities from the same arithmetic.
+Shared by the recipes' loop and the reference loops, so all report the same quantities from
+the same arithmetic. Time torch spends compiling (torch.compile's first steps and any
+recompilation) is left out, as evaluation and saving are, and reported as compile_s.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from typing import Iterator
 
 from gpt_recipes.metrics import flops
+from gpt_recipes.models.compile import compile_seconds
 
 
 class ThroughputWindow:
@@ -20,15 +22,34 @@ class ThroughputWindow:
     def __init__(self, flops_per_token: float, world_size: int, peak_tflops: float | None, global_batch: int):
         self.flops_per_token, self.world_size = flops_per_token, world_size
         self.peak_tflops, self.global_batch = peak_tflops, global_batch
+        self._compiled_at_start = self._compiled = compile_seconds()
         self.reset()
 
     def reset(self) -> None:
-        self.steps = self.tokens = 0
+        self.steps = self.tokens = 0  # timed steps and their tokens
+        self.untimed_steps = 0  # steps left out of the figures (a profiled one)
         self.start = time.perf_counter()
 
-    def add_step(self, tokens: int) -> None:
-        self.steps += 1
-        self.tokens += tokens
+    @property
+    def all_steps(self) -> int:
+        return self.steps + self.untimed_steps
+
+    def add_step(self, tokens: int, timed: bool = True) -> None:
+        """Count a finished step; an untimed one's time must have been paused (`paused`)."""
+        if timed:
+            self.steps += 1
+            self.tokens += tokens
+        else:
+            self.untimed_steps += 1
+        compiled = compile_seconds()
+        if compiled != self._compiled:  # compiling is a one-off cost, not the step's
+            self.start += compiled - self._compiled
+            self._compiled = compiled
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling since this window was made."""
+        return self._compiled - self._compiled_at_start
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -43,5 +64,13 @@ class ThroughputWindow:
         elapsed = time.perf_counter() - self.start
         tokens_per_sec = self.tokens / elapsed
         tflops, mfu = flops.mfu(self.flops_per_token, tokens_per_sec, self.world_size, self.peak_tflops)
-        return {"step_time": elapsed / max(1, self.steps), "tokens_per_sec": tokens_per_sec,
-                "samples_per_sec": self.steps * self.global_batch / elapsed, "tflops_per_rank": tflops, "mfu": mfu}
+        record = {"step_time": elapsed / max(1, self.steps), "tokens_per_sec": tokens_per_sec,
+                  "samples_per_sec": self.steps * self.global_batch / elapsed, "tflops_per_rank": tflops, "mfu": mfu}
+        if self.compile_s:
+            record["compile_s"] = self.compile_s
+        return record
+
+
+def compile_note(record: dict) -> str:
+    """A log line's note of the compile time so far (empty when nothing was compiled)."""
+    return f" | compiled {record['compile_s']:.1f} s (not in tok/s)" if record.get("compile_s") else ""

@@ -7,6 +7,7 @@ per-step loss is accumulated on the device and reduced across ranks only when lo
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import signal
 import sys
@@ -25,6 +26,7 @@ from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import DivergedError, RecipeExit
 from gpt_recipes.metrics.log import MetricsLog
 from gpt_recipes.metrics.memory import MemoryProbe, peak_memory_mb
+from gpt_recipes.metrics.profile import profiled_step
 from gpt_recipes.metrics.throughput import ThroughputWindow
 from gpt_recipes.models.loss import CausalLMLoss
 from gpt_recipes.parallel.distributed import DistEnv, all_reduce, rank_max, remove_own_shm_buffers
@@ -58,6 +60,7 @@ class LoopSettings:
     flops_per_token: float = 0.0  # model FLOPs (forward + backward) per token; see flops.py
     peak_tflops: float | None = None  # per rank, for MFU
     global_batch: int = 1
+    profile_step: int = 0  # record this step with torch.profiler (0: none)
     # Run after each validation pass on every rank (downstream tasks on the live model): more
     # metrics for the evaluation record.
     downstream: Callable[[Any], dict[str, float]] | None = None
@@ -167,9 +170,15 @@ def train(
     """Train until settings.max_steps; raises DivergedError on a non-finite loss (without saving) and
     Preempted after saving when any rank receives SIGTERM/SIGINT."""
     stop = StopSignal(on_insist=remove_own_shm_buffers)
+    # Setting up leaves about half a million Python objects (transformers, DeepSpeed, the data);
+    # a full garbage collection walks all of them, 0.3 s here, every few hundred steps. Frozen,
+    # collections walk only what the loop itself creates.
+    gc.collect()
+    gc.freeze()
     try:
         return _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_checkpoint, stop)
     finally:
+        gc.unfreeze()
         stop.restore()
 
 
@@ -207,7 +216,7 @@ def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_c
         total = all_reduce(loss_sum.clone()).item()
         # Each data-parallel rank's share, split over its sequence-parallel group or repeated by
         # each rank of its tensor-parallel group.
-        mean = total / (window.steps * plan.grad_accum * plan.grad_divisor * plan.tp)
+        mean = total / (window.all_steps * plan.grad_accum * plan.grad_divisor * plan.tp)
         if not math.isfinite(mean):
             raise _diverged(state.step, good_step, settings.out_dir, "training loss")
         return mean
@@ -215,21 +224,23 @@ def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_c
     timers = EngineTimers(engine)
     probe = MemoryProbe(engine.module, settings.device_type)
     probe_step = state.step + 1  # the second step of this process: optimizer state exists by then
-    memory_fields: dict[str, float] = {}
+    compiled_s = 0.0  # torch.compile's time so far, as last said
+    probed = False  # one-off readings, agreed across ranks and logged with the next metrics line
 
     while state.step < settings.max_steps:
         probing = state.step == probe_step
+        profiling = state.step + 1 == settings.profile_step  # under torch.profiler, kept out of throughput
         global_batch = batches.order.global_batch(state.step)
-        loss_sum += _step(engine, batches, plan, env, state.step, global_batch, loss_fn, probe if probing else None,
-                          window)
-        if probing:  # one-off readings, logged with the next metrics line
-            memory_fields = {"model_state_mb": rank_max(probe.model_state_mb, engine.device),
-                             "activation_mb": rank_max(probe.activation_mb, engine.device)}
+        with (profiled_step(state.step + 1, settings.out_dir, settings.device_type, env.is_main)
+              if profiling else contextlib.nullcontext()), window.paused() if profiling else contextlib.nullcontext():
+            loss_sum += _step(engine, batches, plan, env, state.step, global_batch, loss_fn,
+                              probe if probing else None, window)
+        probed |= probing
         timers.after_step()
         step_tokens = batches.train.num_tokens(global_batch)  # host-side count
         state.step += 1
         state.tokens += step_tokens
-        window.add_step(step_tokens)
+        window.add_step(step_tokens, timed=not profiling)
         bar.update(1)
         last = state.step == settings.max_steps
         faults.after_step(state.step, env.rank)
@@ -239,6 +250,8 @@ def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_c
             mean_loss = window_loss()
             good_step = state.step
             peak = rank_max(peak_memory_mb(settings.device_type), engine.device)
+            memory_fields = {"model_state_mb": rank_max(probe.model_state_mb, engine.device),
+                             "activation_mb": rank_max(probe.activation_mb, engine.device)} if probed else {}
             record = {
                 "step": state.step,
                 "tokens": state.tokens,
@@ -255,10 +268,13 @@ def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_c
                 **({"source_tokens": batches.order.source_tokens(state.step)}
                    if hasattr(batches.order, "source_tokens") else {}),
             }
+            if record.get("compile_s", 0.0) > compiled_s:
+                compiled_s = record["compile_s"]
+                say(f"step {state.step:>6d} | compiling took {compiled_s:.1f} s so far (kept out of tokens/s)")
             if memory_fields:
                 say(f"memory, fullest rank: model states {memory_fields['model_state_mb']:.0f} MiB (parameters, "
                     f"gradients, optimizer state); activations {memory_fields['activation_mb']:.0f} MiB per micro-batch")
-            memory_fields = {}
+            probed = False
             metrics.write(record)
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
             say(_train_line(record))
@@ -274,7 +290,7 @@ def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_c
             if _is_due(state.step, settings.eval_interval, last):
                 run_eval()
             if _is_due(state.step, settings.save_interval, last):
-                if window.steps:
+                if window.all_steps:
                     window_loss()  # never save weights that a NaN may already have reached
                 save()
     bar.close()

@@ -3,9 +3,11 @@
 Cluster schedulers send SIGTERM before they preempt a job, often to one process only; Ctrl-C
 in a terminal sends SIGINT to the launcher and every rank at once, and the launcher then
 forwards SIGTERM to each rank as well. Each rank records the first signal; after every step
-the ranks agree (a max all-reduce of one integer on a CPU process group, which never waits
-on the GPU) whether any of them received one, and all of them save and exit together with
-status 128 + the signal number.
+the ranks agree whether any of them received one, and all of them save and exit together
+with status 128 + the signal number. The agreement is a max all-reduce of one integer on a
+CPU process group, so it never waits on the GPU, and it is asynchronous: the reduction
+started after step k is read after step k + 1, so it costs no round trip per step, and a
+signal is honoured within one step.
 
 Signals that reach a rank within FORWARD_WINDOW seconds of its first are the same interrupt
 passed on by a launcher; a signal after that is the user insisting, and stops the rank at
@@ -87,6 +89,8 @@ class StopSignal:
         self._first_at = 0.0
         self._on_insist = on_insist
         self._flag = torch.zeros(1, dtype=torch.int32)
+        self._value = self._flag.numpy()  # read without a torch call: the flag never leaves the host
+        self._pending = None  # the all-reduce started after the previous step
         self._group = None
         self.launchers = launcher_processes()
         self._checked_at = 0.0
@@ -109,8 +113,12 @@ class StopSignal:
             os.kill(os.getpid(), signum)
 
     def restore(self) -> None:
+        """Put the previous signal handlers back and finish the agreement in flight."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
 
     def launcher_gone(self) -> bool:
         # Reads /proc: at most once a second, not on every step of a fast loop.
@@ -121,14 +129,20 @@ class StopSignal:
         return not all(map(_alive, self.launchers))
 
     def agreed(self) -> int:
-        """The signal any rank received (LAUNCHER_GONE if a rank lost its launcher; 0 if none):
-        the same answer on every rank."""
+        """The signal any rank had received by the end of the previous call's step
+        (LAUNCHER_GONE if a rank lost its launcher; 0 if none): the same answer on every rank.
+        On one rank there is nothing to agree on, and this step's signal is the answer."""
         if not self.received and self.launcher_gone():
             self.received = LAUNCHER_GONE
-        self._flag[0] = self.received
-        if self._group is not None:
-            dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group)
-        return int(self._flag[0])
+        if self._group is None:
+            return self.received
+        answer = 0
+        if self._pending is not None:
+            self._pending.wait()
+            answer = int(self._value[0])
+        self._value[0] = max(self.received, answer)
+        self._pending = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return answer
 
     @staticmethod
     def exit_code(signum: int) -> int:
