@@ -43,6 +43,7 @@ from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.launch import REPO, ComparisonArgs, launcher_prefix, master_port, run_pretrain, unbuffered_env
 from gpt_recipes.metrics import flops
+from gpt_recipes.metrics.profile import format_summary
 from gpt_recipes.metrics.summary import RunSummary, summarize
 
 
@@ -65,6 +66,8 @@ class BenchmarkArgs(ComparisonArgs):
     eager: bool = flag(True, "run the eager variants (--no-eager with --torch_compile: compiled ones only)")
     ablate_loss: bool = flag(False, "also run the first stage's recipe with the loss taken from the logits")
     ablate_comm: bool = flag(False, "also run the first stage's recipe with gloo collectives (--no-shm_comm)")
+    profile_step: int = flag(0, "record this step of every minimal DeepSpeed and recipe run with torch.profiler and "
+                                "print the summaries (top kernels, device-to-host copies, host waits) after the table")
     peak_tflops: Optional[float] = flag(None, "peak TFLOP/s per device for MFU (default: table or CPU probe)")
     output_dir: str = flag("runs/benchmark", "run folders go here (replaced)")
     report_only: bool = flag(False, "run nothing: print the table from the run folders an earlier benchmark with "
@@ -81,6 +84,9 @@ class Variant:
     config: Path | None = None
     extra: list[str] = field(default_factory=list)
     compare_to: str | None = None  # the minimal loop's row with the same JSON (recipe rows)
+
+    def run_dir(self, out: Path, round_: int) -> Path:
+        return out / f"{self.name.replace(' ', '_').replace(',', '')}_r{round_}"
 
 
 def benchmark_config(source: Path, precision: str, micro_batch: int, path: Path) -> Path:
@@ -165,8 +171,10 @@ def variants(args: BenchmarkArgs, out: Path, micro: int) -> list[Variant]:
         for source in sources:
             label = source.stem.replace("zero", "ZeRO-") if not args.configs else source.name
             cfg = benchmark_config(source, args.precision, micro, out / f"{source.stem}_{args.precision}.json")
-            minimal = Variant(f"minimal DeepSpeed {label}{suffix}", "minimal", args.ranks, cfg, compile_flag)
-            rows += [minimal, Variant(f"recipe {label}{suffix}", "recipe", args.ranks, cfg, compile_flag, minimal.name)]
+            profile = ["--profile_step", str(args.profile_step)] if args.profile_step else []
+            minimal = Variant(f"minimal DeepSpeed {label}{suffix}", "minimal", args.ranks, cfg, [*compile_flag, *profile])
+            rows += [minimal, Variant(f"recipe {label}{suffix}", "recipe", args.ranks, cfg, [*compile_flag, *profile],
+                                      minimal.name)]
     first = next((r for r in rows if r.kind == "recipe"), None)
     if first is not None and args.ablate_loss and args.fused_loss:
         rows.append(Variant(f"{first.name}, logits loss", "recipe", args.ranks, first.config,
@@ -202,7 +210,7 @@ def main() -> None:
 
     for round_ in range(1, args.repeats + 1):
         for variant in rows:
-            run_dir = out / f"{variant.name.replace(' ', '_').replace(',', '')}_r{round_}"
+            run_dir = variant.run_dir(out, round_)
             if args.report_only:
                 results[variant.name].append(summarize(run_dir, variant.name))
                 continue
@@ -245,6 +253,11 @@ def main() -> None:
     print(f"Machine: {machine()}")
     print(f"Command: python benchmarks/benchmark.py {' '.join(sys.argv[1:])}".rstrip())
     print_table(header, table, args.markdown)
+    if args.profile_step:
+        for variant in rows:
+            summary = variant.run_dir(out, 1) / "profile" / f"step{args.profile_step}.json"
+            if summary.is_file():
+                print(f"\n{variant.name}: " + format_summary(json.loads(summary.read_text())))
 
 
 def print_table(header: list[str], rows: list[list[str]], markdown: bool) -> None:

@@ -30,7 +30,7 @@ from gpt_recipes.metrics import flops
 from gpt_recipes.metrics.log import MetricsLog
 from gpt_recipes.metrics.memory import peak_memory_mb
 from gpt_recipes.metrics.profile import profiled_step
-from gpt_recipes.metrics.throughput import ThroughputWindow, compile_note
+from gpt_recipes.metrics.throughput import ThroughputWindow, speed_text
 from gpt_recipes.models.causal_lm import build_config, build_model, check_seq_len
 from gpt_recipes.models.loss import CausalLMLoss, fused_unavailable
 from gpt_recipes.parallel.distributed import environment, free_port, seed_everything
@@ -112,8 +112,7 @@ def main() -> None:
                       "peak_mem_mb": peak_memory_mb(device_type)}
             metrics.write(record)
             if env.is_main:
-                print(f"step {step + 1:>6d} | loss {loss_value:.4f} | {record['tokens_per_sec']:.0f} tok/s | "
-                      f"{record['step_time'] * 1e3:.0f} ms/step" + compile_note(record), flush=True)
+                print(f"step {step + 1:>6d} | loss {loss_value:.4f} | {speed_text(record)}", flush=True)
             window.reset()
 
 

@@ -298,6 +298,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=run.ds_cfg, mpu=mpu)
     engine_setup.lighten_step(engine, env.world_size, stage)
     if run.compile is not None:
+        run.compile.prepare(engine.module, stage)
         engine.compile(backend=run.compile.backend, compile_kwargs=run.compile.kwargs())
         say(run.compile.describe())
         job.record["compile"] = {"backend": run.compile.backend, "mode": run.compile.mode,

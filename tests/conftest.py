@@ -6,7 +6,7 @@ import pytest
 from gpt_recipes.data.prepare import PrepareOptions, prepare
 from gpt_recipes.data.sft_demo import build
 from gpt_recipes.data.sources import default_corpus_files
-from tests.helpers import TINY_GPT2, TINY_LLAMA, ds_json, launch, pretrain_args
+from tests.helpers import CROSS_STAGE_RUNS, TINY_GPT2, TINY_LLAMA, ds_json, launch, parity_run, pretrain_args
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +56,14 @@ def demo(tmp_path_factory):
     counts = build(out)
     assert counts["train"] > 1000 and counts["val"] >= 300
     return out
+
+
+@pytest.fixture(scope="session")
+def cross_stage(tmp_path_factory, tiny_data, tiny_model):
+    """The reference (1 rank x micro-batch 4, ZeRO-0) and every run of CROSS_STAGE_RUNS, fp32 with
+    gradient clipping 1.0 as the shipped JSONs have it (tests/recipes/test_pretrain.py; the eager
+    side of tests/models/test_compile.py)."""
+    tmp = tmp_path_factory.mktemp("cross_stage")
+    reference = parity_run(tmp, tiny_data, tiny_model, 0, 1, 4, 1, True, "reference zero0 1x4")
+    return reference, {label: parity_run(tmp, tiny_data, tiny_model, *spec, label)
+                       for label, *spec in CROSS_STAGE_RUNS}

@@ -183,3 +183,34 @@ def hf_only(folder, check_file, adapter: bool = False) -> dict:
                            *(["--adapter"] if adapter else [])], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# The cross-stage parity runs (tests/conftest.py's cross_stage): (label, ZeRO stage, ranks,
+# micro-batch, accumulation steps, fused loss flag); ZeRO-3 always takes the loss from the
+# logits, since it partitions the output layer. 20 steps, fp32, clipping at 1.0.
+CROSS_STAGE_RUNS = [
+    ("zero0 2x2", 0, 2, 2, 1, True),
+    ("zero1 2x2", 1, 2, 2, 1, True),
+    ("zero2 2x2", 2, 2, 2, 1, True),
+    ("zero3 2x2", 3, 2, 2, 1, True),
+    ("zero3 1x4", 3, 1, 4, 1, True),
+    ("zero1 1x2x2 fused", 1, 1, 2, 2, True),
+    ("zero2 1x2x2 logits", 2, 1, 2, 2, False),
+]
+PARITY_STEPS = 20
+
+
+def parity_run(tmp_path, tiny_data, tiny_model, stage, ranks, micro, accum, fused, label, *extra: str,
+               fault: str | None = None) -> Path:
+    """One run of the parity layout; its output goes to <label>.log beside its folder."""
+    out = tmp_path / label.replace(" ", "_")
+    args = pretrain_args(ds_json(tmp_path, stage, micro, accum, fp32=True, clip=True), tiny_data, tiny_model, out,
+                         PARITY_STEPS, "--log_interval", "1", "--eval_interval", "10",
+                         *([] if fused else ["--no-fused_loss"]), *extra)
+    if ranks == 1 and fault is None:  # also covers a bare `python` run, without a launcher
+        proc = run_python("recipes/pretrain.py", args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:
+        proc = launch("recipes/pretrain.py", args, ranks=ranks, check=fault is None, fault=fault)
+    (tmp_path / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
+    return out

@@ -31,13 +31,21 @@ def tensor_memory_mb(device_type: str) -> float:
         gc.freeze()
     storages: dict[int, int] = {}
     for obj in objects:
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta and not is_fake(obj):
             try:
                 storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
             except (RuntimeError, NotImplementedError):  # sparse or other storage-less tensors
                 continue
-            storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values()) / MiB
+
+
+def is_fake(tensor: torch.Tensor) -> bool:
+    """torch.compile's stand-ins for tensors while it traces: they hold no memory."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(tensor, (FakeTensor, FunctionalTensor))
 
 
 def peak_memory_mb(device_type: str) -> float:

@@ -22,7 +22,7 @@ class ThroughputWindow:
     def __init__(self, flops_per_token: float, world_size: int, peak_tflops: float | None, global_batch: int):
         self.flops_per_token, self.world_size = flops_per_token, world_size
         self.peak_tflops, self.global_batch = peak_tflops, global_batch
-        self._compiled_at_start = self._compiled = compile_seconds()
+        self._compiled = compile_seconds()  # as of the last step (or pause)
         self.reset()
 
     def reset(self) -> None:
@@ -46,11 +46,6 @@ class ThroughputWindow:
             self.start += compiled - self._compiled
             self._compiled = compiled
 
-    @property
-    def compile_s(self) -> float:
-        """Seconds spent compiling since this window was made."""
-        return self._compiled - self._compiled_at_start
-
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         began = time.perf_counter()
@@ -58,19 +53,28 @@ class ThroughputWindow:
             yield
         finally:
             self.start += time.perf_counter() - began
+            self._compiled = compile_seconds()  # compiling during the pause is left out already
 
     def record(self) -> dict[str, float | None]:
-        """The window's figures, as the metrics log names them; then `reset` starts the next window."""
+        """The window's figures, as the metrics log names them (None when none of its steps was
+        timed: a window of one profiled step); then `reset` starts the next window."""
         elapsed = time.perf_counter() - self.start
-        tokens_per_sec = self.tokens / elapsed
-        tflops, mfu = flops.mfu(self.flops_per_token, tokens_per_sec, self.world_size, self.peak_tflops)
-        record = {"step_time": elapsed / max(1, self.steps), "tokens_per_sec": tokens_per_sec,
-                  "samples_per_sec": self.steps * self.global_batch / elapsed, "tflops_per_rank": tflops, "mfu": mfu}
-        if self.compile_s:
-            record["compile_s"] = self.compile_s
+        record: dict[str, float | None] = dict.fromkeys(("step_time", "tokens_per_sec", "samples_per_sec",
+                                                         "tflops_per_rank", "mfu"))
+        if self.steps:
+            tokens_per_sec = self.tokens / elapsed
+            tflops, mfu = flops.mfu(self.flops_per_token, tokens_per_sec, self.world_size, self.peak_tflops)
+            record.update(step_time=elapsed / self.steps, tokens_per_sec=tokens_per_sec,
+                          samples_per_sec=self.steps * self.global_batch / elapsed, tflops_per_rank=tflops, mfu=mfu)
+        if self._compiled:
+            record["compile_s"] = self._compiled  # in this process so far
         return record
 
 
-def compile_note(record: dict) -> str:
-    """A log line's note of the compile time so far (empty when nothing was compiled)."""
-    return f" | compiled {record['compile_s']:.1f} s (not in tok/s)" if record.get("compile_s") else ""
+def speed_text(record: dict) -> str:
+    """A log line's throughput part: tokens/s and ms per step, and compile time when there was some."""
+    if record["tokens_per_sec"] is None:
+        text = "no timed step (profiled)"
+    else:
+        text = f"{record['tokens_per_sec']:.0f} tok/s | {record['step_time'] * 1e3:.0f} ms/step"
+    return text + (f" | compiled {record['compile_s']:.1f} s (not in tok/s)" if record.get("compile_s") else "")

@@ -36,6 +36,18 @@ class CompilePlan:
     def kwargs(self) -> dict[str, Any]:
         return {"mode": self.mode} if self.mode and self.mode != "default" else {}
 
+    def prepare(self, model: Any, stage: int) -> None:
+        """Under ZeRO-3 Dynamo traces DeepSpeed's gather and release hooks with every submodule,
+        and compiles them once per kind of module: raise its recompile limit (8 per function)
+        above the number of submodules, or past it those hooks would run eagerly with a warning."""
+        import torch._dynamo
+
+        if stage == 3:
+            modules = sum(1 for _ in model.modules())
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, 2 * modules)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 8 * modules)
+
     def describe(self) -> str:
         how = "DeepCompile (the JSON's compile.deepcompile)" if self.deepcompile else "torch.compile"
         mode = f", mode {self.mode}" if self.mode else ""

@@ -27,7 +27,7 @@ from gpt_recipes.errors import DivergedError, RecipeExit
 from gpt_recipes.metrics.log import MetricsLog
 from gpt_recipes.metrics.memory import MemoryProbe, peak_memory_mb
 from gpt_recipes.metrics.profile import profiled_step
-from gpt_recipes.metrics.throughput import ThroughputWindow
+from gpt_recipes.metrics.throughput import ThroughputWindow, speed_text
 from gpt_recipes.models.loss import CausalLMLoss
 from gpt_recipes.parallel.distributed import DistEnv, all_reduce, rank_max, remove_own_shm_buffers
 from gpt_recipes.train.preemption import LAUNCHER_GONE, StopSignal
@@ -276,7 +276,7 @@ def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_c
                     f"gradients, optimizer state); activations {memory_fields['activation_mb']:.0f} MiB per micro-batch")
             probed = False
             metrics.write(record)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_sec'] or 0:.0f}")
             say(_train_line(record))
             loss_sum.zero_()
             window.reset()
@@ -327,11 +327,11 @@ def _step(engine, batches: Batches, plan: BatchPlan, env: DistEnv, step: int, gl
 
 def _train_line(record: dict[str, Any]) -> str:
     mfu = f" | MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
+    tflops = f" | {record['tflops_per_rank']:.3g} TFLOP/s/rank" if record["tflops_per_rank"] is not None else ""
     rewards = (f" | reward acc {record['reward_accuracy']:.3f} margin {record['reward_margin']:.3f}"
                if "reward_accuracy" in record else "")
     return (f"step {record['step']:>6d} | loss {record['loss']:.4f}{rewards} | lr {record['lr']:.2e} | "
-            f"{record['tokens_per_sec']:.0f} tok/s | {record['step_time'] * 1e3:.0f} ms/step | "
-            f"{record['tflops_per_rank']:.3g} TFLOP/s/rank{mfu} | peak {record['peak_mem_mb']:.0f} MiB")
+            f"{speed_text({**record, 'compile_s': None})}{tflops}{mfu} | peak {record['peak_mem_mb']:.0f} MiB")
 
 
 def _shown(key: str, value: Any) -> str:

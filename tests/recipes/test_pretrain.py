@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
-from tests.helpers import REPO, ds_json, launch, pretrain_args, read_metrics, run_python
+from tests.helpers import CROSS_STAGE_RUNS, PARITY_STEPS, REPO, ds_json, launch, pretrain_args, read_metrics, run_python
 
 pytestmark = pytest.mark.slow
 
 # fp32 data-parallel parity is at rounding level: summation order differs between one rank
 # with a larger batch and two ranks whose gradients are averaged by all-reduce, and with
-# clipping active ZeRO-1/2/3 sum the norm over partitions. Measured over 12 clipped steps:
-# losses within 1e-6, gradient norms within 2e-6 (relative), weights within 8e-6.
+# clipping active ZeRO-1/2/3 sum the norm over partitions. Measured over 20 clipped steps:
+# losses within 1e-6, gradient norms within 1.1e-6 (relative), weights within 1e-5.
 CLIPPED_PARITY_TOL = 2e-5
 CLIPPED_WEIGHT_TOL = 5e-5
 
@@ -32,44 +32,6 @@ def test_fp16_dynamic_loss_scaling_trains(tmp_path, tiny_data, tiny_model):
            ranks=ranks)
     train, evals = read_metrics(out)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
-
-
-# (label, ZeRO stage, ranks, micro-batch, accumulation steps, fused loss flag); ZeRO-3 always
-# takes the loss from the logits, since it partitions the output layer.
-CROSS_STAGE_RUNS = [
-    ("zero0 2x2", 0, 2, 2, 1, True),
-    ("zero1 2x2", 1, 2, 2, 1, True),
-    ("zero2 2x2", 2, 2, 2, 1, True),
-    ("zero3 2x2", 3, 2, 2, 1, True),
-    ("zero3 1x4", 3, 1, 4, 1, True),
-    ("zero1 1x2x2 fused", 1, 1, 2, 2, True),
-    ("zero2 1x2x2 logits", 2, 1, 2, 2, False),
-]
-PARITY_STEPS = 12
-
-
-def _parity_run(tmp_path, tiny_data, tiny_model, stage, ranks, micro, accum, fused, label):
-    out = tmp_path / label.replace(" ", "_")
-    args = pretrain_args(ds_json(tmp_path, stage, micro, accum, fp32=True, clip=True), tiny_data, tiny_model, out,
-                         PARITY_STEPS, "--log_interval", "1", "--eval_interval", "6",
-                         *([] if fused else ["--no-fused_loss"]))
-    if ranks == 1:  # also covers a bare `python` run, without a launcher
-        proc = run_python("recipes/pretrain.py", args)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    else:
-        proc = launch("recipes/pretrain.py", args, ranks=ranks)
-    (tmp_path / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
-    return out
-
-
-@pytest.fixture(scope="module")
-def cross_stage(tmp_path_factory, tiny_data, tiny_model):
-    """The reference (1 rank x micro-batch 4, ZeRO-0) and every run of CROSS_STAGE_RUNS, fp32 with
-    gradient clipping 1.0 as the shipped JSONs have it."""
-    tmp = tmp_path_factory.mktemp("cross_stage")
-    reference = _parity_run(tmp, tiny_data, tiny_model, 0, 1, 4, 1, True, "reference zero0 1x4")
-    return reference, {label: _parity_run(tmp, tiny_data, tiny_model, *spec, label)
-                       for label, *spec in CROSS_STAGE_RUNS}
 
 
 def _trace(out):

@@ -7,7 +7,8 @@ usage: python sync_audit.py OUT.json RECIPE.py [recipe flags...]
 On a GPU, `.item()`, `bool(tensor)`, `.tolist()`, `.cpu()`, `nonzero` and their kind copy a
 device value to the host and wait for every queued kernel. On a CPU nothing waits, but the
 same calls are made: a torch function mode and a dispatch mode see them here, so a test on a
-CPU catches what would stall a GPU. Each call is attributed to the code that asked for it:
+CPU catches what would stall a GPU. On a GPU, torch.cuda.set_sync_debug_mode("warn") reports
+every synchronising CUDA call besides, whatever made it. Each call is attributed to the code that asked for it:
 
 - "recipe": a frame of gpt_recipes/ or recipes/ made it, directly or through a DeepSpeed or
   transformers call other than the engine's forward, backward and step;
@@ -25,6 +26,7 @@ import os
 import runpy
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,13 +85,37 @@ def attribute(stack) -> tuple[str, str]:
 
 
 class SyncRecorder(TorchFunctionMode):
-    """Records syncing calls while `active`; each as (owner, site, what)."""
+    """Records syncing calls while `active`; each as (owner, site, what). On a GPU it also turns on
+    torch.cuda.set_sync_debug_mode while active and records each synchronising CUDA call it warns
+    of, with the Python stack that made it."""
 
     def __init__(self):
         super().__init__()
-        self.active = False
+        self._active = False
         self.found: dict[tuple[str, str, str], int] = {}
         self._dispatch = _DispatchSide(self)
+        self._cuda = torch.cuda.is_available()
+        if self._cuda:
+            shown = warnings.showwarning
+
+            def show(message, category, *args, **kwargs):
+                if "synchronizing CUDA operation" in str(message):
+                    self.note("cuda sync (set_sync_debug_mode)")
+                else:
+                    shown(message, category, *args, **kwargs)
+
+            warnings.showwarning = show
+            warnings.filterwarnings("always", message=".*synchronizing CUDA operation.*")
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @active.setter
+    def active(self, on: bool) -> None:
+        self._active = on
+        if self._cuda:
+            torch.cuda.set_sync_debug_mode("warn" if on else "default")
 
     def note(self, what: str) -> None:
         if self.active:
