@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,21 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
+def finite_float(text: str) -> float:
+    """A float flag's value: a number, never nan or inf (argparse's float() takes both, and a
+    nan temperature or learning-rate factor would pass every comparison unseen)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+finite_float.__name__ = "float"  # argparse names the type in its messages
+
+
 def build_parser(spec: type, description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=description or (spec.__doc__ or "").strip(),
@@ -62,10 +78,10 @@ def build_parser(spec: type, description: str | None = None) -> argparse.Argumen
         if tp is bool:  # a switch: --flag, and --no-flag only where the flag is on by default
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
         elif typing.get_origin(tp) is list:
-            kwargs["type"] = typing.get_args(tp)[0]
+            kwargs["type"] = finite_float if typing.get_args(tp)[0] is float else typing.get_args(tp)[0]
             kwargs["nargs"] = "*"
         else:
-            kwargs["type"] = tp
+            kwargs["type"] = finite_float if tp is float else tp
         kwargs.update(meta)
         if positional:
             parser.add_argument(f.name, **kwargs)

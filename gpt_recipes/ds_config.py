@@ -109,17 +109,70 @@ def check_launcher_precision(cfg: dict[str, Any]) -> None:
                         f"{precision(cfg)}; the config decides precision: drop --mixed_precision or switch the config")
 
 
+class _Object(dict):
+    """A JSON object as parsed, remembering keys it held more than once."""
+
+    duplicates: list[str]
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    obj = _Object()
+    obj.duplicates = []
+    for key, value in pairs:
+        if key in obj:
+            obj.duplicates.append(key)
+        obj[key] = value
+    return obj
+
+
+def _first_duplicate(node: Any, prefix: str = "") -> str | None:
+    if isinstance(node, dict):
+        if getattr(node, "duplicates", None):
+            return f"{prefix}.{node.duplicates[0]}" if prefix else node.duplicates[0]
+        for key, value in node.items():
+            found = _first_duplicate(value, f"{prefix}.{key}" if prefix else key)
+            if found:
+                return found
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found = _first_duplicate(value, f"{prefix}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {key: _plain(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_plain(value) for value in node]
+    return node
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
+    """The JSON as DeepSpeed reads it: UTF-8, and a key given twice is an error (DeepSpeed's own
+    loader refuses duplicates; plain json.loads would keep the last silently)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"DeepSpeed config {path} does not exist (see ds_configs/ for examples)")
     try:
-        cfg = json.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"DeepSpeed config {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                        f"{err.start})")
+    except OSError as err:
+        raise UserError(f"DeepSpeed config {path} cannot be read: {err.strerror}")
+    try:
+        cfg = json.loads(text, object_pairs_hook=_object)
     except json.JSONDecodeError as err:
         raise UserError(f"DeepSpeed config {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}")
     if not isinstance(cfg, dict):
         raise UserError(f"DeepSpeed config {path} must hold a JSON object, not {type(cfg).__name__}")
-    return cfg
+    duplicate = _first_duplicate(cfg)
+    if duplicate:
+        raise UserError(f"DeepSpeed config {path}: {duplicate} appears twice (DeepSpeed refuses duplicate keys); "
+                        "keep one")
+    return _plain(cfg)
 
 
 def _positive_int(cfg: dict, key: str) -> int | None:
@@ -295,6 +348,91 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _wrong(path: str, kind: str, value: Any) -> UserError:
+    return UserError(f"DeepSpeed config: {path} must be {kind}, not {json.dumps(value)}")
+
+
+def _check_value(path: str, value: Any, annotation: Any) -> None:
+    """`value` as DeepSpeed's field type asks: booleans are JSON booleans, integers are integers
+    (not true), numbers are numbers (not strings), sections are objects. DeepSpeed's own parser
+    would coerce "false" to False and true to 1, so the recipe would print one thing and run another."""
+    import enum
+    import types
+    import typing
+
+    import pydantic
+
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or len(options) != 1:
+            return  # several types allowed: DeepSpeed's parser decides
+        annotation = options[0]
+    if not isinstance(annotation, type):
+        return
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise _wrong(path, "true or false", value)
+    elif annotation is int or issubclass(annotation, enum.IntEnum) or (
+            issubclass(annotation, enum.Enum) and all(isinstance(m.value, int) for m in annotation)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _wrong(path, "an integer", value)
+    elif annotation is float:
+        if not _number(value):
+            raise _wrong(path, "a number", value)
+    elif issubclass(annotation, pydantic.BaseModel):
+        if not isinstance(value, dict):
+            raise _wrong(path, "a JSON object", value)
+        _check_section(path, value, annotation)
+
+
+def _check_section(path: str, section: dict[str, Any], model: Any) -> None:
+    fields = {}
+    for name, info in model.model_fields.items():
+        fields[name] = info
+        if info.alias:
+            fields[info.alias] = info
+    for key, value in section.items():
+        if key in fields:
+            _check_value(f"{path}.{key}", value, fields[key].annotation)
+
+
+def _typed_sections() -> dict[str, Any]:
+    """Config sections DeepSpeed parses with a typed model: their values are checked strictly."""
+    from deepspeed.compile.config import CompileConfig
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.utils.config import DeepSpeedThroughputTimerConfig
+
+    return {"zero_optimization": DeepSpeedZeroConfig, "bf16": DeepSpeedBF16Config, "bfloat16": DeepSpeedBF16Config,
+            "fp16": DeepSpeedFP16Config, "compile": CompileConfig, "timers.throughput": DeepSpeedThroughputTimerConfig}
+
+
+# Top-level keys DeepSpeed reads as plain values, by the type it expects.
+TOP_LEVEL_TYPES = {"steps_per_print": int, "wall_clock_breakdown": bool, "memory_breakdown": bool,
+                   "prescale_gradients": bool, "gradient_predivide_factor": float,
+                   "zero_allow_untested_optimizer": bool, "zero_force_ds_cpu_optimizer": bool,
+                   "sequence_parallel_size": int}
+
+
+def check_types(cfg: dict[str, Any]) -> None:
+    """Every value DeepSpeed gives a type, of that type; an NVMe offload with its path."""
+    for key, kind in TOP_LEVEL_TYPES.items():
+        if key in cfg:
+            _check_value(key, cfg[key], kind)
+    for dotted, model in _typed_sections().items():
+        node: Any = cfg
+        for key in dotted.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            _check_value(dotted, node, model)
+    zero = cfg.get("zero_optimization") or {}
+    for kind in ("offload_optimizer", "offload_param"):
+        offload = zero.get(kind) or {}
+        if offload.get("device") == "nvme" and not offload.get("nvme_path"):
+            raise UserError(f"DeepSpeed config: zero_optimization.{kind}.device is nvme but no nvme_path is given; "
+                            "name a folder on a fast local disk, or offload to \"cpu\"")
+
+
 def check_training_sections(cfg: dict[str, Any]) -> None:
     """What DeepSpeed checks only inside initialize(), on every rank, as an assertion: the
     sections' types, the optimizer and scheduler names, the learning rate and clipping."""
@@ -327,13 +465,85 @@ def check_training_sections(cfg: dict[str, Any]) -> None:
     lr = (optimizer.get("params") or {}).get("lr")
     if lr is not None and not (_number(lr) and lr > 0):
         raise UserError(f"DeepSpeed config: optimizer.params.lr must be a positive number, got {json.dumps(lr)}")
+    _check_params("optimizer", kind, optimizer.get("params"), _optimizer_classes(kind), OPTIMIZER_KEYS)
     scheduler = cfg.get("scheduler")
     if scheduler is not None and scheduler.get("type") not in VALID_LR_SCHEDULES:
         raise UserError(f"DeepSpeed config: scheduler type {scheduler.get('type')!r} is not one DeepSpeed knows "
                         f"({', '.join(VALID_LR_SCHEDULES)})")
+    if scheduler is not None:
+        from deepspeed.runtime import lr_schedules
+
+        _check_params("scheduler", scheduler["type"], scheduler.get("params"),
+                      [getattr(lr_schedules, scheduler["type"])], {})
     clip = cfg.get("gradient_clipping", 0.0)
     if not (_number(clip) and clip >= 0):
         raise UserError(f"DeepSpeed config: gradient_clipping must be a number >= 0 (0: off), got {json.dumps(clip)}")
+
+
+# Optimizer parameters DeepSpeed itself reads before building the optimizer.
+OPTIMIZER_KEYS = {"torch_adam": False, "adam_w_mode": True, "fp32_optimizer_states": True}
+
+
+def _optimizer_classes(kind: str) -> list[Any]:
+    """The classes DeepSpeed may build for an optimizer type (their parameters are what it takes);
+    [] for types whose parameters are not checked here."""
+    import torch
+
+    name = kind.lower()
+    if name in ("adam", "adamw"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+        return [torch.optim.AdamW, FusedAdam, DeepSpeedCPUAdam]
+    if name == "lion":
+        from deepspeed.ops.lion import DeepSpeedCPULion, FusedLion
+
+        return [DeepSpeedCPULion, FusedLion]
+    if name == "adagrad":
+        from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
+
+        return [torch.optim.Adagrad, DeepSpeedCPUAdagrad]
+    torch_class = getattr(torch.optim, kind, None)
+    return [torch_class] if isinstance(torch_class, type) and name not in DEEPSPEED_OPTIMIZER_NAMES else []
+
+
+DEEPSPEED_OPTIMIZER_NAMES = ("adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon")
+# Positional arguments of optimizers and schedulers that the engine passes itself.
+NOT_CONFIG = {"self", "params", "model_params", "optimizer", "last_batch_iteration"}
+
+
+def _check_params(section: str, kind: str, params: Any, classes: list[Any], extra: dict[str, Any]) -> None:
+    """Each of a section's params is a parameter of the class DeepSpeed builds, of its default's type."""
+    import difflib
+    import inspect
+
+    if params is None or not classes:
+        return
+    if not isinstance(params, dict):
+        raise _wrong(f"{section}.params", "a JSON object", params)
+    defaults: dict[str, Any] = dict(extra)
+    for cls in classes:
+        for name, p in inspect.signature(cls).parameters.items():
+            if name not in NOT_CONFIG and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                if defaults.get(name) in (None, inspect.Parameter.empty):
+                    defaults[name] = p.default
+    for key, value in params.items():
+        path = f"{section}.params.{key}"
+        if key not in defaults:
+            close = difflib.get_close_matches(key, defaults, n=1)
+            raise UserError(f"DeepSpeed config: {path} is not a parameter of {kind}"
+                            + (f"; did you mean {close[0]!r}?" if close else "")
+                            + f" ({kind} takes {', '.join(sorted(defaults))})")
+        default = defaults[key]
+        if value == "auto" and (section, key) in AUTO_FILLERS:
+            continue
+        if isinstance(default, bool):
+            _check_value(path, value, bool)
+        elif isinstance(default, (int, float)) or default is inspect.Parameter.empty and value is not None:
+            if not _number(value):  # an int default (SGD's momentum=0) still takes 0.9
+                raise _wrong(path, "a number", value)
+        elif isinstance(default, tuple):
+            if not (isinstance(value, list) and len(value) == len(default) and all(map(_number, value))):
+                raise _wrong(path, f"a list of {len(default)} numbers", value)
 
 
 def check_with_deepspeed(cfg: dict[str, Any]) -> None:
@@ -359,6 +569,7 @@ def resolve(path: str | Path, world_size: int, max_steps: int, device_type: str,
     """Load, check and resolve a DeepSpeed JSON for this run: (config, batch plan, filled values)."""
     cfg = copy.deepcopy(load_config(path))
     check_training_sections(cfg)
+    check_types(cfg)
     zero_stage(cfg)
     check_device_support(cfg, device_type)
     check_launcher_precision(cfg)

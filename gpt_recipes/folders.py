@@ -55,15 +55,20 @@ def check_replaceable(folder: Path, kind: str, replace: bool, flag: str, owned: 
 
 
 def check_creatable(path: Path, what: str) -> None:
-    """That `path` (a file or folder to be written) can be created: its nearest existing ancestor
-    is a writable folder."""
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"cannot create {what} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot create {what} {path}: {parent} is not writable")
+    """That `path` (a file or folder to be written) can be written: an existing folder takes new
+    files, and otherwise its nearest existing ancestor is a folder that takes a new folder. Tried
+    for real (a folder made and removed): permission bits say nothing to root, nor of read-only
+    mounts, /proc or full quotas."""
+    probe = path if path.is_dir() else path.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot create {what} {path}: {probe} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".gpt-recipes-probe-", dir=probe))
+    except OSError as err:
+        where = "" if probe == path else f": {probe} does not take new files"
+        raise UserError(f"cannot write {what} {path}{where} ({err.strerror})")
 
 
 def temporary_beside(folder: Path) -> Path:

@@ -11,6 +11,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from gpt_recipes.args import AdapterArgs, RunArgs
 from gpt_recipes.checkpoints.export import check_output_folder
+from gpt_recipes.checkpoints.run_dir import check_output_path
 from gpt_recipes.data import sft
 from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.errors import UserError
@@ -57,5 +58,8 @@ def check_starting_model(args: RunArgs | AdapterArgs, run: RunPlan, name_or_path
     if args.export_adapter:
         if args.export_hf and Path(args.export_adapter).resolve() == Path(args.export_hf).resolve():
             raise UserError("--export_adapter and --export_hf name the same folder; give each its own")
+        check_output_path(args.export_adapter, "--export_adapter",
+                          {"--model_name_or_path": name_or_path, "--output_dir": run.out_dir,
+                           **({"--export_hf": args.export_hf} if args.export_hf else {})})
         check_output_folder(Path(args.export_adapter), args.overwrite, force_flag="--overwrite")
     return StartingModel(name_or_path, config, tokenizer, seq_len, adapter)

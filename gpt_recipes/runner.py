@@ -21,7 +21,14 @@ from gpt_recipes import ds_config
 from gpt_recipes.args import DEFAULT_DEEPSPEED_CONFIG, RunArgs
 from gpt_recipes.checkpoints import paths, saving
 from gpt_recipes.checkpoints.export import check_output_folder, export_after_training
-from gpt_recipes.checkpoints.run_dir import OutputPlan, RunLock, plan_output_dir, remove_previous_run, write_run_config
+from gpt_recipes.checkpoints.run_dir import (
+    OutputPlan,
+    RunLock,
+    check_output_path,
+    plan_output_dir,
+    remove_previous_run,
+    write_run_config,
+)
 from gpt_recipes.data import mixture
 from gpt_recipes.data.tokens import GlobalBatchOrder, PackedTokens, eval_micro_batches
 from gpt_recipes.ds_config import BatchPlan
@@ -101,8 +108,11 @@ def plan_run(args: RunArgs) -> RunPlan:
     config_path = ds_config.config_path(args.deepspeed_config, DEFAULT_DEEPSPEED_CONFIG)
     ds_cfg, batch, filled = ds_config.resolve(config_path, env.world_size, args.max_steps, device,
                                                 out_dir / paths.MONITOR)
+    inputs = input_paths(args, config_path)
+    check_output_path(out_dir, "--output_dir", inputs)
     output = plan_output_dir(out_dir, args.resume, args.overwrite)
     if args.export_hf:
+        check_output_path(args.export_hf, "--export_hf", {**inputs, "--output_dir": out_dir})
         check_output_folder(Path(args.export_hf), args.overwrite, force_flag="--overwrite")
     if args.eval_limit is not None and args.eval_limit < 1:
         raise UserError(f"--eval_limit must be at least 1, got {args.eval_limit}")
@@ -120,6 +130,21 @@ def plan_run(args: RunArgs) -> RunPlan:
                 f"would make it {fresh}). Past step {kept}, a warm-up/decay schedule stays at its final learning "
                 "rate; to plan another, give the scheduler's step counts as numbers in the DeepSpeed JSON")
     return run
+
+
+# Flags that name what a run reads: no output may be one of them, lie inside one or hold one.
+INPUT_FLAGS = ("data", "val_data", "model", "model_name_or_path")
+
+
+def input_paths(args: RunArgs, config_path: str) -> dict[str, list[str]]:
+    """{flag: the existing paths it names} for the run's inputs (a preset name is no path)."""
+    found: dict[str, list[str]] = {"--deepspeed_config": [config_path]}
+    for name in INPUT_FLAGS:
+        value = getattr(args, name, None)
+        paths_named = [v for v in (value if isinstance(value, list) else [value]) if v and Path(v).exists()]
+        if paths_named:
+            found[f"--{name}"] = paths_named
+    return found
 
 
 def check_adapter_resume(run: RunPlan, adapter: AdapterPlan | None) -> None:
@@ -296,6 +321,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_DIR", str(run.out_dir))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=run.ds_cfg, mpu=mpu)
+    engine_setup.check_runs_as_planned(engine, run.ds_cfg, run.batch)
     engine_setup.lighten_step(engine, env.world_size, stage)
     if run.compile is not None:
         run.compile.prepare(engine.module, stage)

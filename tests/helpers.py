@@ -214,3 +214,33 @@ def parity_run(tmp_path, tiny_data, tiny_model, stage, ranks, micro, accum, fuse
         proc = launch("recipes/pretrain.py", args, ranks=ranks, check=fault is None, fault=fault)
     (tmp_path / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
     return out
+
+
+class _Parsed(Exception):
+    def __init__(self, spec: type):
+        self.spec = spec
+
+
+def parser_of(script: str):
+    """The script's own argparse parser: the script runs until it parses its flags."""
+    import runpy
+
+    import pytest
+
+    from gpt_recipes import args as recipe_args
+
+    def capture(spec, argv=None, description=None):
+        raise _Parsed(spec)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(recipe_args, "parse_args", capture)
+        patch.setattr(sys, "argv", [script])
+        with pytest.raises(_Parsed) as parsed:
+            runpy.run_path(str(REPO / script), run_name="__main__")
+    return recipe_args.build_parser(parsed.value.spec)
+
+
+def scripts() -> list[str]:
+    """Every script users run: recipes, tools and benchmarks."""
+    return sorted(str(p.relative_to(REPO)) for folder in ("recipes", "tools", "benchmarks")
+                  for p in (REPO / folder).glob("*.py"))

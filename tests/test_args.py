@@ -4,6 +4,7 @@ import pytest
 
 from gpt_recipes import args as recipe_args
 from gpt_recipes.args import PretrainArgs, build_parser, parse_args
+from tests.helpers import parser_of, scripts
 
 
 @dataclass
@@ -38,3 +39,25 @@ def test_help_lists_every_flag_with_its_default(capsys):
                  "--log_interval", "--eval_interval", "--save_interval", "--resume"):
         assert flag in text
     assert "--local_rank" not in text  # launcher plumbing, not a user flag
+
+
+def _float_flags(parser):
+    return [a for a in parser._actions if getattr(a.type, "__name__", "") == "float" and a.option_strings]
+
+
+@pytest.mark.parametrize("script", scripts())
+def test_no_float_flag_of_any_script_takes_a_number_that_is_not_one(script, capsys):
+    """nan and inf pass every comparison a range check makes (nan > 0 is False, but so is nan <= 0):
+    each float flag of every recipe and tool refuses them while parsing, in one line."""
+    parser = parser_of(script)
+    for action in _float_flags(parser):
+        for text in ("nan", "inf", "-inf"):
+            with pytest.raises(SystemExit) as stop:
+                parser.parse_args([f"{action.option_strings[0]}={text}"])
+            assert stop.value.code == 2
+            assert f"'{text}' is not a finite number" in capsys.readouterr().err
+
+
+def test_float_flags_exist_to_be_checked():
+    found = {script: len(_float_flags(parser_of(script))) for script in scripts()}
+    assert found["tools/generate.py"] >= 3 and found["recipes/dpo.py"] >= 1 and found["benchmarks/benchmark.py"] >= 1

@@ -6,15 +6,12 @@ import argparse
 import contextlib
 import io
 import re
-import runpy
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 
-from gpt_recipes import args as recipe_args
-from tests.helpers import REPO
+from tests.helpers import REPO, parser_of
 
 SCRIPT = r"(?:recipes|tools|benchmarks)/[a-z_]+\.py"
 LAUNCHER = r"(?:python3?|deepspeed|torchrun|accelerate launch|\$\(PYTHON\)|\$\(LAUNCH\))"
@@ -48,24 +45,6 @@ def documented_commands() -> list[tuple[str, str, str, bool]]:
                 launched = m.group(1) is not None
                 found.append((doc.name, *(m.group(2, 3) if launched else m.group(5, 6)), launched))
     return found
-
-
-class _Parsed(Exception):
-    def __init__(self, spec: type):
-        self.spec = spec
-
-
-def parser_of(script: str) -> argparse.ArgumentParser:
-    """The script's own parser: the script runs until it parses its flags."""
-    def capture(spec, argv=None, description=None):
-        raise _Parsed(spec)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(recipe_args, "parse_args", capture)
-        patch.setattr(sys, "argv", [script])
-        with pytest.raises(_Parsed) as parsed:
-            runpy.run_path(str(REPO / script), run_name="__main__")
-    return recipe_args.build_parser(parsed.value.spec)
 
 
 def _words(rest: str) -> list[str]:

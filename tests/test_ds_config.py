@@ -168,10 +168,80 @@ def test_torch_optimizers_by_name_are_accepted():
 
 @pytest.mark.parametrize("zero, match", [
     ({"stage": 2, "stgae": 2}, "DeepSpeedZeroConfig rejects it: stgae: Extra inputs are not permitted"),
-    ({"stage": 2, "overlap_comm": "often"}, "DeepSpeedZeroConfig rejects it: overlap_comm: Input should be a valid boolean"),
+    ({"stage": 2, "offload_optimizer": {"device": "gpu"}},
+     "DeepSpeedZeroConfig rejects it: offload_optimizer.device: Input should be 'none', 'cpu' or 'nvme'"),
 ])
 def test_deepspeeds_own_parser_runs_before_the_ranks(tmp_path, zero, match):
     path = tmp_path / "c.json"
     path.write_text(json.dumps(_shipped(zero_optimization=zero)))
     with pytest.raises(UserError, match=match):
         ds_config.resolve(path, world_size=2, max_steps=10, device_type="cpu")
+
+
+# The run is what its JSON says: parsed as DeepSpeed parses it, checked against the optimizer's and
+# scheduler's own signatures, and compared with what the engine runs (tests/test_runner.py).
+def _write_with(tmp_path, edit=None, text=None) -> Path:
+    cfg = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    if edit:
+        edit(cfg)
+    path = tmp_path / "c.json"
+    if text is None:
+        path.write_text(json.dumps(cfg))
+    else:
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def _set(keys: str, value):
+    def edit(cfg):
+        *parents, last = keys.split(".")
+        node = cfg
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return edit
+
+
+JSON_AS_DEEPSPEED_READS_IT = {
+    "duplicated key": (dict(text='{"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2, '
+                                 '"stage": 3}, "optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}'),
+                       "zero_optimization.stage appears twice"),
+    "string for a boolean": (dict(edit=_set("bf16.enabled", "false")),
+                             'bf16.enabled must be true or false, not "false"'),
+    "boolean for the stage": (dict(edit=_set("zero_optimization.stage", True)),
+                              "zero_optimization.stage must be an integer, not true"),
+    "string for a number": (dict(edit=_set("zero_optimization.reduce_bucket_size", "5e8")),
+                            'zero_optimization.reduce_bucket_size must be an integer, not "5e8"'),
+    "a section as a scalar": (dict(edit=_set("zero_optimization.offload_optimizer", "cpu")),
+                              "zero_optimization.offload_optimizer must be a JSON object"),
+    "nvme offload without a path": (dict(edit=_set("zero_optimization.offload_optimizer", {"device": "nvme"})),
+                                    "offload_optimizer.device is nvme but no nvme_path"),
+    "betas as one number": (dict(edit=_set("optimizer.params.betas", 0.9)),
+                            "optimizer.params.betas must be a list of 2 numbers, not 0.9"),
+    "unknown optimizer parameter": (dict(edit=_set("optimizer.params.weight_dcay", 0.1)),
+                                    "optimizer.params.weight_dcay is not a parameter of AdamW.*weight_decay"),
+    "unknown scheduler parameter": (dict(edit=_set("scheduler.params.warmup_iters", 10)),
+                                    "scheduler.params.warmup_iters is not a parameter of WarmupCosineLR"),
+    "scheduler number as text": (dict(edit=_set("scheduler.params.cos_min_ratio", "0.1")),
+                                 'scheduler.params.cos_min_ratio must be a number, not "0.1"'),
+    "not UTF-8": (dict(text=b'{"train_micro_batch_size_per_gpu": 2, "x": "\xff"}'), "is not UTF-8 text"),
+    "a boolean batch size": (dict(edit=_set("train_micro_batch_size_per_gpu", True)), "positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", JSON_AS_DEEPSPEED_READS_IT)
+def test_the_json_is_read_as_deepspeed_reads_it(tmp_path, case):
+    how, match = JSON_AS_DEEPSPEED_READS_IT[case]
+    with pytest.raises(UserError, match=match):
+        ds_config.resolve(_write_with(tmp_path, **how), world_size=2, max_steps=10, device_type="cpu")
+
+
+def test_what_deepspeed_accepts_as_written_still_resolves(tmp_path):
+    path = _write_with(tmp_path, _set("zero_optimization.offload_optimizer", {"device": "nvme",
+                                                                              "nvme_path": str(tmp_path)}))
+    cfg, _, _ = ds_config.resolve(path, world_size=2, max_steps=10, device_type="cpu")
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "nvme"
+    # torch's own optimizers take their own parameters
+    ds_config.check_training_sections(_shipped(optimizer={"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}))
+    with pytest.raises(UserError, match="optimizer.params.betas is not a parameter of SGD"):
+        ds_config.check_training_sections(_shipped(optimizer={"type": "SGD", "params": {"lr": 0.1, "betas": [0.9, 0.9]}}))

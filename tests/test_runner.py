@@ -13,11 +13,18 @@ from gpt_recipes.runner import plan_run
     ({"seed": -3}, "--seed must lie between 0 and 2\\*\\*32 - 1, got -3"),
     ({"peak_tflops": -5.0}, "--peak_tflops must be positive, got -5.0"),
     ({"output_dir": "{file}/run"}, "cannot create --output_dir .*/notes.txt/run: .*/notes.txt is a file"),
-    ({"export_hf": "{file}/hf"}, "cannot create output folder .*/notes.txt/hf: .*/notes.txt is a file"),
+    ({"export_hf": "{file}/hf"}, "cannot create --export_hf .*/notes.txt/hf: .*/notes.txt is a file"),
+    ({"output_dir": "/proc/x/run"}, "cannot write --output_dir /proc/x/run: /proc does not take new files"),
+    ({"export_hf": "{out}"}, "--export_hf .*/out is also --output_dir, an input"),
+    ({"export_hf": "{out}/hf"}, "--export_hf .*/out/hf is inside --output_dir .*/out, an input"),
+    ({"output_dir": "{data}/run"}, "--output_dir .*/run is inside --data .*, an input"),
 ])
 def test_bad_run_flags(tmp_path, flags, match):
     (tmp_path / "notes.txt").write_text("a file where a folder is asked for")
-    flags = {k: v.format(file=tmp_path / "notes.txt") if isinstance(v, str) else v for k, v in flags.items()}
+    data = tmp_path / "data"
+    data.mkdir()
+    flags = {"data": [str(data)], **{k: v.format(file=tmp_path / "notes.txt", out=tmp_path / "out", data=data)
+                                     if isinstance(v, str) else v for k, v in flags.items()}}
     with pytest.raises(UserError, match=match):
         plan_run(PretrainArgs(**{"output_dir": str(tmp_path / "out"), **flags}))
 

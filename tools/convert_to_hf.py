@@ -17,6 +17,7 @@ from typing import Optional
 
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.checkpoints.export import export
+from gpt_recipes.checkpoints.run_dir import check_output_path
 from gpt_recipes.errors import cli_entry
 from gpt_recipes.metrics.memory import PeakAnonymous, peak_memory_mb
 
@@ -44,6 +45,8 @@ class ConvertToHFArgs:
 @cli_entry
 def main() -> None:
     args = parse_args(ConvertToHFArgs, description=__doc__)
+    check_output_path(args.out_dir, "OUT_DIR", {"CHECKPOINT_DIR": args.checkpoint,
+                                                **({"--base_model": args.base_model} if args.base_model else {})})
     with PeakAnonymous() as anonymous:
         libraries_mb = anonymous.peak_mb
         report = export(args.checkpoint, args.out_dir, tag=args.tag, dtype=args.dtype,

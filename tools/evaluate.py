@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.checkpoints.export import export
+from gpt_recipes.checkpoints.run_dir import check_output_path
 from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.metrics import evaluation
@@ -63,6 +64,8 @@ def main() -> None:
     path = Path(args.model)
     if not path.exists():
         raise UserError(f"{path} does not exist")
+    if args.output:
+        check_output_path(args.output, "--output", {"MODEL_OR_CHECKPOINT": path}, file=True)
     torch.manual_seed(0)
     if is_model_folder(path):
         results = evaluate_folder(path, args, tasks)

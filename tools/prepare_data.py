@@ -9,9 +9,11 @@ Re-running with the same inputs and options reuses the prepared folder.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from gpt_recipes.args import flag, parse_args
+from gpt_recipes.checkpoints.run_dir import check_output_path
 from gpt_recipes.data.prepare import PrepareOptions, prepare
 from gpt_recipes.errors import cli_entry
 
@@ -52,6 +54,8 @@ class PrepareDataArgs:
 @cli_entry
 def main() -> None:
     args = parse_args(PrepareDataArgs, description=__doc__)
+    check_output_path(args.output, "--output", {"INPUT": [p for p in args.inputs if Path(p).exists()],
+                                                **({"--tokenizer": args.tokenizer} if args.tokenizer else {})})
     prepare(PrepareOptions(**vars(args)))
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.folders import check_creatable
+from gpt_recipes.checkpoints.run_dir import check_output_path
 from gpt_recipes.metrics.summary import caveats, csv_text, markdown_table, metrics_path, plot, summarize, text_table
 
 
@@ -38,18 +38,11 @@ def main() -> None:
     run_dirs = [Path(r) for r in args.runs]
     if args.warmup_steps is not None and args.warmup_steps < 0:
         raise UserError(f"--warmup_steps must be 0 or positive, got {args.warmup_steps}")
-    inputs = {metrics_path(d).resolve() for d in run_dirs}
+    inputs = {"RUN_DIR": [metrics_path(d) for d in run_dirs]}
     if args.csv:
-        csv = Path(args.csv)
-        if csv.resolve() in inputs:
-            raise UserError(f"--csv {csv} is one of the metrics files being read; name another file")
-        if csv.is_dir():
-            raise UserError(f"--csv {csv} is a folder; name a file")
-        check_creatable(csv, "--csv file")
+        check_output_path(args.csv, "--csv", inputs, file=True)
     if args.plots:
-        if Path(args.plots).exists() and not Path(args.plots).is_dir():
-            raise UserError(f"--plots {args.plots} exists and is not a folder")
-        check_creatable(Path(args.plots), "--plots folder")
+        check_output_path(args.plots, "--plots", inputs)
     names = _names(run_dirs)
     summaries = [summarize(d, name, args.warmup_steps) for d, name in zip(run_dirs, names)]
     print(markdown_table(summaries) if args.markdown else text_table(summaries))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gpt_recipes import folders
 from gpt_recipes.args import flag, parse_args
+from gpt_recipes.checkpoints.run_dir import check_output_path
 from gpt_recipes.data import sources
 from gpt_recipes.data.tokenizer import check_vocab_size, text_batches, train_bpe
 from gpt_recipes.errors import cli_entry
@@ -39,6 +40,7 @@ def main() -> None:
     args = parse_args(TrainTokenizerArgs, description=__doc__)
     out = Path(args.output)
     check_vocab_size(args.vocab_size)
+    check_output_path(out, "--output", {"INPUT": [p for p in args.inputs if Path(p).exists()]})
     folders.check_replaceable(out, TOKENIZER_KIND, args.overwrite, "--overwrite")
     inputs = args.inputs or [str(p) for p in sources.default_corpus_files()]
     texts = sources.load_texts(sources.expand(inputs, args.file_pattern), args.text_field, args.split)

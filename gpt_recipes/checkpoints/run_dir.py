@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt_recipes.checkpoints.paths import LOCK, RUN_CONFIG, RUN_OUTPUTS, checkpoints_dir, resume_tag
+from gpt_recipes.checkpoints.paths import CHECKPOINTS, LOCK, RUN_CONFIG, RUN_OUTPUTS, checkpoints_dir, resume_tag
 from gpt_recipes.errors import UserError
 from gpt_recipes.folders import check_creatable
 
@@ -41,6 +41,37 @@ def is_run_folder(out_dir: Path) -> bool:
     except (OSError, ValueError):
         record = None
     return (isinstance(record, dict) and "recipe" in record) or checkpoints_dir(out_dir).is_dir()
+
+
+def check_output_path(path: str | Path, flag: str, avoid: dict[str, Any] | None = None, file: bool = False) -> Path:
+    """The one guard for every output of every tool and recipe, checked before any work: `path` is
+    not one of the inputs in `avoid` ({flag or name: path}), nor inside one, nor holds one; not
+    inside a run's checkpoints folder, whose saves and rotation delete what they do not know;
+    a file where a file is to be written (`file`), a folder otherwise; and writable."""
+    path = Path(path)
+    if file and path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give the name of a file to write")
+    if not file and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} exists and is not a folder")
+    where = path.resolve()
+    for name, other in (avoid or {}).items():
+        for item in ([other] if isinstance(other, (str, Path)) else other or []):
+            there = Path(item).resolve()
+            if where == there:
+                raise UserError(f"{flag} {path} is also {name}, an input; write to another path, so the input "
+                                "stays as it is")
+            if there in where.parents:
+                raise UserError(f"{flag} {path} is inside {name} {item}, an input; write outside it, so the input "
+                                "stays as it is")
+            if where in there.parents:
+                raise UserError(f"{flag} {path} holds {name} {item}, an input; write elsewhere, so the input stays "
+                                "as it is")
+    for folder in (where, *where.parents):
+        if folder.name == CHECKPOINTS and is_run_folder(folder.parent):
+            raise UserError(f"{flag} {path} is inside the checkpoints of the run {folder.parent}, which its saves "
+                            "and rotation manage (and delete); write it outside the checkpoints folder")
+    check_creatable(path, flag)
+    return path
 
 
 def plan_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> OutputPlan:
@@ -79,9 +110,12 @@ class RunLock:
     """
 
     def __init__(self, out_dir: Path):
-        out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / LOCK
-        self._file = open(path, "a+")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a+")
+        except OSError as err:
+            raise UserError(f"cannot write to --output_dir {out_dir}: {err.strerror}")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

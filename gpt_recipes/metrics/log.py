@@ -13,7 +13,13 @@ from gpt_recipes.errors import UserError
 def read_metrics(path: Path, warn: Callable[[str], Any] = print) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl. A last line cut short (the run was killed while writing it)
     is dropped, with a warning; a broken line anywhere else is an error."""
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                        "is it a metrics.jsonl the recipes wrote?")
+    except OSError as err:
+        raise UserError(f"{path} cannot be read: {err.strerror}")
     lines = text.splitlines()
     records = []
     for number, line in enumerate(lines, 1):

@@ -5,7 +5,13 @@ the step computes, and tests/recipes/test_pretrain.py's stage parity checks it d
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from gpt_recipes import ds_config
+from gpt_recipes.ds_config import BatchPlan
+from gpt_recipes.errors import UserError
 
 
 def lighten_step(engine, world_size: int, stage: int) -> None:
@@ -50,3 +56,35 @@ def skip_bf16_overflow_scan(engine) -> None:
     checker = getattr(engine.optimizer, "overflow_checker", None)
     if checker is not None and engine.bfloat16_enabled() and not engine.zero_optimization():
         checker.has_overflow = lambda params, has_moe_params=None: False
+
+
+def planned_settings(cfg: dict[str, Any], batch: BatchPlan) -> dict[str, Any]:
+    """What the run printed and records about its engine, from the resolved JSON."""
+    zero = cfg.get("zero_optimization") or {}
+    return {"ZeRO stage": ds_config.zero_stage(cfg), "precision": ds_config.precision(cfg),
+            "optimizer offload": (zero.get("offload_optimizer") or {}).get("device", "none"),
+            "parameter offload": (zero.get("offload_param") or {}).get("device", "none"),
+            "micro-batch": batch.micro_batch, "accumulation steps": batch.grad_accum}
+
+
+def engine_settings(engine) -> dict[str, Any]:
+    """The same facts, as DeepSpeed's engine runs them."""
+    def device(offload) -> str:
+        return str(getattr(getattr(offload, "device", None), "value", getattr(offload, "device", "none")) or "none")
+
+    return {"ZeRO stage": int(engine.zero_optimization_stage()),
+            "precision": "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32",
+            "optimizer offload": device(engine.zero_offload_optimizer()),
+            "parameter offload": device(engine.zero_offload_param()),
+            "micro-batch": engine.train_micro_batch_size_per_gpu(),
+            "accumulation steps": engine.gradient_accumulation_steps()}
+
+
+def check_runs_as_planned(engine, cfg: dict[str, Any], batch: BatchPlan) -> None:
+    """Stop if DeepSpeed runs another stage, precision, offload or batch than the run printed and
+    records: the JSON must mean to DeepSpeed what it means to the recipe."""
+    planned, running = planned_settings(cfg, batch), engine_settings(engine)
+    differ = [f"{key} {running[key]} (planned {planned[key]})" for key in planned if running[key] != planned[key]]
+    if differ:
+        raise UserError("DeepSpeed runs " + ", ".join(differ) + " from this DeepSpeed config; please report this "
+                        "with the JSON: the run stopped rather than record what it does not do")

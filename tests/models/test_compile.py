@@ -5,7 +5,6 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
 from gpt_recipes.ds_config import BatchPlan

@@ -156,7 +156,6 @@ def main() -> None:
     out_path = Path(out) if int(os.environ.get("WORLD_SIZE", "1")) == 1 else Path(out).with_suffix(f".rank{rank}.json")
     recorder = SyncRecorder()
 
-    from gpt_recipes.metrics import throughput
     from gpt_recipes.train import loop
 
     step_fn, due_fn = loop._step, loop._is_due

@@ -64,15 +64,16 @@ def test_generate(monkeypatch, capsys, hf_model, flags, match):
 def test_summarize_never_writes_over_what_it_reads(monkeypatch, capsys, run_copy):
     before = (run_copy / "metrics.jsonl").read_text()
     line = tool_error(monkeypatch, capsys, "summarize_throughput.py", run_copy, "--csv", run_copy / "metrics.jsonl")
-    assert "is one of the metrics files being read; name another file" in line
+    assert "is also RUN_DIR, an input; write to another path" in line
     assert (run_copy / "metrics.jsonl").read_text() == before
 
 
 @pytest.mark.parametrize("flags, match", [
     (["--warmup_steps", "-5"], "--warmup_steps must be 0 or positive, got -5"),
     (["--plots", "{file}"], "--plots .*notes.txt exists and is not a folder"),
-    (["--csv", "{file}/x.csv"], "cannot create --csv file .*notes.txt/x.csv: .*notes.txt is a file"),
-    (["--csv", "{dir}"], "--csv .* is a folder; name a file"),
+    (["--csv", "{file}/x.csv"], "cannot create --csv .*notes.txt/x.csv: .*notes.txt is a file"),
+    (["--csv", "{dir}"], "--csv .* is a folder; give the name of a file to write"),
+    (["--plots", "/proc/x/plots"], "cannot write --plots /proc/x/plots: /proc does not take new files"),
 ])
 def test_summarize_flags(monkeypatch, capsys, tmp_path, run_copy, flags, match):
     (tmp_path / "notes.txt").write_text("mine")
@@ -104,7 +105,8 @@ def test_run_counts_of_the_measuring_tools(monkeypatch, capsys, tmp_path, script
 
 
 def test_convert_shard_size_that_does_not_parse(monkeypatch, capsys, tmp_path):
-    line = tool_error(monkeypatch, capsys, "convert_to_hf.py", tmp_path, tmp_path / "hf", "--max_shard_size", "abc")
+    line = tool_error(monkeypatch, capsys, "convert_to_hf.py", tmp_path / "run", tmp_path / "hf", "--max_shard_size",
+                      "abc")
     assert "--max_shard_size 'abc' is not a positive size such as 2GB, 500MB or 100KB" in line
 
 
@@ -113,8 +115,8 @@ def test_convert_shard_size_that_does_not_parse(monkeypatch, capsys, tmp_path):
     ("train_tokenizer.py", ["--vocab_size", str(10**9)], "--vocab_size 1000000000 is beyond reason"),
     ("prepare_data.py", ["--num_proc", "-1"], "--num_proc must be 0 \\(automatic\\) or positive, got -1"),
     ("prepare_data.py", ["--output", "{file}"], "--output .*notes.txt exists and is not a folder"),
-    ("prepare_data.py", ["--output", "{file}/data"], "cannot create output folder .*notes.txt/data: .*is a file"),
-    ("train_tokenizer.py", ["--output", "{file}/tok"], "cannot create output folder .*notes.txt/tok: .*is a file"),
+    ("prepare_data.py", ["--output", "{file}/data"], "cannot create --output .*notes.txt/data: .*is a file"),
+    ("train_tokenizer.py", ["--output", "{file}/tok"], "cannot create --output .*notes.txt/tok: .*is a file"),
 ])
 def test_preparation_flags(monkeypatch, capsys, tmp_path, script, flags, match):
     (tmp_path / "notes.txt").write_text("mine")
@@ -130,3 +132,48 @@ def test_prepare_text_that_is_not_text(monkeypatch, capsys, tmp_path):
     rows.write_text(json.dumps({"text": 5}) + "\n" + json.dumps({"text": "ok"}) + "\n")
     line = tool_error(monkeypatch, capsys, "prepare_data.py", rows, "--output", tmp_path / "data", "--vocab_size", "300")
     assert "field 'text' holds Json, not text; see --text_field" in line
+
+
+# No tool writes onto its inputs or into a run's checkpoints; every output is checked before any work.
+def test_evaluate_never_writes_into_the_model_it_reads(monkeypatch, capsys, hf_model, tmp_path):
+    config = (hf_model / "config.json").read_text()
+    line = tool_error(monkeypatch, capsys, "evaluate.py", hf_model, "--output", hf_model / "config.json")
+    assert "--output" in line and "is inside MODEL_OR_CHECKPOINT" in line
+    assert (hf_model / "config.json").read_text() == config
+    line = tool_error(monkeypatch, capsys, "evaluate.py", hf_model, "--output", tmp_path)
+    assert "is a folder; give the name of a file to write" in line
+
+
+def _fake_run(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step6").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"recipe": "pretrain"}))
+    return run
+
+
+def test_convert_never_writes_into_the_run_it_reads(monkeypatch, capsys, tmp_path):
+    run = _fake_run(tmp_path)
+    line = tool_error(monkeypatch, capsys, "convert_to_hf.py", run, run / "checkpoints" / "step6")
+    assert "is inside CHECKPOINT_DIR" in line
+    line = tool_error(monkeypatch, capsys, "convert_to_hf.py", tmp_path / "elsewhere", run / "checkpoints" / "exp")
+    assert "is inside the checkpoints of the run" in line and "saves and rotation manage" in line
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step6"]
+
+
+@pytest.mark.parametrize("script, make_flags, match", [
+    ("prepare_data.py", lambda d: [d / "corpus", "--output", d / "corpus" / "data"], "is inside INPUT"),
+    ("prepare_data.py", lambda d: [d / "corpus" / "a.txt", "--output", d / "corpus"], "holds INPUT"),
+    ("train_tokenizer.py", lambda d: [d / "corpus", "--output", d / "corpus"], "is also INPUT"),
+    ("prepare_data.py", lambda d: [d / "corpus", "--output", "/proc/x/data"], "/proc does not take new files"),
+])
+def test_preparation_never_writes_onto_its_inputs(monkeypatch, capsys, tmp_path, script, make_flags, match):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("def f(x):\n    return x\n" * 50)
+    assert re.search(match, tool_error(monkeypatch, capsys, script, *make_flags(tmp_path)))
+    assert (tmp_path / "corpus" / "a.txt").read_text().startswith("def f(x)")
+
+
+def test_summarize_a_metrics_file_that_is_not_text(monkeypatch, capsys, run_copy):
+    (run_copy / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe\n')
+    line = tool_error(monkeypatch, capsys, "summarize_throughput.py", run_copy)
+    assert "metrics.jsonl is not UTF-8 text" in line
