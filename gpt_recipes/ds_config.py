@@ -226,6 +226,17 @@ def resolve_batch(cfg: dict[str, Any], world_size: int, sp: int = 1, tp: int = 1
     return plan
 
 
+def batch_layout(cfg: dict[str, Any], world_size: int) -> BatchPlan:
+    """The batch plan a config gives on `world_size` ranks, resolved as every run resolves it (the
+    recipes and tools/plan_memory.py alike); the three batch keys are written back."""
+    plan = resolve_batch(cfg, world_size, *parallel_sizes(cfg, world_size))
+    if plan.tp > 1:
+        # DeepSpeed 0.19 checks train_batch_size against every rank under AutoTP, though the ranks
+        # of a tensor-parallel group share their samples; micro-batch and accumulation define it.
+        cfg.pop("train_batch_size")
+    return plan
+
+
 def precision(cfg: dict[str, Any]) -> str:
     """'bf16', 'fp16' or 'fp32', as the config asks."""
     bf16 = (cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False)
@@ -573,11 +584,7 @@ def resolve(path: str | Path, world_size: int, max_steps: int, device_type: str,
     zero_stage(cfg)
     check_device_support(cfg, device_type)
     check_launcher_precision(cfg)
-    plan = resolve_batch(cfg, world_size, *parallel_sizes(cfg, world_size))
-    if plan.tp > 1:
-        # DeepSpeed 0.19 checks train_batch_size against every rank under AutoTP, though the ranks
-        # of a tensor-parallel group share their samples; micro-batch and accumulation define it.
-        cfg.pop("train_batch_size")
+    plan = batch_layout(cfg, world_size)
     filled = fill_auto(cfg, max_steps, monitor_dir)
     check_with_deepspeed(cfg)
     return cfg, plan, filled

@@ -10,13 +10,20 @@ from typing import Any, Callable
 from transformers import PretrainedConfig, PreTrainedModel
 
 from gpt_recipes.args import AdapterArgs, RunArgs
+from gpt_recipes.checkpoints import paths
 from gpt_recipes.checkpoints.export import check_output_folder
 from gpt_recipes.checkpoints.run_dir import check_output_path
 from gpt_recipes.data import sft
 from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.errors import UserError
 from gpt_recipes.models.adapters import AdapterPlan, plan_adapter
-from gpt_recipes.models.causal_lm import check_seq_len, check_tokenizer_fits, load_pretrained, load_pretrained_config
+from gpt_recipes.models.causal_lm import (
+    check_seq_len,
+    check_tokenizer_fits,
+    check_weights_fit,
+    load_pretrained,
+    load_pretrained_config,
+)
 from gpt_recipes.runner import RunPlan, check_adapter_resume
 
 
@@ -42,10 +49,22 @@ class StartingModel:
         return build
 
 
+def load_model_folder(name_or_path: str, flag: str):
+    """The config of a Hugging Face model folder to start from, checked against its weights; a
+    run or checkpoint folder of these recipes gets the command that exports it."""
+    kind = paths.training_folder_kind(name_or_path)
+    if kind:
+        raise UserError(f"{flag} {name_or_path} is {kind} of these recipes, not a Hugging Face model folder; export "
+                        f"it first: python tools/convert_to_hf.py {name_or_path} OUT_DIR, then pass OUT_DIR")
+    config = load_pretrained_config(name_or_path)
+    check_weights_fit(name_or_path, config)
+    return config
+
+
 def check_starting_model(args: RunArgs | AdapterArgs, run: RunPlan, name_or_path: str,
                          pad_to_multiple_of: int) -> StartingModel:
     """Check the model folder, its tokenizer, the length and the LoRA flags before any rank starts."""
-    config = load_pretrained_config(name_or_path)
+    config = load_model_folder(name_or_path, "--model_name_or_path")
     tokenizer = load_tokenizer(name_or_path)
     check_tokenizer_fits(tokenizer, config, name_or_path)
     if sft.ensure_chat_template(tokenizer):

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.errors import UserError, cli_entry
-from gpt_recipes.models.causal_lm import context_length, load_pretrained_config
+from gpt_recipes.models.causal_lm import context_length
+from gpt_recipes.pretrained import load_model_folder
 
 
 @dataclass
@@ -50,7 +51,7 @@ def main() -> None:
         raise UserError(f"--top_p must lie in (0, 1], got {args.top_p}")
     if args.repetition_penalty <= 0:
         raise UserError(f"--repetition_penalty must be positive, got {args.repetition_penalty}")
-    config = load_pretrained_config(args.model)  # one-line errors for a missing or non-causal-LM folder
+    config = load_model_folder(args.model, "MODEL")  # one line for a missing, mismatched or training folder
     tokenizer = load_tokenizer(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     text = args.prompt

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from gpt_recipes.args import AdapterArgs, flag, parse_args
-from gpt_recipes.ds_config import load_config
+from gpt_recipes.ds_config import batch_layout, load_config
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.metrics.memory_plan import (
     HEADROOM,
@@ -93,7 +93,13 @@ def main() -> None:
     sizes = model_sizes(config, lora)
     layouts = []
     for path in config_files(args.configs):
-        layout = Layout.from_config(path.stem, load_config(path))
+        cfg = load_config(path)
+        try:  # the batch as the recipe resolves it for this many ranks ("auto" and missing keys derived)
+            batch_layout(cfg, args.ranks * args.nodes)
+        except UserError as err:
+            print(f"{path.stem}: left out, the recipes would refuse it on {args.ranks * args.nodes} rank(s): {err}")
+            continue
+        layout = Layout.from_config(path.stem, cfg)
         if args.micro_batch:
             layout = Layout(**{**layout.__dict__, "micro_batch": args.micro_batch})
         layouts.append(layout)

@@ -154,6 +154,22 @@ def _is_tag_dir(path: Path) -> bool:
     return path.is_dir() and any(path.glob("*mp_rank_00_model_states.pt"))
 
 
+def training_folder_kind(path: str | Path) -> str | None:
+    """What kind of training folder `path` is ("a run folder", "a checkpoints folder", "a
+    checkpoint"), or None: such folders hold a config.json and a tokenizer too, but no weights a
+    model loader can read."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / CHECKPOINTS).is_dir():
+        return "a run folder"
+    if (path / LATEST).is_file() or any(_is_tag_dir(p) for p in path.iterdir() if p.is_dir()):
+        return "a checkpoints folder"
+    if (path / TRAINING_INFO).is_file() or _is_tag_dir(path):
+        return "a training checkpoint"
+    return None
+
+
 def resolve_checkpoint(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
     """(checkpoints folder, tag) from a run folder, a checkpoints folder or a tag folder."""
     path = Path(path)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from gpt_recipes.data.sources import check_utf8
 from gpt_recipes.errors import UserError, first_line, root_line
 
 IGNORE = -100
@@ -60,6 +61,8 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
         raise UserError(f"fine-tuning data {path}: expected a {', '.join(DATA_SUFFIXES)} file or a datasets folder")
     if path.is_file() and path.stat().st_size == 0:
         raise UserError(f"fine-tuning data {path} holds no rows")
+    if path.is_file() and path.suffix != ".parquet":
+        check_utf8(path, "fine-tuning data")
     try:
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))

@@ -7,6 +7,7 @@ never downloaded whole).
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -40,6 +41,30 @@ def default_corpus_files() -> list[Path]:
             continue
         files.append(path)
     return files
+
+
+NEWLINE = b"\n"
+
+
+def check_utf8(path: Path, what: str) -> None:
+    """That a JSON or text file is UTF-8 throughout, read in chunks: datasets' JSON reader accepts
+    other bytes and fails only later, deep inside pyarrow, when a row is read."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                start = max(0, min(err.start, len(chunk) - 1))
+                bad_line = line + chunk[:start].count(NEWLINE)
+                raise UserError(f"{what} {path} line {bad_line} is not UTF-8 text (byte {chunk[start]:#04x}); "
+                                "save the file as UTF-8")
+            line += chunk.count(NEWLINE)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} ends inside a UTF-8 character (the file is cut short or not UTF-8)")
 
 
 def _kind(path: Path) -> str:

@@ -247,6 +247,32 @@ def load_pretrained_config(name_or_path: str) -> PretrainedConfig:
     return config
 
 
+def check_weights_fit(folder: str | Path, config: PretrainedConfig) -> None:
+    """Every tensor in the folder's safetensors files has the shape the config gives it (read from
+    the files' headers against the model built on the meta device): a config.json edited to
+    another vocabulary or width is one line here, not a size-mismatch traceback on every rank."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    if not files:
+        return
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in causal_lm_class(config)._from_config(config).state_dict().items()}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    stored = tuple(f.get_slice(key).get_shape())
+                    if key in shapes and shapes[key] != stored:
+                        raise UserError(f"{file} holds {key} of shape {list(stored)}, but {Path(folder) / 'config.json'} "
+                                        f"makes it {list(shapes[key])}; the config does not belong to these weights "
+                                        "(an edited vocab_size or width?)")
+        except UserError:
+            raise
+        except Exception as err:
+            raise UserError(f"{file} is not a readable safetensors file ({first_line(err)}); is it truncated?")
+
+
 def load_pretrained(name_or_path: str, config: PretrainedConfig, ds_cfg: dict[str, Any]) -> PreTrainedModel:
     """Pretrained weights in fp32 (the engine keeps fp32 master weights and casts the model);
     under ZeRO-3 each rank materialises only its own partition of every parameter."""

@@ -191,3 +191,14 @@ def test_padding_to_a_multiple_changes_shapes_not_the_loss(tokenizer, packed):
         assert padded.num_tokens(np.arange(len(rows))) == exact.num_tokens(np.arange(len(rows)))
         with torch.no_grad():
             assert lm_loss(model(**p_inputs).logits, p_targets).item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b'{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d\xff"}\n', "line 2 is not UTF-8 text \\(byte 0xff\\)"),
+    (b'{"prompt": "a", "response": "caf\xc3', "ends inside a UTF-8 character"),
+])
+def test_rows_that_are_not_utf8_name_the_line(tmp_path, content, match):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=match):
+        load_rows(path)

@@ -246,3 +246,26 @@ def test_lora_plans_weights_for_the_frozen_base_and_full_states_for_the_adapters
     # Per block, r x (in + out) for c_attn 64->192, attn c_proj 64->64, c_fc 64->256, mlp c_proj 256->64.
     assert sizes.trainable == 2 * 4 * (256 + 128 + 320 + 320)
     assert sizes.total == model_sizes(config).total + sizes.trainable
+
+
+@pytest.mark.parametrize("batch, micro", [
+    ({"train_batch_size": 64}, 32),  # the recipe derives micro-batch 32 on 2 ranks, so the planner does
+    ({"train_batch_size": 64, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 2}, 16),
+])
+def test_the_planner_resolves_the_batch_as_the_recipe_does(tmp_path, monkeypatch, capsys, batch, micro):
+    import runpy
+    import sys
+
+    from gpt_recipes import ds_config
+
+    cfg = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    for key in ds_config.BATCH_KEYS:
+        cfg.pop(key, None)
+    cfg.update(batch)
+    path = tmp_path / "only_global.json"
+    path.write_text(json.dumps(cfg))
+    assert ds_config.resolve(path, 2, 10, "cpu")[1].micro_batch == micro  # what the recipe would run
+    monkeypatch.setattr(sys, "argv", ["plan_memory.py", "--model", "gpt2-nano", "--ranks", "2", "--configs", str(path)])
+    runpy.run_path(str(REPO / "tools" / "plan_memory.py"), run_name="__main__")
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("only_global"))
+    assert int(row.split()[9]) == micro, row

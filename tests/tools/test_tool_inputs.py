@@ -177,3 +177,32 @@ def test_summarize_a_metrics_file_that_is_not_text(monkeypatch, capsys, run_copy
     (run_copy / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe\n')
     line = tool_error(monkeypatch, capsys, "summarize_throughput.py", run_copy)
     assert "metrics.jsonl is not UTF-8 text" in line
+
+
+# The wrong kind of folder gets a one-line pointer.
+def test_generate_from_a_checkpoint_folder_says_to_export_it(monkeypatch, capsys, hf_model, tmp_path):
+    step = tmp_path / "run" / "checkpoints" / "step6"
+    step.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_model / name, step / name)
+    (step / "training.json").write_text(json.dumps({"step": 6}))
+    (step / "mp_rank_00_model_states.pt").write_bytes(b"shards")
+    for folder, kind in ((step, "a training checkpoint"), (step.parent, "a checkpoints folder"),
+                         (tmp_path / "run", "a run folder")):
+        line = tool_error(monkeypatch, capsys, "generate.py", folder)
+        assert f"is {kind} of these recipes, not a Hugging Face model folder; export it first: " \
+               f"python tools/convert_to_hf.py {folder} OUT_DIR" in line
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"vocab_size": 4096}, "holds transformer.wte.weight of shape \\[1024, 64\\], but .*config.json makes it "
+                           "\\[4096, 64\\]; the config does not belong to these weights"),
+    ({"vocab_size": "1024"}, "could not load the model config of"),
+    ({"n_embd": 32}, "the config does not belong to these weights"),
+])
+def test_a_config_that_disagrees_with_its_weights(monkeypatch, capsys, hf_model, tmp_path, change, match):
+    folder = tmp_path / "model"
+    shutil.copytree(hf_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    assert re.search(match, tool_error(monkeypatch, capsys, "generate.py", folder))
