@@ -7,6 +7,7 @@ and `execute` runs the rest of the story on every rank.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,7 @@ from gpt_recipes.checkpoints.run_dir import (
     write_run_config,
 )
 from gpt_recipes.data import mixture
+from gpt_recipes.data.tokenizer import load_tokenizer, vocabulary_digest
 from gpt_recipes.data.tokens import GlobalBatchOrder, PackedTokens, eval_micro_batches
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError
@@ -79,6 +81,9 @@ class Job:
     val: Samples
     build_model: Callable[[], PreTrainedModel]
     record: dict[str, Any] = field(default_factory=dict)  # extra facts for OUT/config.json
+    # What the training samples were made from (a prepared folder's fingerprint, a digest of the
+    # rows): a resume must continue on the same data.
+    data_fingerprint: str | None = None
     adapter: AdapterPlan | None = None  # LoRA: build_model returns the base with adapters in place
     # Another objective than next-token loss (DPO): its loss, given the model and ZeRO stage, and
     # what must run once the engine exists and before the first step (the reference pass).
@@ -274,8 +279,57 @@ def downstream_eval(args: RunArgs, run: RunPlan, job: Job) -> Callable[[Any], di
     return run_tasks
 
 
+# Model config fields that name tokens or record versions: not the model's shape.
+NOT_THE_SHAPE = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id")
+
+
+def model_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """The first shape-deciding field (model type, sizes, tying) in which two model configs differ."""
+    keys = ["model_type", "tie_word_embeddings", *sorted(k for k, v in saved.items()
+                                                         if isinstance(v, int) and not isinstance(v, bool)
+                                                         and k not in NOT_THE_SHAPE)]
+    for key in keys:
+        if key in saved and saved.get(key) != current.get(key):
+            return f"{key} {saved.get(key)!r} (this run: {current.get(key)!r})"
+    return None
+
+
+def check_resume_matches(run: RunPlan, job: Job) -> None:
+    """Before any rank starts: the checkpoint to resume was trained with this run's model, tokenizer,
+    data, global batch and sequence length. One line names what differs."""
+    tag = run.output.resume_tag
+    if not tag:
+        return
+    tag_dir = paths.checkpoints_dir(run.out_dir) / tag
+    saved = paths.saved_info(tag_dir.parent, tag)
+    where = f"--resume: checkpoint {tag_dir} was trained with"
+    model_file = tag_dir / paths.MODEL_CONFIG
+    if model_file.is_file():
+        differ = model_difference(json.loads(model_file.read_text()), job.model_config.to_dict())
+        if differ:
+            raise UserError(f"{where} another model: {differ}; resume with the model it was trained with (the "
+                            f"--model or --model_name_or_path of the command that started it)")
+    digest = saved.get("tokenizer_digest") or (vocabulary_digest(load_tokenizer(tag_dir))
+                                               if (tag_dir / "tokenizer_config.json").is_file() else None)
+    if digest and digest != vocabulary_digest(job.tokenizer):
+        raise UserError(f"{where} another tokenizer (its vocabulary differs from this run's, token for token); "
+                        "resume with the data prepared with the run's tokenizer: tools/prepare_data.py --tokenizer "
+                        f"{tag_dir} ...")
+    if saved.get("data_fingerprint") and job.data_fingerprint and saved["data_fingerprint"] != job.data_fingerprint:
+        raise UserError(f"{where} other data (fingerprint {saved['data_fingerprint']}, this run's "
+                        f"{job.data_fingerprint}); resume with the --data it was trained on, or start a new run "
+                        "from its export")
+    if (saved.get("global_batch"), saved.get("seq_len")) != (run.batch.global_batch, job.seq_len):
+        raise UserError(
+            f"{where} global batch {saved.get('global_batch')} and seq_len {saved.get('seq_len')}; this run has "
+            f"{run.batch.global_batch} and {job.seq_len}: keep them to resume (on another number of ranks, change "
+            "gradient_accumulation_steps or train_micro_batch_size_per_gpu in the DeepSpeed config so the global "
+            "batch stays the same)")
+
+
 def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
     env, say = run.env, run.say
+    check_resume_matches(run, job)
     sequence_tensor.check(run.batch, job.model_config, job.seq_len, lora=job.adapter is not None,
                    objective=job.name.upper() if job.make_loss is not None else None)
     lock = RunLock(run.out_dir) if env.is_main else None  # held until this function returns
@@ -339,13 +393,6 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     state = TrainState()
     if resume_tag:
         saved = saving.load(engine, ckpt_dir, resume_tag, env.rank, frozen_base=job.adapter is not None)
-        if saved["global_batch"] != run.batch.global_batch or saved["seq_len"] != job.seq_len:
-            raise UserError(
-                f"checkpoint was written with global batch {saved['global_batch']} and seq_len {saved['seq_len']}; "
-                f"this run has {run.batch.global_batch} and {job.seq_len}: keep them to resume (on another number "
-                "of ranks, change gradient_accumulation_steps or train_micro_batch_size_per_gpu in the DeepSpeed "
-                "config so the global batch stays the same)"
-            )
         state = TrainState(step=saved["step"], tokens=saved["tokens"])
         say(f"Resumed from step {state.step} ({state.tokens:,} tokens seen)")
     if env.is_main:
@@ -377,6 +424,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
                       downstream=downstream_eval(args, run, job))
     trainer_extra = {"global_batch": run.batch.global_batch, "seq_len": job.seq_len, "seed": args.seed}
     training_info = {"recipe": job.name, "precision": ds_config.precision(run.ds_cfg), "zero_stage": stage,
+                     "tokenizer_digest": vocabulary_digest(job.tokenizer), "data_fingerprint": job.data_fingerprint,
                      "world_size": env.world_size, "sequence_parallel": run.batch.sp, "tensor_parallel": run.batch.tp,
                      "schedule": {k: v for k, v in run.filled.items() if k.startswith("scheduler.")}}
     hf_files = [job.model_config, job.tokenizer]

@@ -86,7 +86,7 @@ def main() -> None:
     # score the reference, train.
     job = Job("dpo", start.config, start.tokenizer, start.seq_len, train, val, start.builder(run, args.seed),
               adapter=start.adapter, make_loss=lambda model, stage: announce(run, preference.DPOLoss(args.beta)),
-              before_training=reference_pass,
+              before_training=reference_pass, data_fingerprint=sft.rows_digest(train_rows),
               record={"data": {"train": args.data, "val": args.val_data, "train_pairs": len(train),
                                "val_pairs": len(val)}, "beta": args.beta})
     execute(args, run, job, batches)

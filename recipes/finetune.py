@@ -60,7 +60,7 @@ def main() -> None:
     # 3. Start the ranks, load the pretrained weights (under ZeRO-3 each rank loads only its
     # partition), add the adapters if asked, train.
     job = Job("finetune", start.config, tokenizer, seq_len, train_samples, val_samples,
-              start.builder(run, args.seed), adapter=start.adapter,
+              start.builder(run, args.seed), adapter=start.adapter, data_fingerprint=sft.rows_digest(train_rows),
               record={"data": {"train": args.data, "val": args.val_data, "train_examples": len(train_examples),
                                "val_examples": len(val_examples), "packed": args.pack}})
     execute(args, run, job, batches)

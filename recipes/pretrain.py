@@ -6,9 +6,10 @@
     deepspeed --num_gpus 2 recipes/pretrain.py --deepspeed_config ds_configs/zero2.json \\
         --data data/stdlib --model gpt2-nano --output_dir runs/pretrain --max_steps 200
 
-    # continue it later, from OUTPUT_DIR/checkpoints/latest:
+    # continue it later, from OUTPUT_DIR/checkpoints/latest (the same command, with --resume; it
+    # stops with one line if the model, tokenizer, data, global batch or seq_len differ):
     deepspeed --num_gpus 2 recipes/pretrain.py --deepspeed_config ds_configs/zero2.json \\
-        --output_dir runs/pretrain --max_steps 400 --resume
+        --data data/stdlib --model gpt2-nano --output_dir runs/pretrain --max_steps 400 --resume
 
 Writes OUTPUT_DIR/config.json (the resolved run), metrics.jsonl (one line per log and
 evaluation) and checkpoints/step<N>/ with a `latest` tag; with --export_hf DIR, also a
@@ -52,15 +53,17 @@ def main() -> None:
     if sources is None:
         batches = make_batches(args, run, train, val, f"{args.data[0]} at seq_len {seq_len}")
         record = {"data": meta.raw}
+        fingerprint = meta.raw.get("fingerprint")
     else:
         batches = make_mixture_batches(args, run, sources, weights, seq_len)
         record = {"data": {"mixture": [{"name": s.name, "folder": str(s.meta.root.resolve()), "weight": w, **s.meta.raw}
                                        for s, w in zip(sources, weights)]}}
+        fingerprint = "+".join(f"{s.meta.raw.get('fingerprint')}x{w:.6g}" for s, w in zip(sources, weights))
 
     # 3. Start the ranks, build a randomly initialised model (same seed on every rank; partitioned
     #    across ranks from the start under ZeRO-3), train.
     job = Job("pretrain", model_config, tokenizer, seq_len, train, val, lambda: build_model(model_config, run.ds_cfg),
-              record=record)
+              record=record, data_fingerprint=fingerprint)
     execute(args, run, job, batches)
 
 

@@ -44,3 +44,70 @@ def test_overwrite_never_replaces_an_export_folder_that_is_not_ours(tmp_path):
     with pytest.raises(UserError, match="is not a Hugging Face export folder written by these tools, so --overwrite"):
         plan_run(PretrainArgs(output_dir=str(tmp_path / "out"), export_hf=str(export), overwrite=True))
     assert [p.name for p in export.iterdir()] == ["weights.safetensors"]
+
+
+# Resume checks what it resumes, before any rank starts.
+@pytest.fixture
+def resumable(tmp_path, tiny_data, tiny_model):
+    """A run folder whose latest checkpoint holds the model config, tokenizer and training facts of a
+    tiny pretraining run (global batch 8 on one rank with the default JSON, seq_len 64)."""
+    import json
+
+    from gpt_recipes.data.tokenizer import load_tokenizer
+    from gpt_recipes.models.causal_lm import build_config
+
+    tokenizer = load_tokenizer(tiny_data / "tokenizer")
+    config = build_config(str(tiny_model), len(tokenizer), tokenizer.eos_token_id)
+    out = tmp_path / "run"
+    tag = out / "checkpoints" / "step4"
+    tag.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"recipe": "pretrain"}))
+    config.save_pretrained(tag)
+    tokenizer.save_pretrained(tag)
+    (tag / "training.json").write_text(json.dumps({"step": 4, "tokens": 2048, "global_batch": 8, "seq_len": 64,
+                                                   "data_fingerprint": "data-a"}))
+    (out / "checkpoints" / "latest").write_text("step4")
+    return out, config, tokenizer
+
+
+def _resume(out, config, tokenizer, seq_len=64, fingerprint="data-a", **flags):
+    from gpt_recipes.runner import Job, check_resume_matches
+
+    run = plan_run(PretrainArgs(output_dir=str(out), resume=True, **flags))
+    check_resume_matches(run, Job("pretrain", config, tokenizer, seq_len, None, None, None,
+                                  data_fingerprint=fingerprint))
+
+
+def test_a_resume_of_the_same_run_passes(resumable):
+    _resume(*resumable)
+
+
+def test_a_resume_with_another_model_size_is_one_line(resumable):
+    out, config, tokenizer = resumable
+    other = config.__class__(**{**config.to_dict(), "n_layer": 3})
+    with pytest.raises(UserError, match="was trained with another model: n_layer 2 \\(this run: 3\\); resume with the "
+                                        "model it was trained with"):
+        _resume(out, other, tokenizer)
+
+
+def test_a_resume_with_another_tokenizer_of_the_same_size_is_one_line(resumable):
+    from types import SimpleNamespace
+
+    out, config, tokenizer = resumable
+    vocab = tokenizer.get_vocab()
+    a, b = sorted(vocab)[10:12]
+    swapped = SimpleNamespace(get_vocab=lambda: {**vocab, a: vocab[b], b: vocab[a]})  # same size, other ids
+    with pytest.raises(UserError, match="another tokenizer .*tools/prepare_data.py --tokenizer"):
+        _resume(out, config, swapped)
+    info = out / "checkpoints" / "step4" / "training.json"  # a checkpoint from before digests were recorded:
+    assert "tokenizer_digest" not in info.read_text()  # its own tokenizer files are compared
+    _resume(out, config, tokenizer)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"fingerprint": "data-b"}, "was trained with other data \\(fingerprint data-a, this run's data-b\\)"),
+    ({"seq_len": 32}, "was trained with global batch 8 and seq_len 64; this run has 8 and 32"),
+])
+def test_a_resume_on_other_data_or_batch_is_one_line(resumable, change, match):
+    with pytest.raises(UserError, match=match):
+        _resume(*resumable, **change)

@@ -13,6 +13,7 @@ on responses alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,14 @@ def read_split(data: str, val_data: str | None, val_fraction: float) -> tuple[li
     if held >= len(rows):
         raise UserError(f"{data} holds {len(rows)} rows: too few to hold out a validation set")
     return rows[held:], rows[:held]
+
+
+def rows_digest(rows: list[tuple[str, dict]]) -> str:
+    """A digest of the rows (as read, in order): what a resumed run must train on again."""
+    digest = hashlib.sha256()
+    for _, row in rows:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
 
 
 def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -51,6 +52,12 @@ def train_bpe(texts: Iterable[str | list[str]], vocab_size: int, length: int | N
         unk_token=EOS_TOKEN,
         model_max_length=NO_LENGTH_LIMIT,
     )
+
+
+def vocabulary_digest(tokenizer) -> str:
+    """A digest of every token and its id: two tokenizers of one size but trained on other text differ."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:

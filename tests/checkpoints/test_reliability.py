@@ -1,6 +1,7 @@
 """Interrupted runs: preemption, a kill in the middle of a save, a NaN; each then resumed or stopped cleanly."""
 
 import json
+import re
 import os
 import shutil
 
@@ -135,7 +136,8 @@ def test_resume_with_another_global_batch_is_refused(tmp_path, references, tiny_
     args = pretrain_args(ds_json(tmp_path, 2, micro=2, fp32=True), tiny_data, tiny_model, out, STEPS, "--resume")
     proc = launch("recipes/pretrain.py", args, ranks=1, check=False)
     assert proc.returncode == 2
-    assert "error: checkpoint was written with global batch 4 and seq_len 64; this run has 2 and 64" in proc.stderr
+    assert re.search(r"error: --resume: checkpoint .*step\d+ was trained with global batch 4 and seq_len 64; "
+                     r"this run has 2 and 64", proc.stderr), proc.stderr[-2000:]
 
 
 def test_resume_without_latest_takes_the_newest_complete_checkpoint_and_deletes_none(tmp_path, references,
