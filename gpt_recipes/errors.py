@@ -30,6 +30,11 @@ class UserError(RecipeExit):
     exit_code = USER_ERROR_EXIT
 
 
+class RankError(UserError):
+    """A user-fixable failure of one rank alone (its disk filled): printed by the rank that met it,
+    where a UserError, which every rank meets alike, is printed by rank 0 only."""
+
+
 class DivergedError(RecipeExit):
     """The loss became NaN or infinite and stayed so; the last good checkpoint is kept."""
 
@@ -54,7 +59,7 @@ def cli_entry(main: Callable[[], T]) -> Callable[[], T]:
         try:
             return main()
         except RecipeExit as err:
-            if int(os.environ.get("RANK", "0")) == 0:
+            if int(os.environ.get("RANK", "0")) == 0 or isinstance(err, RankError):
                 print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
             sys.exit(err.exit_code)
 

@@ -6,10 +6,12 @@ Never set in normal use. The value is KIND@STEP or KIND@STEP:RANK (default rank 
                    are written and before the checkpoint is complete
   nan@7            rank 0's loss at step 7 is NaN
   export_skew@0    the export's logits are taken to differ from the engine's by 1.0 more
+  disk_full@6      rank 0's disk fills while it writes the step-6 checkpoint
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -40,6 +42,11 @@ def after_step(step: int, rank: int) -> None:
 def during_save(step: int, rank: int) -> None:
     if armed("kill_in_save", step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def disk_full(step: int, rank: int) -> None:
+    if armed("disk_full", step, rank):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def poison_loss(loss, step: int, rank: int):

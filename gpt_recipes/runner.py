@@ -301,6 +301,7 @@ def check_resume_matches(run: RunPlan, job: Job) -> None:
     if not tag:
         return
     tag_dir = paths.checkpoints_dir(run.out_dir) / tag
+    paths.check_intact(tag_dir, "point {ckpt_dir}/latest at it (echo {tag} > {ckpt_dir}/latest) and --resume")
     saved = paths.saved_info(tag_dir.parent, tag)
     where = f"--resume: checkpoint {tag_dir} was trained with"
     model_file = tag_dir / paths.MODEL_CONFIG

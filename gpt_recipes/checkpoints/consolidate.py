@@ -11,7 +11,7 @@ import torch
 
 from gpt_recipes import console
 from gpt_recipes.checkpoints.paths import latest_tag, recorded_info
-from gpt_recipes.errors import UserError
+from gpt_recipes.errors import UserError, first_line
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str | None = None, lazy: bool = False) -> dict[str, Any]:
@@ -27,7 +27,13 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str | None = None, lazy: bool =
     every rank's partition into one fp32 vector first.
     """
     with console.quiet_prints():  # DeepSpeed's reader narrates each file it opens
-        return _consolidated(ckpt_dir, tag, lazy)
+        try:
+            return _consolidated(ckpt_dir, tag, lazy)
+        except UserError:
+            raise
+        except Exception as err:  # a truncated or missing shard of a checkpoint saved without sizes
+            raise UserError(f"checkpoint {ckpt_dir / (tag or '')} could not be read, a file of it is damaged or "
+                            f"missing: {first_line(err)}")
 
 
 def _consolidated(ckpt_dir: Path, tag: str | None, lazy: bool) -> dict[str, Any]:

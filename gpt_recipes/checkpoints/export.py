@@ -34,6 +34,7 @@ from gpt_recipes.checkpoints.consolidate import consolidated_state_dict, materia
 from gpt_recipes.checkpoints.paths import (
     EXPORT_CHECK,
     MODEL_CONFIG,
+    check_intact,
     checkpoints_dir,
     recorded_info,
     resolve_checkpoint,
@@ -176,6 +177,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, 
     check_shard_size(max_shard_size)
     ckpt_dir, tag = resolve_checkpoint(checkpoint, tag)
     tag_dir = ckpt_dir / tag
+    check_intact(tag_dir, "export it with --tag {tag}")
     out_dir = Path(out_dir)
     config = _load_config(tag_dir)
     tokenizer = load_tokenizer(tag_dir) if (tag_dir / "tokenizer_config.json").is_file() else None

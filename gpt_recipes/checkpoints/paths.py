@@ -66,8 +66,18 @@ def _step_of(tag_dir: Path) -> int:
 
 
 def _latest_file_tag(ckpt_dir: Path) -> str | None:
+    """What `latest` names; "<unreadable>" when it holds bytes that are no tag name."""
     latest = ckpt_dir / LATEST
-    return latest.read_text().strip() if latest.is_file() else None
+    if not latest.is_file():
+        return None
+    try:
+        named = latest.read_bytes().decode("utf-8").strip()
+    except (UnicodeDecodeError, OSError):
+        return UNREADABLE
+    return named if re.fullmatch(r"[\w.-]+", named) else UNREADABLE
+
+
+UNREADABLE = "<unreadable>"
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
@@ -98,7 +108,8 @@ def resume_tag(ckpt_dir: Path) -> tuple[str | None, str | None]:
     if not complete:
         return None, None
     named = _latest_file_tag(ckpt_dir)
-    why = (f"'{LATEST}' names {named}, which is missing or incomplete" if named
+    why = (f"'{LATEST}' holds no tag name (damaged)" if named == UNREADABLE
+           else f"'{LATEST}' names {named}, which is missing or incomplete" if named
            else f"there is no '{LATEST}' file")
     return complete[-1], f"{why}: resuming from the newest complete checkpoint, {complete[-1]}"
 
@@ -125,6 +136,34 @@ def recorded_info(tag_dir: Path) -> dict[str, Any]:
     """A tag folder's training.json, or {} for a checkpoint these recipes did not write."""
     info = tag_dir / TRAINING_INFO
     return json.loads(info.read_text()) if info.is_file() else {}
+
+
+def damage(tag_dir: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files against the sizes its training.json
+    recorded at save time (None: intact, or a checkpoint from before sizes were recorded)."""
+    try:
+        files = recorded_info(tag_dir).get("files") or {}
+    except (ValueError, OSError):
+        return f"its {TRAINING_INFO} is not readable JSON"
+    for name, size in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, {size} when it was saved (truncated or overwritten)"
+    return None
+
+
+def check_intact(tag_dir: Path, how: str) -> None:
+    """Stop with one line naming the damaged file and the newest intact checkpoint beside it; `how`
+    says what to do with that one ("{tag}" and "{ckpt_dir}" are filled in)."""
+    problem = damage(tag_dir)
+    if problem is None:
+        return
+    good = [t for t in complete_tags(tag_dir.parent) if t != tag_dir.name and damage(tag_dir.parent / t) is None]
+    hint = (f"the newest intact checkpoint is {good[-1]}: " + how.format(tag=good[-1], ckpt_dir=tag_dir.parent)
+            if good else "no intact checkpoint is left beside it")
+    raise UserError(f"checkpoint {tag_dir} is damaged: {problem}; {hint}")
 
 
 def layout_change(info: dict[str, Any], world_size: int, zero_stage: int, sp: int = 1, tp: int = 1) -> str | None:

@@ -9,6 +9,7 @@ finished writing, so it never names an incomplete checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import random
@@ -31,7 +32,7 @@ from gpt_recipes.checkpoints.paths import (
     universal_tag,
     write_latest,
 )
-from gpt_recipes.errors import UserError, first_line
+from gpt_recipes.errors import RankError, UserError, first_line
 from gpt_recipes.folders import fsync_path, fsync_tree
 from gpt_recipes.parallel.distributed import barrier
 
@@ -128,6 +129,15 @@ def _set_aside(tag_dir: Path) -> Path:
     return aside
 
 
+def _disk_failure(err: BaseException) -> bool:
+    """A write that failed for want of disk: the OSError itself, or torch.save's C++ stream error
+    (a collective's error, when another rank is gone, is not one)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)
+    text = str(err)
+    return "PytorchStreamWriter" in text or "file write failed" in text
+
+
 def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_files: list[Any],
          training_info: dict[str, Any], num_params: int, keep_last: int = 0, log=print,
          frozen_base: bool = False) -> Path:
@@ -152,19 +162,32 @@ def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_fil
         else:
             shutil.rmtree(tag_dir)  # left incomplete by an interrupted save: never mix its shards in
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={TRAINER_STATE_KEY: trainer_state},
-                           save_latest=False, exclude_frozen_parameters=frozen_base)
-    torch.save(_rng_state(), rng_state_file(tag_dir, rank))
-    faults.during_save(step, rank)
-    fsync_tree(tag_dir)  # each rank flushes what it wrote (and what it sees) before the checkpoint counts
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={TRAINER_STATE_KEY: trainer_state},
+                               save_latest=False, exclude_frozen_parameters=frozen_base)
+        faults.disk_full(step, rank)
+        torch.save(_rng_state(), rng_state_file(tag_dir, rank))
+        faults.during_save(step, rank)
+        fsync_tree(tag_dir)  # each rank flushes what it wrote (and what it sees) before the checkpoint counts
+    except (OSError, RuntimeError) as err:
+        if not _disk_failure(err):
+            raise
+        kept = latest_tag(ckpt_dir)
+        raise RankError(f"writing checkpoint {tag_dir} failed on rank {rank}: {first_line(err)} (is the disk full?); "
+                        + (f"the previous checkpoint, {kept}, is intact: free some space and run the same command "
+                           "with --resume" if kept else "no earlier checkpoint exists; free some space and start "
+                           "again"))
     barrier()
     if rank == 0:
         sharded = set(tag_dir.iterdir())  # flushed above
         for obj in hf_files:
             obj.save_pretrained(tag_dir)
         info = tag_dir / TRAINING_INFO
+        # Each file's size, so a checkpoint damaged later (a truncated copy, a disk error) is named
+        # before anything loads it.
+        files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
         with open(info, "w") as f:
-            f.write(json.dumps({**training_info, **trainer_state}, indent=2) + "\n")
+            f.write(json.dumps({**training_info, **trainer_state, "files": files}, indent=2) + "\n")
         for path in set(tag_dir.iterdir()) - sharded:
             fsync_tree(path) if path.is_dir() else fsync_path(path)
         fsync_path(tag_dir)
@@ -233,7 +256,11 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, frozen_base: bool = False)
     """Load checkpoint `tag` into the engine, and this rank's RNG states; returns its trainer state.
 
     With frozen_base (LoRA) the checkpoint holds only what trains; the base is already loaded."""
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=not frozen_base)
+    try:
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=not frozen_base)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as err:
+        raise UserError(f"checkpoint {ckpt_dir / tag} could not be loaded, a file of it is damaged or missing: "
+                        f"{first_line(err)}")
     if path is None or not client_state or TRAINER_STATE_KEY not in client_state:
         raise UserError(f"checkpoint {ckpt_dir / tag} could not be loaded or was not written by these recipes")
     rng_file = rng_state_file(ckpt_dir / tag, rank)

@@ -30,7 +30,7 @@ from gpt_recipes.metrics.profile import profiled_step
 from gpt_recipes.metrics.throughput import ThroughputWindow, speed_text
 from gpt_recipes.models.loss import CausalLMLoss
 from gpt_recipes.parallel.distributed import DistEnv, all_reduce, rank_max, remove_own_shm_buffers
-from gpt_recipes.train.preemption import LAUNCHER_GONE, StopSignal
+from gpt_recipes.train.preemption import LAUNCHER_GONE, PeerWatch, StopSignal
 
 
 class Samples(Protocol):
@@ -170,6 +170,7 @@ def train(
     """Train until settings.max_steps; raises DivergedError on a non-finite loss (without saving) and
     Preempted after saving when any rank receives SIGTERM/SIGINT."""
     stop = StopSignal(on_insist=remove_own_shm_buffers)
+    watch = PeerWatch(env.rank, lambda: paths.latest_tag(paths.checkpoints_dir(settings.out_dir)))
     # Setting up leaves about half a million Python objects (transformers, DeepSpeed, the data);
     # a full garbage collection walks all of them, 0.3 s here, every few hundred steps. Frozen,
     # collections walk only what the loop itself creates.
@@ -177,7 +178,12 @@ def train(
     gc.freeze()
     try:
         return _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_checkpoint, stop)
+    except Exception as err:
+        if not isinstance(err, RecipeExit):  # planned ends (a save on a signal, a NaN) all ranks agree on
+            watch.report_if_peer_lost(wait=10.0)  # a collective that broke because another rank died: say that
+        raise
     finally:
+        watch.stop()  # first: from here on the ranks end at their own pace
         gc.unfreeze()
         stop.restore()
 

@@ -12,7 +12,8 @@ signal is honoured within one step.
 Signals that reach a rank within FORWARD_WINDOW seconds of its first are the same interrupt
 passed on by a launcher; a signal after that is the user insisting, and stops the rank at
 once, without saving. A rank whose launcher process is gone (killed on its own, leaving the
-ranks with no parent to report to) stops the same way as on SIGHUP: save, then exit 129.
+ranks with no parent to report to) stops the same way as on SIGHUP: save, then exit 129. A
+rank that dies (PeerWatch) ends the others at once, with a line that names it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 
 import psutil
@@ -147,3 +149,72 @@ class StopSignal:
     @staticmethod
     def exit_code(signum: int) -> int:
         return 128 + signum
+
+
+PEER_CHECK_INTERVAL = 0.5  # seconds
+PEER_LOST_EXIT = 5
+
+
+def sibling_ranks() -> dict[int, psutil.Process]:
+    """{rank: process} of the other ranks this rank's launcher started on this machine (read from
+    their environment now, while they run); {} without a launcher."""
+    launchers = launcher_processes()
+    if not launchers:
+        return {}
+    me, found = os.getpid(), {}
+    for proc in launchers[0].children():
+        try:
+            env = proc.environ()
+        except psutil.Error:
+            continue
+        if proc.pid != me and "RANK" in env:
+            found[int(env["RANK"])] = proc
+    return found
+
+
+class PeerWatch:
+    """Notices, within half a second, that another rank on this machine has died (killed, out of
+    memory, crashed), and ends this rank at once with one line naming it and the intact checkpoint.
+
+    Without it the survivor waits inside a collective that will never complete until the launcher
+    gives up on it (DeepSpeed's waits 30 s, then kills it), and the user reads only the
+    launcher's "exits with return code = -9". No checkpoint can be written once a rank is gone,
+    so none is attempted. Runs only while the loop trains: ranks end at different moments
+    afterwards."""
+
+    def __init__(self, rank: int, last_checkpoint):
+        self.rank, self._last_checkpoint = rank, last_checkpoint
+        self.siblings = sibling_ranks()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="peer-watch", daemon=True)
+        if self.siblings:
+            self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(PEER_CHECK_INTERVAL):
+            if not self._stop.is_set():
+                self.report_if_peer_lost()
+
+    def report_if_peer_lost(self, wait: float = 0.0) -> None:
+        """If another rank is gone (or goes within `wait` seconds: one that failed may still be
+        exiting when this rank's collective with it breaks): say so, the lowest surviving rank for
+        all, and end this process."""
+        if not self.siblings:
+            return
+        deadline = time.monotonic() + wait
+        while not (gone := sorted(rank for rank, proc in self.siblings.items() if not _alive(proc))):
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.1)
+        alive = [self.rank, *(r for r in self.siblings if r not in gone)]
+        if self.rank == min(alive):  # one survivor speaks for all
+            tag = self._last_checkpoint()
+            kept = (f"the last complete checkpoint, {tag}, is intact: run the same command with --resume"
+                    if tag else "no checkpoint was written yet")
+            print(f"error: rank {', '.join(map(str, gone))} stopped while training (its process is gone: killed, "
+                  f"out of memory, or failed; its own output above may say why); the other ranks stop too, without "
+                  f"saving; {kept}", file=sys.stderr, flush=True)
+        os._exit(PEER_LOST_EXIT)
+
+    def stop(self) -> None:
+        self._stop.set()

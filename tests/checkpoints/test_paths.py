@@ -48,3 +48,15 @@ def test_resume_takes_latest_or_the_newest_complete_checkpoint_and_says_why(tmp_
     tag, note = paths.resume_tag(tmp_path)
     assert tag == "step6" and note.startswith("'latest' names step9, which is missing or incomplete")
     assert paths.recorded_info(tmp_path / "step9") == {} and paths.saved_info(tmp_path, "step6") == {"step": 6}
+
+
+def test_latest_holding_bytes_that_are_no_tag_name(tmp_path):
+    """A `latest` damaged to non-text bytes is not a traceback: the newest complete checkpoint is
+    resumed, and the note says why."""
+    for step in (3, 6):
+        (tmp_path / f"step{step}").mkdir()
+        (tmp_path / f"step{step}" / "training.json").write_text(f'{{"step": {step}}}')
+    (tmp_path / "latest").write_bytes(b"\xff\xfe\x00step6")
+    assert paths.latest_tag(tmp_path) is None
+    assert paths.resume_tag(tmp_path) == ("step6", "'latest' holds no tag name (damaged): resuming from the newest "
+                                                   "complete checkpoint, step6")

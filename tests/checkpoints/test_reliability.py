@@ -1,15 +1,15 @@
 """Interrupted runs: preemption, a kill in the middle of a save, a NaN; each then resumed or stopped cleanly."""
 
 import json
-import re
 import os
+import re
 import shutil
 
 import pytest
 
 from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
 from gpt_recipes.checkpoints.paths import complete_tags, is_complete
-from tests.helpers import ds_json, launch, pretrain_args, read_metrics
+from tests.helpers import ds_json, launch, pretrain_args, read_metrics, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -172,3 +172,40 @@ def test_extending_a_run_keeps_its_schedule(tmp_path, references, tiny_data, tin
     assert [r["lr"] for r in got[STEPS:]] == pytest.approx([final] * 3)
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["deepspeed"]["scheduler"]["params"]["total_num_steps"] == STEPS
+
+
+def test_a_damaged_checkpoint_is_named_before_anything_loads_it(tmp_path, references, tiny_data, tiny_model):
+    """A shard cut short in a complete checkpoint: --resume and the export tool each stop with one
+    line naming the file and the newest intact checkpoint, which then exports."""
+    out = _stopped_at(references(2), tmp_path, 9)
+    shard = next((out / "checkpoints" / "step9").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    proc = _run(tmp_path, 2, tiny_data, tiny_model, out, check=False, extra=["--resume"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(rf"error: checkpoint .*step9 is damaged: {shard.name} is \d+ bytes, \d+ when it was saved "
+                     r"\(truncated or overwritten\); the newest intact checkpoint is step6: point .*latest at it "
+                     r"\(echo step6 > .*latest\) and --resume", proc.stderr), proc.stderr[-2000:]
+    proc = run_python("tools/convert_to_hf.py", [str(out), str(tmp_path / "hf")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "is damaged" in proc.stderr and "export it with --tag step6" in proc.stderr
+    assert run_python("tools/convert_to_hf.py", [str(out), str(tmp_path / "hf"), "--tag", "step6"]).returncode == 0
+    # A checkpoint saved before sizes were recorded: the reader's failure is still one line.
+    info = json.loads((out / "checkpoints" / "step9" / "training.json").read_text())
+    info.pop("files")
+    (out / "checkpoints" / "step9" / "training.json").write_text(json.dumps(info))
+    proc = run_python("tools/convert_to_hf.py", [str(out), str(tmp_path / "hf2")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "could not be read, a file of it is damaged or missing" in proc.stderr
+
+
+def test_a_disk_that_fills_while_saving_is_named_and_the_last_checkpoint_kept(tmp_path, tiny_data, tiny_model):
+    out = tmp_path / "run"
+    proc = _run(tmp_path, 2, tiny_data, tiny_model, out, fault="disk_full@6", check=False)
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert re.search(r"error: writing checkpoint .*step6 failed on rank 0: \[Errno 28\] No space left on device "
+                     r"\(is the disk full\?\); the previous checkpoint, step3, is intact: free some space and run "
+                     r"the same command with --resume", log), log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step3" and is_complete(ckpt / "step3") and not is_complete(ckpt / "step6")

@@ -68,3 +68,33 @@ def test_ranks_whose_launcher_is_killed_save_and_exit(tmp_path, tiny_data, tiny_
     finally:
         run.kill()
     assert is_complete(out / "checkpoints" / f"step{step}")
+
+
+def test_a_rank_killed_outright_is_named_at_once(tmp_path, tiny_data, tiny_model):
+    """SIGKILL of one rank: the other stops within seconds (not the launcher's 30 s wait), saying which
+    rank stopped and which checkpoint is intact; nothing half-written becomes `latest`."""
+    import time
+
+    import psutil
+
+    out = tmp_path / "run"
+    run = Background("recipes/pretrain.py", _args(tmp_path, tiny_data, tiny_model, out), tmp_path / "run.log")
+    try:
+        run.wait_for_step(out, 3)
+        pids = run.tree()
+        rank1 = next(p for p in pids if psutil.Process(p).environ().get("RANK") == "1")
+        killed_at = time.monotonic()
+        os.kill(rank1, signal.SIGKILL)
+        run.wait_all(pids, timeout=60)
+        took = time.monotonic() - killed_at
+        log = run.output()
+    finally:
+        run.kill()
+    found = re.search(r"error: rank 1 stopped while training \(its process is gone: killed, out of memory, or "
+                      r"failed; .*\); the other ranks stop too, without saving; the last complete checkpoint, "
+                      r"(step\d+), is intact: run the same command with --resume", log)
+    assert found, log[-3000:]
+    assert took < 15, took
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == found.group(1) and is_complete(ckpt / found.group(1))
+    assert "Traceback" not in log, log[-3000:]
