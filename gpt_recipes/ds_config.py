@@ -465,6 +465,10 @@ def check_training_sections(cfg: dict[str, Any]) -> None:
     if not optimizer or "type" not in optimizer:
         raise UserError("DeepSpeed config: the optimizer section needs a \"type\" (e.g. \"AdamW\") and its "
                         "\"params\"; the JSON owns the optimizer (see ds_configs/)")
+    for section in ("optimizer", "scheduler"):
+        params = (cfg.get(section) or {}).get("params")
+        if params is not None and not isinstance(params, dict):
+            raise _wrong(f"{section}.params", "a JSON object", params)
     kind = str(optimizer["type"])
     if kind.lower() not in DEEPSPEED_OPTIMIZERS and not isinstance(getattr(torch.optim, kind, None), type):
         known = sorted({*DEEPSPEED_OPTIMIZERS, *(n for n, v in vars(torch.optim).items()

@@ -235,7 +235,10 @@ def load_pretrained_config(name_or_path: str) -> PretrainedConfig:
     path = Path(name_or_path)
     if path.exists() and not (path / "config.json").is_file():
         raise UserError(f"{name_or_path} is not a Hugging Face model folder (no config.json)")
-    if not path.exists() and name_or_path.startswith((".", "/")):
+    # A hub name is NAME or ORG/NAME; a missing path that cannot be one, or whose first folder is
+    # here, is a local folder mistyped: say so rather than ask a hub for it.
+    if not path.exists() and (name_or_path.startswith((".", "/")) or len(path.parts) > 2
+                              or len(path.parts) == 2 and Path(path.parts[0]).is_dir()):
         raise UserError(f"model folder {name_or_path} does not exist")
     try:
         config = AutoConfig.from_pretrained(name_or_path)
