@@ -40,7 +40,7 @@ def test_layout_from_the_json(tmp_path):
     ({"sequence_parallel_size": 2, "tensor_parallel": TP2}, 2, "one of them at a time"),
     ({"sequence_parallel_size": 3}, 2, "does not divide the 2 ranks"),
     ({"sequence_parallel_size": 0}, 2, "positive integer"),
-    ({"sequence_parallel_size": "2"}, 2, "positive integer"),
+    ({"sequence_parallel_size": "2"}, 2, "sequence_parallel_size must be an integer, not \"2\""),
     ({"tensor_parallel": {"autotp_size": 2}}, 2, "vocab_parallel_lm_head to false"),
     ({"tensor_parallel": TP2}, 3, "ZeRO stage 0, 1 or 2"),
     ({"tensor_parallel": 2}, 2, "must be an object"),
