@@ -62,6 +62,27 @@ def finite_float(text: str) -> float:
 finite_float.__name__ = "float"  # argparse names the type in its messages
 
 
+class _CommaList(argparse.Action):
+    """A list flag's values, whether given apart (`--x a b`) or joined by commas (`--x a,b`), each
+    converted to the list's item type."""
+
+    def __init__(self, *args, item_type=str, commas=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.item_type, self.commas = item_type, commas
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = []
+        parts = (p for value in values or [] for p in (str(value).split(",") if self.commas else [str(value)]))
+        for part in (p for p in parts if p != ""):
+            try:
+                items.append(self.item_type(part))
+            except (ValueError, argparse.ArgumentTypeError) as err:
+                raise argparse.ArgumentError(self, str(err) if isinstance(err, argparse.ArgumentTypeError)
+                                             else f"invalid {getattr(self.item_type, '__name__', 'value')} value: "
+                                                  f"{part!r}")
+        setattr(namespace, self.dest, items)
+
+
 def build_parser(spec: type, description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=description or (spec.__doc__ or "").strip(),
@@ -72,21 +93,25 @@ def build_parser(spec: type, description: str | None = None) -> argparse.Argumen
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
         positional = meta.pop("positional", False)
+        aliases = [f"--{a}" for a in meta.pop("aliases", ())]  # older spellings, still accepted
         tp = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kwargs: dict[str, Any] = {"help": help_text, "default": default}
         if tp is bool:  # a switch: --flag, and --no-flag only where the flag is on by default
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
         elif typing.get_origin(tp) is list:
-            kwargs["type"] = finite_float if typing.get_args(tp)[0] is float else typing.get_args(tp)[0]
+            item = typing.get_args(tp)[0]
             kwargs["nargs"] = "*"
+            kwargs["action"] = _CommaList  # `--x a b` and `--x a,b` alike
+            kwargs["item_type"] = finite_float if item is float else item
+            kwargs["commas"] = meta.pop("commas", True)
         else:
             kwargs["type"] = finite_float if tp is float else tp
         kwargs.update(meta)
         if positional:
             parser.add_argument(f.name, **kwargs)
         else:
-            parser.add_argument(f"--{f.name}", **kwargs)
+            parser.add_argument(f"--{f.name}", *aliases, **kwargs)
     return parser
 
 
@@ -105,11 +130,15 @@ class RunArgs:
         "and clipping (default: the file given to `accelerate launch --deepspeed_config_file`, else "
         f"{DEFAULT_DEEPSPEED_CONFIG})",
     )
+    ds: list[str] = flag([], "for this run, set a value of the DeepSpeed JSON: KEY.PATH=VALUE (a JSON value), e.g. "
+                         "optimizer.params.lr=3e-4 or train_micro_batch_size_per_gpu=4; checked like the file, said "
+                         "and recorded in OUTPUT_DIR/config.json", commas=False, metavar="KEY.PATH=VALUE")
     max_steps: int = flag(200, "optimizer steps (global batches) to train for")
     seq_len: Optional[int] = flag(None, "tokens per sample; default: the model's context length")
     seed: int = flag(1234, "seed for initialisation and the data order")
     log_interval: int = flag(10, "steps between metrics lines")
-    eval_interval: int = flag(50, "steps between validation passes (0: only at the end)")
+    eval_interval: int = flag(50, "steps between validation passes (0: none in between); step 0, the baseline, and "
+                              "the last step are always evaluated")
     eval_batches: int = flag(8, "global batches of validation data per evaluation")
     save_interval: int = flag(0, "steps between checkpoints (0: only at the end)")
     activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass "
@@ -135,6 +164,8 @@ class RunArgs:
                                  "model (e.g. docstring_choice, the local task); scores go to metrics.jsonl")
     eval_limit: Optional[int] = flag(None, "with --eval_tasks: only the first N examples of each task")
     resume: bool = flag(False, "continue from the latest checkpoint in OUTPUT_DIR/checkpoints")
+    resume_from: Optional[str] = flag(None, "continue from this checkpoint of OUTPUT_DIR instead: a tag (step400) or "
+                                      "its folder; implies --resume")
     overwrite: bool = flag(False, "allow starting a fresh run in a non-empty OUTPUT_DIR (and replacing EXPORT_HF)")
     # Set by the deepspeed launcher; the rank is read from the environment instead.
     local_rank: int = flag(-1, argparse.SUPPRESS)

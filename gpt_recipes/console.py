@@ -11,8 +11,11 @@ import contextlib
 import io
 import logging
 import os
+import shlex
 import sys
 from typing import Iterator
+
+import psutil
 
 VERBOSE = os.environ.get("GPT_RECIPES_VERBOSE", "") not in ("", "0")
 # DeepSpeed warnings with nothing to act on in these recipes: the CPU accelerator is chosen on
@@ -52,3 +55,39 @@ def quiet_prints() -> Iterator[None]:
     except BaseException:
         sys.stdout.write(held.getvalue())
         raise
+
+
+# Command lines of the launchers that start ranks: deepspeed's runner and its per-node
+# launch.py, torchrun, accelerate launch.
+LAUNCHER_MARKERS = ("bin/deepspeed", "deepspeed.launcher.launch", "bin/torchrun", "torch.distributed.run",
+                    "bin/accelerate")
+
+
+def launcher_processes() -> list[psutil.Process]:
+    """The chain of launcher processes directly above this rank (none for a bare `python` run)."""
+    found = []
+    try:
+        proc = psutil.Process().parent()
+        while proc is not None and proc.pid > 1 and any(m in " ".join(proc.cmdline()) for m in LAUNCHER_MARKERS):
+            found.append(proc)
+            proc = proc.parent()
+    except psutil.Error:
+        pass
+    return found
+
+
+def resume_command() -> str:
+    """The command that continues this run, as the user typed it: the outermost launcher's command
+    line (or this `python` one), without --overwrite, with --resume. Hints print it, so that
+    following them works (a command that carries --overwrite would be refused with --resume)."""
+    chain = launcher_processes()
+    try:
+        argv = chain[-1].cmdline() if chain else [sys.executable, *sys.argv]
+    except psutil.Error:
+        argv = [sys.executable, *sys.argv]
+    if len(argv) > 1 and "python" in os.path.basename(argv[0]) and \
+            os.path.basename(argv[1]) in ("deepspeed", "torchrun", "accelerate"):
+        argv = argv[1:]  # a launcher script run by its shebang, as the shell shows it
+    argv = [os.path.basename(argv[0]), *argv[1:]]
+    kept = [a for a in argv if a not in ("--overwrite", "--resume") and not a.startswith("--local_rank")]
+    return shlex.join([*kept, "--resume"])

@@ -579,10 +579,36 @@ def check_with_deepspeed(cfg: dict[str, Any]) -> None:
         raise UserError(f"DeepSpeed config: DeepSpeed rejects it: {first_line(err)}")
 
 
+def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, tuple[Any, Any]]:
+    """Set `--ds KEY.PATH=VALUE` values in the JSON as loaded (VALUE read as JSON, else as text);
+    returns {key path: (value before, value now)}. What they make is checked as the file is."""
+    changed = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise UserError(f"--ds {item!r}: give KEY.PATH=VALUE, e.g. optimizer.params.lr=3e-4")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        node = cfg
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--ds {item!r}: {'.'.join(parts[:i + 1])} is not a section of the DeepSpeed config "
+                                f"(it is {json.dumps(node)})")
+        changed[key.strip()] = (node.get(parts[-1], "(not set)"), value)
+        node[parts[-1]] = value
+    return changed
+
+
 def resolve(path: str | Path, world_size: int, max_steps: int, device_type: str,
-            monitor_dir: Path | None = None) -> tuple[dict, BatchPlan, dict]:
-    """Load, check and resolve a DeepSpeed JSON for this run: (config, batch plan, filled values)."""
+            monitor_dir: Path | None = None, overrides: list[str] | None = None) -> tuple[dict, BatchPlan, dict]:
+    """Load, check and resolve a DeepSpeed JSON for this run (with `--ds` overrides applied first):
+    (config, batch plan, filled values)."""
     cfg = copy.deepcopy(load_config(path))
+    apply_overrides(cfg, overrides or [])
     check_training_sections(cfg)
     check_types(cfg)
     zero_stage(cfg)

@@ -2,7 +2,7 @@
 
 A tool writes its folder under a temporary name next to the destination and renames it into
 place only when complete. It leaves a marker file saying what wrote it, and replaces an
-existing folder only when the user asks (--overwrite/--force) *and* the marker says this
+existing folder only when the user asks (--overwrite) *and* the marker says this
 project wrote a folder of that kind there: a folder of anyone else's is never deleted.
 """
 

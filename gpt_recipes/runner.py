@@ -19,6 +19,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from gpt_recipes import ds_config
+from gpt_recipes.console import resume_command
 from gpt_recipes.args import DEFAULT_DEEPSPEED_CONFIG, RunArgs
 from gpt_recipes.checkpoints import paths, saving
 from gpt_recipes.checkpoints.export import check_output_folder, export_after_training
@@ -63,6 +64,8 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)  # said once the ranks have started
     eval_tasks: list[Any] = field(default_factory=list)  # lm-evaluation-harness tasks, resolved
     compile: CompilePlan | None = None  # how the model is compiled (None: eagerly)
+    lock: RunLock | None = None  # rank 0's lock on the output folder
+    overrides: list[str] = field(default_factory=list)  # --ds values applied to the JSON
 
     def say(self, *text: Any) -> None:
         if self.env.is_main:
@@ -112,10 +115,16 @@ def plan_run(args: RunArgs) -> RunPlan:
     out_dir = Path(args.output_dir)
     config_path = ds_config.config_path(args.deepspeed_config, DEFAULT_DEEPSPEED_CONFIG)
     ds_cfg, batch, filled = ds_config.resolve(config_path, env.world_size, args.max_steps, device,
-                                                out_dir / paths.MONITOR)
+                                                out_dir / paths.MONITOR, overrides=args.ds)
+    overridden = ds_config.apply_overrides(ds_config.load_config(config_path), args.ds)
     inputs = input_paths(args, config_path)
     check_output_path(out_dir, "--output_dir", inputs)
-    output = plan_output_dir(out_dir, args.resume, args.overwrite)
+    output = plan_output_dir(out_dir, args.resume, args.overwrite, args.resume_from)
+    # Taken now, before data and model load: a second run into a live folder is refused at once.
+    lock = RunLock(out_dir) if env.is_main else None  # held for the life of the process
+    if lock is not None and plan_output_dir(out_dir, args.resume, args.overwrite, args.resume_from) != output:
+        raise UserError(f"--output_dir {out_dir} changed while this run was starting (another run ended there?); "
+                        "start it again")
     if args.export_hf:
         check_output_path(args.export_hf, "--export_hf", {**inputs, "--output_dir": out_dir})
         check_output_folder(Path(args.export_hf), args.overwrite, force_flag="--overwrite")
@@ -123,10 +132,14 @@ def plan_run(args: RunArgs) -> RunPlan:
         raise UserError(f"--eval_limit must be at least 1, got {args.eval_limit}")
     eval_tasks = evaluation.resolve_tasks([t for name in args.eval_tasks for t in name.split(",") if t]) \
         if args.eval_tasks else []
-    run = RunPlan(env, device, ds_cfg, batch, filled, out_dir, output, eval_tasks=eval_tasks,
+    run = RunPlan(env, device, ds_cfg, batch, filled, out_dir, output, eval_tasks=eval_tasks, lock=lock,
                   compile=plan_compile(args, ds_cfg, batch, device))
     if output.note:
         run.notes.append(output.note)
+    for key, (before, now) in overridden.items():
+        run.notes.append(f"DeepSpeed config: --ds {key} = {json.dumps(now)} for this run (the JSON has "
+                         f"{json.dumps(before) if before != '(not set)' else 'no value'})")
+    run.overrides = list(args.ds)
     if output.resume_tag:
         saved = paths.saved_info(paths.checkpoints_dir(out_dir), output.resume_tag)
         for key, (kept, fresh) in ds_config.keep_saved_schedule(ds_cfg, filled, saved.get("schedule", {})).items():
@@ -301,7 +314,8 @@ def check_resume_matches(run: RunPlan, job: Job) -> None:
     if not tag:
         return
     tag_dir = paths.checkpoints_dir(run.out_dir) / tag
-    paths.check_intact(tag_dir, "point {ckpt_dir}/latest at it (echo {tag} > {ckpt_dir}/latest) and --resume")
+    paths.check_intact(tag_dir, "point {ckpt_dir}/latest at it (echo {tag} > {ckpt_dir}/latest), then continue "
+                                "with: " + resume_command().replace("{", "{{").replace("}", "}}"))
     saved = paths.saved_info(tag_dir.parent, tag)
     where = f"--resume: checkpoint {tag_dir} was trained with"
     model_file = tag_dir / paths.MODEL_CONFIG
@@ -333,10 +347,6 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     check_resume_matches(run, job)
     sequence_tensor.check(run.batch, job.model_config, job.seq_len, lora=job.adapter is not None,
                    objective=job.name.upper() if job.make_loss is not None else None)
-    lock = RunLock(run.out_dir) if env.is_main else None  # held until this function returns
-    if lock is not None and plan_output_dir(run.out_dir, args.resume, args.overwrite) != run.output:
-        raise UserError(f"--output_dir {run.out_dir} changed while this run was starting (another run ended "
-                        "there?); start it again")
     why_not_shm = distributed.init(env, args.shm_comm)
     if run.device == "cpu" and env.world_size > 1:
         say("Collectives: " + ("all-reduce, all-gather and reduce-scatter through DeepSpeed's shared-memory kernel"
@@ -403,7 +413,8 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
             "batch": {"micro_batch": run.batch.micro_batch, "grad_accum": run.batch.grad_accum,
                       "global_batch": run.batch.global_batch, "data_parallel": run.batch.world_size,
                       "sequence_parallel": run.batch.sp, "tensor_parallel": run.batch.tp},
-            "deepspeed": run.ds_cfg, "filled_auto": run.filled, "model": job.model_config.to_dict(),
+            "deepspeed": run.ds_cfg, "filled_auto": run.filled, "deepspeed_overrides": run.overrides,
+            "model": job.model_config.to_dict(),
             "parameters": count_parameters(model), **job.record,
         }
         write_run_config(run.out_dir, resolved)

@@ -42,7 +42,8 @@ def test_help_lists_every_flag_with_its_default(capsys):
 
 
 def _float_flags(parser):
-    return [a for a in parser._actions if getattr(a.type, "__name__", "") == "float" and a.option_strings]
+    return [a for a in parser._actions if a.option_strings and "float" in (getattr(a.type, "__name__", ""),
+                                                                        getattr(getattr(a, "item_type", None), "__name__", ""))]
 
 
 @pytest.mark.parametrize("script", scripts())
@@ -61,3 +62,17 @@ def test_no_float_flag_of_any_script_takes_a_number_that_is_not_one(script, caps
 def test_float_flags_exist_to_be_checked():
     found = {script: len(_float_flags(parser_of(script))) for script in scripts()}
     assert found["tools/generate.py"] >= 3 and found["recipes/dpo.py"] >= 1 and found["benchmarks/benchmark.py"] >= 1
+
+
+def test_list_flags_take_commas_or_spaces_and_old_spellings_still_work():
+    from gpt_recipes.args import FinetuneArgs
+
+    args = parse_args(PretrainArgs, ["--data", "a,b", "c", "--data_weights", "3,1", "0.5", "--eval_tasks", "x,y",
+                                     "--ds", "optimizer.params.betas=[0.9,0.99]", "gradient_clipping=0.5"])
+    assert args.data == ["a", "b", "c"] and args.data_weights == [3.0, 1.0, 0.5] and args.eval_tasks == ["x", "y"]
+    assert args.ds == ["optimizer.params.betas=[0.9,0.99]", "gradient_clipping=0.5"]  # JSON values keep their commas
+    assert parse_args(FinetuneArgs, ["--lora_target_modules", "c_attn,c_fc"]).lora_target_modules == ["c_attn", "c_fc"]
+    convert = parser_of("tools/convert_to_hf.py")
+    assert convert.parse_args(["run", "out", "--force"]).overwrite is True  # the old name of --overwrite
+    assert parser_of("tools/prepare_data.py").parse_args(["--output", "d"]).output_dir == "d"
+    assert parser_of("tools/evaluate.py").parse_args(["m", "--output", "f.json"]).output_file == "f.json"

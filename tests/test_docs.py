@@ -118,3 +118,71 @@ def test_every_test_the_docs_cite_exists():
             if name not in files or (test and not re.search(rf"^def {test}\b", files[name], flags=re.M)):
                 missing.append(f"{doc.name}: {m.group(0)}")
     assert not missing, "\n".join(missing)
+
+
+LAUNCH_LINE = re.compile(rf"(?:deepspeed|torchrun|\$\(LAUNCH\)|python3?)\b([^\n]*?)\s(recipes/[a-z_]+\.py)([^\n]*)")
+
+
+def recipe_launches() -> list[tuple[str, str, str, int]]:
+    """(where, recipe, its flags, ranks) for every recipe launch the docs show in full."""
+    found = []
+    for doc in _documents():
+        text = re.sub(r"\\\n\s*", " ", doc.read_text())
+        for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S) + re.findall(r"`([^`\n]+)`", text):
+            for m in LAUNCH_LINE.finditer(block):
+                launcher, script, rest = m.groups()
+                ranks = re.search(r"--(?:num_gpus|nproc_per_node|num_processes)[ =](\d+)", launcher)
+                found.append((doc.name, script, rest, int(ranks.group(1)) if ranks else 1))
+    return found
+
+
+# Inputs a command needs that earlier documented commands make (an export, a fine-tuned model,
+# the user's own text): such a command is parsed above but not started here.
+def _missing_inputs(words: list[str], root: Path) -> list[str]:
+    missing = []
+    for flag, value in zip(words, words[1:]):
+        if flag in ("--data", "--model_name_or_path", "--deepspeed_config", "--val_data") or \
+                flag == "--model" and ("/" in value or value.endswith(".json")):
+            if not (root / value).exists() and not value.startswith("data/stdlib"):
+                missing.append(value)
+    return missing
+
+
+@pytest.mark.slow
+def test_the_documented_recipe_commands_start(tmp_path, monkeypatch, capsys):
+    """Each recipe command the docs show in full, whose inputs a fresh clone has (the default corpus
+    is prepared on first use), runs every check it makes before starting its ranks, with the
+    number of ranks its launcher gives. The ranks themselves are not started."""
+    import runpy
+    import sys
+
+    import gpt_recipes.runner as runner
+
+    class _Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise _Started
+
+    for name in ("data", "ds_configs"):  # the commands' relative paths, in a folder of their own
+        (tmp_path / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "execute", started)
+    monkeypatch.setattr(runner, "RunLock", lambda out_dir: None)
+    problems, ran = [], 0
+    for where, script, rest, ranks in recipe_launches():
+        words = _words(rest)
+        if "..." in rest or any(PLACEHOLDER.match(w) for w in words) or _missing_inputs(words, tmp_path):
+            continue
+        monkeypatch.setattr(sys, "argv", [script, *words])
+        for key, value in {"WORLD_SIZE": ranks, "LOCAL_WORLD_SIZE": ranks, "RANK": 0}.items():
+            monkeypatch.setenv(key, str(value))
+        try:
+            runpy.run_path(str(REPO / script), run_name="__main__")
+        except _Started:
+            ran += 1
+        except SystemExit as stop:
+            problems.append(f"{where}: {script}{rest}\n    exit {stop.code}: {capsys.readouterr().err.strip()[-300:]}")
+        capsys.readouterr()
+    assert not problems, "\n".join(problems)
+    assert ran >= 8, ran

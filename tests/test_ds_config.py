@@ -245,3 +245,20 @@ def test_what_deepspeed_accepts_as_written_still_resolves(tmp_path):
     ds_config.check_training_sections(_shipped(optimizer={"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}}))
     with pytest.raises(UserError, match="optimizer.params.betas is not a parameter of SGD"):
         ds_config.check_training_sections(_shipped(optimizer={"type": "SGD", "params": {"lr": 0.1, "betas": [0.9, 0.9]}}))
+
+
+def test_ds_overrides_change_the_json_for_one_run_and_are_checked_like_it(tmp_path):
+    path = REPO / "ds_configs" / "zero2.json"
+    cfg, plan, _ = ds_config.resolve(path, 2, 10, "cpu", overrides=[
+        "optimizer.params.lr=3e-4", "train_micro_batch_size_per_gpu=2", "optimizer.params.betas=[0.9,0.99]",
+        "zero_optimization.offload_optimizer.device=cpu"])
+    assert cfg["optimizer"]["params"]["lr"] == 3e-4 and cfg["optimizer"]["params"]["betas"] == [0.9, 0.99]
+    assert plan.micro_batch == 2 and cfg["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert json.loads(path.read_text())["optimizer"]["params"]["lr"] == 0.001  # the file is untouched
+    assert ds_config.apply_overrides({"a": {"b": 1}}, ["a.b=2", "a.c=text"]) == {"a.b": (1, 2), "a.c": ("(not set)",
+                                                                                                  "text")}
+    for bad, match in (("lr", "give KEY.PATH=VALUE"), ("gradient_clipping.x=1", "gradient_clipping is not a section"),
+                       ("bf16.enabled=\"false\"", 'bf16.enabled must be true or false, not "false"'),
+                       ("optimizer.params.lr=-1", "optimizer.params.lr must be a positive number")):
+        with pytest.raises(UserError, match=match):
+            ds_config.resolve(path, 2, 10, "cpu", overrides=[bad])

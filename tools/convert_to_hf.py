@@ -34,7 +34,8 @@ class ConvertToHFArgs:
     dtype: Optional[str] = flag(None, "fp32, bf16 or fp16 (default: the training precision)",
                                 choices=["fp32", "bf16", "fp16"])
     max_shard_size: str = flag("2GB", "largest safetensors file before the weights are sharded")
-    force: bool = flag(False, "replace a non-empty OUT_DIR (only once the new folder is complete)")
+    overwrite: bool = flag(False, "replace a non-empty OUT_DIR that is an earlier export (only once the new folder is "
+                                  "complete)", aliases=["force"])
     verify: bool = flag(True, "reload the folder and compare its logits with the checkpoint's")
     adapter: bool = flag(False, "for a LoRA checkpoint: export the adapter alone (peft's format) instead of the "
                          "merged model")
@@ -50,7 +51,7 @@ def main() -> None:
     with PeakAnonymous() as anonymous:
         libraries_mb = anonymous.peak_mb
         report = export(args.checkpoint, args.out_dir, tag=args.tag, dtype=args.dtype,
-                        max_shard_size=args.max_shard_size, force=args.force, verify=args.verify,
+                        max_shard_size=args.max_shard_size, force=args.overwrite, verify=args.verify,
                         adapter=args.adapter, base_model=args.base_model)
     fp32_mb = report.parameters * 4 / 2**20
     print(f"Peak memory: {anonymous.peak_mb:.0f} MiB anonymous, {anonymous.peak_mb - libraries_mb:.0f} MiB above the "

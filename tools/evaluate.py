@@ -3,13 +3,13 @@
 
     python tools/evaluate.py exported/finetuned                       # the local task, offline
     python tools/evaluate.py runs/finetune --limit 100                # a checkpoint (exported on the fly)
-    python tools/evaluate.py exported/quickstart --tasks hellaswag,arc_easy --output scores.json  # online
+    python tools/evaluate.py exported/quickstart --tasks hellaswag,arc_easy --output_file scores.json  # online
 
 A recipe checkpoint (any ZeRO stage, any number of ranks) goes through the verified export
 into a temporary folder first. Standard tasks download their data sets from the hub; the
 local task, docstring_choice, is built from the default corpus: pick a standard-library
 function's first docstring sentence among four, over modules the fine-tuning demo holds out
-(chance: 0.25). Prints a table; --output writes the harness's results JSON.
+(chance: 0.25). Prints a table; --output_file writes the harness's results JSON.
 """
 
 import json
@@ -37,7 +37,7 @@ class EvaluateArgs:
                       positional=True, metavar="MODEL_OR_CHECKPOINT")
     tasks: list[str] = flag(["docstring_choice"], "harness task names (default: the local task, built offline)")
     limit: Optional[int] = flag(None, "evaluate only the first N examples of each task")
-    output: Optional[str] = flag(None, "write the harness's results as JSON to this file")
+    output_file: Optional[str] = flag(None, "write the harness's results as JSON to this file", aliases=["output"])
     batch_size: int = flag(8, "examples per forward pass")
     tag: Optional[str] = flag(None, "for a checkpoint: its tag such as step200 (default: the 'latest' one)")
 
@@ -64,8 +64,8 @@ def main() -> None:
     path = Path(args.model)
     if not path.exists():
         raise UserError(f"{path} does not exist")
-    if args.output:
-        check_output_path(args.output, "--output", {"MODEL_OR_CHECKPOINT": path}, file=True)
+    if args.output_file:
+        check_output_path(args.output_file, "--output_file", {"MODEL_OR_CHECKPOINT": path}, file=True)
     torch.manual_seed(0)
     if is_model_folder(path):
         results = evaluate_folder(path, args, tasks)
@@ -75,9 +75,9 @@ def main() -> None:
             export(path, folder, tag=args.tag)  # verified by reloading, as any export
             results = evaluate_folder(folder, args, tasks)
     print(evaluation.table(results))
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2, default=str))
-        print(f"Results written to {args.output}")
+    if args.output_file:
+        Path(args.output_file).write_text(json.dumps(results, indent=2, default=str))
+        print(f"Results written to {args.output_file}")
 
 
 if __name__ == "__main__":

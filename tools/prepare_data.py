@@ -2,8 +2,8 @@
 """Prepare pretraining data: text in, packed token files and a tokenizer out.
 
     python tools/prepare_data.py                                  # built-in default corpus
-    python tools/prepare_data.py books/ notes/*.md --output data/mine
-    python tools/prepare_data.py corpus.jsonl --text_field body --tokenizer my_tokenizer/ --output data/mine
+    python tools/prepare_data.py books/ notes/*.md --output_dir data/mine
+    python tools/prepare_data.py corpus.jsonl --text_field body --tokenizer my_tokenizer/ --output_dir data/mine
 
 Re-running with the same inputs and options reuses the prepared folder.
 """
@@ -32,7 +32,8 @@ class PrepareDataArgs:
         positional=True,
         metavar="INPUT",
     )
-    output: str = flag("data/stdlib", "data folder to write (token files, meta.json, tokenizer/)")
+    output_dir: str = flag("data/stdlib", "data folder to write (token files, meta.json, tokenizer/)",
+                           aliases=["output"])
     tokenizer: Optional[str] = flag(None, "Hugging Face tokenizer folder; default: train a byte-level BPE on the inputs")
     vocab_size: int = flag(8192, "vocabulary size when training a tokenizer")
     val_fraction: float = flag(0.02, "fraction of documents held out for validation")
@@ -54,9 +55,10 @@ class PrepareDataArgs:
 @cli_entry
 def main() -> None:
     args = parse_args(PrepareDataArgs, description=__doc__)
-    check_output_path(args.output, "--output", {"INPUT": [p for p in args.inputs if Path(p).exists()],
+    check_output_path(args.output_dir, "--output_dir", {"INPUT": [p for p in args.inputs if Path(p).exists()],
                                                 **({"--tokenizer": args.tokenizer} if args.tokenizer else {})})
-    prepare(PrepareOptions(**vars(args)))
+    options = vars(args)
+    prepare(PrepareOptions(output=options.pop("output_dir"), **options))
 
 
 if __name__ == "__main__":

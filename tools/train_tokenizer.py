@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train a byte-level BPE tokenizer on local text and save it as a Hugging Face tokenizer folder.
 
-    python tools/train_tokenizer.py books/ --vocab_size 16384 --output tokenizers/books
-    python tools/prepare_data.py books/ --tokenizer tokenizers/books --output data/books
+    python tools/train_tokenizer.py books/ --vocab_size 16384 --output_dir tokenizers/books
+    python tools/prepare_data.py books/ --tokenizer tokenizers/books --output_dir data/books
 
 (prepare_data.py trains one by itself when given no --tokenizer; this tool is for sharing
 one tokenizer between several data folders.)
@@ -27,7 +27,7 @@ class TrainTokenizerArgs:
 
     inputs: list[str] = flag([], "text files, folders, globs, JSONL/Parquet files, a datasets folder or a hub name "
                              "(default: the built-in corpus)", positional=True, metavar="INPUT")
-    output: str = flag("tokenizer", "folder to save the tokenizer to")
+    output_dir: str = flag("data/tokenizer", "folder to save the tokenizer to", aliases=["output"])
     vocab_size: int = flag(8192, "vocabulary size, including the EOS token")
     text_field: str = flag("text", "field holding the text in JSONL/Parquet/datasets inputs")
     split: str = flag("train", "split to read from saved or hub datasets")
@@ -38,9 +38,9 @@ class TrainTokenizerArgs:
 @cli_entry
 def main() -> None:
     args = parse_args(TrainTokenizerArgs, description=__doc__)
-    out = Path(args.output)
+    out = Path(args.output_dir)
     check_vocab_size(args.vocab_size)
-    check_output_path(out, "--output", {"INPUT": [p for p in args.inputs if Path(p).exists()]})
+    check_output_path(out, "--output_dir", {"INPUT": [p for p in args.inputs if Path(p).exists()]})
     folders.check_replaceable(out, TOKENIZER_KIND, args.overwrite, "--overwrite")
     inputs = args.inputs or [str(p) for p in sources.default_corpus_files()]
     texts = sources.load_texts(sources.expand(inputs, args.file_pattern), args.text_field, args.split)

@@ -157,7 +157,7 @@ def _reference_logits(config: PretrainedConfig, weights: dict[str, torch.Tensor]
 EXPORT_KIND = "Hugging Face export"
 
 
-def check_output_folder(out_dir: Path, force: bool, force_flag: str = "--force") -> None:
+def check_output_folder(out_dir: Path, force: bool, force_flag: str = "--overwrite") -> None:
     """An export may replace only an earlier export (when asked), never anyone else's folder."""
     folders.check_replaceable(out_dir, EXPORT_KIND, force, force_flag)
 

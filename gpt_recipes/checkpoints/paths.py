@@ -39,6 +39,7 @@ LOCK = ".run.lock"
 RUN_OUTPUTS = (CHECKPOINTS, METRICS, RUN_CONFIG, MONITOR, EXPORT_CHECK, REFERENCE_LOGPS)
 
 LATEST = "latest"
+BEST = "best"  # the complete checkpoint with the lowest validation loss measured at its step
 # Plain-JSON facts about the run that tools read without loading any tensor file.
 TRAINING_INFO = "training.json"
 MODEL_CONFIG = "config.json"  # in a tag folder: the model's Hugging Face config
@@ -86,6 +87,16 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if tag and is_complete(ckpt_dir / tag) else None
 
 
+def best_tag(ckpt_dir: Path) -> str | None:
+    """The tag `best` names, if that checkpoint is there and complete."""
+    best = Path(ckpt_dir) / BEST
+    try:
+        tag = best.read_text().strip() if best.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+    return tag if tag and re.fullmatch(r"[\w.-]+", tag) and is_complete(Path(ckpt_dir) / tag) else None
+
+
 def complete_tags(ckpt_dir: Path) -> list[str]:
     """The complete step<N> checkpoints, oldest first."""
     if not ckpt_dir.is_dir():
@@ -115,13 +126,14 @@ def resume_tag(ckpt_dir: Path) -> tuple[str | None, str | None]:
 
 
 
-def write_latest(ckpt_dir: Path, tag: str) -> None:
-    tmp = ckpt_dir / f".{LATEST}.tmp"
+def write_latest(ckpt_dir: Path, tag: str, name: str = LATEST) -> None:
+    """Point `latest` (or `best`) at `tag`, atomically."""
+    tmp = ckpt_dir / f".{name}.tmp"
     with open(tmp, "w") as f:
         f.write(tag)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, ckpt_dir / LATEST)
+    os.replace(tmp, ckpt_dir / name)
     fsync_path(ckpt_dir)  # the rename itself
 
 
@@ -221,6 +233,11 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> tuple[Path, 
     tags = sorted(p.name for p in path.iterdir() if _is_tag_dir(p))
     if not tags:
         raise UserError(f"{path} is not a DeepSpeed checkpoint folder (no '{LATEST}' and no step folders)")
+    if tag == BEST:
+        tag = best_tag(path)
+        if tag is None:
+            raise UserError(f"{path} has no '{BEST}' checkpoint (none was saved at a step with a validation pass); "
+                            f"pass --tag (one of: {', '.join(tags)})")
     if tag is None:
         tag = latest_tag(path)
         if tag is None:

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt_recipes.checkpoints.paths import CHECKPOINTS, LOCK, RUN_CONFIG, RUN_OUTPUTS, checkpoints_dir, resume_tag
+from gpt_recipes.checkpoints.paths import (
+    CHECKPOINTS,
+    LOCK,
+    RUN_CONFIG,
+    RUN_OUTPUTS,
+    checkpoints_dir,
+    complete_tags,
+    resume_tag,
+)
 from gpt_recipes.errors import UserError
 from gpt_recipes.folders import check_creatable
 
@@ -74,8 +82,15 @@ def check_output_path(path: str | Path, flag: str, avoid: dict[str, Any] | None 
     return path
 
 
-def plan_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> OutputPlan:
-    """Check that the run may write to `out_dir`, and decide where it starts."""
+def plan_output_dir(out_dir: Path, resume: bool, overwrite: bool, resume_from: str | None = None) -> OutputPlan:
+    """Check that the run may write to `out_dir`, and decide where it starts (`resume_from`: a tag or
+    tag folder of its checkpoints, instead of `latest`)."""
+    if resume_from:
+        if overwrite:
+            raise UserError("--resume_from continues the run in --output_dir and --overwrite replaces it: pass one "
+                            "of them")
+        return OutputPlan(resume_tag=_chosen_checkpoint(out_dir, resume_from),
+                          note=f"--resume_from: continuing from {Path(resume_from).name}")
     if resume and overwrite:
         raise UserError("--resume continues the run in --output_dir and --overwrite replaces it: pass one of them")
     if out_dir.exists() and not out_dir.is_dir():
@@ -99,6 +114,20 @@ def plan_output_dir(out_dir: Path, resume: bool, overwrite: bool) -> OutputPlan:
         raise UserError(f"--overwrite replaces only a run folder written by these recipes, and {out_dir} is not one; "
                         "choose another --output_dir")
     return OutputPlan(replace=True)
+
+
+def _chosen_checkpoint(out_dir: Path, resume_from: str) -> str:
+    ckpt_dir = checkpoints_dir(out_dir)
+    given = Path(resume_from)
+    if given.is_dir() and given.resolve().parent != ckpt_dir.resolve():
+        raise UserError(f"--resume_from {resume_from} is not a checkpoint of --output_dir {out_dir} (its checkpoints are "
+                        f"in {ckpt_dir}); give one of their tags, or the run's own --output_dir")
+    tag = given.name
+    complete = complete_tags(ckpt_dir)
+    if tag not in complete:
+        raise UserError(f"--resume_from {resume_from}: {ckpt_dir} holds no complete checkpoint {tag!r} (complete: "
+                        f"{', '.join(complete) or 'none'})")
+    return tag
 
 
 class RunLock:

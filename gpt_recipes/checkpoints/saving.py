@@ -20,14 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt_recipes import faults
+from gpt_recipes import console, faults
 from gpt_recipes.checkpoints.paths import (
+    BEST,
+    LATEST,
     TRAINING_INFO,
+    best_tag,
     checkpoints_dir,
     complete_tags,
     is_complete,
     latest_tag,
     rng_state_file,
+    saved_info,
     tag_for,
     universal_tag,
     write_latest,
@@ -111,8 +115,8 @@ def rotate(ckpt_dir: Path, keep_last: int) -> list[str]:
     incomplete folder, never one that looks complete."""
     if keep_last <= 0:
         return []
-    current = latest_tag(ckpt_dir)
-    doomed = [t for t in complete_tags(ckpt_dir)[:-keep_last] if t != current]
+    kept = {latest_tag(ckpt_dir), best_tag(ckpt_dir)}  # never the one to resume, nor the best
+    doomed = [t for t in complete_tags(ckpt_dir)[:-keep_last] if t not in kept]
     for tag in doomed:
         (ckpt_dir / tag / TRAINING_INFO).unlink()
         fsync_path(ckpt_dir / tag)
@@ -174,9 +178,9 @@ def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_fil
             raise
         kept = latest_tag(ckpt_dir)
         raise RankError(f"writing checkpoint {tag_dir} failed on rank {rank}: {first_line(err)} (is the disk full?); "
-                        + (f"the previous checkpoint, {kept}, is intact: free some space and run the same command "
-                           "with --resume" if kept else "no earlier checkpoint exists; free some space and start "
-                           "again"))
+                        + (f"the previous checkpoint, {kept}, is intact: free some space and continue with: "
+                           f"{console.resume_command()}" if kept else "no earlier checkpoint exists; free some space and "
+                           "start again"))
     barrier()
     if rank == 0:
         sharded = set(tag_dir.iterdir())  # flushed above
@@ -192,6 +196,10 @@ def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_fil
             fsync_tree(path) if path.is_dir() else fsync_path(path)
         fsync_path(tag_dir)
         write_latest(ckpt_dir, tag)
+        best = best_tag(ckpt_dir)
+        if "val_loss" in trainer_state and (best is None or trainer_state["val_loss"] <
+                                            saved_info(ckpt_dir, best).get("val_loss", float("inf"))):
+            write_latest(ckpt_dir, tag, BEST)
         rotate(ckpt_dir, keep_last)
     barrier()
     return tag_dir
@@ -211,10 +219,18 @@ def convert_to_universal(ckpt_dir: Path, tag: str, rank: int, zero_stage: int) -
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
         shutil.rmtree(target, ignore_errors=True)
-        ds_to_universal(Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(target), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
-        if zero_stage < 3 and (target / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
-            _zero3_universal_for_lower_stages(target)
+        try:
+            with console.quiet_prints():  # DeepSpeed narrates every file it converts
+                ds_to_universal(Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(target),
+                                          num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                          strict=True, inject_missing_state=True))
+            if zero_stage < 3 and (target / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file():
+                _zero3_universal_for_lower_stages(target)
+        except BaseException:  # a conversion cut short is never left behind to be mistaken for one
+            shutil.rmtree(target, ignore_errors=True)
+            (ckpt_dir / f"{LATEST}_universal").unlink(missing_ok=True)
+            raise
+        (ckpt_dir / f"{LATEST}_universal").unlink(missing_ok=True)  # DeepSpeed's own pointer, not ours
         done.write_text("")
     barrier()
     return universal_tag(tag)

@@ -280,7 +280,7 @@ def _work_folder(out_dir: Path, opts: PrepareOptions, digest: str) -> Path:
     elsewhere), else a partial folder beside it that a rerun resumes."""
     if opts.shard_index is None:
         if not folders.is_empty(out_dir) and not opts.overwrite:
-            raise UserError(f"output folder {out_dir} already holds other data; choose another --output or pass "
+            raise UserError(f"output folder {out_dir} already holds other data; choose another --output_dir or pass "
                             "--overwrite")
         folders.check_replaceable(out_dir, DATA_KIND, opts.overwrite, "--overwrite", owned=_is_data_folder(out_dir))
         return out_dir.parent / f".{out_dir.name}.partial-{digest}"
@@ -360,7 +360,7 @@ def prepare(opts: PrepareOptions) -> dict:
             print(f"Reusing prepared data in {out_dir} (same inputs and options)")
             return existing
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--output {out_dir} exists and is not a folder")
+        raise UserError(f"--output_dir {out_dir} exists and is not a folder")
     work = _work_folder(out_dir, opts, digest)
 
     _return_large_buffers_to_the_system()

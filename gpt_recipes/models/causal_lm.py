@@ -42,6 +42,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-micro": _gpt2(6, 384, 6, 256),
     "llama-nano": _llama(4, 256, 4, 4, 688, 256, tied=True),
     "llama-micro": _llama(6, 384, 6, 6, 1024, 256, tied=True),
+    # llama-nano with room for long sequences (rotary positions: no position table grows with it), for
+    # sequence parallelism.
+    "llama-nano-64k": _llama(4, 256, 4, 4, 688, 65536, tied=True),
     # The GPT-2 family's published shapes (124M, 350M, 774M, 1.5B with the GPT-2 vocabulary).
     "gpt2": _gpt2(12, 768, 12, 1024),
     "gpt2-medium": _gpt2(24, 1024, 16, 1024),

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gpt_recipes import faults
+from gpt_recipes.console import resume_command
 from gpt_recipes.checkpoints import paths
 from gpt_recipes.data.tokens import GlobalBatchOrder
 from gpt_recipes.ds_config import BatchPlan
@@ -70,9 +71,12 @@ class LoopSettings:
 class TrainState:
     step: int = 0
     tokens: int = 0
+    val_loss: float | None = None  # measured at this step (a checkpoint saved now is ranked by it)
+    val_step: int = -1
 
     def as_dict(self, **extra: Any) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, **extra}
+        measured = {"val_loss": self.val_loss} if self.val_step == self.step and self.val_loss is not None else {}
+        return {"step": self.step, "tokens": self.tokens, **measured, **extra}
 
 
 @dataclass
@@ -205,11 +209,14 @@ def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_c
             result.update(settings.downstream(engine))
         metrics.write({"step": state.step, "tokens": state.tokens, **result})
         say(f"step {state.step:>6d} | " + " | ".join(_shown(k, v) for k, v in result.items()))
+        state.val_loss, state.val_step = val_loss, state.step
         return val_loss
 
     def save() -> None:
         path = save_checkpoint(state)
-        say(f"step {state.step:>6d} | saved checkpoint {path}")
+        best = paths.best_tag(path.parent) == path.name
+        say(f"step {state.step:>6d} | saved checkpoint {path}" + (" (the best by validation loss so far: "
+                                                                   f"{paths.BEST} names it)" if best else ""))
 
     if state.step == 0:
         run_eval()
@@ -350,7 +357,8 @@ def _diverged(step: int, good_step: int, out_dir: Path, what: str) -> DivergedEr
     tag = paths.latest_tag(paths.checkpoints_dir(out_dir))
     kept = f"the last good checkpoint, {tag}, is kept" if tag else "no checkpoint was written"
     return DivergedError(f"the {what} became NaN or infinite between steps {good_step} and {step}; {kept}. "
-                         "Lower the learning rate, or use bf16 or fp32 instead of fp16, and --resume")
+                         f"Lower the learning rate, or use bf16 or fp32 instead of fp16, and continue with: "
+                         f"{resume_command()}")
 
 
 class Preempted(RecipeExit):
@@ -364,4 +372,4 @@ class Preempted(RecipeExit):
         why = ("the launcher that started the ranks is gone" if signum == LAUNCHER_GONE
                else f"{signal.Signals(signum).name} received")
         super().__init__(f"{why}: saved a checkpoint at step {step} and exited with status {self.exit_code}; "
-                         "run the same command with --resume to continue")
+                         f"continue with: {resume_command()}")

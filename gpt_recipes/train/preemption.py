@@ -28,29 +28,12 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from gpt_recipes.console import launcher_processes, resume_command
+
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 FORWARD_WINDOW = 2.0  # seconds
 LAUNCHER_GONE = signal.SIGHUP
 LAUNCHER_CHECK_INTERVAL = 1.0  # seconds
-# Command lines of the launchers that start ranks: deepspeed's runner and its per-node
-# launch.py, torchrun, accelerate launch.
-LAUNCHER_MARKERS = ("bin/deepspeed", "deepspeed.launcher.launch", "bin/torchrun", "torch.distributed.run",
-                    "bin/accelerate")
-
-
-def launcher_processes() -> list[psutil.Process]:
-    """The chain of launcher processes directly above this rank (none for a bare `python` run)."""
-    found = []
-    try:
-        proc = psutil.Process().parent()
-        while proc is not None and proc.pid > 1 and any(m in " ".join(proc.cmdline()) for m in LAUNCHER_MARKERS):
-            found.append(proc)
-            proc = proc.parent()
-    except psutil.Error:
-        pass
-    return found
-
-
 class _PipeSafe:
     """A text stream whose writes are dropped, instead of raising, once its reader is gone."""
 
@@ -209,7 +192,7 @@ class PeerWatch:
         alive = [self.rank, *(r for r in self.siblings if r not in gone)]
         if self.rank == min(alive):  # one survivor speaks for all
             tag = self._last_checkpoint()
-            kept = (f"the last complete checkpoint, {tag}, is intact: run the same command with --resume"
+            kept = (f"the last complete checkpoint, {tag}, is intact; continue with: {resume_command()}"
                     if tag else "no checkpoint was written yet")
             print(f"error: rank {', '.join(map(str, gone))} stopped while training (its process is gone: killed, "
                   f"out of memory, or failed; its own output above may say why); the other ranks stop too, without "

@@ -106,21 +106,21 @@ def test_bad_inputs(tmp_path, zero2_run, case):
     else:
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-        pattern = "is not empty; choose another or pass --force"
+        pattern = "is not empty; choose another or pass --overwrite"
     proc = run_python("tools/convert_to_hf.py", args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert re.search(pattern, proc.stderr.strip().splitlines()[-1]), proc.stderr
     if case == "output exists":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
-        # --force replaces an earlier export, but never a folder of anyone else's.
+        # --overwrite (once --force, still accepted) replaces an earlier export, never a folder of anyone else's.
         proc = run_python("tools/convert_to_hf.py", [*args, "--force"])
         assert proc.returncode == 2 and "is not a Hugging Face export folder written by these tools" in proc.stderr
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
         (out / "keep.txt").unlink()
         assert run_python("tools/convert_to_hf.py", args).returncode == 0
         (out / "stale.safetensors").write_text("left by hand in the export")
-        proc = run_python("tools/convert_to_hf.py", [*args, "--tag", "step3", "--force"])
+        proc = run_python("tools/convert_to_hf.py", [*args, "--tag", "step3", "--overwrite"])
         assert proc.returncode == 0 and (out / "model.safetensors").is_file() and not (out / "stale.safetensors").exists()
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing left aside
     else:

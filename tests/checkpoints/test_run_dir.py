@@ -89,3 +89,16 @@ def test_non_empty_folder_without_a_flag_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="exists and is not a folder"):
         plan_output_dir(tmp_path / "file", resume=False, overwrite=False)
+
+
+def test_resume_from_a_named_checkpoint(tmp_path):
+    out = _run_folder(tmp_path / "run", steps=(3, 6, 9), latest="step9")
+    assert plan_output_dir(out, resume=False, overwrite=False, resume_from="step3").resume_tag == "step3"
+    assert plan_output_dir(out, False, False, resume_from=str(out / "checkpoints" / "step6")).resume_tag == "step6"
+    with pytest.raises(UserError, match="holds no complete checkpoint 'step4' \\(complete: step3, step6, step9\\)"):
+        plan_output_dir(out, False, False, resume_from="step4")
+    other = _run_folder(tmp_path / "other", steps=(3,), latest="step3")
+    with pytest.raises(UserError, match="is not a checkpoint of --output_dir"):
+        plan_output_dir(out, False, False, resume_from=str(other / "checkpoints" / "step3"))
+    with pytest.raises(UserError, match="--resume_from continues the run in --output_dir and --overwrite replaces"):
+        plan_output_dir(out, False, True, resume_from="step3")

@@ -163,3 +163,15 @@ def test_a_zero2_weight_gathers_across_rank_partitions():
         numel = torch.Size(shape).numel()
         assert torch.equal(materialize(weight), flat[start : start + numel].view(shape))
     assert materialize(flat) is flat
+
+
+def test_the_best_checkpoint_by_validation_loss_is_named_and_never_rotated_away(tmp_path):
+    ckpt = tmp_path / paths.CHECKPOINTS
+    for step, val_loss in ((2, 5.0), (4, 4.0), (6, None), (8, 4.5), (10, 4.2)):
+        state = {"step": step, **({"val_loss": val_loss} if val_loss is not None else {})}
+        saving.save(_FakeEngine(), tmp_path, state, rank=0, hf_files=[], training_info={}, num_params=10,
+                    keep_last=2, log=lambda *_: None)
+    assert paths.best_tag(ckpt) == "step4" and (ckpt / "latest").read_text() == "step10"
+    assert paths.complete_tags(ckpt) == ["step4", "step8", "step10"]  # the best survives keep_last 2
+    assert paths.resolve_checkpoint(tmp_path, "best") == (ckpt, "step4")
+    assert paths.saved_info(ckpt, "step4")["val_loss"] == 4.0

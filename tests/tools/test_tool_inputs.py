@@ -114,9 +114,9 @@ def test_convert_shard_size_that_does_not_parse(monkeypatch, capsys, tmp_path):
     ("prepare_data.py", ["--vocab_size", str(10**9)], "--vocab_size 1000000000 is beyond reason"),
     ("train_tokenizer.py", ["--vocab_size", str(10**9)], "--vocab_size 1000000000 is beyond reason"),
     ("prepare_data.py", ["--num_proc", "-1"], "--num_proc must be 0 \\(automatic\\) or positive, got -1"),
-    ("prepare_data.py", ["--output", "{file}"], "--output .*notes.txt exists and is not a folder"),
-    ("prepare_data.py", ["--output", "{file}/data"], "cannot create --output .*notes.txt/data: .*is a file"),
-    ("train_tokenizer.py", ["--output", "{file}/tok"], "cannot create --output .*notes.txt/tok: .*is a file"),
+    ("prepare_data.py", ["--output", "{file}"], "--output_dir .*notes.txt exists and is not a folder"),
+    ("prepare_data.py", ["--output_dir", "{file}/data"], "cannot create --output_dir .*notes.txt/data: .*is a file"),
+    ("train_tokenizer.py", ["--output", "{file}/tok"], "cannot create --output_dir .*notes.txt/tok: .*is a file"),
 ])
 def test_preparation_flags(monkeypatch, capsys, tmp_path, script, flags, match):
     (tmp_path / "notes.txt").write_text("mine")

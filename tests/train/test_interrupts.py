@@ -3,11 +3,14 @@ run started into the folder of a live one. Real 2-rank runs under the deepspeed 
 
 import os
 import re
+import shlex
 import signal
+import subprocess
 
 import pytest
 
 from gpt_recipes.checkpoints.paths import is_complete
+from gpt_recipes.launch import REPO, unbuffered_env
 from tests.helpers import Background, ds_json, launch, pretrain_args, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -21,14 +24,22 @@ def _args(tmp_path, data, model, out, *extra, steps=LONG):
 
 
 def _stopped_at(log: str, why: str, status: int) -> int:
-    found = re.findall(rf"stopped: {why}: saved a checkpoint at step (\d+) and exited with status {status}", log)
+    return _stop_line(log, why, status)[0]
+
+
+def _stop_line(log: str, why: str, status: int) -> tuple[int, str]:
+    """(the step saved, the command the line says to continue with)."""
+    found = re.findall(rf"stopped: {why}: saved a checkpoint at step (\d+) and exited with status {status}; "
+                       r"continue with: (.+)", log)
     assert len(found) == 1, log[-4000:]  # one save, one message
-    return int(found[0])
+    return int(found[0][0]), found[0][1].strip()
 
 
 def test_ctrl_c_saves_once_and_a_second_run_into_the_live_folder_is_refused(tmp_path, tiny_data, tiny_model):
     out = tmp_path / "run"
-    run = Background("recipes/pretrain.py", _args(tmp_path, tiny_data, tiny_model, out), tmp_path / "run.log")
+    # Started as the quickstart starts its run, with --overwrite: the hint must still work as printed.
+    run = Background("recipes/pretrain.py", _args(tmp_path, tiny_data, tiny_model, out, "--overwrite"),
+                     tmp_path / "run.log")
     try:
         run.wait_for_step(out, 3)  # step2's checkpoint exists, so a --resume passes every other check
         second = launch("recipes/pretrain.py", _args(tmp_path, tiny_data, tiny_model, out, "--resume"), check=False)
@@ -39,7 +50,7 @@ def test_ctrl_c_saves_once_and_a_second_run_into_the_live_folder_is_refused(tmp_
         os.killpg(run.proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole process group
         run.wait_all(pids)
         log = run.output()
-        step = _stopped_at(log, "SIGINT received", 130)
+        step, hint = _stop_line(log, "SIGINT received", 130)
         assert run.shm_buffers() == []
     finally:
         run.kill()
@@ -48,8 +59,12 @@ def test_ctrl_c_saves_once_and_a_second_run_into_the_live_folder_is_refused(tmp_
     # A run killed while writing a metrics line leaves half of it: the resume drops it and says so.
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 9999, "tokens": 12')
-    # The lock file the stopped run left does not block the next run, which continues from its step.
-    proc = launch("recipes/pretrain.py", _args(tmp_path, tiny_data, tiny_model, out, "--resume", steps=step + 2))
+    # The command the line printed, run as printed (the test only shortens the run), continues the
+    # run: the lock file the stopped run left does not block it.
+    assert hint.startswith("deepspeed ") and "--overwrite" not in hint and hint.endswith(" --resume"), hint
+    proc = subprocess.run([*shlex.split(hint), "--max_steps", str(step + 2)], cwd=REPO, env=unbuffered_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"Resumed from step {step}" in proc.stdout
     assert "metrics.jsonl: dropped its last line, which was cut short" in proc.stdout
     assert [r["step"] for r in read_metrics(out)[0]] == list(range(1, step + 3))
@@ -92,7 +107,7 @@ def test_a_rank_killed_outright_is_named_at_once(tmp_path, tiny_data, tiny_model
         run.kill()
     found = re.search(r"error: rank 1 stopped while training \(its process is gone: killed, out of memory, or "
                       r"failed; .*\); the other ranks stop too, without saving; the last complete checkpoint, "
-                      r"(step\d+), is intact: run the same command with --resume", log)
+                      r"(step\d+), is intact; continue with: deepspeed .* --resume", log)
     assert found, log[-3000:]
     assert took < 15, took
     ckpt = out / "checkpoints"
