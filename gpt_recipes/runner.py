@@ -261,7 +261,10 @@ def throughput_basis(args: RunArgs, run: RunPlan, job: Job) -> tuple[float, floa
     if peak is not None and run.device == "cpu" and not args.peak_tflops:  # ranks' probes differ a little
         peak = distributed.all_reduce(torch.tensor(peak, dtype=torch.float64)).item() / run.env.world_size
     run.say(f"FLOPs: {flops_per_token / 1e9:.3f} GFLOP per token (6 x matmul parameters + attention, forward and "
-            "backward); MFU peak: " + (f"{peak:.3g} TFLOP/s per rank, {source}" if peak else source))
+            "backward); " + (f"MFU in the lines below is against {peak:.3g} TFLOP/s per rank, {source}"
+                             + ("; a CPU's peak depends on its matrix units (AMX, AVX-512 BF16), so MFU is comparable "
+                                "only between runs on one machine" if run.device == "cpu" else "")
+                             if peak else f"no MFU: {source}"))
     job.record.update(flops_per_token=flops_per_token, peak_tflops_per_rank=peak, peak_source=source,
                       device=flops.device_name(run.device))
     return flops_per_token, peak, source

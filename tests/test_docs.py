@@ -186,3 +186,72 @@ def test_the_documented_recipe_commands_start(tmp_path, monkeypatch, capsys):
         capsys.readouterr()
     assert not problems, "\n".join(problems)
     assert ran >= 8, ran
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it."""
+    text = re.sub(r"[`*~]|\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_every_link_and_anchor_in_the_docs_resolves():
+    problems = []
+    for doc in _documents()[:-1]:  # the Makefile links nothing
+        text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://|mailto:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            if not file.exists():
+                problems.append(f"{doc.name}: {target} (no such file)")
+            elif anchor and file.suffix == ".md":
+                anchors = {_slug(h) for h in re.findall(r"^#+\s+(.*)$", file.read_text(), flags=re.M)}
+                if anchor not in anchors:
+                    problems.append(f"{doc.name}: {target} (no heading with that anchor in {file.name})")
+    assert not problems, "\n".join(problems)
+
+
+def _package_names() -> dict[str, list[str]]:
+    """{a module's or sub-package's last name: its dotted names} in gpt_recipes."""
+    names: dict[str, list[str]] = {}
+    for path in (REPO / "gpt_recipes").rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        dotted = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        names.setdefault(dotted.rsplit(".", 1)[-1], []).append(dotted)
+    return names
+
+
+FILE_SUFFIXES = {"json", "jsonl", "md", "py", "pt", "txt", "bin", "png", "sh", "csv", "safetensors", "lock"}
+JSON_SECTIONS = {"compile", "optimizer", "scheduler", "bf16", "fp16", "zero_optimization", "timers", "tensor_parallel"}
+
+
+def test_every_module_path_the_docs_name_exists():
+    """`gpt_recipes/x/y.py` files, and `module.name` references whose module is one of the package's
+    (or whose name is a private one, which only the package's code can mean), resolve."""
+    import importlib
+    import importlib.util
+
+    names, problems = _package_names(), []
+    for doc in _documents()[:-1]:
+        text = doc.read_text()
+        for path in re.findall(r"\b(gpt_recipes/[\w/]+\.py)\b", text):
+            if not (REPO / path).is_file():
+                problems.append(f"{doc.name}: {path} (no such file)")
+        for module, attr in re.findall(r"`([a-z_]+(?:\.[a-z_]+)*)\.([A-Za-z_]\w*)(?:\(\))?`", text):
+            first = module.split(".")[0]
+            if attr in FILE_SUFFIXES or (first not in names or first in JSON_SECTIONS) and not attr.startswith("_"):
+                continue  # metrics.jsonl, compile.enabled, torch.compile, engine.step: not the package's names
+            candidates = [d for d in names.get(module.split(".")[-1], []) if d.endswith(module)]
+            found = any(hasattr(importlib.import_module(d), attr) or importlib.util.find_spec(f"{d}.{attr}")
+                        for d in candidates)
+            if not found:
+                problems.append(f"{doc.name}: `{module}.{attr}` (no such module or name in gpt_recipes)")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_shipped_json_is_in_the_configs_table():
+    table = (REPO / "docs" / "deepspeed_and_launchers.md").read_text().split("### DeepSpeed configs", 1)[1]
+    table = table.split("\n\n", 2)[1]
+    missing = [p.name for p in (REPO / "ds_configs").glob("*.json") if f"`ds_configs/{p.name}`" not in table]
+    assert not missing, missing

@@ -119,20 +119,56 @@ def resolve_tasks(names: list[str]) -> list[Any]:
 
     if not names:
         raise UserError("--tasks: name at least one task")
-    known = None
+    known, manager = None, None
     out: list[Any] = []
     for name in names:
         if name == LOCAL_TASK:
             out.append(local_task_config())
             continue
         if known is None:
-            known = set(TaskManager().all_tasks) | {LOCAL_TASK}
+            manager = TaskManager()
+            known = set(manager.all_tasks) | {LOCAL_TASK}
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
             raise UserError(f"unknown task {name!r}" + (f"; close: {', '.join(close)}" if close else
                                                          f"; the local task is {LOCAL_TASK}"))
+        check_task_data(name, manager)
         out.append(name)
     return out
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_task_data(name: str, manager: Any) -> None:
+    """A hub task's data set must be in the local cache or the hub reachable: found out in
+    seconds, before a download would retry for most of a minute and end in a traceback."""
+    import os
+    from pathlib import Path
+
+    entry = manager.task_index.get(name)
+    path = (getattr(entry, "cfg", None) or {}).get("dataset_path")
+    if not path or Path(path).exists():
+        return
+    cache = Path(os.environ.get("HF_DATASETS_CACHE", Path.home() / ".cache" / "huggingface" / "datasets"))
+    if any(cache.glob(f"{path.replace('/', '___')}*")):
+        if not _hub_reachable():
+            os.environ["HF_DATASETS_OFFLINE"] = "1"  # read it from the cache, without asking the hub
+        return
+    if not _hub_reachable():
+        raise UserError(f"task {name} needs its data set {path} from the Hugging Face hub, which this machine cannot "
+                        "reach; run it once where there is a network (the data set is then cached in "
+                        f"{cache}), or use the local task {LOCAL_TASK}")
 
 
 def language_model(model, tokenizer, batch_size: int):

@@ -129,3 +129,25 @@ def test_wandb_offline_run_holds_the_config_and_the_metrics(evaluated_run):
     for field in (b"train/loss", b"eval/val_loss", b"eval/docstring_choice/acc", b"optimizer_step"):
         assert field in data, field
     assert b'"finetune"' in data and b"zero_optimization" in data  # the resolved run config
+
+
+@pytest.mark.slow  # the harness's task index takes seconds to build
+def test_a_hub_task_without_its_data_or_a_network_is_one_line_at_once(monkeypatch, tmp_path):
+    """Offline and not cached: said in one line before any model loads, not after a minute of retries."""
+    import time
+
+    from gpt_recipes.errors import UserError
+    from gpt_recipes.metrics import evaluation
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "")  # restored afterwards: a cached task sets it
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))
+    started = time.monotonic()
+    with pytest.raises(UserError, match="task hellaswag needs its data set Rowan/hellaswag from the Hugging Face hub, "
+                                        "which this machine cannot reach; .*or use the local task docstring_choice"):
+        evaluation.resolve_tasks(["hellaswag"])
+    assert time.monotonic() - started < 60  # the task index alone takes seconds; no download retries
+    cached = tmp_path / "cache" / "Rowan___hellaswag"
+    cached.mkdir(parents=True)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    assert evaluation.resolve_tasks(["hellaswag"]) == ["hellaswag"]  # cached: read offline
