@@ -105,17 +105,23 @@ def main() -> None:
         layouts.append(layout)
     traced: dict[tuple, float] = {}
 
-    def per_sample(layout: Layout) -> float:
+    def refused(layout: Layout) -> str | None:
+        """Why the recipes refuse this layout for this model, or None."""
+        if seq_len % layout.sp:
+            return f"seq_len {seq_len} does not divide by its sequence-parallel size {layout.sp}"
+        if layout.tp > 1 and config.model_type == "gpt2":
+            return "tensor parallelism does not split GPT-2's Conv1D projections (use a Llama-family model)"
+        return None
+
+    def per_sample(layout: Layout, checkpointing: bool = args.activation_checkpointing) -> float:
         # ZeRO-3 and tensor parallelism take the plain loss (see gpt_recipes/models/loss.py), the others the fused
         # one; a sequence-parallel rank holds the activations of its 1/sp of the tokens.
-        key = (layout.precision, layout.micro_batch, layout.stage < 3 and layout.tp == 1, layout.sp, layout.tp)
+        key = (layout.precision, layout.micro_batch, layout.stage < 3 and layout.tp == 1, layout.sp, layout.tp,
+               checkpointing)
         if key not in traced:
-            if seq_len % layout.sp or (layout.tp > 1 and config.model_type == "gpt2"):
-                traced[key] = float("nan")  # the recipes refuse this layout for this model
-            else:
-                traced[key] = activation_bytes(tensor_parallel_slice(config, layout.tp), layout.micro_batch,
-                                               seq_len // layout.sp, layout.precision, args.activation_checkpointing,
-                                               fused_loss=key[2], lora=lora) / layout.micro_batch
+            traced[key] = activation_bytes(tensor_parallel_slice(config, layout.tp), layout.micro_batch,
+                                           seq_len // layout.sp, layout.precision, checkpointing,
+                                           fused_loss=key[2], lora=lora) / layout.micro_batch
         return traced[key]
 
     device = args.gpu_mem * GiB if args.gpu_mem else None
@@ -128,9 +134,8 @@ def main() -> None:
             print(f"{layout.name}: left out, its sequence/tensor-parallel size does not divide "
                   f"{args.ranks * args.nodes} ranks")
             continue
-        if per_sample(layout) != per_sample(layout):  # nan: the recipes refuse it
-            print(f"{layout.name}: left out, the recipes refuse it for {args.model} (seq_len not divisible by "
-                  "the sequence-parallel size, or tensor parallelism on a GPT-2 model)")
+        if refused(layout):
+            print(f"{layout.name}: left out, the recipes refuse it for {args.model}: {refused(layout)}")
             continue
         rows += plan([layout], sizes, per_sample(layout), args.ranks, args.nodes, device, host)
     if not rows:
@@ -180,7 +185,43 @@ def main() -> None:
                   f"({host / GiB:g} GiB per node): with more host memory, or the ranks spread over more nodes, "
                   f"{'it' if one else 'they'} would fit.")
     else:
-        print(f"\nRecommended: ds_configs/{best.estimate.layout.name}.json (fits, and communicates least)")
+        layout = best.estimate.layout
+        print(f"\nRecommended: ds_configs/{layout.name}.json (fits, and communicates least)")
+        if layout.sp * layout.tp > 1:
+            group = layout.sp * layout.tp
+            print(f"  Its {group} ranks per {'sequence' if layout.sp > 1 else 'layer'} read the same samples: the global "
+                  f"batch is micro-batch x accumulation x {args.ranks * args.nodes // group} data-parallel rank(s), "
+                  f"1/{group} of what the same batch keys give a data-parallel config; raise "
+                  f"gradient_accumulation_steps {group}x to keep it.")
+    if best is None or best.estimate.layout.sp * best.estimate.layout.tp > 1:
+        alternatives = data_parallel_alternatives(layouts, rows, sizes, per_sample, args, device, host)
+        if alternatives:
+            print("Plain data parallelism fits too with: " + "; ".join(alternatives) + " (raise "
+                  "gradient_accumulation_steps as the micro-batch falls, to keep the global batch)")
+
+
+def data_parallel_alternatives(layouts, rows, sizes, per_sample, args, device, host) -> list[str]:
+    """For the data-parallel configs (no S or T) that do not fit as they are: a smaller micro-batch,
+    or activation checkpointing, with which they would."""
+    found = []
+    fitting = {row.estimate.layout.name for row in rows if row.fits}
+    for layout in layouts:
+        if layout.sp * layout.tp > 1 or layout.name in fitting:
+            continue
+
+        def fits(candidate: Layout, checkpointing: bool) -> bool:
+            return plan([candidate], sizes, per_sample(candidate, checkpointing), args.ranks, args.nodes, device,
+                         host)[0].fits
+
+        smaller = next((m for m in range(layout.micro_batch - 1, 0, -1)
+                        if fits(Layout(**{**layout.__dict__, "micro_batch": m}), args.activation_checkpointing)), None)
+        if smaller:
+            found.append(f"{layout.name} at micro-batch {smaller} (--micro_batch {smaller})")
+        if not args.activation_checkpointing and fits(layout, True):
+            found.append(f"{layout.name} with --activation_checkpointing")
+        if len(found) >= 3:
+            break
+    return found[:3]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The memory planner: the ZeRO accounting by hand, and predictions against measured runs."""
 
 import json
+import re
 
 import pytest
 
@@ -214,6 +215,13 @@ def test_plan_memory_tool(tmp_path):
                                                "--micro_batch", "1", "--host_mem", "24"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "zero3 " in proc.stdout and "Recommended: ds_configs/zero0.json" in proc.stdout
+    # Sequence parallelism recommended: what it does to the global batch is said, and the plain
+    # data-parallel ways to fit are offered beside it.
+    proc = run_python("tools/plan_memory.py", ["--model", "gpt2-medium", "--ranks", "2", "--host_mem", "24"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Recommended: ds_configs/zero2_sp2.json" in proc.stdout, proc.stdout
+    assert "1/2 of what the same batch keys give a data-parallel config" in proc.stdout
+    assert re.search(r"Plain data parallelism fits too with: .*(micro-batch \d|--activation_checkpointing)", proc.stdout)
     proc = run_python("tools/plan_memory.py", ["--model", "gpt2-xl", "--ranks", "2", "--host_mem", "8"])
     assert proc.returncode == 0 and "Nothing fits" in proc.stdout
     proc = run_python("tools/plan_memory.py", ["--model", "gpt2-large", "--ranks", "8", "--gpu_mem", "16",
@@ -225,7 +233,7 @@ def test_plan_memory_tool(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error:")
     proc = run_python("tools/plan_memory.py", ["--model", "gpt2-nano", "--ranks", "2", "--configs",
                                                str(REPO / "ds_configs" / "zero2_tp2.json")])
-    assert proc.returncode == 2 and "tensor parallelism on a GPT-2 model" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "tensor parallelism does not split GPT-2's Conv1D" in proc.stdout, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: none of the configs can run gpt2-nano")
 
 
