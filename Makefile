@@ -4,7 +4,9 @@ PYTHON ?= python3
 RANKS ?= 2
 # A free port for each launch, so two demos on one machine do not clash (PORT=29500 to pin one).
 PORT ?= $(shell $(PYTHON) -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-LAUNCH = deepspeed --quiet --num_gpus $(RANKS) --master_port $(PORT)
+# Without a GPU, name DeepSpeed's CPU accelerator: it then says nothing about having looked for one.
+ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo DS_ACCELERATOR=cpu)
+LAUNCH = $(ACCELERATOR) deepspeed --quiet --num_gpus $(RANKS) --master_port $(PORT)
 
 .PHONY: install data quickstart finetune-demo lora-demo dpo-demo test test-quick
 

@@ -234,6 +234,12 @@ class DPOArgs(AdapterArgs, RunArgs):
     val_data: Optional[str] = flag(None, "held-out pairs; default: the demo's val.jsonl, or --val_fraction of --data")
     val_fraction: float = flag(0.05, "fraction of --data held out when there is no --val_data")
     beta: float = flag(0.1, "DPO's beta: how far the policy may move from the reference (higher: less)")
+    loss_type: str = flag("sigmoid", "the preference loss, by TRL's names: sigmoid (DPO), hinge (SLiC), ipo (IPO)",
+                          choices=["sigmoid", "hinge", "ipo"])
+    label_smoothing: float = flag(0.0, "with the sigmoid loss: the assumed share of pairs whose preference is wrong "
+                                  "(conservative DPO)")
+    rpo_alpha: Optional[float] = flag(None, "add this times the chosen answers' NLL per token to the loss (TRL's "
+                                      "rpo_alpha): keeps their likelihood up while the preference margin grows")
     truncate: bool = flag(False, "cut pairs longer than --seq_len instead of dropping them")
     pad_to_multiple_of: int = flag(64, "pad each batch to a multiple of this many tokens (at most --seq_len)")
     output_dir: str = flag("runs/dpo", "folder for metrics.jsonl, config.json, checkpoints/ and the reference "

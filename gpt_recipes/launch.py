@@ -42,8 +42,12 @@ def master_port() -> Iterator[int]:
 
 
 def unbuffered_env(**extra: str) -> dict[str, str]:
-    """This process's environment, with the ranks' output unbuffered so it streams in order."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+    """This process's environment, with the ranks' output unbuffered so it streams in order (and,
+    on a machine without a GPU, DeepSpeed's CPU accelerator named, so it does not say it looked)."""
+    import shutil
+
+    accelerator = {} if shutil.which("nvidia-smi") or "DS_ACCELERATOR" in os.environ else {"DS_ACCELERATOR": "cpu"}
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **accelerator, **extra}
 
 
 @dataclass

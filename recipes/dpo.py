@@ -16,6 +16,7 @@ export are those of recipes/finetune.py.
 """
 
 import sys
+from dataclasses import asdict
 
 from tqdm.auto import tqdm
 
@@ -24,7 +25,7 @@ from gpt_recipes.checkpoints.paths import REFERENCE_LOGPS
 from gpt_recipes.data import sft
 from gpt_recipes.data.sft_demo import ensure_preference_demo
 from gpt_recipes.ds_config import precision
-from gpt_recipes.errors import UserError, cli_entry
+from gpt_recipes.errors import cli_entry
 from gpt_recipes.models.adapters import weights_fingerprint
 from gpt_recipes.pretrained import check_starting_model
 from gpt_recipes.runner import Job, execute, make_batches, plan_run
@@ -42,8 +43,8 @@ def main() -> None:
 
     # 1. Check every input before any rank starts: flags, DeepSpeed JSON, output folders, model...
     run = plan_run(args)
-    if not args.beta > 0:
-        raise UserError(f"--beta must be positive, got {args.beta}")
+    objective = preference.PreferenceObjective(args.beta, args.loss_type, args.label_smoothing, args.rpo_alpha)
+    objective.check()
     start = check_starting_model(args, run, args.model_name_or_path, args.pad_to_multiple_of)
 
     # 2. ... and the pairs: rendered, tokenised, answer-masked, length-checked.
@@ -85,16 +86,16 @@ def main() -> None:
     # 4. Start the ranks, load the starting model (under ZeRO-3 each rank only its partition),
     # score the reference, train.
     job = Job("dpo", start.config, start.tokenizer, start.seq_len, train, val, start.builder(run, args.seed),
-              adapter=start.adapter, make_loss=lambda model, stage: announce(run, preference.DPOLoss(args.beta)),
+              adapter=start.adapter, make_loss=lambda model, stage: announce(run, objective),
               before_training=reference_pass, data_fingerprint=sft.rows_digest(train_rows),
               record={"data": {"train": args.data, "val": args.val_data, "train_pairs": len(train),
-                               "val_pairs": len(val)}, "beta": args.beta})
+                               "val_pairs": len(val)}, "preference": asdict(objective)})
     execute(args, run, job, batches)
 
 
-def announce(run, loss: preference.DPOLoss) -> preference.DPOLoss:
-    run.say(f"Loss: DPO, sigmoid form, beta {loss.beta:g}, over summed answer log-probabilities (logits path)")
-    return loss
+def announce(run, objective: preference.PreferenceObjective) -> preference.DPOLoss:
+    run.say(objective.describe())
+    return preference.DPOLoss(objective, warn=run.say)
 
 
 if __name__ == "__main__":

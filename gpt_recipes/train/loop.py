@@ -341,8 +341,8 @@ def _step(engine, batches: Batches, plan: BatchPlan, env: DistEnv, step: int, gl
 def _train_line(record: dict[str, Any]) -> str:
     mfu = f" | MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
     tflops = f" | {record['tflops_per_rank']:.3g} TFLOP/s/rank" if record["tflops_per_rank"] is not None else ""
-    rewards = (f" | reward acc {record['reward_accuracy']:.3f} margin {record['reward_margin']:.3f}"
-               if "reward_accuracy" in record else "")
+    rewards = (f" | reward acc {record['reward_accuracy']:.3f} margin {record['reward_margin']:.3f} | chosen "
+               f"NLL {record['nll_chosen']:.3f}/token" if "reward_accuracy" in record else "")
     return (f"step {record['step']:>6d} | loss {record['loss']:.4f}{rewards} | lr {record['lr']:.2e} | "
             f"{speed_text({**record, 'compile_s': None})}{tflops}{mfu} | peak {record['peak_mem_mb']:.0f} MiB")
 

@@ -1,13 +1,17 @@
-"""Preference tuning with DPO (Rafailov et al., 2023): pairs, their batches, the loss, reference log-probs.
+"""Preference tuning with DPO (Rafailov et al., 2023): pairs, their batches, the losses, reference log-probs.
 
 A pair is a prompt with a chosen and a rejected answer, rendered with the same chat template
-and masking as fine-tuning: only the final answer's tokens are scored. The sigmoid DPO loss
-of a pair is
+and masking as fine-tuning: only the final answer's tokens are scored. With
+h = (pi_c - ref_c) - (pi_r - ref_r), where pi and ref are the log-probabilities of the answer's
+tokens under the policy and the reference (the starting model), the losses take TRL's names:
 
-    -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
+    sigmoid  -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (DPO; eps: --label_smoothing)
+    hinge    max(0, 1 - beta h)                                          (SLiC)
+    ipo      (h - 1 / (2 beta))^2, with per-token mean log-probabilities (IPO, Azar et al., 2023)
 
-where pi and ref are the summed log-probabilities of the answer's tokens under the policy and
-the reference (the starting model). The reference is never held as a second model: its
+With rpo_alpha, the chosen answer's negative log-likelihood per token is added, times rpo_alpha
+(RPO, Pang et al., 2024): DPO alone can lower the chosen answers' likelihood while the margin
+grows, and this term holds it up. The reference is never held as a second model: its
 log-probabilities are computed once, by the starting model before the first step, and stored
 with the run, keyed to the data and the model.
 """
@@ -30,8 +34,14 @@ from gpt_recipes.data.sft import IGNORE, Example
 from gpt_recipes.errors import UserError
 from gpt_recipes.parallel.distributed import all_reduce
 
-# Summed per pair, reduced at each log line (and evaluation) and divided by the pairs seen.
-STATS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logp_accuracy")
+# Summed per pair, reduced at each log line (and evaluation) and divided by the pairs seen: the
+# rewards, and the answers' summed log-probabilities (TRL's logps/chosen, logps/rejected).
+STATS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logp_accuracy", "logps_chosen",
+         "logps_rejected")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+# How far the held-out chosen answers' loss may rise above its start (nats per token) before the
+# run warns that the policy is unlearning what it prefers.
+LIKELIHOOD_DROP_WARN = 0.5
 
 
 @dataclass
@@ -145,22 +155,73 @@ def sequence_logps(forward: Callable[..., Any], inputs: dict[str, torch.Tensor],
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-             reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-pair sigmoid DPO loss, chosen reward, rejected reward); a reward is beta * (pi - ref)."""
+             reference_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair loss, chosen reward, rejected reward); a reward is beta * (pi - ref). For "ipo" the
+    log-probabilities given are per-token means, as IPO defines them."""
     reward_chosen = beta * (policy_chosen - reference_chosen)
     reward_rejected = beta * (policy_rejected - reference_rejected)
-    return -F.logsigmoid(reward_chosen - reward_rejected), reward_chosen, reward_rejected
+    h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    elif loss_type == "hinge":
+        loss = torch.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss type {loss_type!r}")
+    return loss, reward_chosen, reward_rejected
+
+
+@dataclass(frozen=True)
+class PreferenceObjective:
+    """DPO's settings: beta, the loss (TRL's names), label smoothing, and the NLL weight (rpo_alpha)."""
+
+    beta: float
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    rpo_alpha: float | None = None
+
+    def check(self) -> None:
+        if not self.beta > 0:
+            raise UserError(f"--beta must be positive, got {self.beta}")
+        if self.loss_type not in LOSS_TYPES:
+            raise UserError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"--label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise UserError(f"--label_smoothing applies to the sigmoid loss (conservative DPO), not --loss_type "
+                            f"{self.loss_type}")
+        if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
+            raise UserError(f"--rpo_alpha must be 0 or positive, got {self.rpo_alpha}")
+
+    def describe(self) -> str:
+        form = {"sigmoid": "DPO (sigmoid)", "hinge": "SLiC (hinge)", "ipo": "IPO"}[self.loss_type]
+        return (f"Loss: {form}, beta {self.beta:g}"
+                + (f", label smoothing {self.label_smoothing:g}" if self.label_smoothing else "")
+                + (f", plus {self.rpo_alpha:g} x the chosen answers' NLL per token (RPO)" if self.rpo_alpha else "")
+                + ", over the answers' " + ("per-token mean" if self.loss_type == "ipo" else "summed")
+                + " log-probabilities (logits path)")
 
 
 class DPOLoss:
     """The objective the loop trains and evaluates with: called like CausalLMLoss on a batch of
-    PreferenceSamples; keeps the rewards' sums until `take_metrics` reports their means."""
+    PreferenceSamples; keeps the rewards' sums until `take_metrics` reports their means.
+
+    The chosen answers' loss per token is reported too (`nll_chosen`, nats per token; at
+    evaluation the held-out response loss), and a run whose held-out value rises more than
+    LIKELIHOOD_DROP_WARN above its first evaluation is warned, once: preference metrics can look
+    excellent while the model forgets how to answer."""
 
     reports_perplexity = False
     fused = False
 
-    def __init__(self, beta: float):
-        self.beta = beta
+    def __init__(self, objective: PreferenceObjective, warn: Callable[[str], Any] = print,
+                 watch: dict[str, Any] | None = None):
+        self.objective = objective
+        self.beta = objective.beta
+        self._warn = warn
+        self._watch = {} if watch is None else watch  # shared with evaluation copies: the start, the warning
         self._sums: torch.Tensor | None = None
         self._pairs = 0
 
@@ -170,26 +231,49 @@ class DPOLoss:
         reference = inputs.pop("reference_logps").to(targets.device, torch.float32)
         logps = sequence_logps(forward, inputs, targets)
         n = logps.shape[0] // 2
-        loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], reference[:n], reference[n:], self.beta)
+        tokens = (targets != IGNORE).sum(dim=1).clamp(min=1).float()
+        scale = tokens if self.objective.loss_type == "ipo" else torch.ones_like(tokens)  # IPO: per-token means
+        loss, chosen, rejected = dpo_loss(logps[:n] / scale[:n], logps[n:] / scale[n:], reference[:n] / scale[:n],
+                                          reference[n:] / scale[n:], self.beta, self.objective.loss_type,
+                                          self.objective.label_smoothing)
+        nll_chosen = -logps[:n] / tokens[:n]  # per pair: the chosen answer's loss per token
+        if self.objective.rpo_alpha:
+            loss = loss + self.objective.rpo_alpha * nll_chosen
         with torch.no_grad():
             stats = torch.stack([chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
-                                 (chosen > rejected).float().sum(), (logps[:n] > logps[n:]).float().sum()])
+                                 (chosen > rejected).float().sum(), (logps[:n] > logps[n:]).float().sum(),
+                                 logps[:n].sum(), logps[n:].sum(), -logps[:n].sum(), tokens[:n].sum()])
             self._sums = stats if self._sums is None else self._sums + stats
             self._pairs += n
         return loss.sum() if reduction == "sum" else loss.mean()
 
     def for_evaluation(self) -> "DPOLoss":
         """A copy with sums of its own, so an evaluation between two log lines leaves the training sums alone."""
-        return DPOLoss(self.beta)
+        return DPOLoss(self.objective, self._warn, self._watch)
 
     def take_metrics(self, prefix: str = "") -> dict[str, float]:
-        """Means per pair of the rewards since the last call, over all ranks (a collective)."""
+        """Means per pair of the rewards and log-probabilities since the last call, and the chosen
+        answers' loss per token, over all ranks (a collective)."""
         if self._sums is None:
             return {}
         totals = all_reduce(torch.cat([self._sums.double(), self._sums.new_tensor([self._pairs]).double()]))
         self._sums, self._pairs = None, 0
         count = max(1.0, totals[-1].item())
-        return {f"{prefix}{name}": value / count for name, value in zip(STATS, totals[:-1].tolist())}
+        values = totals[:-1].tolist()
+        found = {f"{prefix}{name}": value / count for name, value in zip(STATS, values)}
+        found[f"{prefix}nll_chosen"] = values[len(STATS)] / max(1.0, values[len(STATS) + 1])
+        if prefix == "val_":
+            self._watch_likelihood(found["val_nll_chosen"])
+        return found
+
+    def _watch_likelihood(self, nll: float) -> None:
+        start = self._watch.setdefault("start", nll)
+        if nll - start > LIKELIHOOD_DROP_WARN and not self._watch.get("warned"):
+            self._watch["warned"] = True
+            self._warn(f"WARNING: the held-out chosen answers' loss rose from {start:.2f} to {nll:.2f} nats per token "
+                       f"(more than {LIKELIHOOD_DROP_WARN}): the policy is unlearning the answers it prefers while "
+                       "the preference metrics improve; add --rpo_alpha 1 (an NLL term on the chosen answers), or "
+                       "lower the learning rate or raise --beta")
 
 
 @torch.no_grad()

@@ -25,8 +25,33 @@ def test_loss_and_rewards_match_a_hand_computation():
     assert same.tolist() == pytest.approx([math.log(2)] * 2, abs=1e-7)
 
 
+def test_the_other_losses_match_their_definitions():
+    pc, pr = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0])
+    rc, rr = torch.tensor([-11.0, -4.0]), torch.tensor([-11.0, -4.0])
+    h = torch.tensor([2.0, -1.0])  # (pc - rc) - (pr - rr)
+    hinge = preference.dpo_loss(pc, pr, rc, rr, 0.5, "hinge")[0]
+    assert hinge.tolist() == pytest.approx([0.0, 1.5])  # max(0, 1 - 0.5 h)
+    ipo = preference.dpo_loss(pc, pr, rc, rr, 0.5, "ipo")[0]
+    assert ipo.tolist() == pytest.approx(((h - 1.0) ** 2).tolist())  # (h - 1 / (2 beta))^2
+    smoothed = preference.dpo_loss(pc, pr, rc, rr, 0.5, "sigmoid", label_smoothing=0.1)[0]
+    expected = [-0.9 * math.log(1 / (1 + math.exp(-x))) - 0.1 * math.log(1 / (1 + math.exp(x))) for x in (1.0, -0.5)]
+    assert smoothed.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(beta=0.0), "--beta must be positive"),
+    (dict(beta=0.1, loss_type="kto"), "--loss_type must be one of sigmoid, ipo, hinge"),
+    (dict(beta=0.1, label_smoothing=0.5), "--label_smoothing must lie in \\[0, 0.5\\)"),
+    (dict(beta=0.1, loss_type="ipo", label_smoothing=0.1), "applies to the sigmoid loss"),
+    (dict(beta=0.1, rpo_alpha=-1.0), "--rpo_alpha must be 0 or positive"),
+])
+def test_bad_preference_settings(settings, message):
+    with pytest.raises(UserError, match=message):
+        preference.PreferenceObjective(**settings).check()
+
+
 def test_the_objective_sums_pairs_and_reports_reward_means():
-    loss_fn = preference.DPOLoss(beta=1.0)
+    loss_fn = preference.DPOLoss(preference.PreferenceObjective(beta=1.0))
     # Two pairs, two tokens each, vocabulary 3; the model "forward" returns fixed logits.
     logits = torch.log_softmax(torch.tensor([[[2.0, 0.0, 0.0]] * 2, [[0.0, 2.0, 0.0]] * 2,
                                              [[0.0, 0.0, 2.0]] * 2, [[0.0, 2.0, 0.0]] * 2]), dim=-1)
@@ -41,7 +66,23 @@ def test_the_objective_sums_pairs_and_reports_reward_means():
     metrics = loss_fn.take_metrics("val_")
     assert metrics["val_reward_margin"] == pytest.approx((logps[:2] - logps[2:]).mean().item())
     assert metrics["val_reward_accuracy"] == 0.5  # pair 1 prefers chosen, pair 2 ties (not counted)
+    assert metrics["val_logps_chosen"] == pytest.approx(logps[:2].mean().item())
+    # the held-out response loss: the chosen answers' NLL per token, over their 3 tokens
+    assert metrics["val_nll_chosen"] == pytest.approx(-logps[:2].sum().item() / 3)
     assert loss_fn.take_metrics() == {}
+
+    # RPO: the chosen answers' NLL per token, per pair, times rpo_alpha, is added to the loss
+    rpo = preference.DPOLoss(preference.PreferenceObjective(beta=1.0, rpo_alpha=2.0))
+    with_nll = rpo(forward, {"reference_logps": reference}, targets, reduction="sum")
+    assert with_nll.item() == pytest.approx(total.item() + 2.0 * (-logps[0] / 2 - logps[1] / 1).item())
+
+
+def test_a_falling_likelihood_is_warned_once():
+    said = []
+    loss_fn = preference.DPOLoss(preference.PreferenceObjective(beta=0.1), warn=said.append)
+    for nll in (5.4, 5.6, 6.2, 8.4):  # the held-out response loss at four evaluations
+        loss_fn.for_evaluation()._watch_likelihood(nll)
+    assert len(said) == 1 and "rose from 5.40 to 6.20 nats per token" in said[0] and "--rpo_alpha" in said[0]
 
 
 @pytest.mark.parametrize("row, message", [
