@@ -39,12 +39,17 @@ lora-demo:
 	$(PYTHON) tools/generate.py exported/lora_merged --chat --max_new_tokens 40 \
 		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
 
-# Preference tuning (DPO) of the fine-tuning demo's export on pairs built from the same task:
-# held-out reward accuracy and margin at step 0 and after training are in runs/dpo/metrics.jsonl.
+# Preference tuning (DPO) of the fine-tuning demo's export on pairs built from the same task, with
+# the NLL term on the chosen answers (--rpo_alpha) that keeps their likelihood from falling: held-out
+# reward accuracy, margin and response loss at step 0 and after training are in runs/dpo/metrics.jsonl;
+# then the exported model answers the fine-tuning demo's question.
 dpo-demo:
 	$(LAUNCH) recipes/dpo.py --deepspeed_config ds_configs/zero3_dpo.json \
 		--model_name_or_path exported/finetuned --data data/dpo_demo/train.jsonl --output_dir runs/dpo \
-		--beta 0.1 --max_steps 100 --eval_interval 50 --eval_batches 19 --overwrite --export_hf exported/dpo
+		--beta 0.1 --rpo_alpha 1 --max_steps 100 --eval_interval 50 --eval_batches 19 --overwrite \
+		--export_hf exported/dpo
+	$(PYTHON) tools/generate.py exported/dpo --chat --max_new_tokens 40 \
+		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
 
 test: install
 	$(PYTHON) -m pytest tests

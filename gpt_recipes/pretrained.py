@@ -77,8 +77,8 @@ def check_starting_model(args: RunArgs | AdapterArgs, run: RunPlan, name_or_path
     if args.export_adapter:
         if args.export_hf and Path(args.export_adapter).resolve() == Path(args.export_hf).resolve():
             raise UserError("--export_adapter and --export_hf name the same folder; give each its own")
-        check_output_path(args.export_adapter, "--export_adapter",
-                          {"--model_name_or_path": name_or_path, "--output_dir": run.out_dir,
-                           **({"--export_hf": args.export_hf} if args.export_hf else {})})
+        check_output_path(args.export_adapter, "--export_adapter", {"--model_name_or_path": name_or_path},
+                          outputs={"--output_dir": run.out_dir,
+                                   **({"--export_hf": args.export_hf} if args.export_hf else {})})
         check_output_folder(Path(args.export_adapter), args.overwrite, force_flag="--overwrite")
     return StartingModel(name_or_path, config, tokenizer, seq_len, adapter)

@@ -126,7 +126,7 @@ def plan_run(args: RunArgs) -> RunPlan:
         raise UserError(f"--output_dir {out_dir} changed while this run was starting (another run ended there?); "
                         "start it again")
     if args.export_hf:
-        check_output_path(args.export_hf, "--export_hf", {**inputs, "--output_dir": out_dir})
+        check_output_path(args.export_hf, "--export_hf", inputs, outputs={"--output_dir": out_dir})
         check_output_folder(Path(args.export_hf), args.overwrite, force_flag="--overwrite")
     if args.eval_limit is not None and args.eval_limit < 1:
         raise UserError(f"--eval_limit must be at least 1, got {args.eval_limit}")

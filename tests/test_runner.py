@@ -15,8 +15,9 @@ from gpt_recipes.runner import plan_run
     ({"output_dir": "{file}/run"}, "cannot create --output_dir .*/notes.txt/run: .*/notes.txt is a file"),
     ({"export_hf": "{file}/hf"}, "cannot create --export_hf .*/notes.txt/hf: .*/notes.txt is a file"),
     ({"output_dir": "/proc/x/run"}, "cannot write --output_dir /proc/x/run: /proc does not take new files"),
-    ({"export_hf": "{out}"}, "--export_hf .*/out is also --output_dir, an input"),
-    ({"export_hf": "{out}/hf"}, "--export_hf .*/out/hf is inside --output_dir .*/out, an input"),
+    ({"export_hf": "{out}"}, "--export_hf .*/out is also --output_dir, another output of this command; give it a "
+                             "path of its own"),
+    ({"export_hf": "{out}/hf"}, "--export_hf .*/out/hf is inside --output_dir .*/out, another output"),
     ({"output_dir": "{data}/run"}, "--output_dir .*/run is inside --data .*, an input"),
 ])
 def test_bad_run_flags(tmp_path, flags, match):

@@ -42,7 +42,7 @@ def main() -> None:
     if args.csv:
         check_output_path(args.csv, "--csv", inputs, file=True)
     if args.plots:
-        check_output_path(args.plots, "--plots", {**inputs, **({"--csv": args.csv} if args.csv else {})})
+        check_output_path(args.plots, "--plots", inputs, outputs={"--csv": args.csv} if args.csv else None)
     names = _names(run_dirs)
     summaries = [summarize(d, name, args.warmup_steps) for d, name in zip(run_dirs, names)]
     print(markdown_table(summaries) if args.markdown else text_table(summaries))

@@ -51,29 +51,30 @@ def is_run_folder(out_dir: Path) -> bool:
     return (isinstance(record, dict) and "recipe" in record) or checkpoints_dir(out_dir).is_dir()
 
 
-def check_output_path(path: str | Path, flag: str, avoid: dict[str, Any] | None = None, file: bool = False) -> Path:
+def check_output_path(path: str | Path, flag: str, avoid: dict[str, Any] | None = None, file: bool = False,
+                      outputs: dict[str, Any] | None = None) -> Path:
     """The one guard for every output of every tool and recipe, checked before any work: `path` is
-    not one of the inputs in `avoid` ({flag or name: path}), nor inside one, nor holds one; not
-    inside a run's checkpoints folder, whose saves and rotation delete what they do not know;
-    a file where a file is to be written (`file`), a folder otherwise; and writable."""
+    not one of the inputs in `avoid` ({flag or name: path}), nor inside one, nor holds one; nor
+    one of the command's other `outputs`, nor inside or around one; not inside a run's
+    checkpoints folder, whose saves and rotation delete what they do not know; a file where a
+    file is to be written (`file`), a folder otherwise; and writable."""
     path = Path(path)
     if file and path.is_dir():
         raise UserError(f"{flag} {path} is a folder; give the name of a file to write")
     if not file and path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} exists and is not a folder")
     where = path.resolve()
-    for name, other in (avoid or {}).items():
-        for item in ([other] if isinstance(other, (str, Path)) else other or []):
-            there = Path(item).resolve()
-            if where == there:
-                raise UserError(f"{flag} {path} is also {name}, an input; write to another path, so the input "
-                                "stays as it is")
-            if there in where.parents:
-                raise UserError(f"{flag} {path} is inside {name} {item}, an input; write outside it, so the input "
-                                "stays as it is")
-            if where in there.parents:
-                raise UserError(f"{flag} {path} holds {name} {item}, an input; write elsewhere, so the input stays "
-                                "as it is")
+    for named, what, fix in ((avoid, "an input", "so the input stays as it is"),
+                             (outputs, "another output of this command", "so neither overwrites the other")):
+        for name, other in (named or {}).items():
+            for item in ([other] if isinstance(other, (str, Path)) else other or []):
+                there = Path(item).resolve()
+                if where == there:
+                    raise UserError(f"{flag} {path} is also {name}, {what}; give it a path of its own, {fix}")
+                if there in where.parents:
+                    raise UserError(f"{flag} {path} is inside {name} {item}, {what}; write outside it, {fix}")
+                if where in there.parents:
+                    raise UserError(f"{flag} {path} holds {name} {item}, {what}; write elsewhere, {fix}")
     for folder in (where, *where.parents):
         if folder.name == CHECKPOINTS and is_run_folder(folder.parent):
             raise UserError(f"{flag} {path} is inside the checkpoints of the run {folder.parent}, which its saves "

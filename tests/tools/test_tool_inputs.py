@@ -64,7 +64,7 @@ def test_generate(monkeypatch, capsys, hf_model, flags, match):
 def test_summarize_never_writes_over_what_it_reads(monkeypatch, capsys, run_copy):
     before = (run_copy / "metrics.jsonl").read_text()
     line = tool_error(monkeypatch, capsys, "summarize_throughput.py", run_copy, "--csv", run_copy / "metrics.jsonl")
-    assert "is also RUN_DIR, an input; write to another path" in line
+    assert "is also RUN_DIR, an input; give it a path of its own" in line
     assert (run_copy / "metrics.jsonl").read_text() == before
 
 
