@@ -19,8 +19,14 @@ import psutil
 
 VERBOSE = os.environ.get("GPT_RECIPES_VERBOSE", "") not in ("", "0")
 # DeepSpeed warnings with nothing to act on in these recipes: the CPU accelerator is chosen on
-# purpose here, and the scheduler is asked for its rate before the first step by DeepSpeed itself.
-CHATTER = ("Setting accelerator to CPU", "Attempting to get learning rate from scheduler before it has started")
+# purpose here, the scheduler is asked for its rate before the first step by DeepSpeed itself,
+# and no model-parallel unit is what a data-parallel run means.
+CHATTER = ("Setting accelerator to CPU", "Attempting to get learning rate from scheduler before it has started",
+           "MPU is not provided")
+# Python warnings of the libraries, each about an internal choice the recipes made on purpose:
+# peft notes the base's path it records (the recipes record and check the base themselves), and
+# transformers' gradient-checkpointing flag is read by the libraries, not by these recipes.
+WARNINGS = (r"The PEFT config's `base_model_name_or_path` was renamed", r"`is_gradient_checkpointing` is deprecated")
 
 
 class _DropChatter(logging.Filter):
@@ -34,11 +40,18 @@ def progress_bars() -> bool:
 
 
 def install() -> None:
+    import warnings
+
     deepspeed_logger = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _DropChatter) for f in deepspeed_logger.filters):
         deepspeed_logger.addFilter(_DropChatter())
-    if not progress_bars():  # tqdm's; the tokenizers library's own bar asks progress_bars()
-        os.environ.setdefault("TQDM_DISABLE", "1")
+    if not VERBOSE:
+        for message in WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+    if not progress_bars():  # tqdm's, datasets' and the hub's (transformers' loading bars follow the hub's); the
+        # tokenizers library's own bar asks progress_bars()
+        for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(name, "1")
 
 
 @contextlib.contextmanager

@@ -31,3 +31,22 @@ def test_quiet_prints_hold_back_until_a_failure(capsys, monkeypatch):
     with console.quiet_prints():
         print("shown")
     assert capsys.readouterr().out == "shown\n"
+
+
+def test_library_warnings_and_bars_are_held_back_off_a_terminal(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(console, "VERBOSE", False)
+    monkeypatch.setattr(console, "progress_bars", lambda: False)
+    for name in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+        monkeypatch.delenv(name, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        console.install()
+        warnings.warn("The PEFT config's `base_model_name_or_path` was renamed from 'a' to 'b'.")
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("something the user should see")
+    assert [str(w.message) for w in caught] == ["something the user should see"]
+    import os
+
+    assert all(os.environ[n] == "1" for n in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"))
