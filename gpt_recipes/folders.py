@@ -54,6 +54,11 @@ def check_replaceable(folder: Path, kind: str, replace: bool, flag: str, owned: 
                         "replace it; choose another folder, or move it away yourself")
 
 
+# The short-lived folder check_creatable makes: another rank checking the same folder at the
+# same moment must not take it for content.
+PROBE_PREFIX = ".gpt-recipes-probe-"
+
+
 def check_creatable(path: Path, what: str) -> None:
     """That `path` (a file or folder to be written) can be written: an existing folder takes new
     files, and otherwise its nearest existing ancestor is a folder that takes a new folder. Tried
@@ -65,7 +70,7 @@ def check_creatable(path: Path, what: str) -> None:
     if not probe.is_dir():
         raise UserError(f"cannot create {what} {path}: {probe} is a file, not a folder")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".gpt-recipes-probe-", dir=probe))
+        os.rmdir(tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=probe))
     except OSError as err:
         where = "" if probe == path else f": {probe} does not take new files"
         raise UserError(f"cannot write {what} {path}{where} ({err.strerror})")

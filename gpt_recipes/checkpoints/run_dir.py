@@ -9,6 +9,7 @@ folder is refused.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -31,7 +32,7 @@ from gpt_recipes.checkpoints.paths import (
     resume_tag,
 )
 from gpt_recipes.errors import UserError
-from gpt_recipes.folders import check_creatable
+from gpt_recipes.folders import PROBE_PREFIX, check_creatable
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def plan_output_dir(out_dir: Path, resume: bool, overwrite: bool, resume_from: s
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output_dir {out_dir} exists and is not a folder")
     check_creatable(out_dir, "--output_dir")
-    if not out_dir.exists() or all(p.name == LOCK for p in out_dir.iterdir()):
+    if not out_dir.exists() or all(_housekeeping(p) for p in out_dir.iterdir()):
         return OutputPlan(note=f"--resume: nothing to resume in {out_dir} yet, starting at step 0" if resume else None)
     if resume:
         if not is_run_folder(out_dir):
@@ -115,6 +116,11 @@ def plan_output_dir(out_dir: Path, resume: bool, overwrite: bool, resume_from: s
         raise UserError(f"--overwrite replaces only a run folder written by these recipes, and {out_dir} is not one; "
                         "choose another --output_dir")
     return OutputPlan(replace=True)
+
+
+def _housekeeping(path: Path) -> bool:
+    """The lock, or another rank's write probe: what a folder holds while ranks start, not a run."""
+    return path.name == LOCK or path.name.startswith(PROBE_PREFIX)
 
 
 def _chosen_checkpoint(out_dir: Path, resume_from: str) -> str:
@@ -141,6 +147,8 @@ class RunLock:
 
     def __init__(self, out_dir: Path):
         path = out_dir / LOCK
+        # The first folder this lock creates: a run that stops before writing anything leaves no trace.
+        created = next((p for p in reversed([out_dir, *out_dir.parents]) if not p.exists()), None)
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a+")
@@ -159,9 +167,23 @@ class RunLock:
         self._file.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
         self._file.flush()
+        self._path, self._created = path, created
+        atexit.register(self._discard_if_unused)
 
     def release(self) -> None:
         self._file.close()
+
+    def _discard_if_unused(self) -> None:
+        if self._created is None or not all(_housekeeping(p) for p in self._path.parent.iterdir()):
+            return
+        self._path.unlink(missing_ok=True)
+        for folder in [self._path.parent, *self._path.parent.parents]:
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            if folder == self._created:
+                return
 
 
 def remove_previous_run(out_dir: Path) -> list[str]:

@@ -93,7 +93,10 @@ def expected_bytes(ckpt_dir: Path, num_params: int) -> int:
     (fp32 master weights and two Adam moments, 12 bytes, plus the 16- or 32-bit weights)."""
     tag = latest_tag(ckpt_dir)
     if tag is not None:
-        return _dir_bytes(ckpt_dir / tag)
+        try:
+            return _dir_bytes(ckpt_dir / tag)
+        except FileNotFoundError:  # rank 0 set it aside meanwhile (a save of the same tag after a roll-back)
+            pass
     return 16 * num_params
 
 

@@ -58,6 +58,39 @@ def skip_bf16_overflow_scan(engine) -> None:
         checker.has_overflow = lambda params, has_moe_params=None: False
 
 
+def replay_adam_step_products(engine) -> None:
+    """After a resume, put DeepSpeed's CPU Adam kernels where an unbroken run's would be.
+
+    Those kernels (the CPU FusedAdam, and DeepSpeedCPUAdam for optimizer offload) keep beta1**t
+    and beta2**t in C++ state, multiplied by beta once per step, in float32; a resumed process
+    starts them with pow(beta, t) instead, which differs from the product in the last bit at
+    some steps (for beta2 = 0.95, from t = 6), and every update after that differs by an ulp.
+    Calling the kernel once per past step on empty tensors redoes the products and touches no
+    weight. GPU FusedAdam computes pow(beta, t) at every step and needs nothing."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    base = engine.optimizer
+    while base is not None and not isinstance(base, (FusedAdam, DeepSpeedCPUAdam)):
+        base = getattr(base, "optimizer", None)
+    if base is None or (isinstance(base, FusedAdam) and engine.device.type != "cpu"):
+        return
+    steps = [int(base.state[p]["step"]) for g in base.param_groups for p in g["params"] if "step" in base.state[p]]
+    if not steps:
+        return
+    empty = torch.empty(0, dtype=torch.float32)
+    for step in range(1, max(steps) + 1):
+        for group in base.param_groups:
+            beta1, beta2 = group["betas"]
+            if isinstance(base, FusedAdam):
+                base.multi_tensor_adam(2048 * 32, base._dummy_overflow_buf, [[empty]] * 4, group["lr"], beta1,
+                                       beta2, group["eps"], step, base.adam_w_mode, int(group["bias_correction"]),
+                                       group["weight_decay"])
+            else:
+                base.ds_opt_adam.adam_update(base.opt_id, step, group["lr"], beta1, beta2, group["eps"],
+                                             group["weight_decay"], group["bias_correction"], empty, empty, empty,
+                                             empty)
+
+
 def planned_settings(cfg: dict[str, Any], batch: BatchPlan) -> dict[str, Any]:
     """What the run printed and records about its engine, from the resolved JSON."""
     zero = cfg.get("zero_optimization") or {}

@@ -97,10 +97,11 @@ def test_bad_inputs(tmp_path, zero2_run, case):
     elif case == "no such tag":
         args, pattern = [*args, "--tag", "step99"], r"no checkpoint tagged 'step99' \(available: step3, step6\)"
     elif case == "no config":
-        args, pattern = [str(_broken_copy(tmp_path, zero2_run, ["config.json"])), str(out)], "has no config.json"
+        args, pattern = [str(_broken_copy(tmp_path, zero2_run, ["config.json"])), str(out)], \
+            r"step6 is damaged: config.json is missing; the newest intact checkpoint is step3: export it with --tag step3"
     elif case == "no tokenizer":
         copy = _broken_copy(tmp_path, zero2_run, ["tokenizer.json", "tokenizer_config.json"])
-        args, pattern = [str(copy), str(out)], "has no tokenizer files"
+        args, pattern = [str(copy), str(out)], r"step6 is damaged: tokenizer.json is missing; .* --tag step3"
     elif case == "adapter of a whole model":
         args, pattern = [*args, "--adapter"], "--adapter: checkpoint .* holds a whole model, not LoRA adapters"
     else:

@@ -1,12 +1,15 @@
 """What --resume and --overwrite may do to an output folder: never lose a checkpoint or a user's files."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from gpt_recipes.checkpoints.paths import CHECKPOINTS, LATEST, RUN_CONFIG, TRAINING_INFO
+from gpt_recipes.checkpoints.paths import CHECKPOINTS, LATEST, LOCK, RUN_CONFIG, TRAINING_INFO
 from gpt_recipes.checkpoints.run_dir import OutputPlan, plan_output_dir, remove_previous_run
 from gpt_recipes.errors import UserError
+from gpt_recipes.folders import PROBE_PREFIX
 
 
 def _run_folder(path, steps=(3, 6), latest="step6", incomplete=()):
@@ -102,3 +105,26 @@ def test_resume_from_a_named_checkpoint(tmp_path):
         plan_output_dir(out, False, False, resume_from=str(other / "checkpoints" / "step3"))
     with pytest.raises(UserError, match="--resume_from continues the run in --output_dir and --overwrite replaces"):
         plan_output_dir(out, False, True, resume_from="step3")
+
+
+def test_another_ranks_lock_and_write_probe_are_not_content(tmp_path):
+    """Ranks check the folder at the same moment as rank 0 locks it and each probes it for writing."""
+    out = tmp_path / "new"
+    out.mkdir()
+    (out / LOCK).write_text("pid 1")
+    (out / (PROBE_PREFIX + "abc")).mkdir()
+    assert plan_output_dir(out, resume=False, overwrite=False) == OutputPlan()
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="is not empty"):
+        plan_output_dir(out, resume=False, overwrite=False)
+
+
+def test_a_run_stopped_before_it_wrote_anything_leaves_no_folder(tmp_path):
+    script = (f"from pathlib import Path\nfrom gpt_recipes.checkpoints.run_dir import RunLock\n"
+              f"RunLock(Path({str(tmp_path / 'a' / 'b' / 'run')!r}))\n"
+              f"RunLock(Path({str(tmp_path / 'kept')!r}))\n"
+              f"(Path({str(tmp_path / 'kept')!r}) / 'metrics.jsonl').write_text('{{}}')\n")
+    (tmp_path / "kept").mkdir()
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [LOCK, "metrics.jsonl"]
