@@ -6,7 +6,7 @@ on the same model, data and batch.
     python benchmarks/benchmark.py --precision bf16 --repeats 3 --markdown
     python benchmarks/benchmark.py --model gpt2 --precision bf16 --ranks 1 --global_batch 8 --seq_len 1024   # one GPU
     # the overhead-bound case: steps of a few milliseconds, where fixed per-step costs show
-    python benchmarks/benchmark.py --ranks 1 --model gpt2-nano --seq_len 32 --global_batch 2 --max_steps 60 \
+    python benchmarks/benchmark.py --ranks 1 --model gpt2-nano --seq_len 32 --global_batch 2 --max_steps 60 \\
         --log_interval 10 --repeats 3
 
 Three references per ZeRO stage, so that each cost has a name:

@@ -167,23 +167,26 @@ class RunLock:
         self._file.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
         self._file.flush()
-        self._path, self._created = path, created
-        atexit.register(self._discard_if_unused)
+        # Absolute: the process may change folder before it exits. Registered without the lock
+        # itself, so that dropping the lock still releases it.
+        atexit.register(_discard_if_unused, path.absolute(), created.absolute() if created else None)
 
     def release(self) -> None:
         self._file.close()
 
-    def _discard_if_unused(self) -> None:
-        if self._created is None or not all(_housekeeping(p) for p in self._path.parent.iterdir()):
+
+def _discard_if_unused(lock: Path, created: Path | None) -> None:
+    """At exit: the folders a lock created, when the run wrote nothing else into them."""
+    try:
+        if created is None or not all(_housekeeping(p) for p in lock.parent.iterdir()):
             return
-        self._path.unlink(missing_ok=True)
-        for folder in [self._path.parent, *self._path.parent.parents]:
-            try:
-                folder.rmdir()
-            except OSError:
+        lock.unlink(missing_ok=True)
+        for folder in [lock.parent, *lock.parent.parents]:
+            folder.rmdir()
+            if folder == created:
                 return
-            if folder == self._created:
-                return
+    except OSError:  # gone already, or another process wrote there meanwhile: leave it
+        return
 
 
 def remove_previous_run(out_dir: Path) -> list[str]:

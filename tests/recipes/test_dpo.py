@@ -135,3 +135,20 @@ def test_a_pair_longer_than_the_limit_is_dropped_or_refused(pretrained, pairs, t
     assert "every pair has a side longer than 9 tokens; raise --seq_len or pass --truncate" in proc.stderr
     proc = run_python("recipes/dpo.py", [*args, "--beta", "0"])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: --beta must be positive, got 0.0"
+
+
+def test_the_rpo_term_keeps_the_held_out_answers_likelihood(pretrained, pairs, tmp_path):
+    """The demo's guard against DPO's known failure: with --rpo_alpha 1 the held-out chosen answers'
+    loss (nats per token) does not end above where it started, and ends below a run without it."""
+    ends = {}
+    for name, extra in (("dpo", []), ("rpo", ["--rpo_alpha", "1"])):
+        args = dpo_args(ds_json(tmp_path, 2, micro=4, fp32=True), pretrained, pairs, tmp_path / name,
+                        "--max_steps", "16", "--log_interval", "16", *extra)
+        args[args.index("--beta") + 1] = "0.1"  # the demo's
+        proc = run_python("recipes/dpo.py", args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        evals = read_metrics(tmp_path / name)[1]
+        start, ends[name] = evals[0]["val_nll_chosen"], evals[-1]["val_nll_chosen"]
+        assert evals[-1]["val_reward_accuracy"] > 0.5, (name, evals[-1])  # preference learned either way
+    assert ends["rpo"] <= start, (start, ends)
+    assert ends["rpo"] < ends["dpo"], ends
