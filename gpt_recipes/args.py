@@ -134,6 +134,9 @@ class RunArgs:
                          "optimizer.params.lr=3e-4 or train_micro_batch_size_per_gpu=4; checked like the file, said "
                          "and recorded in OUTPUT_DIR/config.json", commas=False, metavar="KEY.PATH=VALUE")
     max_steps: int = flag(200, "optimizer steps (global batches) to train for")
+    num_epochs: Optional[float] = flag(None, "train for this many passes over the training data instead of "
+                                       "--max_steps (rounded up to whole steps; the scheduler's \"auto\" step "
+                                       "counts follow)")
     seq_len: Optional[int] = flag(None, "tokens per sample; default: the model's context length")
     seed: int = flag(1234, "seed for initialisation and the data order")
     log_interval: int = flag(10, "steps between metrics lines")

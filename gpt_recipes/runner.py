@@ -8,6 +8,7 @@ and `execute` runs the rest of the story on every rank.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -108,6 +109,8 @@ def plan_run(args: RunArgs) -> RunPlan:
         raise UserError(f"--keep_last must be 0 (keep all) or positive, got {args.keep_last}")
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed must lie between 0 and 2**32 - 1, got {args.seed}")
+    if args.num_epochs is not None and not args.num_epochs > 0:
+        raise UserError(f"--num_epochs must be positive, got {args.num_epochs}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise UserError(f"--peak_tflops must be positive, got {args.peak_tflops}")
     env = distributed.environment()
@@ -140,14 +143,21 @@ def plan_run(args: RunArgs) -> RunPlan:
         run.notes.append(f"DeepSpeed config: --ds {key} = {json.dumps(now)} for this run (the JSON has "
                          f"{json.dumps(before) if before != '(not set)' else 'no value'})")
     run.overrides = list(args.ds)
-    if output.resume_tag:
-        saved = paths.saved_info(paths.checkpoints_dir(out_dir), output.resume_tag)
-        for key, (kept, fresh) in ds_config.keep_saved_schedule(ds_cfg, filled, saved.get("schedule", {})).items():
-            run.notes.append(
-                f"Resuming keeps the schedule the run was planned with: {key} = {kept} (--max_steps {args.max_steps} "
-                f"would make it {fresh}). Past step {kept}, a warm-up/decay schedule stays at its final learning "
-                "rate; to plan another, give the scheduler's step counts as numbers in the DeepSpeed JSON")
+    if args.num_epochs is None:  # else once the training set's size gives the run's length
+        keep_saved_schedule(args, run)
     return run
+
+
+def keep_saved_schedule(args: RunArgs, run: RunPlan) -> None:
+    """A resumed run keeps the scheduler step counts it was planned with, and says so."""
+    if not run.output.resume_tag:
+        return
+    saved = paths.saved_info(paths.checkpoints_dir(run.out_dir), run.output.resume_tag)
+    for key, (kept, fresh) in ds_config.keep_saved_schedule(run.ds_cfg, run.filled, saved.get("schedule", {})).items():
+        run.notes.append(
+            f"Resuming keeps the schedule the run was planned with: {key} = {kept} (--max_steps {args.max_steps} "
+            f"would make it {fresh}). Past step {kept}, a warm-up/decay schedule stays at its final learning "
+            "rate; to plan another, give the scheduler's step counts as numbers in the DeepSpeed JSON")
 
 
 # Flags that name what a run reads: no output may be one of them, lie inside one or hold one.
@@ -175,8 +185,25 @@ def check_adapter_resume(run: RunPlan, adapter: AdapterPlan | None) -> None:
             run.notes.append(moved)
 
 
+def plan_epochs(args: RunArgs, run: RunPlan, num_samples: int) -> None:
+    """With --num_epochs, the run's length in steps, now that the training set's size is known:
+    --max_steps and the JSON's "auto" scheduler counts are derived from it, and said."""
+    if args.num_epochs is None:
+        return
+    steps = max(1, math.ceil(args.num_epochs * num_samples / run.batch.global_batch))
+    config_path = ds_config.config_path(args.deepspeed_config, DEFAULT_DEEPSPEED_CONFIG)
+    run.ds_cfg, _, run.filled = ds_config.resolve(config_path, run.env.world_size, steps, run.device,
+                                                  run.out_dir / paths.MONITOR, overrides=args.ds)
+    args.max_steps = steps
+    run.notes.append(f"--num_epochs {args.num_epochs:g}: {num_samples:,} training samples at global batch "
+                     f"{run.batch.global_batch} make {steps} steps (--max_steps {steps})")
+    keep_saved_schedule(args, run)
+
+
 def make_batches(args: RunArgs, run: RunPlan, train_samples: Samples, val_samples: Samples, what: str) -> Batches:
-    """The global batch order over the training samples, and this rank's validation micro-batches."""
+    """The global batch order over the training samples, and this rank's validation micro-batches
+    (and, with --num_epochs, the run's length)."""
+    plan_epochs(args, run, len(train_samples))
     plan = run.batch
     order = GlobalBatchOrder(len(train_samples), plan, args.seed)
     val_batches = eval_micro_batches(len(val_samples), args.eval_batches * plan.global_batch,
@@ -193,6 +220,9 @@ def make_batches(args: RunArgs, run: RunPlan, train_samples: Samples, val_sample
 def make_mixture_batches(args: RunArgs, run: RunPlan, sources: list[mixture.Source], weights: list[float],
                          seq_len: int) -> Batches:
     """A weighted mixture's global batch order, and each source's validation micro-batches."""
+    if args.num_epochs is not None:
+        raise UserError("--num_epochs counts passes over one training set; a weighted mixture passes over each "
+                        "source at its own rate: give --max_steps")
     plan = run.batch
     splits = {split: mixture.MixedWindows([PackedTokens(s.meta.split_files(split), s.meta.dtype, seq_len)
                                            for s in sources], [s.name for s in sources])

@@ -112,3 +112,21 @@ def test_a_resume_with_another_tokenizer_of_the_same_size_is_one_line(resumable)
 def test_a_resume_on_other_data_or_batch_is_one_line(resumable, change, match):
     with pytest.raises(UserError, match=match):
         _resume(*resumable, **change)
+
+
+def test_num_epochs_sets_the_run_length_and_the_schedule(tmp_path):
+    from gpt_recipes.runner import make_mixture_batches, plan_epochs
+
+    args = PretrainArgs(output_dir=str(tmp_path / "out"), num_epochs=2.5, max_steps=7)
+    run = plan_run(args)
+    global_batch = run.batch.global_batch
+    plan_epochs(args, run, 100)
+    steps = -(-250 // global_batch)  # 2.5 passes over 100 samples, rounded up to a whole step
+    assert args.max_steps == steps
+    assert run.ds_cfg["scheduler"]["params"]["total_num_steps"] == steps
+    assert run.filled["scheduler.params.total_num_steps"] == steps
+    assert any(f"make {steps} steps" in note for note in run.notes)
+    with pytest.raises(UserError, match="--num_epochs must be positive"):
+        plan_run(PretrainArgs(output_dir=str(tmp_path / "out2"), num_epochs=0))
+    with pytest.raises(UserError, match="a weighted mixture passes over each source at its own rate"):
+        make_mixture_batches(args, run, [], [], 64)

@@ -32,9 +32,8 @@ from collections import deque
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -53,6 +52,9 @@ from gpt_recipes.data.tokens import (
     token_dtype,
 )
 from gpt_recipes.errors import UserError
+
+if TYPE_CHECKING:  # `datasets` takes about a second to import: only the functions that read data do
+    import datasets
 
 FORMAT_VERSION = 2
 DATA_KIND = "prepared data"

@@ -13,11 +13,12 @@ import hashlib
 import json
 import sysconfig
 from pathlib import Path
-from typing import Iterable
-
-import datasets
+from typing import TYPE_CHECKING, Iterable
 
 from gpt_recipes.errors import UserError, first_line, root_line
+
+if TYPE_CHECKING:  # `datasets` takes about a second to import: only the functions that read data do
+    import datasets
 
 JSON_SUFFIXES = {".json", ".jsonl"}
 PARQUET_SUFFIXES = {".parquet"}
@@ -150,6 +151,8 @@ def _text_column(ds: datasets.Dataset, text_field: str, where: str) -> datasets.
 
 
 def _load_saved(path: str, split: str, streaming: bool) -> datasets.Dataset:
+    import datasets
+
     loaded = datasets.load_from_disk(path)
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
@@ -159,6 +162,8 @@ def _load_saved(path: str, split: str, streaming: bool) -> datasets.Dataset:
 
 
 def _load_hub(name: str, split: str, streaming: bool) -> datasets.Dataset:
+    import datasets
+
     try:
         return datasets.load_dataset(name, split=split, streaming=streaming)
     except Exception as err:  # offline, unknown name, no such split: all user-fixable
@@ -173,6 +178,8 @@ def load_texts(expanded: list[tuple[str, str]], text_field: str = "text", split:
     files are read one at a time, saved datasets from their own files, and hub datasets as a
     stream, or, unless `stream_hub`, downloaded whole first and read from the download.
     """
+    import datasets
+
     parts: list[datasets.Dataset] = []
     by_kind: dict[str, list[str]] = {}
     for kind, spec in expanded:

@@ -210,32 +210,43 @@ def test_tensorboard_and_csv_monitors_record_the_metrics(zero3_monitored_run):
 
 
 @pytest.mark.slow
-def test_plan_memory_tool(tmp_path):
-    proc = run_python("tools/plan_memory.py", ["--model", "gpt2-medium", "--ranks", "2", "--seq_len", "256",
-                                               "--micro_batch", "1", "--host_mem", "24"])
+def test_plan_memory_tool(tmp_path, monkeypatch, capsys):
+    """The tool's main, in this process (one import of DeepSpeed for all six cases)."""
+    import runpy
+    import sys
+    from types import SimpleNamespace
+
+    def plan(*args):
+        monkeypatch.setattr(sys, "argv", ["plan_memory.py", *args])
+        code = 0
+        try:
+            runpy.run_path(str(REPO / "tools" / "plan_memory.py"), run_name="__main__")
+        except SystemExit as stop:
+            code = stop.code
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    proc = plan("--model", "gpt2-medium", "--ranks", "2", "--seq_len", "256", "--micro_batch", "1", "--host_mem", "24")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "zero3 " in proc.stdout and "Recommended: ds_configs/zero0.json" in proc.stdout
     # Sequence parallelism recommended: what it does to the global batch is said, and the plain
     # data-parallel ways to fit are offered beside it.
-    proc = run_python("tools/plan_memory.py", ["--model", "gpt2-medium", "--ranks", "2", "--host_mem", "24"])
+    proc = plan("--model", "gpt2-medium", "--ranks", "2", "--host_mem", "24")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Recommended: ds_configs/zero2_sp2.json" in proc.stdout, proc.stdout
     assert "1/2 of what the same batch keys give a data-parallel config" in proc.stdout
     assert re.search(r"Plain data parallelism fits too with: .*(micro-batch \d|--activation_checkpointing)", proc.stdout)
-    proc = run_python("tools/plan_memory.py", ["--model", "gpt2-xl", "--ranks", "2", "--host_mem", "8"])
+    proc = plan("--model", "gpt2-xl", "--ranks", "2", "--host_mem", "8")
     assert proc.returncode == 0 and "Nothing fits" in proc.stdout
-    proc = run_python("tools/plan_memory.py", ["--model", "gpt2-large", "--ranks", "8", "--gpu_mem", "16",
-                                               "--micro_batch", "1", "--host_mem", "8", "--configs",
-                                               str(REPO / "ds_configs" / "zero3_offload.json")])
+    proc = plan("--model", "gpt2-large", "--ranks", "8", "--gpu_mem", "16", "--micro_batch", "1", "--host_mem", "8",
+                "--configs", str(REPO / "ds_configs" / "zero3_offload.json"))
     assert proc.returncode == 0 and "Nothing fits" in proc.stdout
     assert "zero3_offload fits the GPUs but not the host memory (8 GiB per node)" in proc.stdout, proc.stdout
-    proc = run_python("tools/plan_memory.py", ["--configs", str(tmp_path / "nope.json")])
+    proc = plan("--configs", str(tmp_path / "nope.json"))
     assert proc.returncode == 2 and proc.stderr.startswith("error:")
-    proc = run_python("tools/plan_memory.py", ["--model", "gpt2-nano", "--ranks", "2", "--configs",
-                                               str(REPO / "ds_configs" / "zero2_tp2.json")])
+    proc = plan("--model", "gpt2-nano", "--ranks", "2", "--configs", str(REPO / "ds_configs" / "zero2_tp2.json"))
     assert proc.returncode == 2 and "tensor parallelism does not split GPT-2's Conv1D" in proc.stdout, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: none of the configs can run gpt2-nano")
-
 
 def test_lora_plans_weights_for_the_frozen_base_and_full_states_for_the_adapters(tmp_path):
     from gpt_recipes.args import AdapterArgs

@@ -143,12 +143,12 @@ def test_the_rpo_term_keeps_the_held_out_answers_likelihood(pretrained, pairs, t
     ends = {}
     for name, extra in (("dpo", []), ("rpo", ["--rpo_alpha", "1"])):
         args = dpo_args(ds_json(tmp_path, 2, micro=4, fp32=True), pretrained, pairs, tmp_path / name,
-                        "--max_steps", "16", "--log_interval", "16", *extra)
-        args[args.index("--beta") + 1] = "0.1"  # the demo's
+                        "--max_steps", "16", "--log_interval", "16", "--ds", "optimizer.params.lr=1e-4", *extra)
+        args[args.index("--beta") + 1] = "0.1"  # the demo's beta and learning rate (ds_configs/zero3_dpo.json)
         proc = run_python("recipes/dpo.py", args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         evals = read_metrics(tmp_path / name)[1]
         start, ends[name] = evals[0]["val_nll_chosen"], evals[-1]["val_nll_chosen"]
-        assert evals[-1]["val_reward_accuracy"] > 0.5, (name, evals[-1])  # preference learned either way
+        assert evals[-1]["val_reward_margin"] > 0, (name, evals[-1])  # the preference moves the right way either way
     assert ends["rpo"] <= start, (start, ends)
     assert ends["rpo"] < ends["dpo"], ends
