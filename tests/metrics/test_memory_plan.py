@@ -16,7 +16,7 @@ from gpt_recipes.metrics.memory_plan import (
     tensor_parallel_slice,
 )
 from gpt_recipes.models.causal_lm import build_config
-from tests.helpers import REPO, launch, read_metrics, run_python
+from tests.helpers import REPO, launch, read_metrics
 
 
 def layout(stage, precision="bf16", offload=False, offload_param=False, bucket=50_000_000, micro=1):
