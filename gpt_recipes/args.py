@@ -213,11 +213,14 @@ class FinetuneArgs(AdapterArgs, RunArgs):
     """Fine-tune a Hugging Face causal LM on prompt/response or chat data (loss on responses only)."""
 
     model_name_or_path: str = flag("exported/quickstart", "Hugging Face model folder (or hub name when online)")
-    data: str = flag("data/sft_demo/train.jsonl",
-                     "JSONL/Parquet file or datasets folder of 'messages' or 'prompt'/'response' rows "
-                     "(the default demo task is built on first use)")
-    val_data: Optional[str] = flag(None, "held-out rows; default: the demo's val.jsonl, or --val_fraction of --data")
-    val_fraction: float = flag(0.05, "fraction of --data held out when there is no --val_data")
+    data: list[str] = flag(["data/sft_demo/train.jsonl"],
+                           "JSONL/Parquet file(s) or datasets folder(s) of 'messages' or 'prompt'/'response' rows; "
+                           "several make a weighted mixture (the default demo task is built on first use)")
+    data_weights: list[float] = flag([], "with several --data files: their sampling weights, normalised "
+                                     "(default: equal)")
+    val_data: list[str] = flag([], "held-out rows, one file per --data file; default: a val.jsonl beside a "
+                               "train.jsonl, else the first --val_fraction of each --data file")
+    val_fraction: float = flag(0.05, "fraction of each --data file held out when it has no --val_data")
     pack: bool = flag(False, "pack several examples per sequence (attention and loss stay within each)")
     truncate: bool = flag(False, "cut examples longer than --seq_len instead of dropping them")
     pad_to_multiple_of: int = flag(64, "pad each batch to a multiple of this many tokens (at most --seq_len): few "

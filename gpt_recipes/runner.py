@@ -217,29 +217,27 @@ def make_batches(args: RunArgs, run: RunPlan, train_samples: Samples, val_sample
     return Batches(train_samples, order, val_samples, val_batches)
 
 
-def make_mixture_batches(args: RunArgs, run: RunPlan, sources: list[mixture.Source], weights: list[float],
-                         seq_len: int) -> Batches:
+def make_mixture_batches(args: RunArgs, run: RunPlan, train: mixture.SourceIndex, val: mixture.SourceIndex,
+                         weights: list[float], unit: str = "samples") -> Batches:
     """A weighted mixture's global batch order, and each source's validation micro-batches."""
     if args.num_epochs is not None:
         raise UserError("--num_epochs counts passes over one training set; a weighted mixture passes over each "
                         "source at its own rate: give --max_steps")
     plan = run.batch
-    splits = {split: mixture.MixedWindows([PackedTokens(s.meta.split_files(split), s.meta.dtype, seq_len)
-                                           for s in sources], [s.name for s in sources])
-              for split in ("train", "val")}
 
     def new_epoch(name: str, epoch: int, step: int) -> None:
-        run.say(f"step {step:>6d} | source {name}: every window seen; epoch {epoch + 1} of it starts, re-permuted")
+        run.say(f"step {step:>6d} | source {name}: every one of its {unit} seen; epoch {epoch + 1} of it starts, "
+                "re-permuted")
 
-    order = mixture.MixtureOrder(splits["train"], weights, plan, args.seed, on_new_epoch=new_epoch)
-    val_batches = mixture.val_micro_batches(splits["val"], args.eval_batches * plan.global_batch, plan.micro_batch,
+    order = mixture.MixtureOrder(train, weights, plan, args.seed, on_new_epoch=new_epoch)
+    val_batches = mixture.val_micro_batches(val, args.eval_batches * plan.global_batch, plan.micro_batch,
                                             plan.data_rank(run.env.rank), plan.world_size)
     if len(val_batches) == 0:
-        raise UserError(f"the validation splits hold fewer windows at seq_len {seq_len} than there are data-parallel "
-                        f"ranks ({plan.world_size})")
-    run.say("Mixture: " + ", ".join(f"{s.name} {w:.1%} ({len(t):,} windows)"
-                                    for s, w, t in zip(sources, weights, splits["train"].splits)))
-    return Batches(splits["train"], order, splits["val"], val_batches)
+        raise UserError(f"the sources' validation sets hold fewer {unit} than there are data-parallel ranks "
+                        f"({plan.world_size})")
+    run.say("Mixture: " + ", ".join(f"{name} {w:.1%} ({size:,} {unit})"
+                                    for name, w, size in zip(train.names, weights, train.sizes)))
+    return Batches(train, order, val, val_batches)
 
 
 def build(args: RunArgs, run: RunPlan, job: Job, stage: int) -> PreTrainedModel:

@@ -17,11 +17,11 @@ Hugging Face model folder of the final weights, checked against the trained engi
 """
 
 from gpt_recipes.args import PretrainArgs, parse_args
-from gpt_recipes.data.mixture import check_sources
+from gpt_recipes.data.mixture import MixedWindows, check_sources
 from gpt_recipes.data.prepare import ensure_default_data
 from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.data.tokens import PackedTokens, read_meta
-from gpt_recipes.errors import UserError, cli_entry
+from gpt_recipes.errors import cli_entry
 from gpt_recipes.models.causal_lm import build_config, build_model, check_seq_len, describe_presets
 from gpt_recipes.runner import Job, execute, make_batches, make_mixture_batches, plan_run
 
@@ -39,9 +39,7 @@ def main() -> None:
     for folder in args.data:
         ensure_default_data(folder)
     metas = [read_meta(folder) for folder in args.data]
-    if len(metas) == 1 and args.data_weights:
-        raise UserError("--data_weights weighs several --data folders; one was given")
-    sources, weights = check_sources(metas, args.data_weights) if len(metas) > 1 else (None, None)
+    sources, weights = check_sources(metas, args.data_weights)
     meta = metas[0]
     tokenizer = load_tokenizer(meta.tokenizer_dir)
     # ... and the model, sized for the tokenizer.
@@ -50,12 +48,14 @@ def main() -> None:
 
     # 2. Windows of packed tokens, in a global order every rank agrees on.
     train, val = (PackedTokens(meta.split_files(split), meta.dtype, seq_len) for split in ("train", "val"))
-    if sources is None:
+    if len(sources) == 1:
         batches = make_batches(args, run, train, val, f"{args.data[0]} at seq_len {seq_len}")
         record = {"data": meta.raw}
         fingerprint = meta.raw.get("fingerprint")
     else:
-        batches = make_mixture_batches(args, run, sources, weights, seq_len)
+        train, val = (MixedWindows([PackedTokens(s.meta.split_files(split), s.meta.dtype, seq_len) for s in sources],
+                                   [s.name for s in sources]) for split in ("train", "val"))
+        batches = make_mixture_batches(args, run, train, val, weights, unit=f"windows at seq_len {seq_len}")
         record = {"data": {"mixture": [{"name": s.name, "folder": str(s.meta.root.resolve()), "weight": w, **s.meta.raw}
                                        for s, w in zip(sources, weights)]}}
         fingerprint = "+".join(f"{s.meta.raw.get('fingerprint')}x{w:.6g}" for s, w in zip(sources, weights))

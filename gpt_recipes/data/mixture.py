@@ -1,4 +1,4 @@
-"""Weighted mixtures of prepared data folders (sources) for pretraining.
+"""Weighted mixtures of data sources: prepared folders for pretraining, files for fine-tuning.
 
 Global batch s takes q_k(s) samples from source k. The counts follow the weights as closely as
 whole samples allow: each step hands out the global batch by largest remainder on every
@@ -35,14 +35,23 @@ def tokenizer_digest(meta: DataMeta) -> str:
     return tokenizer.digest(meta.tokenizer_dir)
 
 
-def check_sources(metas: list[DataMeta], weights: list[float]) -> tuple[list[Source], list[float]]:
-    """Sources named after their folders, made with one tokenizer, and the normalised weights."""
-    if weights and len(weights) != len(metas):
-        raise UserError(f"--data_weights gives {len(weights)} weights for {len(metas)} --data folders; give one "
-                        "per folder, or none for equal weights")
+def normalise_weights(weights: list[float], count: int, what: str) -> list[float]:
+    """The sampling weights of `count` sources, normalised to sum to 1 (equal when none are given)."""
+    if weights and len(weights) != count:
+        raise UserError(f"--data_weights gives {len(weights)} weights for {count} {what}; give one per source, "
+                        "or none for equal weights")
+    if weights and count == 1:
+        raise UserError(f"--data_weights weighs several {what}; one was given")
     bad = [w for w in weights if not w > 0]
     if bad:
         raise UserError(f"--data_weights must all be positive, got {bad[0]:g}")
+    total = sum(weights) if weights else count
+    return [w / total for w in weights] if weights else [1 / count] * count
+
+
+def check_sources(metas: list[DataMeta], weights: list[float]) -> tuple[list[Source], list[float]]:
+    """Sources named after their folders, made with one tokenizer, and the normalised weights."""
+    normalised = normalise_weights(weights, len(metas), "--data folders")
     names = [Path(m.root).resolve().name for m in metas]
     if len(set(names)) != len(names):
         raise UserError(f"--data: two folders share the name {next(n for n in names if names.count(n) > 1)!r}; "
@@ -53,26 +62,32 @@ def check_sources(metas: list[DataMeta], weights: list[float]) -> tuple[list[Sou
             raise UserError(f"--data: {metas[0].root} and {meta.root} were prepared with different tokenizers "
                             f"({metas[0].raw.get('tokenizer_source', '?')} / {meta.raw.get('tokenizer_source', '?')}); "
                             "prepare every source with the same --tokenizer folder")
-    total = sum(weights) if weights else len(metas)
-    normalised = [w / total for w in weights] if weights else [1 / len(metas)] * len(metas)
     return [Source(n, m) for n, m in zip(names, metas)], normalised
 
 
-class MixedWindows:
-    """The windows of several sources as one index space: source k holds indices
-    offsets[k] .. offsets[k] + len(split k) - 1."""
+class SourceIndex:
+    """Several sources' samples as one index space: source k holds indices offsets[k] ..
+    offsets[k] + sizes[k] - 1. Mixed sample sets carry it beside their own `batch`."""
 
-    def __init__(self, splits: list[PackedTokens], names: list[str]):
-        self.splits = splits
+    def index_sources(self, sizes: list[int], names: list[str]) -> None:
+        self.sizes = [int(n) for n in sizes]
         self.names = names
-        self.offsets = np.cumsum([0] + [len(s) for s in splits])
-        self.seq_len = splits[0].seq_len
+        self.offsets = np.cumsum([0] + self.sizes)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def source_of(self, index: int) -> int:
         return int(np.searchsorted(self.offsets, index, side="right") - 1)
+
+
+class MixedWindows(SourceIndex):
+    """The windows of several prepared folders as one index space."""
+
+    def __init__(self, splits: list[PackedTokens], names: list[str]):
+        self.splits = splits
+        self.seq_len = splits[0].seq_len
+        self.index_sources([len(s) for s in splits], names)
 
     def batch(self, indices: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         T = self.seq_len
@@ -92,13 +107,13 @@ class MixedWindows:
 
 
 class MixtureOrder(GlobalBatchOrder):
-    """Global batch s of a weighted mixture, as global indices into MixedWindows."""
+    """Global batch s of a weighted mixture, as global indices into a SourceIndex."""
 
-    def __init__(self, windows: MixedWindows, weights: list[float], plan: BatchPlan, seed: int,
+    def __init__(self, windows: SourceIndex, weights: list[float], plan: BatchPlan, seed: int,
                  on_new_epoch: Callable[[str, int, int], None] | None = None):
-        empty = [n for n, s in zip(windows.names, windows.splits) if len(s) == 0]
+        empty = [n for n, size in zip(windows.names, windows.sizes) if size == 0]
         if empty:
-            raise UserError(f"--data: source {empty[0]} holds no training window at this seq_len")
+            raise UserError(f"--data: source {empty[0]} holds no training sample at this seq_len")
         self.windows = windows
         self.weights = np.asarray(weights, dtype=np.float64)
         self.plan = plan
@@ -125,12 +140,19 @@ class MixtureOrder(GlobalBatchOrder):
         return self._taken[step]
 
     def source_tokens(self, step: int) -> dict[str, int]:
-        """Training tokens read from each source by steps 0 .. step - 1."""
+        """Training tokens read from each source by steps 0 .. step - 1 (windows are all seq_len long)."""
         return {name: int(n) * self.windows.seq_len for name, n in zip(self.windows.names, self.taken_before(step))}
+
+    def source_counts(self, step: int) -> dict[str, dict[str, int]]:
+        """What each source gave by steps 0 .. step - 1, for the metrics: tokens for windows of one
+        length, else samples (fine-tuning examples vary in length)."""
+        if hasattr(self.windows, "seq_len"):
+            return {"source_tokens": self.source_tokens(step)}
+        return {"source_samples": {name: int(n) for name, n in zip(self.windows.names, self.taken_before(step))}}
 
     def _walk(self, k: int, start: int, count: int, step: int) -> np.ndarray:
         """Source k's samples number start .. start + count - 1 of its epoch-by-epoch walk."""
-        n = len(self.windows.splits[k])
+        n = self.windows.sizes[k]
         positions = np.arange(start, start + count, dtype=np.int64)
         out = np.empty(count, dtype=np.int64)
         for epoch in np.unique(positions // n):
@@ -145,7 +167,7 @@ class MixtureOrder(GlobalBatchOrder):
     def _permutation(self, k: int, epoch: int) -> np.ndarray:
         cached = self._perms.get(k)
         if cached is None or cached[0] != epoch:
-            cached = (epoch, np.random.default_rng([self.seed, k, epoch]).permutation(len(self.windows.splits[k])))
+            cached = (epoch, np.random.default_rng([self.seed, k, epoch]).permutation(self.windows.sizes[k]))
             self._perms[k] = cached
         return cached[1]
 
@@ -156,12 +178,12 @@ class MixtureOrder(GlobalBatchOrder):
         return batch[np.random.default_rng([self.seed, 2**31, step]).permutation(len(batch))]
 
 
-def val_micro_batches(val: MixedWindows, max_per_source: int, micro_batch: int, rank: int,
+def val_micro_batches(val: SourceIndex, max_per_source: int, micro_batch: int, rank: int,
                       world_size: int) -> list[np.ndarray]:
-    """Each source's validation windows in micro-batches of that source alone (so each
+    """Each source's validation samples in micro-batches of that source alone (so each
     micro-batch's loss belongs to one source); every rank runs as many as the others."""
     out = []
-    for k, split in enumerate(val.splits):
-        for micro in eval_micro_batches(len(split), max_per_source, micro_batch, rank, world_size):
+    for k, size in enumerate(val.sizes):
+        for micro in eval_micro_batches(size, max_per_source, micro_batch, rank, world_size):
             out.append(micro + val.offsets[k])
     return out

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from gpt_recipes.data.mixture import SourceIndex
 from gpt_recipes.data.sources import check_utf8
 from gpt_recipes.errors import UserError, first_line, root_line
 
@@ -95,6 +96,39 @@ def read_split(data: str, val_data: str | None, val_fraction: float) -> tuple[li
     if held >= len(rows):
         raise UserError(f"{data} holds {len(rows)} rows: too few to hold out a validation set")
     return rows[held:], rows[:held]
+
+
+@dataclass
+class RowSource:
+    """One --data file's rows: its name keys the mixture's metrics."""
+
+    name: str
+    path: str
+    train: list[tuple[str, dict]]
+    val: list[tuple[str, dict]]
+
+
+def source_names(paths: list[str]) -> list[str]:
+    """Each file's name without its suffix, or with its folder where two files share one."""
+    stems = [Path(p).stem for p in paths]
+    names = [f"{Path(p).parent.name}/{stem}" if stems.count(stem) > 1 else stem for p, stem in zip(paths, stems)]
+    if len(set(names)) != len(names):
+        raise UserError(f"--data: two sources would share the name {next(n for n in names if names.count(n) > 1)!r}; "
+                        "the name keys each source's metrics, so give them distinct file or folder names")
+    return names
+
+
+def read_sources(data: list[str], val_data: list[str], val_fraction: float) -> list[RowSource]:
+    """The rows of each --data file, each split into training and held-out rows on its own (its
+    --val_data, a val.jsonl beside it, or its first --val_fraction), so every source is evaluated."""
+    if not data:
+        raise UserError("--data names no file")
+    if val_data and len(val_data) != len(data):
+        raise UserError(f"--val_data gives {len(val_data)} files for {len(data)} --data files; give one per --data "
+                        "file, in the same order, or none")
+    names = source_names(data)
+    return [RowSource(name, path, *read_split(path, val_data[k] if val_data else None, val_fraction))
+            for k, (name, path) in enumerate(zip(names, data))]
 
 
 def rows_digest(rows: list[tuple[str, dict]]) -> str:
@@ -300,3 +334,14 @@ class SFTSamples:
         # Padding queries attend to themselves only, so no row of the mask is empty.
         mask |= torch.eye(width, dtype=torch.bool)[None, None]
         return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}, targets
+
+
+class MixedSFT(SourceIndex, SFTSamples):
+    """Several sources' fine-tuning samples as one index space, batched together (padded or packed
+    alike), for a weighted mixture's order."""
+
+    def __init__(self, parts: list[SFTSamples], names: list[str]):
+        first = parts[0]
+        SFTSamples.__init__(self, [row for part in parts for row in part.rows], first.pad_id, first.packed,
+                            first.pad_multiple, first.max_width)
+        self.index_sources([len(part) for part in parts], names)

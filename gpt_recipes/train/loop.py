@@ -278,8 +278,7 @@ def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_c
                 "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
                 **memory_fields,
                 **(loss_fn.take_metrics() if hasattr(loss_fn, "take_metrics") else {}),
-                **({"source_tokens": batches.order.source_tokens(state.step)}
-                   if hasattr(batches.order, "source_tokens") else {}),
+                **(batches.order.source_counts(state.step) if hasattr(batches.order, "source_counts") else {}),
             }
             if record.get("compile_s", 0.0) > compiled_s:
                 compiled_s = record["compile_s"]

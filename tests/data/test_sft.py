@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpt_recipes.data import sft
 from gpt_recipes.data.sft import (
     IGNORE,
     SFTSamples,
@@ -202,3 +203,33 @@ def test_rows_that_are_not_utf8_name_the_line(tmp_path, content, match):
     path.write_bytes(content)
     with pytest.raises(UserError, match=match):
         load_rows(path)
+
+
+def test_each_file_of_a_mixture_holds_out_its_own_rows(tmp_path):
+    from gpt_recipes.data.mixture import MixtureOrder
+    from gpt_recipes.ds_config import BatchPlan
+
+    for name, n in (("a", 40), ("b", 10)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.jsonl").write_text(
+            "".join(json.dumps({"prompt": f"{name}{i}", "response": "r"}) + "\n" for i in range(n)))
+    paths = [str(tmp_path / "a" / "train.jsonl"), str(tmp_path / "b" / "train.jsonl")]
+    sources = sft.read_sources(paths, [], 0.1)
+    assert [s.name for s in sources] == ["a/train", "b/train"]  # one stem: the folder tells them apart
+    assert [(len(s.train), len(s.val)) for s in sources] == [(36, 4), (9, 1)]
+    assert sources[1].val[0][1]["prompt"] == "b0" and sources[1].train[0][1]["prompt"] == "b1"
+    with pytest.raises(UserError, match="--val_data gives 1 files for 2 --data files"):
+        sft.read_sources(paths, [paths[0]], 0.1)
+    with pytest.raises(UserError, match="two sources would share the name 'a/train'"):
+        sft.source_names([paths[0], paths[0].replace(".jsonl", ".parquet")])
+
+    parts = [sft.SFTSamples([[sft.Example(np.arange(k + 3), np.ones(k + 3, bool))] for k in range(len(s.train))],
+                            0, packed=False) for s in sources]
+    mixed = sft.MixedSFT(parts, [s.name for s in sources])
+    assert len(mixed) == 45 and mixed.source_of(35) == 0 and mixed.source_of(36) == 1
+    inputs, _ = mixed.batch(np.array([36]))  # the second source's first example, as its own set has it
+    assert torch.equal(inputs["input_ids"], parts[1].batch(np.array([0]))[0]["input_ids"])
+    order = MixtureOrder(mixed, [0.5, 0.5], BatchPlan(4, 1, 1), seed=0)
+    batch = order.global_batch(0)
+    assert sorted(mixed.source_of(i) for i in batch) == [0, 0, 1, 1]
+    assert order.source_counts(3) == {"source_samples": {"a/train": 6, "b/train": 6}}

@@ -28,14 +28,21 @@ def test_finetune_from_export_then_export_again(tmp_path, pretrained, demo, stag
     assert tokenizer.chat_template  # the template trained with travels with the model
 
 
-def test_finetune_resumes_exactly_after_sigterm(tmp_path, pretrained, demo):
+def test_a_weighted_mixture_of_files_resumes_exactly_after_sigterm(tmp_path, pretrained, demo):
+    # Two files of the demo, weighted 3:1, each with its own held-out rows.
+    rows = (demo / "train.jsonl").read_text().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(rows[:600]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(rows[600:900]) + "\n")
+
     def run(out, *extra, check=True):
         args = ["--deepspeed_config", ds_json(tmp_path, 3, micro=4, fp32=True), "--model_name_or_path",
-                str(pretrained), "--data", str(demo / "train.jsonl"), "--output_dir", str(out), "--max_steps", "10",
-                "--log_interval", "1", "--eval_interval", "0", "--save_interval", "5", "--truncate", *extra]
+                str(pretrained), "--data", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--data_weights",
+                "3", "1", "--val_fraction", "0.05", "--output_dir", str(out), "--max_steps", "10", "--log_interval",
+                "1", "--eval_interval", "5", "--eval_batches", "2", "--save_interval", "5", "--truncate", *extra]
         return launch("recipes/finetune.py", args, check=check)
 
-    run(tmp_path / "full")
+    proc = run(tmp_path / "full")
+    assert "Mixture: a 75.0% (" in proc.stdout and "b 25.0% (" in proc.stdout, proc.stdout
     os.environ["GPT_RECIPES_FAULT"] = "sigterm@4:1"
     try:
         proc = run(tmp_path / "part", check=False)
@@ -43,10 +50,17 @@ def test_finetune_resumes_exactly_after_sigterm(tmp_path, pretrained, demo):
         os.environ.pop("GPT_RECIPES_FAULT")
     assert proc.returncode == 143, proc.stderr[-2000:]
     run(tmp_path / "part", "--resume")
-    full, part = read_metrics(tmp_path / "full")[0], read_metrics(tmp_path / "part")[0]
+    (full, full_evals), (part, part_evals) = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
     assert [r["step"] for r in part] == list(range(1, 11))
     for a, b in zip(full[4:], part[4:]):
         assert abs(a["loss"] - b["loss"]) < 1e-6 and a["tokens"] == b["tokens"], (a, b)
+        assert a["source_samples"] == b["source_samples"], (a, b)
+    for r in full:  # global batch 8: the shares follow 3:1 within one example at every step
+        taken = r["source_samples"]
+        assert taken["a"] + taken["b"] == 8 * r["step"] and abs(taken["a"] - 6 * r["step"]) < 1, r
+    last = full_evals[-1]
+    assert set(last["val_loss_by_source"]) == {"a", "b"}, last
+    assert part_evals[-1]["val_loss_by_source"] == pytest.approx(last["val_loss_by_source"], abs=1e-6)
 
 
 def test_bad_rows_stop_with_file_and_row(tmp_path, pretrained):
