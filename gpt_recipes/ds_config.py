@@ -25,6 +25,8 @@ class BatchPlan:
 
     With sequence parallelism (sp) or tensor parallelism (tp), the sp * tp consecutive ranks
     of one group read the same samples: world_size counts data-parallel ranks, world / (sp * tp).
+    With pipeline parallelism (pp), the pp stages of one pipeline read the same samples; DeepSpeed
+    numbers ranks stage-major (rank = stage * data-parallel size + data-parallel rank).
     """
 
     micro_batch: int  # samples per data-parallel rank per forward pass
@@ -32,6 +34,7 @@ class BatchPlan:
     world_size: int  # data-parallel ranks
     sp: int = 1  # ranks that split each sample's sequence (DeepSpeed Ulysses)
     tp: int = 1  # ranks that split each layer's weights (DeepSpeed AutoTP)
+    pp: int = 1  # pipeline stages: ranks that split the layers (DeepSpeed's pipeline engine)
     # DeepSpeed 0.19 sums gradients over a sequence-parallel group and averages over data-parallel
     # ranks, except at ZeRO-3, whose reduce-scatter averages over every rank.
     averages_over_sequence: bool = False
@@ -51,11 +54,26 @@ class BatchPlan:
 
     def data_rank(self, rank: int) -> int:
         """The data-parallel rank of global rank `rank`: which part of each global batch it reads."""
+        if self.pp > 1:
+            return rank % self.world_size
         return rank // (self.sp * self.tp)
 
 
-def parallel_sizes(cfg: dict[str, Any], world_size: int) -> tuple[int, int]:
-    """(sequence-parallel size, tensor-parallel size) the JSON asks for, checked against the world."""
+def pipeline_stages(cfg: dict[str, Any]) -> int:
+    """The pipeline stages the JSON's "pipeline" section asks for (1: no pipeline)."""
+    block = cfg.get("pipeline", {})
+    if not isinstance(block, dict):
+        raise UserError("DeepSpeed config: pipeline must be an object such as {\"stages\": 2}")
+    stages = block.get("stages", "auto")
+    if stages == "auto":  # DeepSpeed's default: the model decides; these recipes build none unless asked
+        return 1
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise UserError(f"DeepSpeed config: pipeline.stages must be a positive integer, got {stages!r}")
+    return stages
+
+
+def parallel_sizes(cfg: dict[str, Any], world_size: int) -> tuple[int, int, int]:
+    """(sequence-parallel, tensor-parallel, pipeline) sizes the JSON asks for, checked against the world."""
     sp = cfg.get("sequence_parallel_size", 1)
     tp_block = cfg.get("tensor_parallel", {})
     if not isinstance(tp_block, dict):
@@ -64,10 +82,20 @@ def parallel_sizes(cfg: dict[str, Any], world_size: int) -> tuple[int, int]:
     for key, value in (("sequence_parallel_size", sp), ("tensor_parallel.autotp_size", tp)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"DeepSpeed config: {key} must be a positive integer, got {value!r}")
+    pp = pipeline_stages(cfg)
+    if pp > 1 and sp * tp > 1:
+        raise UserError("DeepSpeed config: pipeline.stages and " + ("sequence_parallel_size" if sp > 1 else
+                        "tensor_parallel.autotp_size") + " are both above 1; these recipes combine a pipeline with "
+                        "data parallelism only")
+    if pp > 1 and zero_stage(cfg) >= 2:
+        raise UserError(f"DeepSpeed config: a pipeline (pipeline.stages {pp}) runs with ZeRO stage 0 or 1, not "
+                        f"{zero_stage(cfg)} (DeepSpeed's pipeline engine partitions no gradients or parameters); use "
+                        "ds_configs/zero1_pp2.json or set zero_optimization.stage to 1")
     if sp > 1 and tp > 1:
         raise UserError("DeepSpeed config: sequence_parallel_size and tensor_parallel.autotp_size are both above 1; "
                         "these recipes run one of them at a time")
-    size, key = (sp, "sequence_parallel_size") if sp > 1 else (tp, "tensor_parallel.autotp_size")
+    size, key = ((sp, "sequence_parallel_size") if sp > 1 else (pp, "pipeline.stages") if pp > 1
+                 else (tp, "tensor_parallel.autotp_size"))
     if world_size % size:
         raise UserError(f"DeepSpeed config: {key} {size} does not divide the {world_size} ranks; launch a multiple "
                         f"of {size} ranks")
@@ -84,7 +112,7 @@ def parallel_sizes(cfg: dict[str, Any], world_size: int) -> tuple[int, int]:
     if tp > 1 and zero_stage(cfg) == 3:
         raise UserError("DeepSpeed config: tensor parallelism (tensor_parallel.autotp_size) runs with ZeRO stage 0, "
                         "1 or 2, not 3; use ds_configs/zero2_tp2.json or set zero_optimization.stage to 1 or 2")
-    return sp, tp
+    return sp, tp, pp
 
 
 def config_path(flag_value: str | None, default: str) -> str:
@@ -184,15 +212,15 @@ def _positive_int(cfg: dict, key: str) -> int | None:
     return value
 
 
-def resolve_batch(cfg: dict[str, Any], world_size: int, sp: int = 1, tp: int = 1) -> BatchPlan:
+def resolve_batch(cfg: dict[str, Any], world_size: int, sp: int = 1, tp: int = 1, pp: int = 1) -> BatchPlan:
     """Derive the missing batch value from the other two and check that they agree.
 
     DeepSpeed requires train_batch_size == micro_batch * grad_accum * world_size, over the
     data-parallel ranks; any two determine the third. The resolved values are written back
     so DeepSpeed sees all three.
     """
-    world_size //= sp * tp
-    ranks = f"world size {world_size}" if sp * tp == 1 else f"data-parallel size {world_size}"
+    world_size //= sp * tp * pp
+    ranks = f"world size {world_size}" if sp * tp * pp == 1 else f"data-parallel size {world_size}"
     total, micro, accum = (_positive_int(cfg, k) for k in BATCH_KEYS)
     if micro is None and total is None:
         raise UserError("DeepSpeed config: set train_micro_batch_size_per_gpu (or train_batch_size)")
@@ -218,7 +246,7 @@ def resolve_batch(cfg: dict[str, Any], world_size: int, sp: int = 1, tp: int = 1
                 f"x gradient_accumulation_steps {accum} x {ranks} "
                 f"(= {micro * accum * world_size}); fix one of them or drop train_batch_size"
             )
-    plan = BatchPlan(micro_batch=micro, grad_accum=accum or 1, world_size=world_size, sp=sp, tp=tp,
+    plan = BatchPlan(micro_batch=micro, grad_accum=accum or 1, world_size=world_size, sp=sp, tp=tp, pp=pp,
                      averages_over_sequence=sp > 1 and zero_stage(cfg) == 3)
     cfg["train_micro_batch_size_per_gpu"] = plan.micro_batch
     cfg["gradient_accumulation_steps"] = plan.grad_accum

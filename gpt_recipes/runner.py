@@ -34,7 +34,7 @@ from gpt_recipes.checkpoints.run_dir import (
 )
 from gpt_recipes.data import mixture
 from gpt_recipes.data.tokenizer import load_tokenizer, vocabulary_digest
-from gpt_recipes.data.tokens import GlobalBatchOrder, PackedTokens, eval_micro_batches
+from gpt_recipes.data.tokens import GlobalBatchOrder, eval_micro_batches
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError
 from gpt_recipes.metrics import evaluation, flops
@@ -45,10 +45,10 @@ from gpt_recipes.models.adapters import AdapterPlan
 from gpt_recipes.models.causal_lm import count_parameters, enable_activation_checkpointing
 from gpt_recipes.models.compile import CompilePlan, plan_compile
 from gpt_recipes.models.loss import CausalLMLoss, fused_unavailable
-from gpt_recipes.parallel import distributed, sequence_tensor
+from gpt_recipes.parallel import distributed, pipeline, sequence_tensor
 from gpt_recipes.parallel.distributed import DistEnv
 from gpt_recipes.train import engine_setup
-from gpt_recipes.train.loop import Batches, LoopSettings, Samples, TrainState, train
+from gpt_recipes.train.loop import Batches, DataParallelStep, LoopSettings, Samples, TrainState, TrainStep, train
 
 
 @dataclass
@@ -240,9 +240,17 @@ def make_mixture_batches(args: RunArgs, run: RunPlan, train: mixture.SourceIndex
     return Batches(train, order, val, val_batches)
 
 
-def build(args: RunArgs, run: RunPlan, job: Job, stage: int) -> PreTrainedModel:
-    """The recipe's model, with activation checkpointing if asked; says what was built."""
+def build(args: RunArgs, run: RunPlan, job: Job, stage: int, pipe: pipeline.PipelinePlan | None) -> torch.nn.Module:
+    """The recipe's model, with activation checkpointing if asked, or this rank's stage of it as a
+    pipeline; says what was built."""
     model = job.build_model()
+    if pipe is not None:  # this rank keeps its stage's layers; the rest of the model is dropped
+        model = pipeline.to_pipeline(model, pipe)
+        run.say(f"Model: {job.model_config.model_type}, seq_len {job.seq_len}; {ds_config.precision(run.ds_cfg)}, "
+                f"ZeRO-{stage}; global batch {run.batch.global_batch} = {run.batch.micro_batch} micro x "
+                f"{run.batch.grad_accum} micro-batches in flight x {run.batch.world_size} data-parallel pipelines")
+        run.say(pipeline.describe(model))
+        return model
     built_mb = None
     if stage == 3:  # each rank holds only its partitions: the model is never whole on one rank
         built_mb = distributed.rank_max(tensor_memory_mb(run.device), distributed.device(run.device, run.env))
@@ -268,6 +276,16 @@ def build(args: RunArgs, run: RunPlan, job: Job, stage: int) -> PreTrainedModel:
         run.say(f"ZeRO-3: built partitioned, {built_mb:.0f} MiB of tensors on the fullest rank (the whole model is "
                 f"{count_parameters(model) * 4 / 2**20:.0f} MiB in fp32)")
     return model
+
+
+def make_train_step(args: RunArgs, run: RunPlan, job: Job, engine, batches: Batches, stage: int) -> TrainStep:
+    """The loop's step: the pipeline engine's, or forward/backward/step with the recipe's loss."""
+    if pipeline.is_pipeline(engine.module):
+        job.record["fused_loss"] = False
+        return pipeline.PipelineStep(batches, run.batch, run.env.rank)
+    loss_fn = build_loss(args, run, job, engine.module, stage) if job.make_loss is None else job.make_loss(
+        engine.module, stage)
+    return DataParallelStep(batches, run.batch, run.env, loss_fn)
 
 
 def build_loss(args: RunArgs, run: RunPlan, job: Job, model: PreTrainedModel, stage: int) -> CausalLMLoss:
@@ -371,6 +389,8 @@ def check_resume_matches(run: RunPlan, job: Job) -> None:
             f"{run.batch.global_batch} and {job.seq_len}: keep them to resume (on another number of ranks, change "
             "gradient_accumulation_steps or train_micro_batch_size_per_gpu in the DeepSpeed config so the global "
             "batch stays the same)")
+    paths.layout_change(saved, run.env.world_size, ds_config.zero_stage(run.ds_cfg), run.batch.sp, run.batch.tp,
+                        run.batch.pp)  # a layout no checkpoint conversion can bridge is refused now
 
 
 def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
@@ -378,6 +398,8 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     check_resume_matches(run, job)
     sequence_tensor.check(run.batch, job.model_config, job.seq_len, lora=job.adapter is not None,
                    objective=job.name.upper() if job.make_loss is not None else None)
+    pipe = pipeline.plan_of(run.ds_cfg, run.batch.pp)
+    pipeline.check(pipe, job.model_config, job.name, lora=job.adapter is not None, compiled=run.compile is not None)
     why_not_shm = distributed.init(env, args.shm_comm)
     if run.device == "cpu" and env.world_size > 1:
         say("Collectives: " + ("all-reduce, all-gather and reduce-scatter through DeepSpeed's shared-memory kernel"
@@ -388,7 +410,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     mpu = sequence_tensor.start_sequence_parallel(job.model_config, run.batch) if run.batch.sp > 1 else None
 
     stage = ds_config.zero_stage(run.ds_cfg)
-    model = build(args, run, job, stage)
+    model = build(args, run, job, stage, pipe)
     for key, value in run.filled.items():
         say(f"DeepSpeed config: filled {key} = {value} (was \"auto\")")
     for note in run.notes:
@@ -397,7 +419,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     resume_tag = run.output.resume_tag
     if resume_tag:
         change = paths.layout_change(paths.saved_info(ckpt_dir, resume_tag), env.world_size, stage,
-                                          run.batch.sp, run.batch.tp)
+                                     run.batch.sp, run.batch.tp, run.batch.pp)
         if change:
             # Another number of ranks or ZeRO stage: go through DeepSpeed's universal checkpoint,
             # which keeps the optimizer state. load_universal is derived here, not set in the JSON.
@@ -428,8 +450,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     if job.adapter is not None:
         adapters.leave_base_out_of_checkpoints(engine)
         base_digest = adapters.frozen_digest(engine.module)
-    loss_fn = build_loss(args, run, job, engine.module, stage) if job.make_loss is None else job.make_loss(
-        engine.module, stage)
+    train_step = make_train_step(args, run, job, engine, batches, stage)
 
     flops_per_token, peak, _ = throughput_basis(args, run, job)
     state = TrainState()
@@ -444,7 +465,8 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
             "recipe": job.name, "args": asdict(args), "seq_len": job.seq_len, "world_size": env.world_size,
             "batch": {"micro_batch": run.batch.micro_batch, "grad_accum": run.batch.grad_accum,
                       "global_batch": run.batch.global_batch, "data_parallel": run.batch.world_size,
-                      "sequence_parallel": run.batch.sp, "tensor_parallel": run.batch.tp},
+                      "sequence_parallel": run.batch.sp, "tensor_parallel": run.batch.tp,
+                      "pipeline_stages": run.batch.pp},
             "deepspeed": run.ds_cfg, "filled_auto": run.filled, "deepspeed_overrides": run.overrides,
             "model": job.model_config.to_dict(),
             "parameters": count_parameters(model), **job.record,
@@ -470,8 +492,11 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     training_info = {"recipe": job.name, "precision": ds_config.precision(run.ds_cfg), "zero_stage": stage,
                      "tokenizer_digest": vocabulary_digest(job.tokenizer), "data_fingerprint": job.data_fingerprint,
                      "world_size": env.world_size, "sequence_parallel": run.batch.sp, "tensor_parallel": run.batch.tp,
+                     "pipeline_stages": run.batch.pp,
                      "schedule": {k: v for k, v in run.filled.items() if k.startswith("scheduler.")}}
     hf_files = [job.model_config, job.tokenizer]
+    if run.batch.pp > 1:  # which Hugging Face module each of the pipeline's layer files holds
+        hf_files.append(pipeline.LayerNames(engine.module.hf_names))
     if job.adapter is not None:  # the checkpoint holds the adapters alone, and says which base they need
         training_info["adapter"] = job.record["adapter"]
         hf_files.append(job.adapter.config)
@@ -481,7 +506,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
                                adapters.trainable_parameters(model), args.keep_last, log=say,
                                frozen_base=job.adapter is not None)
 
-    train(engine, batches, run.batch, env, loop, state, metrics, loss_fn, save)
+    train(engine, batches, run.batch, env, loop, state, metrics, train_step, save)
     if job.adapter is not None:
         changed = torch.tensor(float(adapters.frozen_digest(engine.module) != base_digest))
         unchanged = distributed.all_reduce(changed.to(engine.device)).item() == 0

@@ -12,6 +12,7 @@ import torch
 from gpt_recipes import console
 from gpt_recipes.checkpoints.paths import latest_tag, recorded_info
 from gpt_recipes.errors import UserError, first_line
+from gpt_recipes.parallel import pipeline
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str | None = None, lazy: bool = False) -> dict[str, Any]:
@@ -43,6 +44,8 @@ def _consolidated(ckpt_dir: Path, tag: str | None, lazy: bool) -> dict[str, Any]
     if tag is None or not (ckpt_dir / tag).is_dir():
         raise UserError(f"{ckpt_dir} holds no checkpoint{f' tagged {tag}' if tag else ''}")
     tag_dir = ckpt_dir / tag
+    if pipeline.is_pipeline_checkpoint(tag_dir):
+        return pipeline.hf_state_dict(tag_dir)
     tp = recorded_info(tag_dir).get("tensor_parallel", 1)
     if tp > 1:
         return _tensor_parallel_weights(tag_dir, tp)

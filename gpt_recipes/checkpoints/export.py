@@ -42,6 +42,7 @@ from gpt_recipes.checkpoints.paths import (
 from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.errors import ExportMismatch, RecipeExit, UserError, first_line
 from gpt_recipes.models import adapters
+from gpt_recipes.parallel import pipeline
 from gpt_recipes.parallel.distributed import from_main
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -315,6 +316,13 @@ NEW_TOKENS = 16
 def engine_check(engine, config: PretrainedConfig, eos_token_id: int, zero_stage: int) -> EngineCheck:
     """Run on every rank: under ZeRO-3 each forward gathers parameters collectively."""
     batch = verification_batch(config)
+    if pipeline.is_pipeline(engine.module):  # each forward runs through every stage
+        generated = batch[:1, :PROMPT_TOKENS]
+        for _ in range(NEW_TOKENS):
+            step_logits = pipeline.logits(engine, generated.to(engine.device))
+            generated = torch.cat([generated, step_logits[:, -1].argmax(-1, keepdim=True).cpu()], dim=1)
+        return EngineCheck(batch, pipeline.logits(engine, batch.to(engine.device)).cpu(), generated,
+                           next(engine.module.parameters()).dtype)
     engine.eval()
     logits = engine(input_ids=batch.to(engine.device)).logits.float().cpu()
     generated = engine.module.generate(

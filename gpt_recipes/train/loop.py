@@ -97,26 +97,85 @@ def _to_device(batch: tuple[dict[str, torch.Tensor], torch.Tensor], device: torc
     return {k: move(v) for k, v in inputs.items()}, move(targets)
 
 
-@torch.no_grad()
-def evaluate(engine, batches: Batches, loss_fn: CausalLMLoss) -> dict[str, float]:
-    """Over all ranks' validation samples: val_loss, the mean loss per target (a token, or a
-    preference pair), and any further means the objective reports, prefixed val_."""
-    engine.eval()
-    loss_fn = loss_fn.for_evaluation() if hasattr(loss_fn, "for_evaluation") else loss_fn
-    names = getattr(batches.val, "names", [None])  # a mixture's sources, each evaluated on its own
-    total = torch.zeros(len(names), 2, dtype=torch.float64, device=engine.device)
-    for idx in batches.val_micro_batches:
-        inputs, targets = _to_device(batches.val.batch(idx), engine.device)
-        k = batches.val.source_of(idx[0]) if len(names) > 1 else 0
-        total[k, 0] += loss_fn(engine, inputs, targets, reduction="sum").double()
-        total[k, 1] += batches.val.num_targets(idx)
-    engine.train()
-    all_reduce(total)
-    extra = loss_fn.take_metrics("val_") if hasattr(loss_fn, "take_metrics") else {}
-    overall = (total[:, 0].sum() / total[:, 1].sum()).item()
-    if len(names) > 1:
-        extra["val_loss_by_source"] = {name: (t[0] / t[1]).item() for name, t in zip(names, total)}
-    return {"val_loss": overall, **extra}
+class TrainStep(Protocol):
+    """The part of the loop a kind of run supplies: one optimizer step, and a validation pass."""
+
+    probes_memory: bool  # it fills the memory probe when handed one
+
+    def __call__(self, engine, step: int, global_batch: np.ndarray, probe: MemoryProbe | None,
+                 window: ThroughputWindow) -> torch.Tensor:
+        """Train on global batch `step`; returns this rank's share of the loss sum the loop logs
+        (summed over ranks and divided by steps x accumulation x data-parallel ranks, the mean)."""
+
+    def evaluate(self, engine) -> dict[str, float]:
+        """val_loss over all ranks' validation samples, and any further val_ means."""
+
+    def take_metrics(self, prefix: str = "") -> dict[str, float]:
+        """The objective's own training means since the last call (DPO's rewards), or nothing."""
+
+
+class DataParallelStep:
+    """The step of a data-parallel run (any ZeRO stage, sequence or tensor parallel): forward,
+    engine.backward and engine.step for each of this rank's micro-batches."""
+
+    probes_memory = True
+
+    def __init__(self, batches: Batches, plan: BatchPlan, env: DistEnv, loss_fn: CausalLMLoss):
+        self.batches, self.plan, self.env, self.loss_fn = batches, plan, env, loss_fn
+        self.reports_perplexity = getattr(loss_fn, "reports_perplexity", True)
+
+    def take_metrics(self, prefix: str = "") -> dict[str, float]:
+        return self.loss_fn.take_metrics(prefix) if hasattr(self.loss_fn, "take_metrics") else {}
+
+    def __call__(self, engine, step: int, global_batch: np.ndarray, probe: MemoryProbe | None,
+                 window: ThroughputWindow) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches; returns their summed loss (on the device).
+
+        The step's loss is the mean over every target token of the global batch, however the batch is
+        split into ranks and micro-batches (fine-tuning examples differ in length): each micro-batch's
+        summed loss is scaled so that DeepSpeed's averaging over ranks and accumulation steps yields it
+        (a sequence-parallel rank's loss covers its part of each sample). With a probe, the first
+        micro-batch's activations and the model states before the update are measured."""
+        batches, plan, env, loss_fn = self.batches, self.plan, self.env, self.loss_fn
+        scale = plan.grad_accum * plan.grad_divisor / max(1, batches.train.num_targets(global_batch))
+        total = torch.zeros((), device=engine.device)
+        for micro_step in range(plan.grad_accum):
+            idx = batches.order.micro_batch(step, plan.data_rank(env.rank), micro_step)
+            inputs, targets = _to_device(batches.train.batch(idx), engine.device)
+            with probe.saved_activations() if probe and micro_step == 0 else contextlib.nullcontext():
+                loss = loss_fn(engine, inputs, targets, reduction="sum") * scale
+            loss = faults.poison_loss(loss, step + 1, env.rank)
+            engine.backward(loss)
+            if probe and micro_step == 0:
+                probe.finish_activations()
+            if probe and micro_step == plan.grad_accum - 1:
+                with window.paused():  # keep the reading out of throughput
+                    probe.read_model_states()
+            engine.step()
+            total += loss.detach()
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        """Over all ranks' validation samples: val_loss, the mean loss per target (a token, or a
+        preference pair), and any further means the objective reports, prefixed val_."""
+        batches = self.batches
+        engine.eval()
+        loss_fn = self.loss_fn.for_evaluation() if hasattr(self.loss_fn, "for_evaluation") else self.loss_fn
+        names = getattr(batches.val, "names", [None])  # a mixture's sources, each evaluated on its own
+        total = torch.zeros(len(names), 2, dtype=torch.float64, device=engine.device)
+        for idx in batches.val_micro_batches:
+            inputs, targets = _to_device(batches.val.batch(idx), engine.device)
+            k = batches.val.source_of(idx[0]) if len(names) > 1 else 0
+            total[k, 0] += loss_fn(engine, inputs, targets, reduction="sum").double()
+            total[k, 1] += batches.val.num_targets(idx)
+        engine.train()
+        all_reduce(total)
+        extra = self.take_metrics("val_")
+        overall = (total[:, 0].sum() / total[:, 1].sum()).item()
+        if len(names) > 1:
+            extra["val_loss_by_source"] = {name: (t[0] / t[1]).item() for name, t in zip(names, total)}
+        return {"val_loss": overall, **extra}
 
 
 class EngineTimers:
@@ -168,7 +227,7 @@ def train(
     settings: LoopSettings,
     state: TrainState,
     metrics: MetricsLog,
-    loss_fn: CausalLMLoss,
+    train_step: TrainStep,
     save_checkpoint: Callable[[TrainState], Path],
 ) -> TrainState:
     """Train until settings.max_steps; raises DivergedError on a non-finite loss (without saving) and
@@ -181,7 +240,7 @@ def train(
     gc.collect()
     gc.freeze()
     try:
-        return _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_checkpoint, stop)
+        return _train(engine, batches, plan, env, settings, state, metrics, train_step, save_checkpoint, stop)
     except Exception as err:
         if not isinstance(err, RecipeExit):  # planned ends (a save on a signal, a NaN) all ranks agree on
             watch.report_if_peer_lost(wait=10.0)  # a collective that broke because another rank died: say that
@@ -192,18 +251,18 @@ def train(
         stop.restore()
 
 
-def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_checkpoint, stop) -> TrainState:
+def _train(engine, batches, plan, env, settings, state, metrics, train_step, save_checkpoint, stop) -> TrainState:
     say = tqdm.write if env.is_main else (lambda *_: None)
     bar = tqdm(total=settings.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not env.is_main or not sys.stderr.isatty())
     good_step = state.step  # the last step known to have a finite loss
 
     def run_eval() -> float:
-        result = evaluate(engine, batches, loss_fn)
+        result = train_step.evaluate(engine)
         val_loss = result["val_loss"]
         if not math.isfinite(val_loss):
             raise _diverged(state.step, good_step, settings.out_dir, "validation loss")
-        if getattr(loss_fn, "reports_perplexity", True):
+        if getattr(train_step, "reports_perplexity", True):
             result["val_ppl"] = math.exp(min(val_loss, 50.0))
         if settings.downstream is not None:
             result.update(settings.downstream(engine))
@@ -236,7 +295,8 @@ def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_c
 
     timers = EngineTimers(engine)
     probe = MemoryProbe(engine.module, settings.device_type)
-    probe_step = state.step + 1  # the second step of this process: optimizer state exists by then
+    # The second step of this process (optimizer state exists by then), where the step can measure.
+    probe_step = state.step + 1 if train_step.probes_memory else -1
     compiled_s = 0.0  # torch.compile's time so far, as last said
     probed = False  # one-off readings, agreed across ranks and logged with the next metrics line
 
@@ -246,8 +306,7 @@ def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_c
         global_batch = batches.order.global_batch(state.step)
         with (profiled_step(state.step + 1, settings.out_dir, settings.device_type, env.is_main)
               if profiling else contextlib.nullcontext()), window.paused() if profiling else contextlib.nullcontext():
-            loss_sum += _step(engine, batches, plan, env, state.step, global_batch, loss_fn,
-                              probe if probing else None, window)
+            loss_sum += train_step(engine, state.step, global_batch, probe if probing else None, window)
         probed |= probing
         timers.after_step()
         step_tokens = batches.train.num_tokens(global_batch)  # host-side count
@@ -277,7 +336,7 @@ def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_c
                 # fp16 steps the loss scaler skipped after an overflow: expected, not a failure.
                 "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
                 **memory_fields,
-                **(loss_fn.take_metrics() if hasattr(loss_fn, "take_metrics") else {}),
+                **train_step.take_metrics(),
                 **(batches.order.source_counts(state.step) if hasattr(batches.order, "source_counts") else {}),
             }
             if record.get("compile_s", 0.0) > compiled_s:
@@ -307,34 +366,6 @@ def _train(engine, batches, plan, env, settings, state, metrics, loss_fn, save_c
                 save()
     bar.close()
     return state
-
-
-def _step(engine, batches: Batches, plan: BatchPlan, env: DistEnv, step: int, global_batch: np.ndarray,
-          loss_fn: CausalLMLoss, probe: MemoryProbe | None, window: ThroughputWindow) -> torch.Tensor:
-    """One optimizer step over this rank's micro-batches; returns their summed loss (on the device).
-
-    The step's loss is the mean over every target token of the global batch, however the batch is
-    split into ranks and micro-batches (fine-tuning examples differ in length): each micro-batch's
-    summed loss is scaled so that DeepSpeed's averaging over ranks and accumulation steps yields it
-    (a sequence-parallel rank's loss covers its part of each sample). With a probe, the first
-    micro-batch's activations and the model states before the update are measured."""
-    scale = plan.grad_accum * plan.grad_divisor / max(1, batches.train.num_targets(global_batch))
-    total = torch.zeros((), device=engine.device)
-    for micro_step in range(plan.grad_accum):
-        idx = batches.order.micro_batch(step, plan.data_rank(env.rank), micro_step)
-        inputs, targets = _to_device(batches.train.batch(idx), engine.device)
-        with probe.saved_activations() if probe and micro_step == 0 else contextlib.nullcontext():
-            loss = loss_fn(engine, inputs, targets, reduction="sum") * scale
-        loss = faults.poison_loss(loss, step + 1, env.rank)
-        engine.backward(loss)
-        if probe and micro_step == 0:
-            probe.finish_activations()
-        if probe and micro_step == plan.grad_accum - 1:
-            with window.paused():  # keep the reading out of throughput
-                probe.read_model_states()
-        engine.step()
-        total += loss.detach()
-    return total
 
 
 def _train_line(record: dict[str, Any]) -> str:

@@ -158,7 +158,7 @@ def main() -> None:
 
     from gpt_recipes.train import loop
 
-    step_fn, due_fn = loop._step, loop._is_due
+    step_fn, due_fn = loop.DataParallelStep.__call__, loop._is_due
     steps = {"n": 0}
 
     def step(*args, **kwargs):  # from the first training step ...
@@ -172,7 +172,7 @@ def main() -> None:
             recorder.active = False
         return due
 
-    loop._step = step
+    loop.DataParallelStep.__call__ = step
     loop._is_due = is_due
     # DeepSpeed's own device-wide waits (its throughput and phase timers call them) are no
     # tensor operation: a no-op on a CPU, torch.cuda.synchronize() on a GPU.

@@ -1,0 +1,298 @@
+"""Pipeline parallelism: a transformers causal LM as DeepSpeed pipeline layers, and its training step.
+
+When the JSON's "pipeline" section asks for P > 1 stages, the model the recipe built (the same
+class and seed as every other run, so the same weights) is cut into a sequence of layers that
+wrap its own modules: token embedding, (GPT-2) position embedding, each decoder block, final
+norm, output layer. DeepSpeed's PipelineModule keeps the layers of this rank's stage and drops
+the rest. A tied output layer (GPT-2, tied Llama) is DeepSpeed's tied layer: the first and last
+stages each hold the embedding and all-reduce its gradient. Only the hidden states travel
+between stages; positions are recomputed from their shape (pretraining windows start at 0).
+
+The step is engine.train_batch: the JSON's gradient_accumulation_steps micro-batches in flight
+(1F1B), the ranks of one pipeline reading the same samples, data-parallel pipelines disjoint ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt_recipes.ds_config import BatchPlan
+from gpt_recipes.errors import UserError
+
+LAYERS_FILE = "pipeline_layers.json"  # in each checkpoint: which Hugging Face module each layer file holds
+PARTITIONS = ("parameters", "uniform")
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    stages: int
+    partition: str  # DeepSpeed's partition_method: parameters, uniform or type:REGEX
+    activation_checkpoint_interval: int
+
+
+def plan_of(ds_cfg: dict[str, Any], stages: int) -> PipelinePlan | None:
+    """The pipeline the JSON asks for (None for P = 1), its partition method checked."""
+    if stages <= 1:
+        return None
+    block = ds_cfg.get("pipeline", {})
+    partition = block.get("partition", "best")
+    partition = "parameters" if partition == "best" else partition  # DeepSpeed's default names no method
+    if not isinstance(partition, str) or not (partition in PARTITIONS or partition.startswith("type:")):
+        raise UserError(f"DeepSpeed config: pipeline.partition {partition!r} is not one of parameters, uniform or "
+                        "type:REGEX")
+    interval = block.get("activation_checkpoint_interval", 0)
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+        raise UserError(f"DeepSpeed config: pipeline.activation_checkpoint_interval must be a whole number >= 0, got "
+                        f"{interval!r}")
+    return PipelinePlan(stages, partition, interval)
+
+
+def check(plan: PipelinePlan | None, config, recipe: str, lora: bool, compiled: bool) -> None:
+    """One line for what a pipeline cannot run, before any rank starts."""
+    if plan is None:
+        return
+    what = f"a pipeline (pipeline.stages {plan.stages})"
+    if recipe != "pretrain":
+        raise UserError(f"{what} runs pretraining only: fine-tuning and preference batches vary in length, and the "
+                        "pipeline engine needs one shape for every micro-batch; use a data-parallel/ZeRO config")
+    if lora:
+        raise UserError(f"{what} is not supported with LoRA (--use_peft); use a data-parallel/ZeRO config")
+    if compiled:
+        raise UserError(f"{what} is not supported with --torch_compile yet; drop one of them")
+    if config.model_type not in FAMILIES:
+        raise UserError(f"{what} is built for the {' and '.join(FAMILIES)} families, not {config.model_type!r}")
+    blocks = config.num_hidden_layers
+    if plan.stages > blocks:
+        raise UserError(f"{what} needs at least one decoder block per stage; the model has {blocks}")
+
+
+# --- Layers: thin wrappers holding the model's own modules --------------------------------------
+
+
+class Embedding(nn.Module):
+    """Token ids -> embeddings; as a tied layer, also the output layer (`tied_logits`)."""
+
+    def __init__(self, module: nn.Embedding):
+        super().__init__()
+        self.module = module
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.module(input_ids)
+
+
+def tied_logits(embedding: Embedding, hidden: torch.Tensor) -> torch.Tensor:
+    return F.linear(hidden, embedding.module.weight)
+
+
+class Positions(nn.Module):
+    """GPT-2's learned position embedding, added to the token embedding (then its dropout)."""
+
+    def __init__(self, module: nn.Embedding, dropout: nn.Module):
+        super().__init__()
+        self.module, self.dropout = module, dropout
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        return self.dropout(hidden + self.module(positions)[None])
+
+
+class Block(nn.Module):
+    """A GPT-2 decoder block: causal attention from its own mask-free path."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.module(hidden)
+
+
+class RotaryBlock(nn.Module):
+    """A Llama decoder block with the rotary angles of positions 0..T-1 (the rotary module has no
+    weights, so each stage holds its own)."""
+
+    def __init__(self, module: nn.Module, rotary: nn.Module):
+        super().__init__()
+        self.module, self.rotary = module, rotary
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        return self.module(hidden, position_ids=positions, position_embeddings=self.rotary(hidden, positions))
+
+
+class Final(nn.Module):
+    """The final norm, or an untied output layer."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.module(hidden)
+
+
+def _gpt2(model) -> list[tuple[Any, str | None]]:
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    t = model.transformer
+    tied = model.config.tie_word_embeddings
+    layers = [(TiedLayerSpec("embed", Embedding, t.wte, tied_weight_attr="module.weight") if tied
+               else LayerSpec(Embedding, t.wte), "transformer.wte"),
+              (LayerSpec(Positions, t.wpe, t.drop), "transformer.wpe")]
+    layers += [(LayerSpec(Block, block), f"transformer.h.{i}") for i, block in enumerate(t.h)]
+    layers.append((LayerSpec(Final, t.ln_f), "transformer.ln_f"))
+    layers.append((TiedLayerSpec("embed", Embedding, t.wte, forward_fn=tied_logits, tied_weight_attr="module.weight"),
+                   None) if tied else (LayerSpec(Final, model.lm_head), "lm_head"))
+    return layers
+
+
+def _llama(model) -> list[tuple[Any, str | None]]:
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    m = model.model
+    tied = model.config.tie_word_embeddings
+    layers = [(TiedLayerSpec("embed", Embedding, m.embed_tokens, tied_weight_attr="module.weight") if tied
+               else LayerSpec(Embedding, m.embed_tokens), "model.embed_tokens")]
+    layers += [(LayerSpec(RotaryBlock, block, m.rotary_emb), f"model.layers.{i}") for i, block in enumerate(m.layers)]
+    layers.append((LayerSpec(Final, m.norm), "model.norm"))
+    layers.append((TiedLayerSpec("embed", Embedding, m.embed_tokens, forward_fn=tied_logits,
+                                 tied_weight_attr="module.weight"), None) if tied
+                  else (LayerSpec(Final, model.lm_head), "lm_head"))
+    return layers
+
+
+FAMILIES = {"gpt2": _gpt2, "llama": _llama}
+
+
+def mean_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The micro-batch's mean next-token loss (pretraining windows: every position is a target)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def to_pipeline(model, plan: PipelinePlan):
+    """The model as a DeepSpeed PipelineModule holding this rank's stage; the rest is dropped with
+    `model`. Returns (module, the Hugging Face name of each layer's module, None for a tied head)."""
+    from deepspeed.pipe import PipelineModule
+
+    layers = FAMILIES[model.config.model_type](model)
+    module = PipelineModule([spec for spec, _ in layers], num_stages=plan.stages, loss_fn=mean_token_loss,
+                            partition_method=plan.partition,
+                            activation_checkpoint_interval=plan.activation_checkpoint_interval)
+    module.hf_names = [name for _, name in layers]
+    module.config = model.config
+    return module
+
+
+def is_pipeline(module) -> bool:
+    from deepspeed.pipe import PipelineModule
+
+    return isinstance(module, PipelineModule)
+
+
+def describe(module) -> str:
+    parts = module.parts
+    return "Pipeline: " + ", ".join(f"stage {s}: layers {parts[s]}-{parts[s + 1] - 1}"
+                                     for s in range(len(parts) - 1)) + f" of {parts[-1]} (embedding, blocks, norm, head)"
+
+
+# --- The step and evaluation ---------------------------------------------------------------------
+
+
+class PipelineStep:
+    """The loop's step for a pipeline: engine.train_batch over this data-parallel rank's micro-batches
+    of the global batch, and evaluation through engine.eval_batch. Pretraining windows have one
+    length, so the mean of the micro-batches' mean losses is the global batch's mean token loss."""
+
+    probes_memory = False  # activations live on several stages at once; plan_memory.py sizes them
+
+    def __init__(self, batches, plan: BatchPlan, rank: int):
+        self.batches, self.plan, self.data_rank = batches, plan, plan.data_rank(rank)
+
+    def take_metrics(self, prefix: str = "") -> dict[str, float]:
+        return {}
+
+    def _micro_batches(self, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for micro_step in range(self.plan.grad_accum):
+            idx = self.batches.order.micro_batch(step, self.data_rank, micro_step)
+            inputs, targets = self.batches.train.batch(idx)
+            yield inputs["input_ids"], targets
+
+    def __call__(self, engine, step: int, global_batch: np.ndarray, probe, window) -> torch.Tensor:
+        loss = engine.train_batch(self._micro_batches(step))  # the global batch's mean, on every rank
+        # The loop sums this over every rank (P stages x D pipelines) and divides by accumulation x D.
+        return loss.detach() * self.plan.grad_accum / self.plan.pp
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        # eval_batch averages each micro-batch's mean loss over the data-parallel pipelines (whose
+        # micro-batches have equal sizes) and hands it to every stage.
+        total, count, shape = 0.0, 0, None
+        for idx in self.batches.val_micro_batches:
+            inputs, targets = self.batches.val.batch(idx)
+            if inputs["input_ids"].shape != shape:  # the stages exchange shapes once per shape
+                engine.reset_activation_shape()
+                shape = inputs["input_ids"].shape
+            loss = engine.eval_batch(iter([(inputs["input_ids"], targets)]), num_micro_batches=1)
+            total += float(loss) * len(idx)
+            count += len(idx)
+        engine.reset_activation_shape()
+        engine.train()
+        return {"val_loss": total / count}
+
+
+@torch.no_grad()
+def logits(engine, input_ids: torch.Tensor) -> torch.Tensor:
+    """The pipeline's logits for input_ids on every rank (the last stage computes them)."""
+    engine.reset_activation_shape()
+    engine.total_loss = None  # eval_batch adds to what the last train_batch left
+    _, out = engine.eval_batch(iter([(input_ids, torch.zeros_like(input_ids))]), return_logits=True,
+                               compute_loss=False, num_micro_batches=1)
+    engine.reset_activation_shape()
+    engine.train()
+    vocab = engine.module.config.vocab_size
+    result = out.float() if engine.is_last_stage() else torch.zeros(*input_ids.shape, vocab)
+    torch.distributed.broadcast(result, src=engine.grid.stage_to_global(engine.num_stages - 1,
+                                                                          data=engine.grid.data_parallel_id),
+                                group=engine.grid.get_pipe_parallel_group())
+    return result
+
+
+@dataclass
+class LayerNames:
+    """Saved with each checkpoint (as the model config is): the Hugging Face module each layer
+    file holds, None for a tied output layer."""
+
+    names: list[str | None]
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        (Path(folder) / LAYERS_FILE).write_text(json.dumps(self.names) + "\n")
+
+
+def is_pipeline_checkpoint(tag_dir: Path) -> bool:
+    return (tag_dir / LAYERS_FILE).is_file()
+
+
+def hf_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """A pipeline checkpoint's weights under the Hugging Face model's names, from its per-layer files
+    (the module weights as trained: fp32 master weights in fp32 runs)."""
+    names = json.loads((tag_dir / LAYERS_FILE).read_text())
+    state = {}
+    for index, prefix in enumerate(names):
+        if prefix is None:  # a tied output layer: the embedding's weight, saved with layer 0
+            continue
+        files = sorted(tag_dir.glob(f"layer_{index:02d}-*model_states.pt"))
+        if not files:
+            raise UserError(f"checkpoint {tag_dir} lacks the file of pipeline layer {index} ({prefix})")
+        layer = torch.load(files[0], map_location="cpu", weights_only=True)
+        for key, tensor in layer.items():
+            if key.startswith("module."):
+                state[f"{prefix}.{key[len('module.'):]}"] = tensor.float()
+    return state
