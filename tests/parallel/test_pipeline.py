@@ -1,0 +1,132 @@
+"""Pipeline parallelism: the JSON's checks, and P=2 on 2 ranks against 1 rank on the same samples
+(tied GPT-2 and untied Llama), exact resume after SIGTERM, and the export."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from gpt_recipes import ds_config
+from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
+from gpt_recipes.checkpoints.paths import layout_change
+from gpt_recipes.errors import UserError
+from gpt_recipes.parallel import pipeline
+from tests.helpers import REPO, TINY_GPT2, TINY_LLAMA, ds_json, hf_only, launch, pretrain_args, read_metrics
+
+
+def _resolve(tmp_path, world_size=2, stage=1, **extra):
+    cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+    cfg.update(extra)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    return ds_config.resolve(path, world_size, 10, "cpu")
+
+
+def test_the_layout_from_the_json(tmp_path):
+    cfg, plan, _ = _resolve(tmp_path, world_size=4, pipeline={"stages": 2}, gradient_accumulation_steps=4)
+    assert (plan.pp, plan.world_size, plan.global_batch) == (2, 2, 2 * 4 * plan.micro_batch)
+    # DeepSpeed numbers ranks stage-major: ranks 0, 1 are stage 0 of pipelines 0, 1.
+    assert [plan.data_rank(r) for r in range(4)] == [0, 1, 0, 1]
+    assert pipeline.plan_of(cfg, plan.pp) == pipeline.PipelinePlan(2, "parameters", 0)  # DeepSpeed's "best"
+    shipped = json.loads((REPO / "ds_configs" / "zero1_pp2.json").read_text())
+    assert pipeline.plan_of(shipped, ds_config.pipeline_stages(shipped)).stages == 2
+
+
+@pytest.mark.parametrize("extra, stage, world, message", [
+    ({"pipeline": {"stages": 2}}, 2, 2, "runs with ZeRO stage 0 or 1, not 2"),
+    ({"pipeline": {"stages": 2}}, 3, 2, "runs with ZeRO stage 0 or 1, not 3"),
+    ({"pipeline": {"stages": 2}, "sequence_parallel_size": 2}, 1, 4, "data parallelism only"),
+    ({"pipeline": {"stages": 2}, "tensor_parallel": {"autotp_size": 2}}, 1, 4, "data parallelism only"),
+    ({"pipeline": {"stages": 3}}, 1, 2, "pipeline.stages 3 does not divide the 2 ranks"),
+    ({"pipeline": {"stages": "2"}}, 1, 2, "pipeline.stages must be a positive integer"),
+    ({"pipeline": {"stages": 2, "partition": "layers"}}, 1, 2, "is not one of parameters, uniform or type:REGEX"),
+])
+def test_bad_layouts_are_one_line_errors(tmp_path, extra, stage, world, message):
+    with pytest.raises(UserError, match=message):
+        cfg, plan, _ = _resolve(tmp_path, world_size=world, stage=stage, **extra)
+        pipeline.plan_of(cfg, plan.pp)
+
+
+def test_what_a_pipeline_cannot_run():
+    plan = pipeline.PipelinePlan(2, "parameters", 0)
+    gpt2 = AutoConfig.for_model(**TINY_GPT2)
+    with pytest.raises(UserError, match="runs pretraining only"):
+        pipeline.check(plan, gpt2, "finetune", lora=False, compiled=False)
+    with pytest.raises(UserError, match="runs pretraining only"):
+        pipeline.check(plan, gpt2, "dpo", lora=False, compiled=False)
+    with pytest.raises(UserError, match="LoRA"):
+        pipeline.check(plan, gpt2, "pretrain", lora=True, compiled=False)
+    with pytest.raises(UserError, match="at least one decoder block per stage; the model has 2"):
+        pipeline.check(pipeline.PipelinePlan(3, "parameters", 0), gpt2, "pretrain", lora=False, compiled=False)
+    pipeline.check(plan, gpt2, "pretrain", lora=False, compiled=False)
+    info = {"world_size": 2, "zero_stage": 1, "pipeline_stages": 2}
+    with pytest.raises(UserError, match="resume a pipeline run with the same ranks"):
+        layout_change(info, 2, 1, pp=1)
+    assert layout_change(info, 2, 1, pp=2) is None
+
+
+def _pipeline_json(tmp_path, stages: int) -> str:
+    path = tmp_path / f"pp{stages}.json"
+    cfg = json.loads(open(ds_json(tmp_path, 1, micro=2, accum=2, fp32=True)).read())
+    if stages > 1:
+        cfg["pipeline"] = {"stages": stages}
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+STEPS = 8
+
+
+def _run(tmp_path, tiny_data, model, name, ranks, stages, *extra, fault=None):
+    out = tmp_path / name
+    args = pretrain_args(_pipeline_json(tmp_path, stages), tiny_data, model, out, STEPS, "--seq_len", "32",
+                         "--log_interval", "1", "--eval_interval", "4", "--eval_batches", "2", "--save_interval", "4",
+                         *extra)
+    proc = launch("recipes/pretrain.py", args, ranks=ranks, check=fault is None, fault=fault)
+    return out, proc
+
+
+def _compare(pipe_out, one_out):
+    (pipe, pipe_evals), (one, one_evals) = read_metrics(pipe_out), read_metrics(one_out)
+    assert [r["step"] for r in pipe] == list(range(1, STEPS + 1))
+    for a, b in zip(pipe, one):
+        assert abs(a["loss"] - b["loss"]) <= 2e-5, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 2e-5 * b["grad_norm"], (a, b)
+    for a, b in zip(pipe_evals, one_evals):
+        assert abs(a["val_loss"] - b["val_loss"]) <= 2e-5, (a, b)
+    ours = consolidated_state_dict(pipe_out / "checkpoints", f"step{STEPS}")
+    reference = consolidated_state_dict(one_out / "checkpoints", f"step{STEPS}")
+    reference = {k: v for k, v in reference.items() if k in ours or k != "lm_head.weight"}  # tied: one copy
+    assert set(ours) == set(reference), set(ours) ^ set(reference)
+    worst = max((ours[k] - reference[k]).abs().max().item() for k in ours)
+    assert worst <= 5e-5, worst
+
+
+@pytest.mark.slow
+def test_a_tied_gpt2_pipeline_trains_as_one_rank_resumes_exactly_and_exports(tmp_path, tiny_data, tiny_model):
+    pipe_out, proc = _run(tmp_path, tiny_data, tiny_model, "pp", 2, 2, "--export_hf", str(tmp_path / "hf"))
+    assert "Pipeline: stage 0: layers 0-2, stage 1: layers 3-5 of 6" in proc.stdout, proc.stdout
+    one_out, _ = _run(tmp_path, tiny_data, tiny_model, "one", 1, 1)
+    _compare(pipe_out, one_out)
+    # The export reloads in plain transformers to the engine's logits, with its greedy tokens.
+    result = hf_only(tmp_path / "hf", pipe_out / "export_check.pt")
+    assert result["max_logit_diff"] <= 1e-4 and result["same_greedy_tokens"], result
+    # Stopped by SIGTERM after step 5 (a checkpoint at 5), resumed: the same steps 6..8.
+    part_out, proc = _run(tmp_path, tiny_data, tiny_model, "part", 2, 2, fault="sigterm@5:1")
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    _run(tmp_path, tiny_data, tiny_model, "part", 2, 2, "--resume")
+    full, part = read_metrics(pipe_out)[0], read_metrics(part_out)[0]
+    assert [r["step"] for r in part] == list(range(1, STEPS + 1))
+    for a, b in zip(full[5:], part[5:]):
+        assert a["loss"] == b["loss"] and a["tokens"] == b["tokens"], (a, b)
+
+
+@pytest.mark.slow
+def test_an_untied_llama_pipeline_trains_as_one_rank(tmp_path, tiny_data, tiny_llama):
+    assert TINY_LLAMA["tie_word_embeddings"] is False
+    pipe_out, _ = _run(tmp_path, tiny_data, tiny_llama, "pp", 2, 2)
+    one_out, _ = _run(tmp_path, tiny_data, tiny_llama, "one", 1, 1)
+    _compare(pipe_out, one_out)
+    assert torch.load(next((pipe_out / "checkpoints" / f"step{STEPS}").glob("layer_04-*model_states.pt")),
+                      weights_only=True)["module.weight"].shape[0] > TINY_LLAMA["hidden_size"]  # the head's own file
