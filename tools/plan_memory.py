@@ -34,6 +34,7 @@ from gpt_recipes.metrics.memory_plan import (
 )
 from gpt_recipes.models.adapters import lora_config
 from gpt_recipes.models.causal_lm import build_config, check_seq_len
+from gpt_recipes.parallel import pipeline
 
 
 @dataclass
@@ -111,6 +112,11 @@ def main() -> None:
             return f"seq_len {seq_len} does not divide by its sequence-parallel size {layout.sp}"
         if layout.tp > 1 and config.model_type == "gpt2":
             return "tensor parallelism does not split GPT-2's Conv1D projections (use a Llama-family model)"
+        if layout.pp > 1 and (lora is not None or not sizes.layers):
+            return "a pipeline runs pretraining of the GPT-2 and Llama families only (no LoRA)"
+        if layout.pp > config.num_hidden_layers:
+            return f"{layout.pp} pipeline stages need at least as many decoder blocks; the model has " \
+                   f"{config.num_hidden_layers}"
         return None
 
     def per_sample(layout: Layout, checkpointing: bool = args.activation_checkpointing) -> float:
@@ -122,6 +128,8 @@ def main() -> None:
             traced[key] = activation_bytes(tensor_parallel_slice(config, layout.tp), layout.micro_batch,
                                            seq_len // layout.sp, layout.precision, checkpointing,
                                            fused_loss=key[2], lora=lora) / layout.micro_batch
+        if layout.pp > 1:  # the fullest stage's micro-batches in flight, for its share of the blocks
+            return traced[key] * sizes.pipeline_activation_factor(layout.pp, layout.partition, layout.grad_accum)
         return traced[key]
 
     device = args.gpu_mem * GiB if args.gpu_mem else None
@@ -130,8 +138,8 @@ def main() -> None:
 
     rows = []
     for layout in layouts:
-        if (args.ranks * args.nodes) % (layout.sp * layout.tp):
-            print(f"{layout.name}: left out, its sequence/tensor-parallel size does not divide "
+        if (args.ranks * args.nodes) % (layout.sp * layout.tp * layout.pp):
+            print(f"{layout.name}: left out, its sequence/tensor/pipeline-parallel size does not divide "
                   f"{args.ranks * args.nodes} ranks")
             continue
         if refused(layout):
@@ -166,6 +174,15 @@ def main() -> None:
               f"{size(e.optimizer):>6s} {size(e.buffers):>7s} {size(e.model_states):>7s} {size(e.activations):>6s} "
               f"{layout.micro_batch:>3d} {size(e.host):>6s} {ds:>13s} {size(row.need):>7s}  "
               f"{row.verdict}")
+    for row in rows:
+        layout = row.estimate.layout
+        if layout.pp > 1:
+            stages = sizes.stage_parameters(layout.pp, layout.partition)
+            print(f"{layout.name}: {layout.pp} pipeline stages x {args.ranks * args.nodes // layout.pp} data-parallel "
+                  f"pipeline(s); parameters per stage {' / '.join(f'{n / 1e6:.2f}M' for n in stages)} (the table "
+                  f"shows the fullest); activations of up to {min(layout.grad_accum, layout.pp)} micro-batches in "
+                  f"flight on stage 0 (1F1B); bubble (P-1)/(m+P-1) = {pipeline.bubble(layout.pp, layout.grad_accum):.0%} "
+                  f"of each step at m = {layout.grad_accum} micro-batches")
     if device:
         print("\nOffloading configs fit only if their node's host memory holds the offloaded states of its ranks, by "
               "this estimate and by DeepSpeed's (the larger). DeepSpeed's host figure for a config without offload "

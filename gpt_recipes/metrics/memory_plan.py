@@ -18,6 +18,12 @@ parallelism over T ranks splits the layers' projections (not embeddings, norms o
 output layer) T ways, ZeRO partitions over the world / T data-parallel ranks, and a rank's
 activations are traced on the model with 1/T of the heads and MLP width.
 
+A pipeline of P stages holds each stage's layers on its ranks (cut where DeepSpeed cuts them,
+by parameters unless the JSON says otherwise; a tied output layer is a second copy of the
+embedding on the last stage), ZeRO-1 partitions over the world / P data-parallel ranks, and
+under 1F1B stage s holds the activations of min(m, P - s) of the m micro-batches in flight,
+for its share of the decoder blocks.
+
 Activations are not guessed from a formula: one forward pass of the real model class is
 traced on the meta device (no memory used) and the tensors autograd saves for backward
 are summed, with attention counted as a fused kernel keeps it (inputs, output and the
@@ -35,6 +41,7 @@ import torch
 from transformers import PretrainedConfig, masking_utils
 
 from gpt_recipes import ds_config
+from gpt_recipes.parallel import pipeline
 
 GiB = 2**30
 # bytes per parameter: (weights, gradients, optimizer state) for Adam
@@ -56,6 +63,9 @@ class Layout:
     persistence_threshold: int
     sp: int = 1
     tp: int = 1
+    pp: int = 1
+    grad_accum: int = 1  # with a pipeline: the micro-batches in flight
+    partition: str = "parameters"
 
     @classmethod
     def from_config(cls, name: str, cfg: dict[str, Any]) -> "Layout":
@@ -76,6 +86,9 @@ class Layout:
                                                STAGE3_DEFAULTS["stage3_param_persistence_threshold"])),
             sp=int(cfg.get("sequence_parallel_size", 1)),
             tp=int((cfg.get("tensor_parallel") or {}).get("autotp_size", 1) or 1),
+            pp=ds_config.pipeline_stages(cfg),
+            grad_accum=int(cfg.get("gradient_accumulation_steps") or 1),
+            partition={"best": "parameters"}.get(p := (cfg.get("pipeline") or {}).get("partition", "best"), p),
         )
 
 
@@ -84,6 +97,24 @@ class ModelSizes:
     numels: tuple[int, ...]  # every parameter tensor, tied ones once
     trainable_numels: tuple[int, ...] | None = None  # those that train, when not all (LoRA)
     projections: int = 0  # parameters of the layers' Linear projections, which tensor parallelism splits
+    layers: tuple[int, ...] = ()  # parameters of each pipeline layer (embedding, [positions,] blocks, norm, head)
+    blocks: tuple[int, ...] = ()  # the indices of those layers that are decoder blocks
+
+    def stage_parameters(self, stages: int, partition: str) -> list[int]:
+        """Parameters each pipeline stage holds."""
+        from gpt_recipes.parallel.pipeline import stage_bounds
+
+        parts = stage_bounds(list(self.layers), stages, partition)
+        return [sum(self.layers[parts[s]:parts[s + 1]]) for s in range(stages)]
+
+    def pipeline_activation_factor(self, stages: int, partition: str, micro_batches: int) -> float:
+        """The fullest stage's activations in whole-model micro-batches: stage s keeps min(m, P - s)
+        micro-batches in flight (1F1B), each for its share of the decoder blocks."""
+        from gpt_recipes.parallel.pipeline import stage_bounds
+
+        parts = stage_bounds(list(self.layers), stages, partition)
+        share = [sum(parts[s] <= b < parts[s + 1] for b in self.blocks) / len(self.blocks) for s in range(stages)]
+        return max(min(micro_batches, stages - s) * share[s] for s in range(stages))
 
     @property
     def total(self) -> int:
@@ -142,7 +173,12 @@ def model_sizes(config: PretrainedConfig, lora: Any = None) -> ModelSizes:
     head = model.get_output_embeddings()
     projections = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
                       for p in m.parameters(recurse=False))
-    return ModelSizes(tuple(p.numel() for p in params), trainable, projections)
+    layers, blocks = (), ()
+    if lora is None and config.model_type in pipeline.FAMILIES:
+        layers = tuple(pipeline.layer_parameters(model))
+        first_block = 2 if config.model_type == "gpt2" else 1  # after the embedding (and GPT-2's positions)
+        blocks = tuple(range(first_block, first_block + config.num_hidden_layers))
+    return ModelSizes(tuple(p.numel() for p in params), trainable, projections, layers, blocks)
 
 
 def tensor_parallel_slice(config: PretrainedConfig, tp: int) -> PretrainedConfig:
@@ -162,6 +198,9 @@ def estimate(layout: Layout, sizes: ModelSizes, ranks: int, activations: float) 
     split = sizes.projections * (1 - 1 / layout.tp)
     psi, n = sizes.total - split, max(1, ranks // layout.tp)
     trainable = sizes.trainable - split
+    if layout.pp > 1:  # the fullest stage's layers, ZeRO over the data-parallel pipelines
+        psi = trainable = max(sizes.stage_parameters(layout.pp, layout.partition))
+        n = max(1, ranks // layout.pp)
     params, grads, optimizer, buffers, host = w * psi, g * trainable, o * trainable, 0.0, 0.0
     if layout.stage >= 1:
         optimizer /= n

@@ -172,6 +172,29 @@ def _llama(model) -> list[tuple[Any, str | None]]:
 FAMILIES = {"gpt2": _gpt2, "llama": _llama}
 
 
+def layer_parameters(model) -> list[int]:
+    """Parameters of each pipeline layer of `model` (any device, meta included); a tied output layer
+    counts the embedding again, as the last stage holds a copy."""
+    def count(spec) -> int:
+        return sum(p.numel() for arg in spec.module_args if isinstance(arg, nn.Module) for p in arg.parameters())
+
+    return [count(spec) for spec, _ in FAMILIES[model.config.model_type](model)]
+
+
+def stage_bounds(counts: list[int], stages: int, partition: str = "parameters") -> list[int]:
+    """Where DeepSpeed cuts the layers into stages: parts[s] .. parts[s + 1] - 1 are stage s's."""
+    from deepspeed.runtime import utils
+
+    if partition == "uniform":
+        return [int(b) for b in utils.partition_uniform(len(counts), stages)]
+    return [int(b) for b in utils.partition_balanced(counts, stages)]
+
+
+def bubble(stages: int, micro_batches: int) -> float:
+    """The idle share of a 1F1B pipeline step: (P - 1) / (m + P - 1)."""
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
 def mean_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The micro-batch's mean next-token loss (pretraining windows: every position is a target)."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -65,6 +65,25 @@ def test_tensor_parallel_splits_the_projections_and_partitions_over_data_paralle
     assert sp2.model_states == estimate(layout(2), sizes, 4, 0).model_states  # as data parallelism over all ranks
 
 
+def test_a_pipeline_stage_holds_its_layers_and_its_micro_batches_in_flight():
+    config = build_config("gpt2-nano", 1024, 0)
+    sizes = model_sizes(config)
+    embedding = 1024 * config.n_embd
+    # Layers: embedding, positions, 4 blocks, final norm, and the tied head: a second copy of the embedding.
+    assert len(sizes.layers) == 8 and sizes.layers[-1] == sizes.layers[0] == embedding
+    assert sum(sizes.layers) == sizes.total + embedding
+    stages = sizes.stage_parameters(2, "parameters")
+    assert sum(stages) == sum(sizes.layers) and max(stages) < 0.6 * sum(sizes.layers)  # balanced by parameters
+    pp2 = estimate(Layout("pp", 1, "bf16", False, False, 1, 0, 0, pp=2, grad_accum=4), sizes, 4, 0)
+    assert pp2.params == 2 * max(stages) and pp2.optimizer == pytest.approx(12 * max(stages) / 2)  # ZeRO over 4 / 2
+    # 1F1B: stage 0 keeps min(m, P) = 2 micro-batches of its blocks' activations, the last stage 1.
+    factor = sizes.pipeline_activation_factor(2, "parameters", 4)
+    assert factor == pytest.approx(2 * 0.5) and sizes.pipeline_activation_factor(2, "parameters", 1) == 0.5
+    from gpt_recipes.parallel.pipeline import bubble
+
+    assert [round(bubble(2, m), 4) for m in (2, 4, 8)] == [round(1 / 3, 4), 0.2, round(1 / 9, 4)]
+
+
 def test_a_parallel_rank_traces_its_part_of_the_activations():
     llama = build_config("llama-nano", 1024, 0)
     whole = activation_bytes(llama, 1, 128, "bf16", fused_loss=False)

@@ -144,7 +144,7 @@ def test_the_rpo_term_keeps_the_held_out_answers_likelihood(pretrained, pairs, t
     for name, extra in (("dpo", []), ("rpo", ["--rpo_alpha", "1"])):
         args = dpo_args(ds_json(tmp_path, 2, micro=4, fp32=True), pretrained, pairs, tmp_path / name,
                         "--max_steps", "16", "--log_interval", "16", "--ds", "optimizer.params.lr=1e-4", *extra)
-        args[args.index("--beta") + 1] = "0.1"  # the demo's beta and learning rate (ds_configs/zero3_dpo.json)
+        args[args.index("--beta") + 1] = "0.1"  # the demo's beta; a learning rate that shows the failure in 16 steps
         proc = run_python("recipes/dpo.py", args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         evals = read_metrics(tmp_path / name)[1]
