@@ -171,7 +171,7 @@ class DataParallelStep:
             total[k, 1] += batches.val.num_targets(idx)
         engine.train()
         all_reduce(total)
-        extra = self.take_metrics("val_")
+        extra = loss_fn.take_metrics("val_") if hasattr(loss_fn, "take_metrics") else {}
         overall = (total[:, 0].sum() / total[:, 1].sum()).item()
         if len(names) > 1:
             extra["val_loss_by_source"] = {name: (t[0] / t[1]).item() for name, t in zip(names, total)}
