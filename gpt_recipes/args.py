@@ -250,3 +250,34 @@ class DPOArgs(AdapterArgs, RunArgs):
     pad_to_multiple_of: int = flag(64, "pad each batch to a multiple of this many tokens (at most --seq_len)")
     output_dir: str = flag("runs/dpo", "folder for metrics.jsonl, config.json, checkpoints/ and the reference "
                            "log-probabilities")
+
+
+@dataclass
+class GRPOArgs(AdapterArgs, RunArgs):
+    """Train a Hugging Face causal LM with GRPO against reward functions (TRL's names for GRPO's own flags)."""
+
+    model_name_or_path: str = flag("exported/finetuned", "Hugging Face model folder to start from, usually a "
+                                   "fine-tuned one")
+    data: str = flag("data/grpo_demo/train.jsonl", "JSONL/Parquet file or datasets folder of 'prompt' rows (text or "
+                     "chat messages); other columns reach the reward functions (the default demo prompts are built "
+                     "on first use)")
+    val_data: Optional[str] = flag(None, "held-out prompts; default: a val.jsonl beside a train.jsonl, or "
+                                   "--val_fraction of --data")
+    val_fraction: float = flag(0.05, "fraction of --data held out when there is no --val_data")
+    reward_funcs: list[str] = flag(["gpt_recipes.data.grpo_rewards:reference_overlap",
+                                    "gpt_recipes.data.grpo_rewards:one_sentence"],
+                                   "reward functions as FILE.py:NAME or module:NAME, called as f(prompts, completions, "
+                                   "**columns) -> list[float | None] (TRL's signature)", commas=False)
+    reward_weights: list[float] = flag([], "one weight per reward function (default: 1 each); a completion's reward "
+                                       "is the weighted sum")
+    num_generations: int = flag(8, "completions per prompt (G): a group whose rewards are compared")
+    max_completion_length: int = flag(32, "tokens generated per completion at most")
+    temperature: float = flag(1.0, "sampling temperature")
+    top_p: float = flag(1.0, "nucleus sampling: keep the most likely tokens up to this probability")
+    beta: float = flag(0.0, "KL coefficient to the starting model (0, TRL's default, computes no KL; > 0 needs "
+                       "--use_peft, whose base with adapters disabled is the starting model)")
+    epsilon: float = flag(0.2, "clip range of the policy ratio")
+    loss_type: str = flag("grpo", "grpo: mean over each completion's tokens, then over completions; dr_grpo: sum over "
+                          "tokens / (completions x max_completion_length)", choices=["grpo", "dr_grpo"])
+    scale_rewards: bool = flag(True, "divide advantages by their group's reward std")
+    output_dir: str = flag("runs/grpo", "folder for metrics.jsonl, config.json and checkpoints/")

@@ -93,6 +93,8 @@ class Job:
     # what must run once the engine exists and before the first step (the reference pass).
     make_loss: Callable[[PreTrainedModel, int], Any] | None = None
     before_training: Callable[[Any, int], None] | None = None  # (engine, resumed step)
+    # A step of its own (GRPO generates before it trains): given the engine, batches and ZeRO stage.
+    make_step: Callable[[Any, Batches, int], TrainStep] | None = None
 
 
 def plan_run(args: RunArgs) -> RunPlan:
@@ -280,6 +282,8 @@ def build(args: RunArgs, run: RunPlan, job: Job, stage: int, pipe: pipeline.Pipe
 
 def make_train_step(args: RunArgs, run: RunPlan, job: Job, engine, batches: Batches, stage: int) -> TrainStep:
     """The loop's step: the pipeline engine's, or forward/backward/step with the recipe's loss."""
+    if job.make_step is not None:
+        return job.make_step(engine, batches, stage)
     if pipeline.is_pipeline(engine.module):
         job.record["fused_loss"] = False
         return pipeline.PipelineStep(batches, run.batch, run.env.rank)
@@ -397,7 +401,7 @@ def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainSta
     env, say = run.env, run.say
     check_resume_matches(run, job)
     sequence_tensor.check(run.batch, job.model_config, job.seq_len, lora=job.adapter is not None,
-                   objective=job.name.upper() if job.make_loss is not None else None)
+                   objective=job.name.upper() if job.make_loss or job.make_step else None)
     pipe = pipeline.plan_of(run.ds_cfg, run.batch.pp)
     pipeline.check(pipe, job.model_config, job.name, lora=job.adapter is not None, compiled=run.compile is not None)
     why_not_shm = distributed.init(env, args.shm_comm)

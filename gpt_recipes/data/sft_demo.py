@@ -110,8 +110,25 @@ def build_preferences(sft_dir: Path, out_dir: Path, seed: int = 0) -> dict[str, 
     return counts
 
 
+def build_prompts(sft_dir: Path, out_dir: Path) -> dict[str, int]:
+    """GRPO prompts from the demo task's rows: the question, with the function's signature and its
+    docstring sentence as columns the reward functions receive (gpt_recipes/data/grpo_rewards.py)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split in ("train", "val"):
+        rows = [json.loads(line) for line in (sft_dir / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+        with (out_dir / f"{split}.jsonl").open("w") as f:
+            for row in rows:
+                question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+                signature = question.split(" what does ", 1)[1].rsplit(" do?", 1)[0]
+                f.write(json.dumps({"prompt": question, "signature": signature, "reference": answer}) + "\n")
+        counts[split] = len(rows)
+    return counts
+
+
 DEFAULT_DIR = Path("data/sft_demo")
 PREFERENCE_DIR = Path("data/dpo_demo")
+PROMPT_DIR = Path("data/grpo_demo")
 
 
 def _built_once(default_dir: Path, train_path: str, build_fn, what: str) -> None:
@@ -139,3 +156,10 @@ def ensure_preference_demo(train_path: str) -> None:
     if Path(train_path).resolve() == (PREFERENCE_DIR / "train.jsonl").resolve():
         ensure_demo(str(DEFAULT_DIR / "train.jsonl"))
     _built_once(PREFERENCE_DIR, train_path, lambda out: build_preferences(DEFAULT_DIR, out), "demo preference pairs")
+
+
+def ensure_prompt_demo(train_path: str) -> None:
+    """The demo GRPO prompts (and the task they come from), built on first use."""
+    if Path(train_path).resolve() == (PROMPT_DIR / "train.jsonl").resolve():
+        ensure_demo(str(DEFAULT_DIR / "train.jsonl"))
+    _built_once(PROMPT_DIR, train_path, lambda out: build_prompts(DEFAULT_DIR, out), "demo GRPO prompts")

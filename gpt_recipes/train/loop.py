@@ -373,6 +373,10 @@ def _train_line(record: dict[str, Any]) -> str:
     tflops = f" | {record['tflops_per_rank']:.3g} TFLOP/s/rank" if record["tflops_per_rank"] is not None else ""
     rewards = (f" | reward acc {record['reward_accuracy']:.3f} margin {record['reward_margin']:.3f} | chosen "
                f"NLL {record['nll_chosen']:.3f}/token" if "reward_accuracy" in record else "")
+    if "generation_ms" in record:  # GRPO: what the completions earned, and what generating them cost
+        rewards = (f" | reward {record['reward']:.3f} (std {record['reward_std']:.3f}) | length "
+                   f"{record['completion_length']:.1f} | generation {record['generation_ms']:.0f} ms, training "
+                   f"{record['training_ms']:.0f} ms")
     return (f"step {record['step']:>6d} | loss {record['loss']:.4f}{rewards} | lr {record['lr']:.2e} | "
             f"{speed_text({**record, 'compile_s': None})}{tflops}{mfu} | peak {record['peak_mem_mb']:.0f} MiB")
 

@@ -1,0 +1,472 @@
+"""Group-relative policy optimisation (GRPO) with the user's reward functions, on the training engine.
+
+Each step takes global_batch / G prompts in the global batch order; their G completions each
+make the global batch of completions, which the ranks share as they share any global batch
+(rank r generates and trains on its consecutive part). A rank samples its completions from
+the live model with a KV cache (transformers' generate); under ZeRO-3 every rank runs the same
+number of generate calls with synced_gpus, so each forward gathers the partitioned layers one
+by one and no rank holds a second copy. The rewards of the whole global batch are gathered,
+each group's advantages normalised, and the loss taken over completion tokens only:
+
+    ratio = exp(logp - logp_old),  loss_t = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * KL_t
+
+with one optimizer step per generation (as TRL's default, num_iterations 1) logp_old is logp
+itself, detached: the ratio is 1 and its gradient is A times that of logp. KL_t is the k3
+estimate exp(ref - logp) - (ref - logp) - 1 against the starting model, taken only when beta > 0
+(with LoRA the base with the adapters disabled; without LoRA it is refused, see `check`).
+`--loss_type grpo` averages each completion's token losses, then the completions; `dr_grpo`
+sums every token's loss over the batch and divides by completions x max_completion_length (Dr.
+GRPO, Liu et al. 2025). Either way the loss is a mean over the global batch, however it is split
+into ranks and micro-batches: each micro-batch adds its part, normalised by global counts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gpt_recipes.data import sft
+from gpt_recipes.ds_config import BatchPlan
+from gpt_recipes.errors import UserError, first_line
+from gpt_recipes.parallel.distributed import DistEnv, all_reduce
+
+LOSS_TYPES = ("grpo", "dr_grpo")
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    num_generations: int
+    max_completion_length: int
+    temperature: float
+    top_p: float
+    beta: float
+    epsilon: float
+    loss_type: str
+    scale_rewards: bool
+
+    def check(self, plan: BatchPlan, lora: bool) -> None:
+        if self.num_generations < 2:
+            raise UserError(f"--num_generations must be at least 2 (advantages compare completions of one prompt), "
+                            f"got {self.num_generations}")
+        if plan.global_batch % self.num_generations:
+            raise UserError(f"the global batch ({plan.global_batch} completions = micro-batch {plan.micro_batch} x "
+                            f"accumulation {plan.grad_accum} x {plan.world_size} ranks) is not divisible by "
+                            f"--num_generations {self.num_generations}; change one so whole groups fit a step")
+        if self.max_completion_length < 1:
+            raise UserError(f"--max_completion_length must be at least 1, got {self.max_completion_length}")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be positive, got {self.temperature:g}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p must lie in (0, 1], got {self.top_p:g}")
+        if self.beta < 0 or self.epsilon <= 0:
+            raise UserError("--beta must be >= 0 and --epsilon > 0")
+        if self.beta > 0 and not lora:
+            raise UserError("--beta > 0 needs the starting model beside the policy: with --use_peft the base with its "
+                            "adapters disabled is that model, and costs nothing; full fine-tuning with a KL term is "
+                            "not supported yet (use --beta 0, TRL's default, or --use_peft)")
+        if self.loss_type not in LOSS_TYPES:
+            raise UserError(f"--loss_type {self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+
+    def prompts_per_step(self, plan: BatchPlan) -> int:
+        return plan.global_batch // self.num_generations
+
+
+# --- Reward functions -----------------------------------------------------------------------------
+
+
+@dataclass
+class RewardFunc:
+    name: str
+    func: Callable[..., list]
+    weight: float
+
+
+def _load_callable(spec: str) -> Callable:
+    if ":" not in spec:
+        raise UserError(f"--reward_funcs {spec!r}: name a function as FILE.py:NAME or module:NAME")
+    where, name = spec.rsplit(":", 1)
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise UserError(f"--reward_funcs {spec}: {where} does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"--reward_funcs {spec}: {where} could not be imported: {first_line(err)}")
+    func = getattr(module, name, None)
+    if not callable(func):
+        raise UserError(f"--reward_funcs {spec}: {where} has no function {name!r}")
+    return func
+
+
+def _check_signature(spec: str, func: Callable) -> None:
+    """TRL's signature: func(prompts, completions, **columns) -> list[float | None]."""
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = {p.name for p in params}
+    takes_rest = any(p.kind == p.VAR_KEYWORD for p in params)
+    if not takes_rest or not ({"prompts", "completions"} <= names or len(positional) >= 2
+                              or any(p.kind == p.VAR_POSITIONAL for p in params)):
+        raise UserError(f"--reward_funcs {spec}: expected the signature (prompts, completions, **kwargs) -> "
+                        f"list[float], got {inspect.signature(func)}")
+
+
+def load_reward_funcs(specs: list[str], weights: list[float]) -> list[RewardFunc]:
+    if not specs:
+        raise UserError("--reward_funcs names no function; give one or more as FILE.py:NAME or module:NAME")
+    if weights and len(weights) != len(specs):
+        raise UserError(f"--reward_weights gives {len(weights)} weights for {len(specs)} --reward_funcs")
+    funcs = []
+    for k, spec in enumerate(specs):
+        func = _load_callable(spec)
+        _check_signature(spec, func)
+        funcs.append(RewardFunc(spec.rsplit(":", 1)[1], func, weights[k] if weights else 1.0))
+    names = [f.name for f in funcs]
+    if len(set(names)) != len(names):
+        raise UserError("--reward_funcs: two functions share a name; the name keys their metrics")
+    return funcs
+
+
+def score(funcs: list[RewardFunc], prompts: list, completions: list[str], columns: dict[str, list]) -> torch.Tensor:
+    """(completions, functions) rewards; None (not applicable) becomes NaN. A function that returns
+    the wrong length or a non-number stops the run in one line naming it."""
+    table = torch.full((len(completions), len(funcs)), float("nan"), dtype=torch.float64)
+    for j, reward in enumerate(funcs):
+        try:
+            values = reward.func(prompts=prompts, completions=completions, **columns)
+        except Exception as err:
+            raise UserError(f"reward function {reward.name} failed: {first_line(err)}")
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+            raise UserError(f"reward function {reward.name} returned {got} values for {len(completions)} completions; "
+                            "it must return one number (or None) per completion")
+        for i, value in enumerate(values):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UserError(f"reward function {reward.name} returned {value!r} for completion {i}; rewards must be "
+                                "finite numbers or None")
+            table[i, j] = float(value)
+    return table
+
+
+def combine(table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each completion's reward: the weighted sum over the functions that apply (NaN skipped)."""
+    return torch.nansum(table * weights, dim=1)
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, each group's reward std): reward minus its group's mean, divided by the group's
+    std (+1e-4) when `scale`."""
+    grouped = rewards.view(-1, group)
+    mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
+    advantages = grouped - mean
+    if scale:
+        advantages = advantages / (std + 1e-4)
+    return advantages.flatten(), std.flatten()
+
+
+# --- The objective --------------------------------------------------------------------------------
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each target token, entropy of each position's distribution), fp32."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return chosen, entropy
+
+
+def clipped_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon: float,
+                       ref_logps: torch.Tensor | None = None, beta: float = 0.0
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(per-token loss, where the ratio was clipped, per-token KL or None); advantages per sequence."""
+    ratio = torch.exp(logps - old_logps)
+    clipped = ratio.clamp(1 - epsilon, 1 + epsilon)
+    a = advantages.unsqueeze(-1)
+    loss = -torch.min(ratio * a, clipped * a)
+    was_clipped = (ratio * a > clipped * a).float()
+    kl = None
+    if beta > 0 and ref_logps is not None:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        loss = loss + beta * kl
+    return loss, was_clipped, kl
+
+
+def loss_share(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, global_completions: int,
+               max_completion_length: int) -> torch.Tensor:
+    """This micro-batch's part of the global batch's loss (the parts of all micro-batches of all
+    ranks sum to it)."""
+    masked = token_loss * mask
+    if loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / global_completions
+    return masked.sum() / (global_completions * max_completion_length)
+
+
+# --- Prompts ---------------------------------------------------------------------------------------
+
+
+class Prompts:
+    """Prompt rows rendered with the chat template up to the assistant's turn, tokenised; their other
+    columns go to the reward functions. `num_tokens` is the last step's prompt and completion
+    tokens (the loop's throughput counts what the step processed)."""
+
+    def __init__(self, rows: list[tuple[str, dict]], tokenizer, max_prompt_tokens: int):
+        self.texts, self.ids, self.columns = [], [], []
+        self.prompts: list = []  # as the reward functions receive them: text, or the messages
+        for where, row in rows:
+            prompt = row.get("prompt")
+            if isinstance(prompt, str):
+                messages = [{"role": "user", "content": prompt}]
+            elif isinstance(prompt, list):
+                messages = sft.to_messages({"messages": prompt + [{"role": "assistant", "content": "x"}]}, where)[:-1]
+            else:
+                raise UserError(f"{where}: needs a 'prompt' (text, or a list of chat messages)")
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > max_prompt_tokens:
+                raise UserError(f"{where}: the prompt is {len(ids)} tokens; with --max_completion_length the model "
+                                f"allows {max_prompt_tokens} (lower --max_completion_length, or shorten the prompt)")
+            self.prompts.append(prompt)
+            self.texts.append(text)
+            self.ids.append(ids)
+            self.columns.append({k: v for k, v in row.items() if k != "prompt"})
+        self.step_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def num_tokens(self, indices: np.ndarray) -> int:
+        return self.step_tokens
+
+    def num_targets(self, indices: np.ndarray) -> int:
+        return len(indices)
+
+    def column_lists(self, indices: list[int]) -> dict[str, list]:
+        keys = sorted({k for i in indices for k in self.columns[i]})
+        return {k: [self.columns[i].get(k) for i in indices] for k in keys}
+
+
+def left_padded(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, width - len(x):] = torch.tensor(x)
+        mask[i, width - len(x):] = 1
+    return input_ids, mask
+
+
+@dataclass
+class Rollout:
+    """Completions of some prompts: the tokens, a mask over completion tokens up to and including
+    EOS, their text, and whether each ended (EOS) before the length limit."""
+
+    prompt_ids: torch.Tensor  # left-padded
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    texts: list[str]
+    ended: torch.Tensor
+
+
+@torch.no_grad()
+def generate(model, prompts: Prompts, indices: list[int], settings: GRPOSettings, tokenizer, pad_id: int,
+             synced: bool, greedy: bool = False) -> Rollout:
+    prompt_ids, prompt_mask = left_padded([prompts.ids[i] for i in indices], pad_id)
+    device = next(model.parameters()).device
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": settings.temperature,
+                                                    "top_p": settings.top_p, "top_k": 0}
+    out = model.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                         max_new_tokens=settings.max_completion_length, pad_token_id=pad_id,
+                         eos_token_id=tokenizer.eos_token_id, synced_gpus=synced, **sampling).cpu()
+    completion = out[:, prompt_ids.shape[1]:]
+    is_eos = completion == tokenizer.eos_token_id
+    first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full((len(indices),), completion.shape[1]))
+    positions = torch.arange(completion.shape[1])[None]
+    mask = (positions <= first_eos[:, None]).long() if completion.shape[1] else torch.zeros_like(completion)
+    mask = mask[:, :completion.shape[1]]
+    texts = [tokenizer.decode(row[:int(n)], skip_special_tokens=True) for row, n in zip(completion, first_eos)]
+    return Rollout(prompt_ids, prompt_mask, completion, mask, texts, is_eos.any(1))
+
+
+def rollout_logps(model, rollout: Rollout, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probabilities, entropies) of completion tokens rows[...] under `model`."""
+    p_ids, p_mask = rollout.prompt_ids[rows], rollout.prompt_mask[rows]
+    c_ids = rollout.completion_ids[rows]
+    input_ids = torch.cat([p_ids, c_ids], 1)
+    attention = torch.cat([p_mask, torch.ones_like(c_ids)], 1)
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                   position_ids=positions.to(device)).logits
+    width = c_ids.shape[1]
+    logits = logits[:, -width - 1:-1]  # the positions that predict the completion tokens
+    return token_logps(logits, c_ids.to(device))
+
+
+# --- The loop's step -------------------------------------------------------------------------------
+
+
+class GRPOStep:
+    """Generate, score, train: the loop's step for GRPO (see the module's docstring)."""
+
+    probes_memory = False
+    reports_perplexity = False
+
+    def __init__(self, batches, plan: BatchPlan, env: DistEnv, settings: GRPOSettings, rewards: list[RewardFunc],
+                 tokenizer, pad_id: int, seed: int, zero3: bool, lora: bool):
+        self.batches, self.plan, self.env, self.settings = batches, plan, env, settings
+        self.rewards, self.tokenizer, self.pad_id, self.seed = rewards, tokenizer, pad_id, seed
+        self.synced = zero3 and env.world_size > 1
+        self.lora = lora
+        self.weights = torch.tensor([r.weight for r in rewards], dtype=torch.float64)
+        self.sums: dict[str, float] = {}
+        self.counts = 0
+
+    def _my_completions(self, global_batch: np.ndarray) -> list[int]:
+        """This rank's consecutive part of the global batch of completions, as prompt indices."""
+        every = np.repeat(global_batch, self.settings.num_generations)
+        n = self.plan.per_rank
+        start = self.plan.data_rank(self.env.rank) * n
+        return [int(i) for i in every[start:start + n]]
+
+    def _rollouts(self, model, mine: list[int], step: int) -> list[Rollout]:
+        # Seeded by step and rank: a resumed run samples what the uninterrupted one did.
+        torch.manual_seed(hash((self.seed, step, self.env.rank)) % 2**63)
+        micro = self.plan.micro_batch
+        return [generate(model, self.batches.train, mine[k:k + micro], self.settings, self.tokenizer, self.pad_id,
+                         self.synced) for k in range(0, len(mine), micro)]
+
+    def _gathered_rewards(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Every rank's (completions, functions) rewards, in global order."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if world == 1:
+            return table
+        parts = [torch.empty_like(table, device=device) for _ in range(world)]
+        torch.distributed.all_gather(parts, table.to(device))  # on the engine's device: NCCL moves no CPU tensors
+        parts = [p.cpu() for p in parts]
+        data_ranks = [self.plan.data_rank(r) for r in range(world)]
+        firsts = [data_ranks.index(d) for d in range(self.plan.world_size)]
+        return torch.cat([parts[r] for r in firsts])
+
+    def __call__(self, engine, step: int, global_batch: np.ndarray, probe, window) -> torch.Tensor:
+        s, plan = self.settings, self.plan
+        mine = self._my_completions(global_batch)
+        start = time.perf_counter()
+        engine.eval()
+        rollouts = self._rollouts(engine.module, mine, step)
+        engine.train()
+        generation_s = time.perf_counter() - start
+        texts = [t for r in rollouts for t in r.texts]
+        table = score(self.rewards, [self.batches.train.prompts[i] for i in mine], texts,
+                      self.batches.train.column_lists(mine))
+        everything = self._gathered_rewards(table, engine.device)
+        rewards = combine(everything, self.weights)
+        advantages, group_std = group_advantages(rewards, s.num_generations, s.scale_rewards)
+        first = plan.data_rank(self.env.rank) * plan.per_rank
+        my_advantages = advantages[first:first + plan.per_rank].float()
+
+        train_start = time.perf_counter()
+        total = torch.zeros((), device=engine.device)
+        stats = torch.zeros(5, dtype=torch.float64)  # clipped tokens, KL sum, entropy sum, tokens, (reserved)
+        tokens = 0
+        for k, rollout in enumerate(rollouts):
+            rows = slice(None)
+            a = my_advantages[k * plan.micro_batch:(k + 1) * plan.micro_batch].to(engine.device)
+            mask = rollout.completion_mask.to(engine.device).float()
+            logps, entropy = rollout_logps(engine, rollout, rows)
+            ref = None
+            if s.beta > 0:
+                with torch.no_grad(), engine.module.disable_adapter():
+                    ref, _ = rollout_logps(engine.module, rollout, rows)
+            token_loss, clipped, kl = clipped_token_loss(logps, logps.detach(), a, s.epsilon, ref, s.beta)
+            loss = loss_share(token_loss, mask, s.loss_type, plan.global_batch, s.max_completion_length)
+            loss = loss * plan.grad_accum * plan.grad_divisor
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach()
+            stats += torch.tensor([(clipped * mask).sum().item(), 0.0 if kl is None else (kl * mask).sum().item(),
+                                   (entropy.detach() * mask).sum().item(), mask.sum().item(), 0.0], dtype=torch.float64)
+            tokens += int(rollout.prompt_mask.sum()) + int(rollout.completion_mask.sum())
+        train_s = time.perf_counter() - train_start
+        lengths = torch.cat([r.completion_mask.sum(1) for r in rollouts]).double()
+        ended = torch.cat([r.ended for r in rollouts]).double()
+        self._add(everything, rewards, group_std, stats, lengths, ended, generation_s, train_s, tokens, engine.device)
+        return total
+
+    def _add(self, table, rewards, group_std, stats, lengths, ended, generation_s, train_s, tokens, device) -> None:
+        local = torch.cat([stats, torch.tensor([lengths.sum(), lengths.max(), (1 - ended).sum(), len(lengths),
+                                                generation_s * 1000, train_s * 1000, tokens], dtype=torch.float64)])
+        summed = all_reduce(local.to(device)).cpu()
+        top = all_reduce(lengths.max().reshape(1).to(device), op=torch.distributed.ReduceOp.MAX).cpu()
+        self.batches.train.step_tokens = int(summed[11].item())
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        n = summed[8]
+        values = {
+            "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+            "frac_reward_zero_std": (group_std == 0).double().mean().item(),
+            "completion_length": (summed[5] / n).item(), "completion_length_max": top.item(),
+            "completion_clipped": (summed[7] / n).item(),
+            "clip_ratio": (summed[0] / summed[3].clamp(min=1)).item(),
+            "entropy": (summed[2] / summed[3].clamp(min=1)).item(),
+            "generation_ms": (summed[9] / world).item(), "training_ms": (summed[10] / world).item(),
+            **{f"rewards/{f.name}": torch.nanmean(table[:, j]).item() for j, f in enumerate(self.rewards)},
+        }
+        if self.settings.beta > 0:
+            values["kl"] = (summed[1] / summed[3].clamp(min=1)).item()
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.counts += 1
+
+    def take_metrics(self, prefix: str = "") -> dict[str, float]:
+        if not self.counts:
+            return {}
+        out = {f"{prefix}{k}": v / self.counts for k, v in self.sums.items()}
+        self.sums, self.counts = {}, 0
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        """Greedy completions of the held-out prompts: their mean reward (val_reward, per function too).
+        val_loss is its negative, so that the best checkpoint is the most rewarded."""
+        engine.eval()
+        table = torch.zeros((0, len(self.rewards)), dtype=torch.float64)
+        for idx in self.batches.val_micro_batches:
+            indices = [int(i) for i in idx]
+            rollout = generate(engine.module, self.batches.val, indices, self.settings, self.tokenizer, self.pad_id,
+                               self.synced, greedy=True)
+            table = torch.cat([table, score(self.rewards, [self.batches.val.prompts[i] for i in indices],
+                                            rollout.texts, self.batches.val.column_lists(indices))])
+        engine.train()
+        rewards = combine(table, self.weights)
+        sums = torch.cat([torch.tensor([rewards.sum(), len(rewards)], dtype=torch.float64),
+                          torch.nan_to_num(table, nan=0.0).sum(0), (~table.isnan()).sum(0).double()])
+        sums = all_reduce(sums.to(engine.device)).cpu()
+        k = len(self.rewards)
+        mean = (sums[0] / sums[1]).item()
+        per = {f"val_rewards/{f.name}": (sums[2 + j] / sums[2 + k + j].clamp(min=1)).item()
+               for j, f in enumerate(self.rewards)}
+        return {"val_loss": -mean, "val_reward": mean, **per}
+
