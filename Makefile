@@ -8,7 +8,7 @@ PORT ?= $(shell $(PYTHON) -c "import socket; s = socket.socket(); s.bind(('127.0
 ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo DS_ACCELERATOR=cpu)
 LAUNCH = $(ACCELERATOR) deepspeed --quiet --num_gpus $(RANKS) --master_port $(PORT)
 
-.PHONY: install data quickstart finetune-demo lora-demo dpo-demo test test-quick
+.PHONY: install data quickstart finetune-demo lora-demo dpo-demo grpo-demo test test-quick
 
 install:
 	$(PYTHON) -m pip install -r requirements.txt
@@ -49,6 +49,17 @@ dpo-demo:
 		--beta 0.1 --rpo_alpha 1 --max_steps 100 --eval_interval 50 --eval_batches 19 --overwrite \
 		--export_hf exported/dpo
 	$(PYTHON) tools/generate.py exported/dpo --chat --max_new_tokens 40 \
+		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
+
+# GRPO from the fine-tuning demo's export: the demo's rewards (gpt_recipes/data/grpo_rewards.py) score
+# answers against the function's docstring and its form; the held-out mean reward (greedy) at step 0
+# and at the end is in the log and runs/grpo/metrics.jsonl; then the exported model answers.
+grpo-demo:
+	$(LAUNCH) recipes/grpo.py --deepspeed_config ds_configs/zero3_grpo.json \
+		--model_name_or_path exported/finetuned --data data/grpo_demo/train.jsonl --output_dir runs/grpo \
+		--num_generations 4 --max_completion_length 24 --max_steps 120 --eval_interval 40 --eval_batches 16 \
+		--overwrite --export_hf exported/grpo
+	$(PYTHON) tools/generate.py exported/grpo --chat --max_new_tokens 40 \
 		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
 
 test: install

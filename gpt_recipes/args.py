@@ -265,7 +265,7 @@ class GRPOArgs(AdapterArgs, RunArgs):
                                    "--val_fraction of --data")
     val_fraction: float = flag(0.05, "fraction of --data held out when there is no --val_data")
     reward_funcs: list[str] = flag(["gpt_recipes.data.grpo_rewards:reference_overlap",
-                                    "gpt_recipes.data.grpo_rewards:one_sentence"],
+                                    "gpt_recipes.data.grpo_rewards:full_sentence"],
                                    "reward functions as FILE.py:NAME or module:NAME, called as f(prompts, completions, "
                                    "**columns) -> list[float | None] (TRL's signature)", commas=False)
     reward_weights: list[float] = flag([], "one weight per reward function (default: 1 each); a completion's reward "

@@ -41,6 +41,8 @@ class RunSummary:
     compile_s: float | None = None  # torch.compile's time, kept out of the throughput figures
     task_scores: dict[str, float] | None = None  # the last downstream evaluation (--eval_tasks)
     val_loss_by_source: dict[str, float] | None = None  # a mixture's last evaluation, per source
+    val_reward: tuple[float, float] | None = None  # GRPO: the held-out mean reward, first and last evaluation
+    generation_share: float | None = None  # GRPO: median share of a step spent generating
 
 
 def metrics_path(run_dir: Path) -> Path:
@@ -103,6 +105,9 @@ def summarize(run_dir: Path, name: str | None = None, warmup_steps: int | None =
         compile_s=max(compiled) if compiled else None,
         task_scores=_task_scores(evals[-1]) if evals and _task_scores(evals[-1]) else None,
         val_loss_by_source=evals[-1].get("val_loss_by_source") if evals else None,
+        val_reward=(evals[0]["val_reward"], evals[-1]["val_reward"]) if evals and "val_reward" in evals[0] else None,
+        generation_share=_median([r["generation_ms"] / (r["generation_ms"] + r["training_ms"]) for r in measured
+                                  if r.get("generation_ms") is not None and r.get("training_ms") is not None]),
     )
 
 
@@ -134,6 +139,8 @@ QUALITY = [
     ("best_val_loss", "best val loss", "{:.4f}"),
     ("val_loss_by_source", "val loss by source", lambda losses: _scores_text(losses, 4)),
     ("task_scores", "task scores (last eval)", _scores_text),
+    ("val_reward", "val reward first -> last", lambda pair: f"{pair[0]:.3f} -> {pair[1]:.3f}"),
+    ("generation_share", "generating", "{:.0%}"),
 ]
 COLUMNS = [*WHICH_RUN, *THROUGHPUT, *MEMORY, *QUALITY]
 
@@ -192,7 +199,8 @@ def csv_text(summaries: list[RunSummary]) -> str:
 
 
 def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
-    """loss_vs_tokens.png (training and validation loss) and tokens_per_sec.png, all runs on each."""
+    """loss_vs_tokens.png (training and validation loss) and tokens_per_sec.png, all runs on each; GRPO
+    runs add rewards.png, downstream evaluations task_scores.png."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -220,6 +228,18 @@ def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
     ax.set(xlabel="step", ylabel="tokens/s (all ranks)", title="Throughput against step")
     ax.set_ylim(bottom=0)
     written.append(_save(plt, fig, ax, out_dir / "tokens_per_sec.png"))
+
+    rewarded = [(name, [r for r in lines if "reward" in r], [r for r in lines if "val_reward" in r])
+                for name, lines in runs]
+    if any(train for _, train, _ in rewarded):  # GRPO: the sampled completions' and held-out prompts' rewards
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, train, evals in rewarded:
+            line, = ax.plot([r["step"] for r in train], [r["reward"] for r in train], label=f"{name} sampled")
+            if evals:
+                ax.plot([r["step"] for r in evals], [r["val_reward"] for r in evals], "o--", color=line.get_color(),
+                        label=f"{name} held-out (greedy)")
+        ax.set(xlabel="step", ylabel="mean reward", title="GRPO rewards")
+        written.append(_save(plt, fig, ax, out_dir / "rewards.png"))
 
     scored = [(name, [r for r in lines if _task_scores(r)]) for name, lines in runs]
     if any(evals for _, evals in scored):

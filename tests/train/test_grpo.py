@@ -118,11 +118,11 @@ def test_reward_functions_are_checked_before_training(tmp_path):
                     "def two(completions):\n    return [0.0]\n"
                     "def broken(prompts, completions, **kw):\n    return [1.0]\n"
                     "def text(prompts, completions, **kw):\n    return ['good' for _ in completions]\n")
-    funcs = grpo.load_reward_funcs([f"{good}:short", "gpt_recipes.data.grpo_rewards:one_sentence"], [2.0, 1.0])
-    assert [(f.name, f.weight) for f in funcs] == [("short", 2.0), ("one_sentence", 1.0)]
-    table = grpo.score(funcs, ["p", "p"], ["ok.", "far too long"], {})
-    assert table.tolist() == [[1.0, 1.0], [0.0, 0.0]]
-    assert grpo.combine(table, torch.tensor([2.0, 1.0], dtype=torch.float64)).tolist() == [3.0, 0.0]
+    funcs = grpo.load_reward_funcs([f"{good}:short", "gpt_recipes.data.grpo_rewards:full_sentence"], [2.0, 1.0])
+    assert [(f.name, f.weight) for f in funcs] == [("short", 2.0), ("full_sentence", 1.0)]
+    table = grpo.score(funcs, ["p", "p"], ["ok.", "Return the name of the file it reads."], {})
+    assert table.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert grpo.combine(table, torch.tensor([2.0, 1.0], dtype=torch.float64)).tolist() == [2.0, 1.0]
     for spec, message in ((f"{tmp_path}/none.py:f", "does not exist"), ("no_such_module:f", "could not be imported"),
                           (f"{good}:missing", "has no function 'missing'"), (str(good), "FILE.py:NAME"),
                           (f"{good}:two", "expected the signature (prompts, completions, **kwargs)")):
