@@ -393,8 +393,9 @@ def check_resume_matches(run: RunPlan, job: Job) -> None:
             f"{run.batch.global_batch} and {job.seq_len}: keep them to resume (on another number of ranks, change "
             "gradient_accumulation_steps or train_micro_batch_size_per_gpu in the DeepSpeed config so the global "
             "batch stays the same)")
-    paths.layout_change(saved, run.env.world_size, ds_config.zero_stage(run.ds_cfg), run.batch.sp, run.batch.tp,
-                        run.batch.pp)  # a layout no checkpoint conversion can bridge is refused now
+    if "world_size" in saved and "zero_stage" in saved:  # a layout no conversion can bridge is refused now
+        paths.layout_change(saved, run.env.world_size, ds_config.zero_stage(run.ds_cfg), run.batch.sp, run.batch.tp,
+                            run.batch.pp)
 
 
 def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
