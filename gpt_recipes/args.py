@@ -274,8 +274,8 @@ class GRPOArgs(AdapterArgs, RunArgs):
     max_completion_length: int = flag(32, "tokens generated per completion at most")
     temperature: float = flag(1.0, "sampling temperature")
     top_p: float = flag(1.0, "nucleus sampling: keep the most likely tokens up to this probability")
-    beta: float = flag(0.0, "KL coefficient to the starting model (0, TRL's default, computes no KL; > 0 needs "
-                       "--use_peft, whose base with adapters disabled is the starting model)")
+    beta: float = flag(0.0, "KL coefficient to the starting model (0, TRL's default, computes no KL); with --use_peft "
+                       "the base with adapters disabled is that model, else a frozen copy (partitioned under ZeRO-3)")
     epsilon: float = flag(0.2, "clip range of the policy ratio")
     loss_type: str = flag("grpo", "grpo: mean over each completion's tokens, then over completions; dr_grpo: sum over "
                           "tokens / (completions x max_completion_length)", choices=["grpo", "dr_grpo"])

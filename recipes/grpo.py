@@ -41,7 +41,7 @@ def main() -> None:
     run = plan_run(args)
     settings = grpo.GRPOSettings(args.num_generations, args.max_completion_length, args.temperature, args.top_p,
                                  args.beta, args.epsilon, args.loss_type, args.scale_rewards)
-    settings.check(run.batch, lora=args.use_peft)
+    settings.check(run.batch)
     rewards = grpo.load_reward_funcs(args.reward_funcs, args.reward_weights)
     start = check_starting_model(args, run, args.model_name_or_path, pad_to_multiple_of=1)
     max_prompt = start.seq_len - args.max_completion_length
@@ -61,12 +61,18 @@ def main() -> None:
     # 3. Start the ranks, load the starting model (under ZeRO-3 each rank only its partition),
     #    generate, score and train at each step.
     def make_step(engine, batches, stage):
+        # The KL term's starting model: under LoRA the base with the adapters disabled, else a frozen copy.
+        reference = None
+        if settings.beta > 0 and start.adapter is None:
+            reference = grpo.reference_engine(start.builder(run, args.seed), run.ds_cfg)
+        kl = ("the base with the adapters disabled" if start.adapter else "a frozen copy of the starting model"
+              + (", partitioned" if stage == 3 else ""))
         run.say(f"GRPO: {settings.loss_type} loss, epsilon {settings.epsilon:g}, beta {settings.beta:g}"
-                + (" (KL to the base with the adapters disabled)" if settings.beta > 0 else " (no KL term)")
+                + (f" (KL to {kl})" if settings.beta > 0 else " (no KL term)")
                 + f"; rewards: {', '.join(f'{r.name} x {r.weight:g}' for r in rewards)}; sampling at temperature "
                 f"{settings.temperature:g}, top_p {settings.top_p:g}, up to {settings.max_completion_length} tokens")
         return grpo.GRPOStep(batches, run.batch, run.env, settings, rewards, start.tokenizer, start.pad_id, args.seed,
-                             zero3=stage == 3, lora=start.adapter is not None)
+                             zero3=stage == 3, reference=reference)
 
     job = Job("grpo", start.config, start.tokenizer, start.seq_len, train, val, start.builder(run, args.seed),
               adapter=start.adapter, make_step=make_step, data_fingerprint=sft.rows_digest(train_rows),

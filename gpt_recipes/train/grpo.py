@@ -13,7 +13,8 @@ each group's advantages normalised, and the loss taken over completion tokens on
 with one optimizer step per generation (as TRL's default, num_iterations 1) logp_old is logp
 itself, detached: the ratio is 1 and its gradient is A times that of logp. KL_t is the k3
 estimate exp(ref - logp) - (ref - logp) - 1 against the starting model, taken only when beta > 0
-(with LoRA the base with the adapters disabled; without LoRA it is refused, see `check`).
+(with LoRA the base with the adapters disabled; without LoRA a frozen copy of the starting model,
+see `reference_engine`).
 `--loss_type grpo` averages each completion's token losses, then the completions; `dr_grpo`
 sums every token's loss over the batch and divides by completions x max_completion_length (Dr.
 GRPO, Liu et al. 2025). Either way the loss is a mean over the global batch, however it is split
@@ -22,6 +23,7 @@ into ranks and micro-batches: each micro-batch adds its part, normalised by glob
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -54,7 +56,7 @@ class GRPOSettings:
     loss_type: str
     scale_rewards: bool
 
-    def check(self, plan: BatchPlan, lora: bool) -> None:
+    def check(self, plan: BatchPlan) -> None:
         if self.num_generations < 2:
             raise UserError(f"--num_generations must be at least 2 (advantages compare completions of one prompt), "
                             f"got {self.num_generations}")
@@ -70,10 +72,6 @@ class GRPOSettings:
             raise UserError(f"--top_p must lie in (0, 1], got {self.top_p:g}")
         if self.beta < 0 or self.epsilon <= 0:
             raise UserError("--beta must be >= 0 and --epsilon > 0")
-        if self.beta > 0 and not lora:
-            raise UserError("--beta > 0 needs the starting model beside the policy: with --use_peft the base with its "
-                            "adapters disabled is that model, and costs nothing; full fine-tuning with a KL term is "
-                            "not supported yet (use --beta 0, TRL's default, or --use_peft)")
         if self.loss_type not in LOSS_TYPES:
             raise UserError(f"--loss_type {self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
 
@@ -326,6 +324,26 @@ def rollout_logps(model, rollout: Rollout, rows: slice) -> tuple[torch.Tensor, t
     return token_logps(logits, c_ids.to(device))
 
 
+def reference_engine(build: Callable[[], torch.nn.Module], ds_cfg: dict) -> Callable[..., object]:
+    """The starting model, frozen, for the KL term of a run without LoRA: under ZeRO-3 partitioned as
+    the policy is (an inference engine without optimizer; each rank holds 1/N of it and every
+    forward gathers a layer at a time, as TRL does with DeepSpeed), at ZeRO 0-2 a whole copy on each
+    rank, in the run's precision."""
+    import copy
+
+    import deepspeed
+
+    cfg = {k: v for k, v in copy.deepcopy(ds_cfg).items() if k not in ("optimizer", "scheduler")}
+    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+    if stage != 3:
+        cfg["zero_optimization"] = {"stage": 0}
+    model = build()
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    engine.eval()
+    return engine
+
+
 # --- The loop's step -------------------------------------------------------------------------------
 
 
@@ -336,11 +354,11 @@ class GRPOStep:
     reports_perplexity = False
 
     def __init__(self, batches, plan: BatchPlan, env: DistEnv, settings: GRPOSettings, rewards: list[RewardFunc],
-                 tokenizer, pad_id: int, seed: int, zero3: bool, lora: bool):
+                 tokenizer, pad_id: int, seed: int, zero3: bool, reference=None):
         self.batches, self.plan, self.env, self.settings = batches, plan, env, settings
         self.rewards, self.tokenizer, self.pad_id, self.seed = rewards, tokenizer, pad_id, seed
         self.synced = zero3 and env.world_size > 1
-        self.lora = lora
+        self.reference = reference  # a frozen copy of the starting model, or None: the base under LoRA
         self.weights = torch.tensor([r.weight for r in rewards], dtype=torch.float64)
         self.sums: dict[str, float] = {}
         self.counts = 0
@@ -399,8 +417,9 @@ class GRPOStep:
             logps, entropy = rollout_logps(engine, rollout, rows)
             ref = None
             if s.beta > 0:
-                with torch.no_grad(), engine.module.disable_adapter():
-                    ref, _ = rollout_logps(engine.module, rollout, rows)
+                with torch.no_grad(), (contextlib.nullcontext() if self.reference is not None
+                                       else engine.module.disable_adapter()):
+                    ref, _ = rollout_logps(self.reference or engine.module, rollout, rows)
             token_loss, clipped, kl = clipped_token_loss(logps, logps.detach(), a, s.epsilon, ref, s.beta)
             loss = loss_share(token_loss, mask, s.loss_type, plan.global_batch, s.max_completion_length)
             loss = loss * plan.grad_accum * plan.grad_divisor

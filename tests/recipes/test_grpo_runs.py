@@ -1,5 +1,6 @@
 """GRPO end to end on 2 ranks at ZeRO-3: the held-out reward rises, a SIGTERM'd run resumes exactly, LoRA
-exports merged and adapter folders, and bad input stops before any rank starts."""
+exports merged and adapter folders, a KL term without LoRA uses a frozen copy, and bad input stops
+before any rank starts."""
 
 import json
 
@@ -70,6 +71,15 @@ def test_lora_grpo_exports_merged_and_adapter_folders(tmp_path, pretrained, prom
     for folder, adapter in ((tmp_path / "merged", False), (tmp_path / "adapter", True)):
         result = hf_only(folder, check, adapter=adapter)
         assert result["max_logit_diff"] <= TOLERANCE["fp32"] and result["same_greedy_tokens"], result
+
+
+def test_full_grpo_with_a_kl_term_holds_a_frozen_partitioned_copy(tmp_path, pretrained, prompts):
+    out = tmp_path / "kl"
+    proc = launch("recipes/grpo.py", grpo_args(tmp_path, pretrained, prompts, out, "--beta", "0.05", "--max_steps", "3"))
+    assert "KL to a frozen copy of the starting model, partitioned" in proc.stdout, proc.stdout
+    train, _ = read_metrics(out)
+    assert train[0]["kl"] <= 1e-6, train[0]  # at the first step the policy is the starting model
+    assert train[-1]["kl"] > 1e-6, train[-1]  # then it moves away from the frozen copy
 
 
 def test_bad_input_stops_in_one_line_before_any_rank_starts(tmp_path, pretrained, prompts):
