@@ -166,6 +166,17 @@ def ds_json(tmp_path, stage: int, micro: int, accum: int = 1, fp32: bool = False
     return str(path)
 
 
+def resolve_config(tmp_path, world_size: int = 2, stage: int = 2, **extra):
+    """ds_configs/zero<stage>.json with `extra` keys, resolved as a run on `world_size` ranks resolves it."""
+    from gpt_recipes import ds_config
+
+    cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+    cfg.update(extra)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    return ds_config.resolve(path, world_size, 10, "cpu")
+
+
 def pretrain_args(cfg: str, data, model, out, steps: int, *extra: str) -> list[str]:
     return ["--deepspeed_config", cfg, "--data", str(data), "--model", str(model), "--output_dir", str(out),
             "--max_steps", str(steps), *extra]

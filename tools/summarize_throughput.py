@@ -29,7 +29,8 @@ class SummarizeArgs:
                                        "(default: 10%% of the steps, and at least the first line)")
     markdown: bool = flag(False, "print the table as Markdown")
     csv: Optional[str] = flag(None, "also write every figure to this CSV file")
-    plots: Optional[str] = flag(None, "write loss_vs_tokens.png and tokens_per_sec.png into this folder")
+    plots: Optional[str] = flag(None, "write loss_vs_tokens.png and tokens_per_sec.png into this folder (and "
+                                "rewards.png for GRPO runs, task_scores.png with downstream evaluations)")
 
 
 @cli_entry

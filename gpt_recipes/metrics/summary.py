@@ -211,13 +211,7 @@ def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, lines in runs:
-        train_lines = [r for r in lines if "loss" in r]
-        evals = [r for r in lines if "val_loss" in r]
-        line, = ax.plot([r["tokens"] for r in train_lines], [r["loss"] for r in train_lines], label=f"{name} train")
-        if evals:
-            ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o--", color=line.get_color(),
-                    label=f"{name} validation")
+    _curves(ax, runs, "tokens", ("loss", "train"), ("val_loss", "validation"))
     ax.set(xlabel="tokens seen", ylabel="loss (nats/token)", title="Loss against tokens")
     written.append(_save(plt, fig, ax, out_dir / "loss_vs_tokens.png"))
 
@@ -229,15 +223,9 @@ def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
     ax.set_ylim(bottom=0)
     written.append(_save(plt, fig, ax, out_dir / "tokens_per_sec.png"))
 
-    rewarded = [(name, [r for r in lines if "reward" in r], [r for r in lines if "val_reward" in r])
-                for name, lines in runs]
-    if any(train for _, train, _ in rewarded):  # GRPO: the sampled completions' and held-out prompts' rewards
+    if any("reward" in r for _, lines in runs for r in lines):  # GRPO: sampled and held-out rewards
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, train, evals in rewarded:
-            line, = ax.plot([r["step"] for r in train], [r["reward"] for r in train], label=f"{name} sampled")
-            if evals:
-                ax.plot([r["step"] for r in evals], [r["val_reward"] for r in evals], "o--", color=line.get_color(),
-                        label=f"{name} held-out (greedy)")
+        _curves(ax, runs, "step", ("reward", "sampled"), ("val_reward", "held-out (greedy)"))
         ax.set(xlabel="step", ylabel="mean reward", title="GRPO rewards")
         written.append(_save(plt, fig, ax, out_dir / "rewards.png"))
 
@@ -251,6 +239,19 @@ def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
         ax.set(xlabel="tokens seen", ylabel="score", title="Downstream tasks (lm-evaluation-harness)")
         written.append(_save(plt, fig, ax, out_dir / "task_scores.png"))
     return written
+
+
+def _curves(ax, runs, x: str, train: tuple[str, str], evaluated: tuple[str, str]) -> None:
+    """Each run's training values as a line and its evaluations as dots on it, against `x`."""
+    for name, lines in runs:
+        points = [r for r in lines if train[0] in r]
+        evals = [r for r in lines if evaluated[0] in r]
+        if not points:
+            continue
+        line, = ax.plot([r[x] for r in points], [r[train[0]] for r in points], label=f"{name} {train[1]}")
+        if evals:
+            ax.plot([r[x] for r in evals], [r[evaluated[0]] for r in evals], "o--", color=line.get_color(),
+                    label=f"{name} {evaluated[1]}")
 
 
 def _save(plt, fig, ax, path: Path) -> Path:

@@ -104,8 +104,9 @@ class Positions(nn.Module):
         return self.dropout(hidden + self.module(positions)[None])
 
 
-class Block(nn.Module):
-    """A GPT-2 decoder block: causal attention from its own mask-free path."""
+class Layer(nn.Module):
+    """A module that maps hidden states to hidden states (or logits): a GPT-2 decoder block (causal
+    attention by its own mask-free path), the final norm, an untied output layer."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -128,17 +129,6 @@ class RotaryBlock(nn.Module):
         return self.module(hidden, position_ids=positions, position_embeddings=self.rotary(hidden, positions))
 
 
-class Final(nn.Module):
-    """The final norm, or an untied output layer."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.module(hidden)
-
-
 def _gpt2(model) -> list[tuple[Any, str | None]]:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
@@ -147,10 +137,10 @@ def _gpt2(model) -> list[tuple[Any, str | None]]:
     layers = [(TiedLayerSpec("embed", Embedding, t.wte, tied_weight_attr="module.weight") if tied
                else LayerSpec(Embedding, t.wte), "transformer.wte"),
               (LayerSpec(Positions, t.wpe, t.drop), "transformer.wpe")]
-    layers += [(LayerSpec(Block, block), f"transformer.h.{i}") for i, block in enumerate(t.h)]
-    layers.append((LayerSpec(Final, t.ln_f), "transformer.ln_f"))
+    layers += [(LayerSpec(Layer, block), f"transformer.h.{i}") for i, block in enumerate(t.h)]
+    layers.append((LayerSpec(Layer, t.ln_f), "transformer.ln_f"))
     layers.append((TiedLayerSpec("embed", Embedding, t.wte, forward_fn=tied_logits, tied_weight_attr="module.weight"),
-                   None) if tied else (LayerSpec(Final, model.lm_head), "lm_head"))
+                   None) if tied else (LayerSpec(Layer, model.lm_head), "lm_head"))
     return layers
 
 
@@ -162,10 +152,10 @@ def _llama(model) -> list[tuple[Any, str | None]]:
     layers = [(TiedLayerSpec("embed", Embedding, m.embed_tokens, tied_weight_attr="module.weight") if tied
                else LayerSpec(Embedding, m.embed_tokens), "model.embed_tokens")]
     layers += [(LayerSpec(RotaryBlock, block, m.rotary_emb), f"model.layers.{i}") for i, block in enumerate(m.layers)]
-    layers.append((LayerSpec(Final, m.norm), "model.norm"))
+    layers.append((LayerSpec(Layer, m.norm), "model.norm"))
     layers.append((TiedLayerSpec("embed", Embedding, m.embed_tokens, forward_fn=tied_logits,
                                  tied_weight_attr="module.weight"), None) if tied
-                  else (LayerSpec(Final, model.lm_head), "lm_head"))
+                  else (LayerSpec(Layer, model.lm_head), "lm_head"))
     return layers
 
 

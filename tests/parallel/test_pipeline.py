@@ -12,15 +12,12 @@ from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
 from gpt_recipes.checkpoints.paths import layout_change
 from gpt_recipes.errors import UserError
 from gpt_recipes.parallel import pipeline
-from tests.helpers import REPO, TINY_GPT2, TINY_LLAMA, ds_json, hf_only, launch, pretrain_args, read_metrics
+from tests.helpers import (REPO, TINY_GPT2, TINY_LLAMA, ds_json, hf_only, launch, pretrain_args, read_metrics,
+                           resolve_config)
 
 
 def _resolve(tmp_path, world_size=2, stage=1, **extra):
-    cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
-    cfg.update(extra)
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps(cfg))
-    return ds_config.resolve(path, world_size, 10, "cpu")
+    return resolve_config(tmp_path, world_size, stage, **extra)
 
 
 def test_the_layout_from_the_json(tmp_path):

@@ -11,15 +11,11 @@ from gpt_recipes.checkpoints.paths import layout_change
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError
 from gpt_recipes.parallel import sequence_tensor
-from tests.helpers import REPO
+from tests.helpers import REPO, resolve_config
 
 
 def _resolve(tmp_path, world_size=2, stage=2, **extra):
-    cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
-    cfg.update(extra)
-    path = tmp_path / "cfg.json"
-    path.write_text(json.dumps(cfg))
-    return ds_config.resolve(path, world_size, 10, "cpu")
+    return resolve_config(tmp_path, world_size, stage, **extra)
 
 
 TP2 = {"autotp_size": 2, "vocab_parallel_lm_head": False}
