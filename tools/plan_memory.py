@@ -204,13 +204,14 @@ def main() -> None:
     else:
         layout = best.estimate.layout
         print(f"\nRecommended: ds_configs/{layout.name}.json (fits, and communicates least)")
-        if layout.sp * layout.tp > 1:
-            group = layout.sp * layout.tp
-            print(f"  Its {group} ranks per {'sequence' if layout.sp > 1 else 'layer'} read the same samples: the global "
+        if layout.sp * layout.tp * layout.pp > 1:
+            group = layout.sp * layout.tp * layout.pp
+            print(f"  Its {group} ranks per {'sequence' if layout.sp > 1 else 'layer' if layout.tp > 1 else 'pipeline'} "
+                  f"read the same samples: the global "
                   f"batch is micro-batch x accumulation x {args.ranks * args.nodes // group} data-parallel rank(s), "
                   f"1/{group} of what the same batch keys give a data-parallel config; raise "
                   f"gradient_accumulation_steps {group}x to keep it.")
-    if best is None or best.estimate.layout.sp * best.estimate.layout.tp > 1:
+    if best is None or best.estimate.layout.sp * best.estimate.layout.tp * best.estimate.layout.pp > 1:
         alternatives = data_parallel_alternatives(layouts, rows, sizes, per_sample, args, device, host)
         if alternatives:
             print("Plain data parallelism fits too with: " + "; ".join(alternatives) + " (raise "
@@ -223,7 +224,7 @@ def data_parallel_alternatives(layouts, rows, sizes, per_sample, args, device, h
     found = []
     fitting = {row.estimate.layout.name for row in rows if row.fits}
     for layout in layouts:
-        if layout.sp * layout.tp > 1 or layout.name in fitting:
+        if layout.sp * layout.tp * layout.pp > 1 or layout.name in fitting:
             continue
 
         def fits(candidate: Layout, checkpointing: bool) -> bool:

@@ -363,7 +363,8 @@ def recommend(rows: list[PlanRow]) -> PlanRow | None:
 
     def rank(row: PlanRow) -> tuple:
         name = row.estimate.layout.name
-        order = PREFERENCE.index(name) if name in PREFERENCE else len(PREFERENCE)
+        # Other layouts after these; a pipeline last, for its bubble.
+        order = PREFERENCE.index(name) if name in PREFERENCE else len(PREFERENCE) + (row.estimate.layout.pp > 1)
         return (not row.host_checked, row.estimate.layout.precision != "bf16", order, row.need)
 
     return min(fitting, key=rank) if fitting else None

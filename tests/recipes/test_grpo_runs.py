@@ -1,6 +1,6 @@
 """GRPO end to end on 2 ranks at ZeRO-3: the held-out reward rises, a SIGTERM'd run resumes exactly, LoRA
-exports merged and adapter folders, a KL term without LoRA uses a frozen copy, and bad input stops
-before any rank starts."""
+exports merged and adapter folders, a KL term uses the base (LoRA) or a frozen copy (without), and bad
+input stops before any rank starts."""
 
 import json
 
@@ -34,18 +34,22 @@ def grpo_args(tmp, base, prompts, out, *extra):
             "--data", str(prompts / "train.jsonl"), "--val_data", str(prompts / "val.jsonl"), "--output_dir", str(out),
             "--reward_funcs", f"{prompts / 'rewards.py'}:spaces", "--num_generations", "4",
             "--max_completion_length", "8", "--max_steps", str(STEPS), "--log_interval", "1", "--eval_interval",
-            str(STEPS), "--eval_batches", "4", "--save_interval", "8", "--seed", str(SEED), *extra]
+            str(STEPS), "--eval_batches", "4", "--save_interval", "8", "--seed", str(SEED), "--beta", "0.05", *extra]
 
 
 def test_the_held_out_reward_rises_and_a_stopped_run_resumes_exactly(tmp_path, pretrained, prompts):
+    """Full fine-tuning with a KL term: the starting model is a frozen copy, partitioned like the policy."""
     full = tmp_path / "full"
     proc = launch("recipes/grpo.py", grpo_args(tmp_path, pretrained, prompts, full))
-    assert "generation" in proc.stdout and "4 prompts" not in proc.stdout  # 2 prompts x 4 completions per step
+    assert "generation" in proc.stdout and "2 prompts x 4 completions per step" in proc.stdout, proc.stdout
+    assert "KL to a frozen copy of the starting model, partitioned" in proc.stdout, proc.stdout
     train, evals = read_metrics(full)
     assert [e["step"] for e in evals] == [0, STEPS]
     start, end = evals[0]["val_reward"], evals[-1]["val_reward"]
-    assert end > start + 0.05, (start, end)  # measured with seed 1234: see the docstring of this module's REWARD
+    # Measured with seed 1234: 0.000 at step 0 (the greedy completions hold no space), 0.875 at step 16.
+    assert end > start + 0.5, (start, end)
     assert all(0 <= r["completion_clipped"] <= 1 and r["generation_ms"] > 0 for r in train)
+    assert train[0]["kl"] <= 1e-6 and train[-1]["kl"] > 1e-6, (train[0], train[-1])  # 0 until the policy moves
     assert all(key in train[0] for key in ("reward", "reward_std", "frac_reward_zero_std", "completion_length",
                                            "clip_ratio", "entropy", "rewards/spaces"))
     # Stopped by SIGTERM after step 10, resumed: steps 11..16 sample and train as the uninterrupted run did.
@@ -63,7 +67,7 @@ def test_the_held_out_reward_rises_and_a_stopped_run_resumes_exactly(tmp_path, p
 def test_lora_grpo_exports_merged_and_adapter_folders(tmp_path, pretrained, prompts):
     out = tmp_path / "lora"
     launch("recipes/grpo.py", grpo_args(tmp_path, pretrained, prompts, out, "--use_peft", "--lora_dropout", "0",
-                                        "--beta", "0.05", "--max_steps", "4", "--export_hf", str(tmp_path / "merged"),
+                                        "--max_steps", "4", "--export_hf", str(tmp_path / "merged"),
                                         "--export_adapter", str(tmp_path / "adapter")))
     train, _ = read_metrics(out)
     assert all(r["kl"] >= 0 for r in train)  # the KL to the base with the adapters disabled
@@ -71,15 +75,6 @@ def test_lora_grpo_exports_merged_and_adapter_folders(tmp_path, pretrained, prom
     for folder, adapter in ((tmp_path / "merged", False), (tmp_path / "adapter", True)):
         result = hf_only(folder, check, adapter=adapter)
         assert result["max_logit_diff"] <= TOLERANCE["fp32"] and result["same_greedy_tokens"], result
-
-
-def test_full_grpo_with_a_kl_term_holds_a_frozen_partitioned_copy(tmp_path, pretrained, prompts):
-    out = tmp_path / "kl"
-    proc = launch("recipes/grpo.py", grpo_args(tmp_path, pretrained, prompts, out, "--beta", "0.05", "--max_steps", "3"))
-    assert "KL to a frozen copy of the starting model, partitioned" in proc.stdout, proc.stdout
-    train, _ = read_metrics(out)
-    assert train[0]["kl"] <= 1e-6, train[0]  # at the first step the policy is the starting model
-    assert train[-1]["kl"] > 1e-6, train[-1]  # then it moves away from the frozen copy
 
 
 def test_bad_input_stops_in_one_line_before_any_rank_starts(tmp_path, pretrained, prompts):
