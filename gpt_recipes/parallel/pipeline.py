@@ -271,7 +271,9 @@ def logits(engine, input_ids: torch.Tensor) -> torch.Tensor:
     engine.reset_activation_shape()
     engine.train()
     vocab = engine.module.config.vocab_size
-    result = out.float() if engine.is_last_stage() else torch.zeros(*input_ids.shape, vocab)
+    # On the engine's device: NCCL broadcasts no CPU tensors.
+    result = (out.float().contiguous() if engine.is_last_stage()
+              else torch.zeros(*input_ids.shape, vocab, device=engine.device))
     torch.distributed.broadcast(result, src=engine.grid.stage_to_global(engine.num_stages - 1,
                                                                           data=engine.grid.data_parallel_id),
                                 group=engine.grid.get_pipe_parallel_group())
