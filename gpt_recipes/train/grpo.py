@@ -408,7 +408,8 @@ class GRPOStep:
 
         train_start = time.perf_counter()
         total = torch.zeros((), device=engine.device)
-        stats = torch.zeros(5, dtype=torch.float64)  # clipped tokens, KL sum, entropy sum, tokens, (reserved)
+        # Clipped tokens, KL sum, entropy sum, completion tokens, (reserved): kept on the device, read once.
+        stats = torch.zeros(5, dtype=torch.float64, device=engine.device)
         tokens = 0
         for k, rollout in enumerate(rollouts):
             rows = slice(None)
@@ -419,15 +420,17 @@ class GRPOStep:
             if s.beta > 0:
                 with torch.no_grad(), (contextlib.nullcontext() if self.reference is not None
                                        else engine.module.disable_adapter()):
-                    ref, _ = rollout_logps(self.reference or engine.module, rollout, rows)
+                    starting = self.reference if self.reference is not None else engine.module
+                    ref, _ = rollout_logps(starting, rollout, rows)
             token_loss, clipped, kl = clipped_token_loss(logps, logps.detach(), a, s.epsilon, ref, s.beta)
             loss = loss_share(token_loss, mask, s.loss_type, plan.global_batch, s.max_completion_length)
             loss = loss * plan.grad_accum * plan.grad_divisor
             engine.backward(loss)
             engine.step()
             total += loss.detach()
-            stats += torch.tensor([(clipped * mask).sum().item(), 0.0 if kl is None else (kl * mask).sum().item(),
-                                   (entropy.detach() * mask).sum().item(), mask.sum().item(), 0.0], dtype=torch.float64)
+            zero = mask.new_zeros(())
+            stats += torch.stack([(clipped * mask).sum(), zero if kl is None else (kl.detach() * mask).sum(),
+                                  (entropy.detach() * mask).sum(), mask.sum(), zero]).double()
             tokens += int(rollout.prompt_mask.sum()) + int(rollout.completion_mask.sum())
         train_s = time.perf_counter() - train_start
         lengths = torch.cat([r.completion_mask.sum(1) for r in rollouts]).double()
@@ -437,8 +440,9 @@ class GRPOStep:
 
     def _add(self, table, rewards, group_std, stats, lengths, ended, generation_s, train_s, tokens, device) -> None:
         local = torch.cat([stats, torch.tensor([lengths.sum(), lengths.max(), (1 - ended).sum(), len(lengths),
-                                                generation_s * 1000, train_s * 1000, tokens], dtype=torch.float64)])
-        summed = all_reduce(local.to(device)).cpu()
+                                                generation_s * 1000, train_s * 1000, tokens], dtype=torch.float64,
+                                               device=device)])
+        summed = all_reduce(local).cpu()
         top = all_reduce(lengths.max().reshape(1).to(device), op=torch.distributed.ReduceOp.MAX).cpu()
         self.batches.train.step_tokens = int(summed[11].item())
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
