@@ -14,19 +14,64 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+from gpt_recipes.errors import UserError
 
 A = TypeVar("A")
 
 DEFAULT_DEEPSPEED_CONFIG = "ds_configs/zero2.json"
 
 
-def flag(default: Any, help: str, **argparse_kwargs: Any) -> Any:
-    """A dataclass field carrying its help text (and any extra argparse options)."""
-    metadata = {"help": help, **argparse_kwargs}
+@dataclass(frozen=True)
+class Valid:
+    """A flag's range: `test(value)` holds for good values; `rule` completes "--flag ..." for the others."""
+
+    test: Callable[[Any], bool]
+    rule: str
+
+
+def at_least(low: float, rule: str | None = None) -> Valid:
+    return Valid(lambda v: v >= low, rule or f"must be at least {low}")
+
+
+POSITIVE = Valid(lambda v: v > 0, "must be positive")
+
+
+def within(low: float, high: float, low_in: bool = True, high_in: bool = True) -> Valid:
+    """low .. high, each end included or not; said as [low, high), (low, high] and so on."""
+    return Valid(lambda v: (v >= low if low_in else v > low) and (v <= high if high_in else v < high),
+                 f"must lie in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}")
+
+
+def flag(default: Any, help: str, valid: Valid | None = None, **argparse_kwargs: Any) -> Any:
+    """A dataclass field carrying its help text, its range (checked when the flags are made) and any
+    extra argparse options."""
+    metadata = {"help": help, **({"valid": valid} if valid else {}), **argparse_kwargs}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+class Flags:
+    """Base of the flag dataclasses: on creation each flag is checked against its range and choices,
+    then each group's own checks (a `check` method) run. A group that checks several flags together
+    overrides `check` and calls super().check()."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            valid, choices = f.metadata.get("valid"), f.metadata.get("choices")
+            if value is None or isinstance(value, list):
+                continue
+            if choices is not None and value not in choices:
+                raise UserError(f"--{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            if valid is not None and not valid.test(value):
+                raise UserError(f"--{f.name} {valid.rule}, got {value!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Checks across flags; none by default."""
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -91,6 +136,7 @@ def build_parser(spec: type, description: str | None = None) -> argparse.Argumen
     hints = typing.get_type_hints(spec)
     for f in dataclasses.fields(spec):
         meta = dict(f.metadata)
+        meta.pop("valid", None)
         help_text = meta.pop("help", "")
         positional = meta.pop("positional", False)
         aliases = [f"--{a}" for a in meta.pop("aliases", ())]  # older spellings, still accepted
@@ -121,7 +167,7 @@ def parse_args(spec: type[A], argv: Sequence[str] | None = None, description: st
 
 
 @dataclass
-class RunArgs:
+class RunArgs(Flags):
     """Flags every training recipe shares (run length, intervals, output, seed)."""
 
     deepspeed_config: Optional[str] = flag(
@@ -133,17 +179,19 @@ class RunArgs:
     ds: list[str] = flag([], "for this run, set a value of the DeepSpeed JSON: KEY.PATH=VALUE (a JSON value), e.g. "
                          "optimizer.params.lr=3e-4 or train_micro_batch_size_per_gpu=4; checked like the file, said "
                          "and recorded in OUTPUT_DIR/config.json", commas=False, metavar="KEY.PATH=VALUE")
-    max_steps: int = flag(200, "optimizer steps (global batches) to train for")
+    max_steps: int = flag(200, "optimizer steps (global batches) to train for", at_least(1))
     num_epochs: Optional[float] = flag(None, "train for this many passes over the training data instead of "
                                        "--max_steps (rounded up to whole steps; the scheduler's \"auto\" step "
-                                       "counts follow)")
+                                       "counts follow)", POSITIVE)
     seq_len: Optional[int] = flag(None, "tokens per sample; default: the model's context length")
-    seed: int = flag(1234, "seed for initialisation and the data order")
-    log_interval: int = flag(10, "steps between metrics lines")
+    seed: int = flag(1234, "seed for initialisation and the data order",
+                     Valid(lambda v: 0 <= v < 2**32, "must lie between 0 and 2**32 - 1"))
+    log_interval: int = flag(10, "steps between metrics lines", at_least(1))
     eval_interval: int = flag(50, "steps between validation passes (0: none in between); step 0, the baseline, and "
-                              "the last step are always evaluated")
-    eval_batches: int = flag(8, "global batches of validation data per evaluation")
-    save_interval: int = flag(0, "steps between checkpoints (0: only at the end)")
+                              "the last step are always evaluated", at_least(0, "must be 0 (only at the end) or positive"))
+    eval_batches: int = flag(8, "global batches of validation data per evaluation", at_least(1))
+    save_interval: int = flag(0, "steps between checkpoints (0: only at the end)",
+                              at_least(0, "must be 0 (only at the end) or positive"))
     activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass "
                                           "(less memory, about a third more compute)")
     fused_loss: bool = flag(True, "compute the output layer and the loss together in chunks, never holding all "
@@ -158,14 +206,16 @@ class RunArgs:
                           "DeepSpeed's "
                           "shared-memory kernel instead of gloo")
     peak_tflops: Optional[float] = flag(None, "peak TFLOP/s of one device at the training precision, for MFU "
-                                        "(default: a table of GPUs; on a CPU, a matmul probe)")
+                                        "(default: a table of GPUs; on a CPU, a matmul probe)", POSITIVE)
     profile_step: int = flag(0, "record this optimizer step with torch.profiler: OUTPUT_DIR/profile/step<N>.json "
-                             "(top kernels or ops, device-to-host copies, host waits) and a Chrome trace (0: none)")
-    keep_last: int = flag(0, "keep only the newest N complete checkpoints (0: keep all)")
+                             "(top kernels or ops, device-to-host copies, host waits) and a Chrome trace (0: none)",
+                             at_least(0, "must be 0 (none) or a step number"))
+    keep_last: int = flag(0, "keep only the newest N complete checkpoints (0: keep all)",
+                          at_least(0, "must be 0 (keep all) or positive"))
     export_hf: Optional[str] = flag(None, "after training, export the final checkpoint to this Hugging Face folder")
     eval_tasks: list[str] = flag([], "at every evaluation, also run these lm-evaluation-harness tasks on the live "
                                  "model (e.g. docstring_choice, the local task); scores go to metrics.jsonl")
-    eval_limit: Optional[int] = flag(None, "with --eval_tasks: only the first N examples of each task")
+    eval_limit: Optional[int] = flag(None, "with --eval_tasks: only the first N examples of each task", at_least(1))
     resume: bool = flag(False, "continue from the latest checkpoint in OUTPUT_DIR/checkpoints")
     resume_from: Optional[str] = flag(None, "continue from this checkpoint of OUTPUT_DIR instead: a tag (step400) or "
                                       "its folder; implies --resume")
@@ -191,13 +241,14 @@ class PretrainArgs(RunArgs):
 
 
 @dataclass
-class AdapterArgs:
+class AdapterArgs(Flags):
     """LoRA flags, named as in TRL's scripts; the DeepSpeed JSON still owns optimizer, precision and ZeRO."""
 
     use_peft: bool = flag(False, "train LoRA adapters (through peft) instead of every weight; the base stays frozen")
-    lora_r: int = flag(16, "LoRA rank")
-    lora_alpha: float = flag(32, "LoRA scaling numerator: adapters add (alpha / r) * B A x")
-    lora_dropout: float = flag(0.05, "dropout on the adapters' input (0 keeps runs deterministic)")
+    lora_r: int = flag(16, "LoRA rank", at_least(1))
+    lora_alpha: float = flag(32, "LoRA scaling numerator: adapters add (alpha / r) * B A x", POSITIVE)
+    lora_dropout: float = flag(0.05, "dropout on the adapters' input (0 keeps runs deterministic)",
+                               within(0, 1, high_in=False))
     lora_target_modules: Optional[list[str]] = flag(
         None, "module names to adapt (space- or comma-separated), or all-linear; default: all-linear, every "
         "Linear/Conv1D in the blocks but not the output layer (GPT-2: c_attn c_proj c_fc; Llama: q/k/v/o_proj "
@@ -209,10 +260,23 @@ class AdapterArgs:
 
 
 @dataclass
-class FinetuneArgs(AdapterArgs, RunArgs):
-    """Fine-tune a Hugging Face causal LM on prompt/response or chat data (loss on responses only)."""
+class StartingModelArgs(AdapterArgs, RunArgs):
+    """Flags of the recipes that start from a Hugging Face model and read rows of a file: the model,
+    LoRA, and how rows are held out and fitted to the length (each recipe sets its data's defaults)."""
 
     model_name_or_path: str = flag("exported/quickstart", "Hugging Face model folder (or hub name when online)")
+    val_fraction: float = flag(0.05, "fraction of the data held out when no held-out file is given",
+                               Valid(lambda v: 0 < v < 1, "must lie between 0 and 1"))
+    truncate: bool = flag(False, "cut rows longer than --seq_len instead of dropping them")
+    pad_to_multiple_of: int = flag(64, "pad each batch to a multiple of this many tokens (at most --seq_len): few "
+                                   "batch shapes keep memory flat on CPUs and suit GPU kernels; 1 pads to the longest",
+                                   at_least(1))
+
+
+@dataclass
+class FinetuneArgs(StartingModelArgs):
+    """Fine-tune a Hugging Face causal LM on prompt/response or chat data (loss on responses only)."""
+
     data: list[str] = flag(["data/sft_demo/train.jsonl"],
                            "JSONL/Parquet file(s) or datasets folder(s) of 'messages' or 'prompt'/'response' rows; "
                            "several make a weighted mixture (the default demo task is built on first use)")
@@ -220,64 +284,5 @@ class FinetuneArgs(AdapterArgs, RunArgs):
                                      "(default: equal)")
     val_data: list[str] = flag([], "held-out rows, one file per --data file; default: a val.jsonl beside a "
                                "train.jsonl, else the first --val_fraction of each --data file")
-    val_fraction: float = flag(0.05, "fraction of each --data file held out when it has no --val_data")
     pack: bool = flag(False, "pack several examples per sequence (attention and loss stay within each)")
-    truncate: bool = flag(False, "cut examples longer than --seq_len instead of dropping them")
-    pad_to_multiple_of: int = flag(64, "pad each batch to a multiple of this many tokens (at most --seq_len): few "
-                                   "batch shapes keep memory flat on CPUs and suit GPU kernels; 1 pads to the longest")
     output_dir: str = flag("runs/finetune", "folder for metrics.jsonl, config.json and checkpoints/")
-
-
-@dataclass
-class DPOArgs(AdapterArgs, RunArgs):
-    """Preference-tune a Hugging Face causal LM with DPO on chosen/rejected pairs (sigmoid loss)."""
-
-    model_name_or_path: str = flag("exported/finetuned", "Hugging Face model folder to start from (and the "
-                                   "reference model), usually a fine-tuned one")
-    data: str = flag("data/dpo_demo/train.jsonl",
-                     "JSONL/Parquet file or datasets folder of 'prompt' (or chat 'messages'), 'chosen' and 'rejected' "
-                     "rows (the default demo pairs are built on first use)")
-    val_data: Optional[str] = flag(None, "held-out pairs; default: the demo's val.jsonl, or --val_fraction of --data")
-    val_fraction: float = flag(0.05, "fraction of --data held out when there is no --val_data")
-    beta: float = flag(0.1, "DPO's beta: how far the policy may move from the reference (higher: less)")
-    loss_type: str = flag("sigmoid", "the preference loss, by TRL's names: sigmoid (DPO), hinge (SLiC), ipo (IPO)",
-                          choices=["sigmoid", "hinge", "ipo"])
-    label_smoothing: float = flag(0.0, "with the sigmoid loss: the assumed share of pairs whose preference is wrong "
-                                  "(conservative DPO)")
-    rpo_alpha: Optional[float] = flag(None, "add this times the chosen answers' NLL per token to the loss (TRL's "
-                                      "rpo_alpha): keeps their likelihood up while the preference margin grows")
-    truncate: bool = flag(False, "cut pairs longer than --seq_len instead of dropping them")
-    pad_to_multiple_of: int = flag(64, "pad each batch to a multiple of this many tokens (at most --seq_len)")
-    output_dir: str = flag("runs/dpo", "folder for metrics.jsonl, config.json, checkpoints/ and the reference "
-                           "log-probabilities")
-
-
-@dataclass
-class GRPOArgs(AdapterArgs, RunArgs):
-    """Train a Hugging Face causal LM with GRPO against reward functions (TRL's names for GRPO's own flags)."""
-
-    model_name_or_path: str = flag("exported/finetuned", "Hugging Face model folder to start from, usually a "
-                                   "fine-tuned one")
-    data: str = flag("data/grpo_demo/train.jsonl", "JSONL/Parquet file or datasets folder of 'prompt' rows (text or "
-                     "chat messages); other columns reach the reward functions (the default demo prompts are built "
-                     "on first use)")
-    val_data: Optional[str] = flag(None, "held-out prompts; default: a val.jsonl beside a train.jsonl, or "
-                                   "--val_fraction of --data")
-    val_fraction: float = flag(0.05, "fraction of --data held out when there is no --val_data")
-    reward_funcs: list[str] = flag(["gpt_recipes.data.grpo_rewards:reference_overlap",
-                                    "gpt_recipes.data.grpo_rewards:full_sentence"],
-                                   "reward functions as FILE.py:NAME or module:NAME, called as f(prompts, completions, "
-                                   "**columns) -> list[float | None] (TRL's signature)", commas=False)
-    reward_weights: list[float] = flag([], "one weight per reward function (default: 1 each); a completion's reward "
-                                       "is the weighted sum")
-    num_generations: int = flag(8, "completions per prompt (G): a group whose rewards are compared")
-    max_completion_length: int = flag(32, "tokens generated per completion at most")
-    temperature: float = flag(1.0, "sampling temperature")
-    top_p: float = flag(1.0, "nucleus sampling: keep the most likely tokens up to this probability")
-    beta: float = flag(0.0, "KL coefficient to the starting model (0, TRL's default, computes no KL); with --use_peft "
-                       "the base with adapters disabled is that model, else a frozen copy (partitioned under ZeRO-3)")
-    epsilon: float = flag(0.2, "clip range of the policy ratio")
-    loss_type: str = flag("grpo", "grpo: mean over each completion's tokens, then over completions; dr_grpo: sum over "
-                          "tokens / (completions x max_completion_length)", choices=["grpo", "dr_grpo"])
-    scale_rewards: bool = flag(True, "divide advantages by their group's reward std")
-    output_dir: str = flag("runs/grpo", "folder for metrics.jsonl, config.json and checkpoints/")

@@ -15,29 +15,27 @@ from pathlib import Path
 from typing import Any
 
 from gpt_recipes.errors import UserError, first_line
+from gpt_recipes.parallel.layout import Layout
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Batch arithmetic over the data-parallel ranks, and how the other ranks share their samples.
-
-    With sequence parallelism (sp) or tensor parallelism (tp), the sp * tp consecutive ranks
-    of one group read the same samples: world_size counts data-parallel ranks, world / (sp * tp).
-    With pipeline parallelism (pp), the pp stages of one pipeline read the same samples; DeepSpeed
-    numbers ranks stage-major (rank = stage * data-parallel size + data-parallel rank).
-    """
+    """Batch arithmetic over the data-parallel ranks of a layout (parallel/layout.py): the ranks of
+    one sequence-, tensor- or pipeline-parallel group read the same samples, so world_size counts
+    data-parallel ranks."""
 
     micro_batch: int  # samples per data-parallel rank per forward pass
     grad_accum: int  # micro-steps per optimizer step
     world_size: int  # data-parallel ranks
-    sp: int = 1  # ranks that split each sample's sequence (DeepSpeed Ulysses)
-    tp: int = 1  # ranks that split each layer's weights (DeepSpeed AutoTP)
-    pp: int = 1  # pipeline stages: ranks that split the layers (DeepSpeed's pipeline engine)
-    # DeepSpeed 0.19 sums gradients over a sequence-parallel group and averages over data-parallel
-    # ranks, except at ZeRO-3, whose reduce-scatter averages over every rank.
-    averages_over_sequence: bool = False
+    layout: Layout | None = None  # how every rank shares the work (default: data parallelism alone)
+
+    def __post_init__(self):
+        if self.layout is None:
+            object.__setattr__(self, "layout", Layout(world=self.world_size))
+        elif self.layout.data != self.world_size:
+            raise ValueError(f"{self.world_size} data-parallel ranks, but the layout has {self.layout.data}")
 
     @property
     def global_batch(self) -> int:
@@ -50,69 +48,23 @@ class BatchPlan:
     @property
     def grad_divisor(self) -> int:
         """The number DeepSpeed divides a gradient summed over all ranks by."""
-        return self.world_size * (self.sp if self.averages_over_sequence else 1)
+        return self.world_size * (self.layout.sequence if self.layout.averages_over_sequence else 1)
+
+    @property
+    def loss_divisor(self) -> int:
+        """What the loop divides the loss summed over every rank and micro-step of a step by: each
+        data-parallel rank's share is split over its sequence-parallel group (grad_divisor counts
+        that) or repeated by each rank of its tensor-parallel group."""
+        return self.grad_accum * self.grad_divisor * self.layout.tensor
 
     def data_rank(self, rank: int) -> int:
         """The data-parallel rank of global rank `rank`: which part of each global batch it reads."""
-        if self.pp > 1:
-            return rank % self.world_size
-        return rank // (self.sp * self.tp)
+        return self.layout.data_rank(rank)
 
-
-def pipeline_stages(cfg: dict[str, Any]) -> int:
-    """The pipeline stages the JSON's "pipeline" section asks for (1: no pipeline)."""
-    block = cfg.get("pipeline", {})
-    if not isinstance(block, dict):
-        raise UserError("DeepSpeed config: pipeline must be an object such as {\"stages\": 2}")
-    stages = block.get("stages", "auto")
-    if stages == "auto":  # DeepSpeed's default: the model decides; these recipes build none unless asked
-        return 1
-    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-        raise UserError(f"DeepSpeed config: pipeline.stages must be a positive integer, got {stages!r}")
-    return stages
-
-
-def parallel_sizes(cfg: dict[str, Any], world_size: int) -> tuple[int, int, int]:
-    """(sequence-parallel, tensor-parallel, pipeline) sizes the JSON asks for, checked against the world."""
-    sp = cfg.get("sequence_parallel_size", 1)
-    tp_block = cfg.get("tensor_parallel", {})
-    if not isinstance(tp_block, dict):
-        raise UserError("DeepSpeed config: tensor_parallel must be an object such as {\"autotp_size\": 2}")
-    tp = tp_block.get("autotp_size", 1) or 1
-    for key, value in (("sequence_parallel_size", sp), ("tensor_parallel.autotp_size", tp)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"DeepSpeed config: {key} must be a positive integer, got {value!r}")
-    pp = pipeline_stages(cfg)
-    if pp > 1 and sp * tp > 1:
-        raise UserError("DeepSpeed config: pipeline.stages and " + ("sequence_parallel_size" if sp > 1 else
-                        "tensor_parallel.autotp_size") + " are both above 1; these recipes combine a pipeline with "
-                        "data parallelism only")
-    if pp > 1 and zero_stage(cfg) >= 2:
-        raise UserError(f"DeepSpeed config: a pipeline (pipeline.stages {pp}) runs with ZeRO stage 0 or 1, not "
-                        f"{zero_stage(cfg)} (DeepSpeed's pipeline engine partitions no gradients or parameters); use "
-                        "ds_configs/zero1_pp2.json or set zero_optimization.stage to 1")
-    if sp > 1 and tp > 1:
-        raise UserError("DeepSpeed config: sequence_parallel_size and tensor_parallel.autotp_size are both above 1; "
-                        "these recipes run one of them at a time")
-    size, key = ((sp, "sequence_parallel_size") if sp > 1 else (pp, "pipeline.stages") if pp > 1
-                 else (tp, "tensor_parallel.autotp_size"))
-    if world_size % size:
-        raise UserError(f"DeepSpeed config: {key} {size} does not divide the {world_size} ranks; launch a multiple "
-                        f"of {size} ranks")
-    if tp > 1 and tp_block.get("vocab_parallel_lm_head") is not False:
-        # DeepSpeed would split a tied output layer by vocabulary, and each rank would see a slice
-        # of the logits; the loss, evaluation and export checks need them whole.
-        raise UserError("DeepSpeed config: set tensor_parallel.vocab_parallel_lm_head to false; these recipes take "
-                        "the loss over whole-vocabulary logits")
-    if sp > 1 and zero_stage(cfg) == 3 and cfg["zero_optimization"].get("reduce_scatter", True) is False:
-        # Without it DeepSpeed 0.19 averages some gradient buckets over data-parallel ranks and
-        # others over all ranks, so no single loss scale is right.
-        raise UserError("DeepSpeed config: sequence parallelism at ZeRO-3 needs zero_optimization.reduce_scatter "
-                        "true (its default)")
-    if tp > 1 and zero_stage(cfg) == 3:
-        raise UserError("DeepSpeed config: tensor parallelism (tensor_parallel.autotp_size) runs with ZeRO stage 0, "
-                        "1 or 2, not 3; use ds_configs/zero2_tp2.json or set zero_optimization.stage to 1 or 2")
-    return sp, tp, pp
+    def describe(self) -> str:
+        steps = "micro-batches in flight" if self.layout.pipeline > 1 else "accumulation"
+        return (f"global batch {self.global_batch} = {self.micro_batch} micro x {self.grad_accum} {steps} x "
+                f"{self.world_size} {self.layout.ranks_text()}")
 
 
 def config_path(flag_value: str | None, default: str) -> str:
@@ -212,15 +164,15 @@ def _positive_int(cfg: dict, key: str) -> int | None:
     return value
 
 
-def resolve_batch(cfg: dict[str, Any], world_size: int, sp: int = 1, tp: int = 1, pp: int = 1) -> BatchPlan:
+def resolve_batch(cfg: dict[str, Any], layout: Layout) -> BatchPlan:
     """Derive the missing batch value from the other two and check that they agree.
 
     DeepSpeed requires train_batch_size == micro_batch * grad_accum * world_size, over the
     data-parallel ranks; any two determine the third. The resolved values are written back
     so DeepSpeed sees all three.
     """
-    world_size //= sp * tp * pp
-    ranks = f"world size {world_size}" if sp * tp * pp == 1 else f"data-parallel size {world_size}"
+    world_size = layout.data
+    ranks = f"world size {world_size}" if layout.group == 1 else f"data-parallel size {world_size}"
     total, micro, accum = (_positive_int(cfg, k) for k in BATCH_KEYS)
     if micro is None and total is None:
         raise UserError("DeepSpeed config: set train_micro_batch_size_per_gpu (or train_batch_size)")
@@ -246,8 +198,7 @@ def resolve_batch(cfg: dict[str, Any], world_size: int, sp: int = 1, tp: int = 1
                 f"x gradient_accumulation_steps {accum} x {ranks} "
                 f"(= {micro * accum * world_size}); fix one of them or drop train_batch_size"
             )
-    plan = BatchPlan(micro_batch=micro, grad_accum=accum or 1, world_size=world_size, sp=sp, tp=tp, pp=pp,
-                     averages_over_sequence=sp > 1 and zero_stage(cfg) == 3)
+    plan = BatchPlan(micro_batch=micro, grad_accum=accum or 1, world_size=world_size, layout=layout)
     cfg["train_micro_batch_size_per_gpu"] = plan.micro_batch
     cfg["gradient_accumulation_steps"] = plan.grad_accum
     cfg["train_batch_size"] = plan.global_batch
@@ -257,8 +208,8 @@ def resolve_batch(cfg: dict[str, Any], world_size: int, sp: int = 1, tp: int = 1
 def batch_layout(cfg: dict[str, Any], world_size: int) -> BatchPlan:
     """The batch plan a config gives on `world_size` ranks, resolved as every run resolves it (the
     recipes and tools/plan_memory.py alike); the three batch keys are written back."""
-    plan = resolve_batch(cfg, world_size, *parallel_sizes(cfg, world_size))
-    if plan.tp > 1:
+    plan = resolve_batch(cfg, Layout.of_config(cfg, world_size))
+    if plan.layout.tensor > 1:
         # DeepSpeed 0.19 checks train_batch_size against every rank under AutoTP, though the ranks
         # of a tensor-parallel group share their samples; micro-batch and accumulation define it.
         cfg.pop("train_batch_size")
@@ -305,13 +256,8 @@ AUTO_FILLERS = {
 MONITORS = {"tensorboard": "tensorboard", "csv_monitor": None, "wandb": "wandb", "comet": "comet_ml"}
 
 
-def fill_auto(cfg: dict[str, Any], max_steps: int, monitor_dir: Path | None = None) -> dict[str, Any]:
-    """Fill run-dependent "auto" values in place; returns {dotted key: value} of what was filled.
-
-    The scheduler's step counts follow from --max_steps; an enabled TensorBoard or CSV
-    monitor with no output_path (or "auto") writes into `monitor_dir` (the run folder's monitor/). Any other
-    "auto" is an error: the JSON owns those settings and must state them.
-    """
+def fill_schedule(cfg: dict[str, Any], max_steps: int) -> dict[str, Any]:
+    """Fill the scheduler's "auto" step counts from the run's length, in place; returns {dotted key: value}."""
     settings = {"max_steps": max_steps}
     filled: dict[str, Any] = {}
     sched_params = (cfg.get("scheduler") or {}).get("params") or {}
@@ -319,6 +265,18 @@ def fill_auto(cfg: dict[str, Any], max_steps: int, monitor_dir: Path | None = No
         if section == "scheduler" and sched_params.get(key) == "auto":
             sched_params[key] = fill(settings)
             filled[f"scheduler.params.{key}"] = sched_params[key]
+    return filled
+
+
+def fill_auto(cfg: dict[str, Any], max_steps: int | None, monitor_dir: Path | None = None) -> dict[str, Any]:
+    """Fill run-dependent "auto" values in place; returns {dotted key: value} of what was filled.
+
+    The scheduler's step counts follow from --max_steps (with max_steps None they are left for
+    fill_schedule, once the run's length is known); an enabled TensorBoard or CSV monitor with no
+    output_path (or "auto") writes into `monitor_dir` (the run folder's monitor/). Any other
+    "auto" is an error: the JSON owns those settings and must state them.
+    """
+    filled = fill_schedule(cfg, max_steps) if max_steps is not None else {}
     for name in enabled_monitors(cfg):
         section = cfg[name]
         if name in ("tensorboard", "csv_monitor") and section.get("output_path", "") in ("", "auto"):
@@ -327,7 +285,8 @@ def fill_auto(cfg: dict[str, Any], max_steps: int, monitor_dir: Path | None = No
             section["output_path"] = str(monitor_dir)
             section.setdefault("job_name", name)
             filled[f"{name}.output_path"] = section["output_path"]
-    leftover = [k for k, v in _walk(cfg) if v == "auto"]
+    later = {f"{s}.params.{k}" for s, k in AUTO_FILLERS} if max_steps is None else set()
+    leftover = [k for k, v in _walk(cfg) if v == "auto" and k not in later]
     if leftover:
         raise UserError(
             f"DeepSpeed config: {', '.join(leftover)} is 'auto', but the recipe fills only "
@@ -631,10 +590,11 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, tupl
     return changed
 
 
-def resolve(path: str | Path, world_size: int, max_steps: int, device_type: str,
+def resolve(path: str | Path, world_size: int, max_steps: int | None, device_type: str,
             monitor_dir: Path | None = None, overrides: list[str] | None = None) -> tuple[dict, BatchPlan, dict]:
     """Load, check and resolve a DeepSpeed JSON for this run (with `--ds` overrides applied first):
-    (config, batch plan, filled values)."""
+    (config, batch plan, filled values). With max_steps None the scheduler's "auto" step counts
+    are left for fill_schedule."""
     cfg = copy.deepcopy(load_config(path))
     apply_overrides(cfg, overrides or [])
     check_training_sections(cfg)

@@ -9,14 +9,14 @@ from typing import Any, Callable
 
 from transformers import PretrainedConfig, PreTrainedModel
 
-from gpt_recipes.args import AdapterArgs, RunArgs
+from gpt_recipes.args import StartingModelArgs
 from gpt_recipes.checkpoints import paths
 from gpt_recipes.checkpoints.export import check_output_folder
 from gpt_recipes.checkpoints.run_dir import check_output_path
 from gpt_recipes.data import sft
 from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.errors import UserError
-from gpt_recipes.models.adapters import AdapterPlan, plan_adapter
+from gpt_recipes.models.adapters import AdapterPlan, TrainedWeights, plan_adapter
 from gpt_recipes.models.causal_lm import (
     check_seq_len,
     check_tokenizer_fits,
@@ -24,7 +24,7 @@ from gpt_recipes.models.causal_lm import (
     load_pretrained,
     load_pretrained_config,
 )
-from gpt_recipes.runner import RunPlan, check_adapter_resume
+from gpt_recipes.runner import RunPlan
 
 
 @dataclass
@@ -34,6 +34,11 @@ class StartingModel:
     tokenizer: Any
     seq_len: int
     adapter: AdapterPlan | None
+
+    @property
+    def weights(self) -> TrainedWeights:
+        """What trains: the adapters, or every weight."""
+        return self.adapter if self.adapter is not None else TrainedWeights()
 
     @property
     def pad_id(self) -> int:
@@ -61,19 +66,16 @@ def load_model_folder(name_or_path: str, flag: str):
     return config
 
 
-def check_starting_model(args: RunArgs | AdapterArgs, run: RunPlan, name_or_path: str,
-                         pad_to_multiple_of: int) -> StartingModel:
+def check_starting_model(args: StartingModelArgs, run: RunPlan) -> StartingModel:
     """Check the model folder, its tokenizer, the length and the LoRA flags before any rank starts."""
+    name_or_path = args.model_name_or_path
     config = load_model_folder(name_or_path, "--model_name_or_path")
     tokenizer = load_tokenizer(name_or_path)
     check_tokenizer_fits(tokenizer, config, name_or_path)
     if sft.ensure_chat_template(tokenizer):
         run.say("The tokenizer has no chat template: using the default one (saved with checkpoints and exports)")
     seq_len = check_seq_len(config, args.seq_len)
-    if pad_to_multiple_of < 1:
-        raise UserError(f"--pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}")
     adapter = plan_adapter(args, config, name_or_path)
-    check_adapter_resume(run, adapter)
     if args.export_adapter:
         if args.export_hf and Path(args.export_adapter).resolve() == Path(args.export_hf).resolve():
             raise UserError("--export_adapter and --export_hf name the same folder; give each its own")

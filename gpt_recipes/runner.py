@@ -1,8 +1,11 @@
-"""What every recipe does once it knows its model and data: check, start ranks, train, save, export.
+"""What every recipe does once it knows its model, data and objective: check, start ranks, train, save, export.
 
 A recipe checks its own inputs (data, tokenizer, model) and hands over a Job; `plan_run`
-checks the shared ones (intervals, DeepSpeed JSON, output folders) before any rank starts,
-and `execute` runs the rest of the story on every rank.
+checks the shared ones (DeepSpeed JSON, output folders) before any rank starts, and `execute`
+runs the rest of the story on every rank as named phases. Each phase returns what it learns;
+the run's record gathers it and is written once, to OUTPUT_DIR/config.json. The objective
+(train/objective.py), the layout (parallel/layout.py) and the trained weights
+(models/adapters.py) are parts this module asks, never names.
 """
 
 from __future__ import annotations
@@ -20,9 +23,8 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from gpt_recipes import ds_config
-from gpt_recipes.console import resume_command
 from gpt_recipes.args import DEFAULT_DEEPSPEED_CONFIG, RunArgs
-from gpt_recipes.checkpoints import paths, saving
+from gpt_recipes.checkpoints import paths, resume, saving
 from gpt_recipes.checkpoints.export import check_output_folder, export_after_training
 from gpt_recipes.checkpoints.run_dir import (
     OutputPlan,
@@ -33,22 +35,23 @@ from gpt_recipes.checkpoints.run_dir import (
     write_run_config,
 )
 from gpt_recipes.data import mixture
-from gpt_recipes.data.tokenizer import load_tokenizer, vocabulary_digest
+from gpt_recipes.data.samples import Samples
+from gpt_recipes.data.tokenizer import vocabulary_digest
 from gpt_recipes.data.tokens import GlobalBatchOrder, eval_micro_batches
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError
 from gpt_recipes.metrics import evaluation, flops
 from gpt_recipes.metrics.log import MetricsLog, log_wandb_by_step
 from gpt_recipes.metrics.memory import tensor_memory_mb
-from gpt_recipes.models import adapters
-from gpt_recipes.models.adapters import AdapterPlan
+from gpt_recipes.models.adapters import TrainedWeights, trainable_parameters
 from gpt_recipes.models.causal_lm import count_parameters, enable_activation_checkpointing
 from gpt_recipes.models.compile import CompilePlan, plan_compile
-from gpt_recipes.models.loss import CausalLMLoss, fused_unavailable
-from gpt_recipes.parallel import distributed, pipeline, sequence_tensor
+from gpt_recipes.parallel import distributed
 from gpt_recipes.parallel.distributed import DistEnv
+from gpt_recipes.parallel.layout import Layout
 from gpt_recipes.train import engine_setup
-from gpt_recipes.train.loop import Batches, DataParallelStep, LoopSettings, Samples, TrainState, TrainStep, train
+from gpt_recipes.train.loop import Batches, LoopSettings, TrainState, train
+from gpt_recipes.train.objective import Objective, StepSetup
 
 
 @dataclass
@@ -62,65 +65,68 @@ class RunPlan:
     filled: dict[str, Any]
     out_dir: Path
     output: OutputPlan
+    max_steps: int = 0  # set by set_length, from --max_steps or --num_epochs
     notes: list[str] = field(default_factory=list)  # said once the ranks have started
     eval_tasks: list[Any] = field(default_factory=list)  # lm-evaluation-harness tasks, resolved
     compile: CompilePlan | None = None  # how the model is compiled (None: eagerly)
     lock: RunLock | None = None  # rank 0's lock on the output folder
     overrides: list[str] = field(default_factory=list)  # --ds values applied to the JSON
 
+    @property
+    def layout(self) -> Layout:
+        return self.batch.layout
+
     def say(self, *text: Any) -> None:
         if self.env.is_main:
             print(*text, flush=True)
 
+    def set_length(self, steps: int) -> None:
+        """The run's length in optimizer steps: the JSON's "auto" scheduler counts follow from it, and a
+        resumed run keeps the ones it was planned with (and says so)."""
+        self.max_steps = steps
+        self.filled.update(ds_config.fill_schedule(self.ds_cfg, steps))
+        if not self.output.resume_tag:
+            return
+        saved = paths.saved_info(paths.checkpoints_dir(self.out_dir), self.output.resume_tag)
+        for key, (kept, fresh) in ds_config.keep_saved_schedule(self.ds_cfg, self.filled,
+                                                                saved.get("schedule", {})).items():
+            self.notes.append(
+                f"Resuming keeps the schedule the run was planned with: {key} = {kept} (--max_steps {steps} would "
+                f"make it {fresh}). Past step {kept}, a warm-up/decay schedule stays at its final learning rate; to "
+                "plan another, give the scheduler's step counts as numbers in the DeepSpeed JSON")
+
 
 @dataclass
 class Job:
-    """The recipe-specific parts: how to build the model, and what to train and evaluate on."""
+    """The recipe-specific parts: its objective, how to build the model, what the data was."""
 
-    name: str
+    recipe: str
+    objective: Objective
     model_config: PretrainedConfig
     tokenizer: Any
     seq_len: int
-    train: Samples
-    val: Samples
     build_model: Callable[[], PreTrainedModel]
-    record: dict[str, Any] = field(default_factory=dict)  # extra facts for OUT/config.json
+    data: dict[str, Any] = field(default_factory=dict)  # what the training data was, for OUT/config.json
     # What the training samples were made from (a prepared folder's fingerprint, a digest of the
     # rows): a resume must continue on the same data.
     data_fingerprint: str | None = None
-    adapter: AdapterPlan | None = None  # LoRA: build_model returns the base with adapters in place
-    # Another objective than next-token loss (DPO): its loss, given the model and ZeRO stage, and
-    # what must run once the engine exists and before the first step (the reference pass).
-    make_loss: Callable[[PreTrainedModel, int], Any] | None = None
-    before_training: Callable[[Any, int], None] | None = None  # (engine, resumed step)
-    # A step of its own (GRPO generates before it trains): given the engine, batches and ZeRO stage.
-    make_step: Callable[[Any, Batches, int], TrainStep] | None = None
+    # What trains: every weight, or adapters that build_model adds to a frozen base.
+    weights: TrainedWeights = field(default_factory=TrainedWeights)
+
+
+# Flags that name what a run reads: no output may be one of them, lie inside one or hold one.
+INPUT_FLAGS = ("data", "val_data", "model", "model_name_or_path")
 
 
 def plan_run(args: RunArgs) -> RunPlan:
-    """Check the flags, DeepSpeed JSON and output folders every recipe shares."""
-    for name in ("max_steps", "log_interval", "eval_batches"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("eval_interval", "save_interval"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be 0 (only at the end) or positive, got {getattr(args, name)}")
-    if args.profile_step < 0:
-        raise UserError(f"--profile_step must be 0 (none) or a step number, got {args.profile_step}")
-    if args.keep_last < 0:
-        raise UserError(f"--keep_last must be 0 (keep all) or positive, got {args.keep_last}")
-    if not 0 <= args.seed < 2**32:
-        raise UserError(f"--seed must lie between 0 and 2**32 - 1, got {args.seed}")
-    if args.num_epochs is not None and not args.num_epochs > 0:
-        raise UserError(f"--num_epochs must be positive, got {args.num_epochs}")
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        raise UserError(f"--peak_tflops must be positive, got {args.peak_tflops}")
+    """Check the DeepSpeed JSON and output folders every recipe shares (the flags' ranges were checked
+    when they were parsed)."""
     env = distributed.environment()
     device = distributed.device_type()
     out_dir = Path(args.output_dir)
     config_path = ds_config.config_path(args.deepspeed_config, DEFAULT_DEEPSPEED_CONFIG)
-    ds_cfg, batch, filled = ds_config.resolve(config_path, env.world_size, args.max_steps, device,
-                                                out_dir / paths.MONITOR, overrides=args.ds)
+    ds_cfg, batch, filled = ds_config.resolve(config_path, env.world_size, None, device, out_dir / paths.MONITOR,
+                                              overrides=args.ds)
     overridden = ds_config.apply_overrides(ds_config.load_config(config_path), args.ds)
     inputs = input_paths(args, config_path)
     check_output_path(out_dir, "--output_dir", inputs)
@@ -133,89 +139,55 @@ def plan_run(args: RunArgs) -> RunPlan:
     if args.export_hf:
         check_output_path(args.export_hf, "--export_hf", inputs, outputs={"--output_dir": out_dir})
         check_output_folder(Path(args.export_hf), args.overwrite, force_flag="--overwrite")
-    if args.eval_limit is not None and args.eval_limit < 1:
-        raise UserError(f"--eval_limit must be at least 1, got {args.eval_limit}")
     eval_tasks = evaluation.resolve_tasks([t for name in args.eval_tasks for t in name.split(",") if t]) \
         if args.eval_tasks else []
     run = RunPlan(env, device, ds_cfg, batch, filled, out_dir, output, eval_tasks=eval_tasks, lock=lock,
-                  compile=plan_compile(args, ds_cfg, batch, device))
-    if output.note:
-        run.notes.append(output.note)
-    for key, (before, now) in overridden.items():
-        run.notes.append(f"DeepSpeed config: --ds {key} = {json.dumps(now)} for this run (the JSON has "
-                         f"{json.dumps(before) if before != '(not set)' else 'no value'})")
-    run.overrides = list(args.ds)
+                  compile=plan_compile(args, ds_cfg, batch, device), overrides=list(args.ds))
+    run.notes += [output.note] if output.note else []
+    run.notes += [f"DeepSpeed config: --ds {key} = {json.dumps(now)} for this run (the JSON has "
+                  f"{json.dumps(before) if before != '(not set)' else 'no value'})" for key, (before, now) in overridden.items()]
     if args.num_epochs is None:  # else once the training set's size gives the run's length
-        keep_saved_schedule(args, run)
+        run.set_length(args.max_steps)
     return run
-
-
-def keep_saved_schedule(args: RunArgs, run: RunPlan) -> None:
-    """A resumed run keeps the scheduler step counts it was planned with, and says so."""
-    if not run.output.resume_tag:
-        return
-    saved = paths.saved_info(paths.checkpoints_dir(run.out_dir), run.output.resume_tag)
-    for key, (kept, fresh) in ds_config.keep_saved_schedule(run.ds_cfg, run.filled, saved.get("schedule", {})).items():
-        run.notes.append(
-            f"Resuming keeps the schedule the run was planned with: {key} = {kept} (--max_steps {args.max_steps} "
-            f"would make it {fresh}). Past step {kept}, a warm-up/decay schedule stays at its final learning "
-            "rate; to plan another, give the scheduler's step counts as numbers in the DeepSpeed JSON")
-
-
-# Flags that name what a run reads: no output may be one of them, lie inside one or hold one.
-INPUT_FLAGS = ("data", "val_data", "model", "model_name_or_path")
 
 
 def input_paths(args: RunArgs, config_path: str) -> dict[str, list[str]]:
     """{flag: the existing paths it names} for the run's inputs (a preset name is no path)."""
     found: dict[str, list[str]] = {"--deepspeed_config": [config_path]}
     for name in INPUT_FLAGS:
-        value = getattr(args, name, None)
+        value = vars(args).get(name)
         paths_named = [v for v in (value if isinstance(value, list) else [value]) if v and Path(v).exists()]
         if paths_named:
             found[f"--{name}"] = paths_named
     return found
 
 
-def check_adapter_resume(run: RunPlan, adapter: AdapterPlan | None) -> None:
-    """A resumed checkpoint must be of the same kind (LoRA or not) and adapt the same base."""
-    tag = run.output.resume_tag
-    if tag:
-        ckpt_dir = paths.checkpoints_dir(run.out_dir)
-        moved = adapters.check_resume(paths.saved_info(ckpt_dir, tag).get("adapter"), adapter, ckpt_dir / tag)
-        if moved:
-            run.notes.append(moved)
-
-
 def plan_epochs(args: RunArgs, run: RunPlan, num_samples: int) -> None:
-    """With --num_epochs, the run's length in steps, now that the training set's size is known:
-    --max_steps and the JSON's "auto" scheduler counts are derived from it, and said."""
+    """With --num_epochs, the run's length in steps, now that the training set's size is known (said)."""
     if args.num_epochs is None:
         return
     steps = max(1, math.ceil(args.num_epochs * num_samples / run.batch.global_batch))
-    config_path = ds_config.config_path(args.deepspeed_config, DEFAULT_DEEPSPEED_CONFIG)
-    run.ds_cfg, _, run.filled = ds_config.resolve(config_path, run.env.world_size, steps, run.device,
-                                                  run.out_dir / paths.MONITOR, overrides=args.ds)
-    args.max_steps = steps
     run.notes.append(f"--num_epochs {args.num_epochs:g}: {num_samples:,} training samples at global batch "
                      f"{run.batch.global_batch} make {steps} steps (--max_steps {steps})")
-    keep_saved_schedule(args, run)
+    run.set_length(steps)
 
 
-def make_batches(args: RunArgs, run: RunPlan, train_samples: Samples, val_samples: Samples, what: str) -> Batches:
-    """The global batch order over the training samples, and this rank's validation micro-batches
-    (and, with --num_epochs, the run's length)."""
-    plan_epochs(args, run, len(train_samples))
+def make_batches(args: RunArgs, run: RunPlan, train_samples: Samples, val_samples: Samples, what: str,
+                 per_step: int | None = None) -> Batches:
+    """The global batch order over the training samples, this rank's validation micro-batches (and,
+    with --num_epochs, the run's length). `per_step`: samples a step takes, when not the global batch
+    (GRPO's prompts, each completed several times)."""
     plan = run.batch
-    order = GlobalBatchOrder(len(train_samples), plan, args.seed)
-    val_batches = eval_micro_batches(len(val_samples), args.eval_batches * plan.global_batch,
-                                     plan.micro_batch, plan.data_rank(run.env.rank), plan.world_size)
+    per_step = per_step or plan.global_batch
+    plan_epochs(args, run, len(train_samples) * plan.global_batch // per_step)
+    step_plan = plan if per_step == plan.global_batch else BatchPlan(micro_batch=per_step, grad_accum=1, world_size=1)
+    order = GlobalBatchOrder(len(train_samples), step_plan, args.seed)
+    val_batches = eval_micro_batches(len(val_samples), args.eval_batches * per_step, plan.micro_batch,
+                                     plan.data_rank(run.env.rank), plan.world_size)
     if not val_batches:
         raise UserError(f"the validation set of {what} holds fewer samples than there are data-parallel ranks "
                         f"({plan.world_size})")
-    if plan.sp > 1:  # each rank of a group trains on its part of every sequence, and evaluates whole ones
-        return Batches(sequence_tensor.SequenceShards(train_samples, plan.sp, run.env.rank % plan.sp), order,
-                       sequence_tensor.WholeSequences(val_samples), val_batches)
+    train_samples, val_samples = run.layout.shard_samples(train_samples, val_samples, run.env.rank)
     return Batches(train_samples, order, val_samples, val_batches)
 
 
@@ -238,74 +210,104 @@ def make_mixture_batches(args: RunArgs, run: RunPlan, train: mixture.SourceIndex
         raise UserError(f"the sources' validation sets hold fewer {unit} than there are data-parallel ranks "
                         f"({plan.world_size})")
     run.say("Mixture: " + ", ".join(f"{name} {w:.1%} ({size:,} {unit})"
-                                    for name, w, size in zip(train.names, weights, train.sizes)))
+                                    for name, w, size in zip(train.source_names, weights, train.sizes)))
+    train, val = run.layout.shard_samples(train, val, run.env.rank)
     return Batches(train, order, val, val_batches)
 
 
-def build(args: RunArgs, run: RunPlan, job: Job, stage: int, pipe: pipeline.PipelinePlan | None) -> torch.nn.Module:
-    """The recipe's model, with activation checkpointing if asked, or this rank's stage of it as a
-    pipeline; says what was built."""
+# --- The phases of a run, in the order execute() calls them ---------------------------------------
+
+
+def check_job(run: RunPlan, job: Job) -> None:
+    """Before any rank starts: a resume continues what it should, and the layout can run this job."""
+    run.notes += resume.check_matches(run, job)
+    refused = run.layout.refusal(job.model_config, job.seq_len, job.objective.supports, job.objective.title,
+                                 frozen_base=job.weights.frozen_base, compiled=run.compile is not None)
+    if refused:
+        raise UserError(refused)
+
+
+def start_ranks(args: RunArgs, run: RunPlan) -> dict[str, Any]:
+    """Join the process group (shared-memory collectives on CPU ranks where they work) and seed."""
+    why_not_shm = distributed.init(run.env, args.shm_comm)
+    if run.device == "cpu" and run.env.world_size > 1:
+        run.say("Collectives: " + ("all-reduce, all-gather and reduce-scatter through DeepSpeed's shared-memory kernel"
+                                   if why_not_shm is None else f"gloo ({why_not_shm})"))
+    distributed.barrier()  # every rank has checked the output folder before rank 0 writes to it
+    distributed.seed_everything(args.seed)
+    return {"shm_comm": why_not_shm is None}
+
+
+def build(args: RunArgs, run: RunPlan, job: Job) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The recipe's model, placed as the layout asks (some layouts keep a part of it on each rank), with
+    activation checkpointing if asked; says what was built and returns the facts."""
     model = job.build_model()
-    if pipe is not None:  # this rank keeps its stage's layers; the rest of the model is dropped
-        model = pipeline.to_pipeline(model, pipe)
-        run.say(f"Model: {job.model_config.model_type}, seq_len {job.seq_len}; {ds_config.precision(run.ds_cfg)}, "
-                f"ZeRO-{stage}; global batch {run.batch.global_batch} = {run.batch.micro_batch} micro x "
-                f"{run.batch.grad_accum} micro-batches in flight x {run.batch.world_size} data-parallel pipelines")
-        run.say(pipeline.describe(model))
-        return model
-    built_mb = None
+    stage, facts = run.layout.zero_stage, {"parameters": count_parameters(model)}
     if stage == 3:  # each rank holds only its partitions: the model is never whole on one rank
-        built_mb = distributed.rank_max(tensor_memory_mb(run.device), distributed.device(run.device, run.env))
-        job.record["built_mb"] = built_mb
+        facts["built_mb"] = distributed.rank_max(tensor_memory_mb(run.device), distributed.device(run.device, run.env))
     if args.activation_checkpointing:
         enable_activation_checkpointing(model)
-    run.say(f"Model: {count_parameters(model) / 1e6:.2f}M parameters ({job.model_config.model_type}); seq_len "
-            f"{job.seq_len}; {ds_config.precision(run.ds_cfg)}, ZeRO-{stage}; global batch {run.batch.global_batch} = "
-            f"{run.batch.micro_batch} micro x {run.batch.grad_accum} accumulation x {run.batch.world_size} "
-            + ("ranks" if run.batch.sp * run.batch.tp == 1 else "data-parallel ranks"))
-    layout = sequence_tensor.describe(run.batch)
-    if layout:
-        run.say(layout)
-    if job.adapter is not None:
-        trainable = adapters.trainable_parameters(model)
-        job.record["adapter"] = job.adapter.record(trainable)
-        lora = job.adapter.config
-        run.say(f"LoRA: r {lora.r}, alpha {lora.lora_alpha:g}, dropout {lora.lora_dropout:g} on "
-                f"{', '.join(job.adapter.targets)}: {trainable / 1e6:.3f}M trainable parameters "
-                f"({trainable / count_parameters(model):.2%}); the base is frozen"
-                + (" and stays partitioned" if stage == 3 else ""))
-    if built_mb is not None:
-        run.say(f"ZeRO-3: built partitioned, {built_mb:.0f} MiB of tensors on the fullest rank (the whole model is "
-                f"{count_parameters(model) * 4 / 2**20:.0f} MiB in fp32)")
-    return model
+    weights_line, weights_facts = job.weights.describe(model, stage)
+    run.say(f"Model: {facts['parameters'] / 1e6:.2f}M parameters ({job.model_config.model_type}); seq_len "
+            f"{job.seq_len}; {ds_config.precision(run.ds_cfg)}, ZeRO-{stage}; {run.batch.describe()}")
+    model, placed = run.layout.place(model)
+    for line in (placed, weights_line):
+        if line:
+            run.say(line)
+    if "built_mb" in facts:
+        run.say(f"ZeRO-3: built partitioned, {facts['built_mb']:.0f} MiB of tensors on the fullest rank (the whole "
+                f"model is {facts['parameters'] * 4 / 2**20:.0f} MiB in fp32)")
+    return model, {**facts, **weights_facts}
 
 
-def make_train_step(args: RunArgs, run: RunPlan, job: Job, engine, batches: Batches, stage: int) -> TrainStep:
-    """The loop's step: the pipeline engine's, or forward/backward/step with the recipe's loss."""
-    if job.make_step is not None:
-        return job.make_step(engine, batches, stage)
-    if pipeline.is_pipeline(engine.module):
-        job.record["fused_loss"] = False
-        return pipeline.PipelineStep(batches, run.batch, run.env.rank)
-    loss_fn = build_loss(args, run, job, engine.module, stage) if job.make_loss is None else job.make_loss(
-        engine.module, stage)
-    return DataParallelStep(batches, run.batch, run.env, loss_fn)
+def resume_point(run: RunPlan) -> str | None:
+    """The checkpoint tag to load: on another number of ranks or ZeRO stage, its conversion to
+    DeepSpeed's universal checkpoint, which keeps the optimizer state."""
+    tag = run.output.resume_tag
+    if not tag:
+        return None
+    ckpt_dir = paths.checkpoints_dir(run.out_dir)
+    change = run.layout.resume_change(Layout.from_record(paths.saved_info(ckpt_dir, tag)))
+    if not change:
+        return tag
+    run.say(f"Resuming across a layout change ({change}): converting the checkpoint to DeepSpeed's universal format")
+    run.ds_cfg.setdefault("checkpoint", {})["load_universal"] = True  # derived here, not set in the JSON
+    return saving.convert_to_universal(ckpt_dir, tag, run.env.rank, run.layout.zero_stage)
 
 
-def build_loss(args: RunArgs, run: RunPlan, job: Job, model: PreTrainedModel, stage: int) -> CausalLMLoss:
-    """The training loss, fused with the output layer unless asked not to or it cannot be; says which."""
-    why_not = fused_unavailable(model, stage) if args.fused_loss else "--no-fused_loss"
-    if why_not is None and run.batch.tp > 1:
-        why_not = "tensor parallelism: DeepSpeed's AutoTP owns the output layer"
-    loss_fn = CausalLMLoss(model, fused=why_not is None)
-    run.say("Loss: output layer and cross-entropy fused, in chunks of rows (the logits are never held whole)"
-            if loss_fn.fused else f"Loss: cross-entropy over the model's logits ({why_not})")
-    job.record["fused_loss"] = loss_fn.fused
-    return loss_fn
+def clear_previous_run(run: RunPlan) -> None:
+    """Every check has passed: only now does an --overwrite'n run's output go."""
+    if run.output.replace and run.env.is_main:
+        run.say(f"--overwrite: removed the previous run's {', '.join(remove_previous_run(run.out_dir))} "
+                f"from {run.out_dir}")
+    distributed.barrier()
 
 
-def throughput_basis(args: RunArgs, run: RunPlan, job: Job) -> tuple[float, float | None, str]:
-    """(model FLOPs per token, this rank's peak TFLOP/s or None, where the peak came from)."""
+def start_engine(run: RunPlan, job: Job, model: torch.nn.Module, mpu) -> tuple[Any, dict[str, Any]]:
+    """deepspeed.initialize over what trains (adapters on a frozen base: the adapters alone), checked
+    against the plan."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if "wandb" in ds_config.enabled_monitors(run.ds_cfg):
+        # No account needed: the run is written to OUTPUT_DIR/wandb; `wandb sync` uploads it later.
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", str(run.out_dir))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=run.ds_cfg, mpu=mpu)
+    engine_setup.check_runs_as_planned(engine, run.ds_cfg, run.batch)
+    engine_setup.lighten_step(engine, run.env.world_size, run.layout.zero_stage)
+    facts = {}
+    if run.compile is not None:
+        run.compile.prepare(engine.module, run.layout.zero_stage)
+        engine.compile(backend=run.compile.backend, compile_kwargs=run.compile.kwargs())
+        run.say(run.compile.describe())
+        facts["compile"] = {"backend": run.compile.backend, "mode": run.compile.mode,
+                            "deepcompile": run.compile.deepcompile}
+    job.weights.prepare(engine)
+    return engine, facts
+
+
+def throughput_basis(args: RunArgs, run: RunPlan, job: Job) -> dict[str, Any]:
+    """Model FLOPs per token and this rank's peak TFLOP/s (None: no MFU), and where the peak came from."""
     flops_per_token = flops.flops_shape(job.model_config).per_token(job.seq_len)
     peak, source = flops.peak_tflops(run.device, ds_config.precision(run.ds_cfg), args.peak_tflops)
     if peak is not None and run.device == "cpu" and not args.peak_tflops:  # ranks' probes differ a little
@@ -315,9 +317,121 @@ def throughput_basis(args: RunArgs, run: RunPlan, job: Job) -> tuple[float, floa
                              + ("; a CPU's peak depends on its matrix units (AMX, AVX-512 BF16), so MFU is comparable "
                                 "only between runs on one machine" if run.device == "cpu" else "")
                              if peak else f"no MFU: {source}"))
-    job.record.update(flops_per_token=flops_per_token, peak_tflops_per_rank=peak, peak_source=source,
-                      device=flops.device_name(run.device))
-    return flops_per_token, peak, source
+    return {"flops_per_token": flops_per_token, "peak_tflops_per_rank": peak, "peak_source": source,
+            "device": flops.device_name(run.device)}
+
+
+def load_resumed(engine, run: RunPlan, job: Job, tag: str | None) -> TrainState:
+    """The checkpoint's weights, optimizer state, RNG states and position; a fresh state without one."""
+    if not tag:
+        return TrainState()
+    saved = saving.load(engine, paths.checkpoints_dir(run.out_dir), tag, run.env.rank,
+                        frozen_base=job.weights.frozen_base)
+    engine_setup.replay_adam_step_products(engine)
+    run.say(f"Resumed from step {saved['step']} ({saved['tokens']:,} tokens seen)")
+    return TrainState(step=saved["step"], tokens=saved["tokens"])
+
+
+@dataclass
+class RunRecord:
+    """What the run is and learned: OUTPUT_DIR/config.json, written once by rank 0, and the part of it
+    each checkpoint's training.json repeats."""
+
+    config: dict[str, Any]  # all of it
+    checkpoint: dict[str, Any]  # the facts a checkpoint needs to be resumed, converted and exported alone
+
+    @classmethod
+    def gather(cls, args: RunArgs, run: RunPlan, job: Job, facts: dict[str, Any]) -> "RunRecord":
+        objective = {"objective": job.objective.name, **job.objective.config_record()}
+        checkpoint = {"recipe": job.recipe, **objective, "precision": ds_config.precision(run.ds_cfg),
+                      **run.layout.record(), "tokenizer_digest": vocabulary_digest(job.tokenizer),
+                      "data_fingerprint": job.data_fingerprint,
+                      "schedule": {k: v for k, v in run.filled.items() if k.startswith("scheduler.")},
+                      **({"adapter": facts["adapter"]} if "adapter" in facts else {})}
+        batch = run.batch
+        config = {"recipe": job.recipe, **objective, "args": asdict(args), "max_steps": run.max_steps,
+                  "seq_len": job.seq_len, "world_size": run.env.world_size,
+                  "batch": {"micro_batch": batch.micro_batch, "grad_accum": batch.grad_accum,
+                            "global_batch": batch.global_batch, "data_parallel": batch.world_size},
+                  "layout": run.layout.record(),
+                  "deepspeed": run.ds_cfg, "filled_auto": run.filled, "deepspeed_overrides": run.overrides,
+                  "model": job.model_config.to_dict(), "data": job.data, **facts}
+        return cls(config, checkpoint)
+
+    def write(self, run: RunPlan, engine) -> None:
+        if not run.env.is_main:
+            return
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(run.out_dir, self.config)
+        if "wandb" in ds_config.enabled_monitors(run.ds_cfg):
+            import wandb
+
+            if wandb.run is not None:  # DeepSpeed's monitor started it on this rank
+                wandb.config.update(self.config, allow_val_change=True)
+                log_wandb_by_step(engine.monitor)
+
+
+def loop_settings(args: RunArgs, run: RunPlan, job: Job, basis: dict[str, Any]) -> LoopSettings:
+    return LoopSettings(max_steps=run.max_steps, log_interval=args.log_interval, eval_interval=args.eval_interval,
+                        save_interval=args.save_interval, out_dir=run.out_dir, device_type=run.device,
+                        flops_per_token=basis["flops_per_token"], peak_tflops=basis["peak_tflops_per_rank"],
+                        profile_step=args.profile_step, downstream=downstream_eval(args, run, job))
+
+
+def checkpoint_saver(args: RunArgs, run: RunPlan, job: Job, engine, record: RunRecord) -> Callable[[TrainState], Path]:
+    hf_files = [job.model_config, job.tokenizer, *run.layout.checkpoint_files(engine.module),
+                *job.weights.checkpoint_files()]
+    trainer_extra = {"global_batch": run.batch.global_batch, "seq_len": job.seq_len, "seed": args.seed}
+
+    def save(state: TrainState) -> Path:
+        return saving.save(engine, run.out_dir, state.as_dict(job.objective.best.key, **trainer_extra), run.env.rank,
+                           hf_files, record.checkpoint, trainable_parameters(engine.module), args.keep_last,
+                           log=run.say, frozen_base=job.weights.frozen_base, best=job.objective.best)
+
+    return save
+
+
+def finish(args: RunArgs, run: RunPlan, job: Job, engine, state: TrainState, metrics: MetricsLog) -> None:
+    """After the last step: what the trained weights check, the export (verified against the engine)."""
+    line, figures = job.weights.finish(engine)
+    if figures:
+        metrics.write({"step": state.step, **figures})
+    if line:
+        run.say(line)
+    adapter_dir = job.weights.export_dir
+    if args.export_hf or adapter_dir:
+        record = export_after_training(engine, run.out_dir, job.model_config, job.tokenizer.eos_token_id,
+                                       run.layout.zero_stage, run.env.is_main, force=args.overwrite,
+                                       export_dir=Path(args.export_hf) if args.export_hf else None,
+                                       adapter_dir=adapter_dir, log=run.say)
+        metrics.write({"step": state.step, **(record or {})})
+        distributed.barrier()
+    run.say(f"Done: {state.step} steps, {state.tokens:,} tokens; outputs in {run.out_dir}")
+
+
+def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
+    check_job(run, job)
+    facts = start_ranks(args, run)
+    mpu = run.layout.start_groups(job.model_config, run.batch)
+    model, built = build(args, run, job)
+    for key, value in run.filled.items():
+        run.say(f"DeepSpeed config: filled {key} = {value} (was \"auto\")")
+    for note in run.notes:
+        run.say(note)
+    resume_tag = resume_point(run)
+    clear_previous_run(run)
+    engine, engine_facts = start_engine(run, job, model, mpu)
+    step, step_facts = job.objective.make_step(StepSetup(engine, batches, run, run.layout.zero_stage, args.seed))
+    basis = throughput_basis(args, run, job)
+    state = load_resumed(engine, run, job, resume_tag)
+    record = RunRecord.gather(args, run, job, {**facts, **built, **engine_facts, **step_facts, **basis})
+    record.write(run, engine)
+    metrics = MetricsLog(run.out_dir, run.env.is_main, resume_step=state.step if resume_tag else None,
+                         monitor=engine.monitor)
+    train(engine, batches, run.batch, run.env, loop_settings(args, run, job, basis), state, metrics, job.objective,
+          step, checkpoint_saver(args, run, job, engine, record))
+    finish(args, run, job, engine, state, metrics)
+    return state
 
 
 def downstream_eval(args: RunArgs, run: RunPlan, job: Job) -> Callable[[Any], dict[str, float]] | None:
@@ -328,7 +442,7 @@ def downstream_eval(args: RunArgs, run: RunPlan, job: Job) -> Callable[[Any], di
     whole copy of the model, and nothing is written to disk."""
     if not run.eval_tasks:
         return None
-    chat = bool(getattr(job.tokenizer, "chat_template", None))
+    chat = bool(job.tokenizer.chat_template)
 
     def run_tasks(engine) -> dict[str, float]:
         start = time.perf_counter()
@@ -343,189 +457,3 @@ def downstream_eval(args: RunArgs, run: RunPlan, job: Job) -> Callable[[Any], di
         return {**{f"eval/{name}": value for name, value in scores.items()}, "eval_tasks_s": time.perf_counter() - start}
 
     return run_tasks
-
-
-# Model config fields that name tokens or record versions: not the model's shape.
-NOT_THE_SHAPE = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id")
-
-
-def model_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """The first shape-deciding field (model type, sizes, tying) in which two model configs differ."""
-    keys = ["model_type", "tie_word_embeddings", *sorted(k for k, v in saved.items()
-                                                         if isinstance(v, int) and not isinstance(v, bool)
-                                                         and k not in NOT_THE_SHAPE)]
-    for key in keys:
-        if key in saved and saved.get(key) != current.get(key):
-            return f"{key} {saved.get(key)!r} (this run: {current.get(key)!r})"
-    return None
-
-
-def check_resume_matches(run: RunPlan, job: Job) -> None:
-    """Before any rank starts: the checkpoint to resume was trained with this run's model, tokenizer,
-    data, global batch and sequence length. One line names what differs."""
-    tag = run.output.resume_tag
-    if not tag:
-        return
-    tag_dir = paths.checkpoints_dir(run.out_dir) / tag
-    paths.check_intact(tag_dir, "point {ckpt_dir}/latest at it (echo {tag} > {ckpt_dir}/latest), then continue "
-                                "with: " + resume_command().replace("{", "{{").replace("}", "}}"))
-    saved = paths.saved_info(tag_dir.parent, tag)
-    where = f"--resume: checkpoint {tag_dir} was trained with"
-    model_file = tag_dir / paths.MODEL_CONFIG
-    if model_file.is_file():
-        differ = model_difference(json.loads(model_file.read_text()), job.model_config.to_dict())
-        if differ:
-            raise UserError(f"{where} another model: {differ}; resume with the model it was trained with (the "
-                            f"--model or --model_name_or_path of the command that started it)")
-    digest = saved.get("tokenizer_digest") or (vocabulary_digest(load_tokenizer(tag_dir))
-                                               if (tag_dir / "tokenizer_config.json").is_file() else None)
-    if digest and digest != vocabulary_digest(job.tokenizer):
-        raise UserError(f"{where} another tokenizer (its vocabulary differs from this run's, token for token); "
-                        "resume with the data prepared with the run's tokenizer: tools/prepare_data.py --tokenizer "
-                        f"{tag_dir} ...")
-    if saved.get("data_fingerprint") and job.data_fingerprint and saved["data_fingerprint"] != job.data_fingerprint:
-        raise UserError(f"{where} other data (fingerprint {saved['data_fingerprint']}, this run's "
-                        f"{job.data_fingerprint}); resume with the --data it was trained on, or start a new run "
-                        "from its export")
-    if (saved.get("global_batch"), saved.get("seq_len")) != (run.batch.global_batch, job.seq_len):
-        raise UserError(
-            f"{where} global batch {saved.get('global_batch')} and seq_len {saved.get('seq_len')}; this run has "
-            f"{run.batch.global_batch} and {job.seq_len}: keep them to resume (on another number of ranks, change "
-            "gradient_accumulation_steps or train_micro_batch_size_per_gpu in the DeepSpeed config so the global "
-            "batch stays the same)")
-    if "world_size" in saved and "zero_stage" in saved:  # a layout no conversion can bridge is refused now
-        paths.layout_change(saved, run.env.world_size, ds_config.zero_stage(run.ds_cfg), run.batch.sp, run.batch.tp,
-                            run.batch.pp)
-
-
-def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
-    env, say = run.env, run.say
-    check_resume_matches(run, job)
-    sequence_tensor.check(run.batch, job.model_config, job.seq_len, lora=job.adapter is not None,
-                   objective=job.name.upper() if job.make_loss or job.make_step else None)
-    pipe = pipeline.plan_of(run.ds_cfg, run.batch.pp)
-    pipeline.check(pipe, job.model_config, job.name, lora=job.adapter is not None, compiled=run.compile is not None)
-    why_not_shm = distributed.init(env, args.shm_comm)
-    if run.device == "cpu" and env.world_size > 1:
-        say("Collectives: " + ("all-reduce, all-gather and reduce-scatter through DeepSpeed's shared-memory kernel"
-                               if why_not_shm is None else f"gloo ({why_not_shm})"))
-    job.record["shm_comm"] = why_not_shm is None
-    distributed.barrier()  # every rank has checked the output folder before rank 0 writes to it
-    distributed.seed_everything(args.seed)
-    mpu = sequence_tensor.start_sequence_parallel(job.model_config, run.batch) if run.batch.sp > 1 else None
-
-    stage = ds_config.zero_stage(run.ds_cfg)
-    model = build(args, run, job, stage, pipe)
-    for key, value in run.filled.items():
-        say(f"DeepSpeed config: filled {key} = {value} (was \"auto\")")
-    for note in run.notes:
-        say(note)
-    ckpt_dir = paths.checkpoints_dir(run.out_dir)
-    resume_tag = run.output.resume_tag
-    if resume_tag:
-        change = paths.layout_change(paths.saved_info(ckpt_dir, resume_tag), env.world_size, stage,
-                                     run.batch.sp, run.batch.tp, run.batch.pp)
-        if change:
-            # Another number of ranks or ZeRO stage: go through DeepSpeed's universal checkpoint,
-            # which keeps the optimizer state. load_universal is derived here, not set in the JSON.
-            say(f"Resuming across a layout change ({change}): converting the checkpoint to DeepSpeed's "
-                "universal format")
-            resume_tag = saving.convert_to_universal(ckpt_dir, resume_tag, env.rank, stage)
-            run.ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
-    if run.output.replace and env.is_main:  # every check has passed: only now does the old run go
-        say(f"--overwrite: removed the previous run's {', '.join(remove_previous_run(run.out_dir))} "
-            f"from {run.out_dir}")
-    distributed.barrier()
-    # Only what trains reaches the optimizer (with LoRA, the adapters; the base stays frozen).
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    tracking = "wandb" in ds_config.enabled_monitors(run.ds_cfg)
-    if tracking:  # no account needed: the run is written to OUTPUT_DIR/wandb; `wandb sync` uploads it later
-        run.out_dir.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("WANDB_MODE", "offline")
-        os.environ.setdefault("WANDB_DIR", str(run.out_dir))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=run.ds_cfg, mpu=mpu)
-    engine_setup.check_runs_as_planned(engine, run.ds_cfg, run.batch)
-    engine_setup.lighten_step(engine, env.world_size, stage)
-    if run.compile is not None:
-        run.compile.prepare(engine.module, stage)
-        engine.compile(backend=run.compile.backend, compile_kwargs=run.compile.kwargs())
-        say(run.compile.describe())
-        job.record["compile"] = {"backend": run.compile.backend, "mode": run.compile.mode,
-                                 "deepcompile": run.compile.deepcompile}
-    if job.adapter is not None:
-        adapters.leave_base_out_of_checkpoints(engine)
-        base_digest = adapters.frozen_digest(engine.module)
-    train_step = make_train_step(args, run, job, engine, batches, stage)
-
-    flops_per_token, peak, _ = throughput_basis(args, run, job)
-    state = TrainState()
-    if resume_tag:
-        saved = saving.load(engine, ckpt_dir, resume_tag, env.rank, frozen_base=job.adapter is not None)
-        state = TrainState(step=saved["step"], tokens=saved["tokens"])
-        engine_setup.replay_adam_step_products(engine)
-        say(f"Resumed from step {state.step} ({state.tokens:,} tokens seen)")
-    if env.is_main:
-        run.out_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {
-            "recipe": job.name, "args": asdict(args), "seq_len": job.seq_len, "world_size": env.world_size,
-            "batch": {"micro_batch": run.batch.micro_batch, "grad_accum": run.batch.grad_accum,
-                      "global_batch": run.batch.global_batch, "data_parallel": run.batch.world_size,
-                      "sequence_parallel": run.batch.sp, "tensor_parallel": run.batch.tp,
-                      "pipeline_stages": run.batch.pp},
-            "deepspeed": run.ds_cfg, "filled_auto": run.filled, "deepspeed_overrides": run.overrides,
-            "model": job.model_config.to_dict(),
-            "parameters": count_parameters(model), **job.record,
-        }
-        write_run_config(run.out_dir, resolved)
-        if tracking:
-            import wandb
-
-            if wandb.run is not None:  # DeepSpeed's monitor started it on this rank
-                wandb.config.update(resolved, allow_val_change=True)
-                log_wandb_by_step(engine.monitor)
-    metrics = MetricsLog(run.out_dir, env.is_main, resume_step=state.step if resume_tag else None,
-                         monitor=engine.monitor)
-    if job.before_training is not None:
-        job.before_training(engine, state.step)
-
-    loop = LoopSettings(max_steps=args.max_steps, seq_len=job.seq_len, log_interval=args.log_interval,
-                      eval_interval=args.eval_interval, save_interval=args.save_interval, out_dir=run.out_dir,
-                      device_type=run.device, flops_per_token=flops_per_token, peak_tflops=peak,
-                      global_batch=run.batch.global_batch, profile_step=args.profile_step,
-                      downstream=downstream_eval(args, run, job))
-    trainer_extra = {"global_batch": run.batch.global_batch, "seq_len": job.seq_len, "seed": args.seed}
-    training_info = {"recipe": job.name, "precision": ds_config.precision(run.ds_cfg), "zero_stage": stage,
-                     "tokenizer_digest": vocabulary_digest(job.tokenizer), "data_fingerprint": job.data_fingerprint,
-                     "world_size": env.world_size, "sequence_parallel": run.batch.sp, "tensor_parallel": run.batch.tp,
-                     "pipeline_stages": run.batch.pp,
-                     "schedule": {k: v for k, v in run.filled.items() if k.startswith("scheduler.")}}
-    hf_files = [job.model_config, job.tokenizer]
-    if run.batch.pp > 1:  # which Hugging Face module each of the pipeline's layer files holds
-        hf_files.append(pipeline.LayerNames(engine.module.hf_names))
-    if job.adapter is not None:  # the checkpoint holds the adapters alone, and says which base they need
-        training_info["adapter"] = job.record["adapter"]
-        hf_files.append(job.adapter.config)
-
-    def save(s: TrainState) -> Path:
-        return saving.save(engine, run.out_dir, s.as_dict(**trainer_extra), env.rank, hf_files, training_info,
-                               adapters.trainable_parameters(model), args.keep_last, log=say,
-                               frozen_base=job.adapter is not None)
-
-    train(engine, batches, run.batch, env, loop, state, metrics, train_step, save)
-    if job.adapter is not None:
-        changed = torch.tensor(float(adapters.frozen_digest(engine.module) != base_digest))
-        unchanged = distributed.all_reduce(changed.to(engine.device)).item() == 0
-        metrics.write({"step": state.step, "base_unchanged": unchanged})
-        say("The frozen base weights are bit for bit what they were before training, on every rank" if unchanged
-            else "WARNING: the frozen base weights changed during training; please report this")
-
-    adapter_dir = getattr(args, "export_adapter", None)
-    if args.export_hf or adapter_dir:
-        record = export_after_training(engine, run.out_dir, job.model_config, job.tokenizer.eos_token_id, stage,
-                                       env.is_main, force=args.overwrite,
-                                       export_dir=Path(args.export_hf) if args.export_hf else None,
-                                       adapter_dir=Path(adapter_dir) if adapter_dir else None, log=say)
-        metrics.write({"step": state.step, **(record or {})})
-        distributed.barrier()
-    say(f"Done: {state.step} steps, {state.tokens:,} tokens; outputs in {run.out_dir}")
-    return state

@@ -28,6 +28,7 @@ from gpt_recipes.data.sft_demo import ensure_demo
 from gpt_recipes.errors import cli_entry
 from gpt_recipes.pretrained import check_starting_model
 from gpt_recipes.runner import Job, execute, make_batches, make_mixture_batches, plan_run
+from gpt_recipes.train.lm import NextToken
 
 
 def encode_rows(tokenizer, rows, seq_len: int, truncate: bool, say) -> list[sft.Example]:
@@ -41,7 +42,7 @@ def main() -> None:
 
     # 1. Check every input before any rank starts: flags, DeepSpeed JSON, output folders, model...
     run = plan_run(args)
-    start = check_starting_model(args, run, args.model_name_or_path, args.pad_to_multiple_of)
+    start = check_starting_model(args, run)
     tokenizer, seq_len = start.tokenizer, start.seq_len
 
     # 2. ... and the data: each file's rows rendered, tokenised, label-masked, length-checked, maybe
@@ -74,13 +75,13 @@ def main() -> None:
 
     # 3. Start the ranks, load the pretrained weights (under ZeRO-3 each rank loads only its
     # partition), add the adapters if asked, train.
-    job = Job("finetune", start.config, tokenizer, seq_len, train_samples, val_samples,
-              start.builder(run, args.seed), adapter=start.adapter,
+    objective = NextToken(args.fused_loss, one_length=False)
+    job = Job("finetune", objective, start.config, tokenizer, seq_len, start.builder(run, args.seed),
+              weights=start.weights,
               data_fingerprint=fingerprint if len(sources) > 1 else sft.rows_digest(sources[0].train),
-              record={"data": {"sources": [{"name": s.name, "train": s.path, "weight": w, "train_samples": len(t),
-                                            "val_samples": len(v)} for s, w, t, v in
-                                           zip(sources, weights, train_parts, val_parts)],
-                               "val": args.val_data, "packed": args.pack}})
+              data={"sources": [{"name": s.name, "train": s.path, "weight": w, "train_samples": len(t),
+                                 "val_samples": len(v)} for s, w, t, v in zip(sources, weights, train_parts, val_parts)],
+                    "val": args.val_data, "packed": args.pack})
     execute(args, run, job, batches)
 
 

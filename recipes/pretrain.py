@@ -24,6 +24,7 @@ from gpt_recipes.data.tokens import PackedTokens, read_meta
 from gpt_recipes.errors import cli_entry
 from gpt_recipes.models.causal_lm import build_config, build_model, check_seq_len, describe_presets
 from gpt_recipes.runner import Job, execute, make_batches, make_mixture_batches, plan_run
+from gpt_recipes.train.lm import NextToken
 
 
 @cli_entry
@@ -50,20 +51,20 @@ def main() -> None:
     train, val = (PackedTokens(meta.split_files(split), meta.dtype, seq_len) for split in ("train", "val"))
     if len(sources) == 1:
         batches = make_batches(args, run, train, val, f"{args.data[0]} at seq_len {seq_len}")
-        record = {"data": meta.raw}
+        record = meta.raw
         fingerprint = meta.raw.get("fingerprint")
     else:
         train, val = (MixedWindows([PackedTokens(s.meta.split_files(split), s.meta.dtype, seq_len) for s in sources],
                                    [s.name for s in sources]) for split in ("train", "val"))
         batches = make_mixture_batches(args, run, train, val, weights, unit=f"windows at seq_len {seq_len}")
-        record = {"data": {"mixture": [{"name": s.name, "folder": str(s.meta.root.resolve()), "weight": w, **s.meta.raw}
-                                       for s, w in zip(sources, weights)]}}
+        record = {"mixture": [{"name": s.name, "folder": str(s.meta.root.resolve()), "weight": w, **s.meta.raw}
+                              for s, w in zip(sources, weights)]}
         fingerprint = "+".join(f"{s.meta.raw.get('fingerprint')}x{w:.6g}" for s, w in zip(sources, weights))
 
     # 3. Start the ranks, build a randomly initialised model (same seed on every rank; partitioned
-    #    across ranks from the start under ZeRO-3), train.
-    job = Job("pretrain", model_config, tokenizer, seq_len, train, val, lambda: build_model(model_config, run.ds_cfg),
-              record=record, data_fingerprint=fingerprint)
+    #    across ranks from the start under ZeRO-3), train on next-token prediction.
+    job = Job("pretrain", NextToken(args.fused_loss), model_config, tokenizer, seq_len,
+              lambda: build_model(model_config, run.ds_cfg), data=record, data_fingerprint=fingerprint)
     execute(args, run, job, batches)
 
 

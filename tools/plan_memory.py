@@ -15,7 +15,7 @@ fitting config that communicates least.
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +25,7 @@ from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.metrics.memory_plan import (
     HEADROOM,
     GiB,
-    Layout,
+    MemoryConfig,
     activation_bytes,
     model_sizes,
     plan,
@@ -35,6 +35,7 @@ from gpt_recipes.metrics.memory_plan import (
 from gpt_recipes.models.adapters import lora_config
 from gpt_recipes.models.causal_lm import build_config, check_seq_len
 from gpt_recipes.parallel import pipeline
+from gpt_recipes.train.lm import NextToken
 
 
 @dataclass
@@ -74,13 +75,56 @@ def config_files(patterns: list[str]) -> list[Path]:
 UNITS = {"GiB": GiB, "MiB": 2**20}
 
 
-@cli_entry
-def main() -> None:
-    args = parse_args(PlanMemoryArgs, description=__doc__)
+@dataclass
+class Planning:
+    """What every row of the plan shares: the model, its sizes, the ranks and the memory to fit."""
+
+    args: PlanMemoryArgs
+    config: object  # the model's PretrainedConfig
+    seq_len: int
+    lora: object  # peft's LoraConfig, or None
+    sizes: object  # memory_plan.ModelSizes
+    device: float | None  # bytes per GPU, or None for CPU ranks
+    host: float | None  # bytes of host memory per node, or None (not checked)
+    traced: dict = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> int:
+        return self.args.ranks * self.args.nodes
+
+    def refusal(self, layout: MemoryConfig) -> str | None:
+        """Why the recipes refuse this JSON's layout for the model: the runner's own check
+        (parallel/layout.py), for pretraining, or LoRA fine-tuning with --lora_r."""
+        objective = NextToken(one_length=self.lora is None)
+        return layout.parallel.refusal(self.config, self.seq_len, objective.supports, "LoRA fine-tuning" if self.lora
+                                       else "pretraining", frozen_base=self.lora is not None)
+
+    def per_sample(self, layout: MemoryConfig, checkpointing: bool | None = None) -> float:
+        """Activation bytes per sample. ZeRO-3 and tensor parallelism take the plain loss (see
+        gpt_recipes/models/loss.py), the others the fused one; a sequence-parallel rank holds the
+        activations of its 1/sp of the tokens; a pipeline stage its micro-batches in flight."""
+        checkpointing = self.args.activation_checkpointing if checkpointing is None else checkpointing
+        sp, tp, pp = layout.parallel.sequence, layout.parallel.tensor, layout.parallel.pipeline
+        key = (layout.precision, layout.micro_batch, layout.stage < 3 and tp == 1, sp, tp, checkpointing)
+        if key not in self.traced:
+            self.traced[key] = activation_bytes(tensor_parallel_slice(self.config, tp), layout.micro_batch,
+                                                self.seq_len // sp, layout.precision, checkpointing,
+                                                fused_loss=key[2], lora=self.lora) / layout.micro_batch
+        if pp > 1:  # the fullest stage's micro-batches in flight, for its share of the blocks
+            return self.traced[key] * self.sizes.pipeline_activation_factor(pp, layout.parallel.partition,
+                                                                           layout.grad_accum)
+        return self.traced[key]
+
+    def rows(self, layouts: list[MemoryConfig]) -> list:
+        return [row for layout in layouts for row in plan([layout], self.sizes, self.per_sample(layout),
+                                                            self.args.ranks, self.args.nodes, self.device, self.host)]
+
+
+def start_planning(args: PlanMemoryArgs) -> Planning:
     if args.ranks < 1 or args.nodes < 1:
         raise UserError("--ranks and --nodes must be at least 1")
     for name in ("gpu_mem", "host_mem", "micro_batch"):
-        value = getattr(args, name)
+        value = vars(args)[name]
         if value is not None and not value > 0:
             raise UserError(f"--{name} must be positive, got {value}")
     config = build_config(args.model, args.vocab_size, eos_token_id=0)
@@ -91,70 +135,63 @@ def main() -> None:
                            config, args.model)
     elif args.lora_target_modules:
         raise UserError("--lora_target_modules needs --lora_r")
-    sizes = model_sizes(config, lora)
-    layouts = []
-    for path in config_files(args.configs):
-        cfg = load_config(path)
-        try:  # the batch as the recipe resolves it for this many ranks ("auto" and missing keys derived)
-            batch_layout(cfg, args.ranks * args.nodes)
-        except UserError as err:
-            print(f"{path.stem}: left out, the recipes would refuse it on {args.ranks * args.nodes} rank(s): {err}")
-            continue
-        layout = Layout.from_config(path.stem, cfg)
-        if args.micro_batch:
-            layout = Layout(**{**layout.__dict__, "micro_batch": args.micro_batch})
-        layouts.append(layout)
-    traced: dict[tuple, float] = {}
-
-    def refused(layout: Layout) -> str | None:
-        """Why the recipes refuse this layout for this model, or None."""
-        if seq_len % layout.sp:
-            return f"seq_len {seq_len} does not divide by its sequence-parallel size {layout.sp}"
-        if layout.tp > 1 and config.model_type == "gpt2":
-            return "tensor parallelism does not split GPT-2's Conv1D projections (use a Llama-family model)"
-        if layout.pp > 1 and (lora is not None or not sizes.layers):
-            return "a pipeline runs pretraining of the GPT-2 and Llama families only (no LoRA)"
-        if layout.pp > config.num_hidden_layers:
-            return f"{layout.pp} pipeline stages need at least as many decoder blocks; the model has " \
-                   f"{config.num_hidden_layers}"
-        return None
-
-    def per_sample(layout: Layout, checkpointing: bool = args.activation_checkpointing) -> float:
-        # ZeRO-3 and tensor parallelism take the plain loss (see gpt_recipes/models/loss.py), the others the fused
-        # one; a sequence-parallel rank holds the activations of its 1/sp of the tokens.
-        key = (layout.precision, layout.micro_batch, layout.stage < 3 and layout.tp == 1, layout.sp, layout.tp,
-               checkpointing)
-        if key not in traced:
-            traced[key] = activation_bytes(tensor_parallel_slice(config, layout.tp), layout.micro_batch,
-                                           seq_len // layout.sp, layout.precision, checkpointing,
-                                           fused_loss=key[2], lora=lora) / layout.micro_batch
-        if layout.pp > 1:  # the fullest stage's micro-batches in flight, for its share of the blocks
-            return traced[key] * sizes.pipeline_activation_factor(layout.pp, layout.partition, layout.grad_accum)
-        return traced[key]
-
     device = args.gpu_mem * GiB if args.gpu_mem else None
     # This machine's memory describes CPU ranks run here, not the hosts of a GPU cluster.
     host = args.host_mem * GiB if args.host_mem else None if device else host_memory_bytes()
+    return Planning(args, config, seq_len, lora, model_sizes(config, lora), device, host)
 
-    rows = []
-    for layout in layouts:
-        if (args.ranks * args.nodes) % (layout.sp * layout.tp * layout.pp):
-            print(f"{layout.name}: left out, its sequence/tensor/pipeline-parallel size does not divide "
-                  f"{args.ranks * args.nodes} ranks")
+
+def configs_to_plan(planning: Planning) -> list[MemoryConfig]:
+    """Each JSON's memory settings, as the recipes resolve it on this many ranks; the JSONs they would
+    refuse are left out with the reason."""
+    args, layouts = planning.args, []
+    for path in config_files(args.configs):
+        cfg = load_config(path)
+        try:  # the batch as the recipe resolves it for this many ranks ("auto" and missing keys derived)
+            batch_layout(cfg, planning.ranks)
+        except UserError as err:
+            print(f"{path.stem}: left out, the recipes would refuse it on {planning.ranks} rank(s): {err}")
             continue
-        if refused(layout):
-            print(f"{layout.name}: left out, the recipes refuse it for {args.model}: {refused(layout)}")
+        layout = MemoryConfig.from_config(path.stem, cfg, planning.ranks)
+        if args.micro_batch:
+            layout = replace(layout, micro_batch=args.micro_batch)
+        refused = planning.refusal(layout)
+        if refused:
+            print(f"{layout.name}: left out, the recipes refuse it for {args.model}: {refused}")
             continue
-        rows += plan([layout], sizes, per_sample(layout), args.ranks, args.nodes, device, host)
+        layouts.append(layout)
+    return layouts
+
+
+@cli_entry
+def main() -> None:
+    args = parse_args(PlanMemoryArgs, description=__doc__)
+    planning = start_planning(args)
+    layouts = configs_to_plan(planning)
+    rows = planning.rows(layouts)
     if not rows:
-        raise UserError(f"none of the configs can run {args.model} on {args.ranks * args.nodes} rank(s); the lines "
+        raise UserError(f"none of the configs can run {args.model} on {planning.ranks} rank(s); the lines "
                         "above say why")
+    print_table(planning, rows)
+    best = recommend(rows)
+    print_advice(planning, rows, best)
+    group = best.estimate.layout.parallel.group if best else 1
+    if best is None or group > 1:
+        alternatives = data_parallel_alternatives(planning, layouts, rows)
+        if alternatives:
+            print("Plain data parallelism fits too with: " + "; ".join(alternatives) + " (raise "
+                  "gradient_accumulation_steps as the micro-batch falls, to keep the global batch)")
+
+
+def print_table(planning: Planning, rows: list) -> None:
+    args, sizes, device, host = planning.args, planning.sizes, planning.device, planning.host
     where = f"{args.gpu_mem:g} GiB GPUs" if device else "CPU ranks sharing host memory"
     host_text = f"host {host / GiB:.1f} GiB per node" if host else "host memory not given"
-    print(f"{args.model}: {sizes.total / 1e6:.1f}M parameters, seq_len {seq_len}; {args.ranks} rank(s) per node x "
-          f"{args.nodes} node(s) ({where}; {host_text})"
+    print(f"{args.model}: {sizes.total / 1e6:.1f}M parameters, seq_len {planning.seq_len}; {args.ranks} rank(s) per "
+          f"node x {args.nodes} node(s) ({where}; {host_text})"
           f"{'; activation checkpointing' if args.activation_checkpointing else ''}")
-    if lora is not None:
+    if planning.lora is not None:
+        lora = planning.lora
         print(f"LoRA r {lora.r} on {', '.join(sorted(lora.target_modules))}: {sizes.trainable / 1e6:.2f}M trainable "
               f"parameters ({sizes.trainable / sizes.total:.2%}); the base has weights only (DeepSpeed's estimators "
               "assume every parameter trains, so they are not shown)")
@@ -175,14 +212,22 @@ def main() -> None:
               f"{layout.micro_batch:>3d} {size(e.host):>6s} {ds:>13s} {size(row.need):>7s}  "
               f"{row.verdict}")
     for row in rows:
-        layout = row.estimate.layout
-        if layout.pp > 1:
-            stages = sizes.stage_parameters(layout.pp, layout.partition)
-            print(f"{layout.name}: {layout.pp} pipeline stages x {args.ranks * args.nodes // layout.pp} data-parallel "
-                  f"pipeline(s); parameters per stage {' / '.join(f'{n / 1e6:.2f}M' for n in stages)} (the table "
-                  f"shows the fullest); activations of up to {min(layout.grad_accum, layout.pp)} micro-batches in "
-                  f"flight on stage 0 (1F1B); bubble (P-1)/(m+P-1) = {pipeline.bubble(layout.pp, layout.grad_accum):.0%} "
-                  f"of each step at m = {layout.grad_accum} micro-batches")
+        print_pipeline(planning, row.estimate.layout)
+
+
+def print_pipeline(planning: Planning, layout: MemoryConfig) -> None:
+    pp, m = layout.parallel.pipeline, layout.grad_accum
+    if pp == 1:
+        return
+    stages = planning.sizes.stage_parameters(pp, layout.parallel.partition)
+    print(f"{layout.name}: {pp} pipeline stages x {planning.ranks // pp} data-parallel pipeline(s); parameters per "
+          f"stage {' / '.join(f'{n / 1e6:.2f}M' for n in stages)} (the table shows the fullest); activations of up "
+          f"to {min(m, pp)} micro-batches in flight on stage 0 (1F1B); bubble (P-1)/(m+P-1) = "
+          f"{pipeline.bubble(pp, m):.0%} of each step at m = {m} micro-batches")
+
+
+def print_advice(planning: Planning, rows: list, best) -> None:
+    device, host = planning.device, planning.host
     if device:
         print("\nOffloading configs fit only if their node's host memory holds the offloaded states of its ranks, by "
               "this estimate and by DeepSpeed's (the larger). DeepSpeed's host figure for a config without offload "
@@ -190,7 +235,6 @@ def main() -> None:
               "device (ZeRO-3: partitioned), so that figure is not a limit here.")
         if any(row.verdict == "yes*" for row in rows):
             print("yes*: fits the GPU; the host memory was not checked (give --host_mem, in GiB per node).")
-    best = recommend(rows)
     if best is None:
         print("\nNothing fits: add ranks or nodes, lower the micro-batch (raise gradient_accumulation_steps to keep "
               "the global batch), or use --activation_checkpointing.")
@@ -201,38 +245,32 @@ def main() -> None:
             print(f"{', '.join(host_bound)} {'fits' if one else 'fit'} the GPUs but not the host memory "
                   f"({host / GiB:g} GiB per node): with more host memory, or the ranks spread over more nodes, "
                   f"{'it' if one else 'they'} would fit.")
-    else:
-        layout = best.estimate.layout
-        print(f"\nRecommended: ds_configs/{layout.name}.json (fits, and communicates least)")
-        if layout.sp * layout.tp * layout.pp > 1:
-            group = layout.sp * layout.tp * layout.pp
-            print(f"  Its {group} ranks per {'sequence' if layout.sp > 1 else 'layer' if layout.tp > 1 else 'pipeline'} "
-                  f"read the same samples: the global "
-                  f"batch is micro-batch x accumulation x {args.ranks * args.nodes // group} data-parallel rank(s), "
-                  f"1/{group} of what the same batch keys give a data-parallel config; raise "
-                  f"gradient_accumulation_steps {group}x to keep it.")
-    if best is None or best.estimate.layout.sp * best.estimate.layout.tp * best.estimate.layout.pp > 1:
-        alternatives = data_parallel_alternatives(layouts, rows, sizes, per_sample, args, device, host)
-        if alternatives:
-            print("Plain data parallelism fits too with: " + "; ".join(alternatives) + " (raise "
-                  "gradient_accumulation_steps as the micro-batch falls, to keep the global batch)")
+        return
+    layout = best.estimate.layout
+    print(f"\nRecommended: ds_configs/{layout.name}.json (fits, and communicates least)")
+    group = layout.parallel.group
+    if group > 1:
+        per = {"sequence": "sequence", "tensor": "layer", "pipeline": "pipeline"}[layout.parallel.mode]
+        print(f"  Its {group} ranks per {per} read the same samples: the global batch is micro-batch x accumulation x "
+              f"{planning.ranks // group} data-parallel rank(s), 1/{group} of what the same batch keys give a "
+              f"data-parallel config; raise gradient_accumulation_steps {group}x to keep it.")
 
 
-def data_parallel_alternatives(layouts, rows, sizes, per_sample, args, device, host) -> list[str]:
-    """For the data-parallel configs (no S or T) that do not fit as they are: a smaller micro-batch,
+def data_parallel_alternatives(planning: Planning, layouts: list[MemoryConfig], rows: list) -> list[str]:
+    """For the data-parallel configs (no S, T or P) that do not fit as they are: a smaller micro-batch,
     or activation checkpointing, with which they would."""
-    found = []
+    args, found = planning.args, []
     fitting = {row.estimate.layout.name for row in rows if row.fits}
+
+    def fits(candidate: MemoryConfig, checkpointing: bool) -> bool:
+        return plan([candidate], planning.sizes, planning.per_sample(candidate, checkpointing), args.ranks,
+                    args.nodes, planning.device, planning.host)[0].fits
+
     for layout in layouts:
-        if layout.sp * layout.tp * layout.pp > 1 or layout.name in fitting:
+        if layout.parallel.group > 1 or layout.name in fitting:
             continue
-
-        def fits(candidate: Layout, checkpointing: bool) -> bool:
-            return plan([candidate], sizes, per_sample(candidate, checkpointing), args.ranks, args.nodes, device,
-                         host)[0].fits
-
         smaller = next((m for m in range(layout.micro_batch - 1, 0, -1)
-                        if fits(Layout(**{**layout.__dict__, "micro_batch": m}), args.activation_checkpointing)), None)
+                        if fits(replace(layout, micro_batch=m), args.activation_checkpointing)), None)
         if smaller:
             found.append(f"{layout.name} at micro-batch {smaller} (--micro_batch {smaller})")
         if not args.activation_checkpointing and fits(layout, True):

@@ -178,32 +178,6 @@ def check_intact(tag_dir: Path, how: str) -> None:
     raise UserError(f"checkpoint {tag_dir} is damaged: {problem}; {hint}")
 
 
-def layout_change(info: dict[str, Any], world_size: int, zero_stage: int, sp: int = 1, tp: int = 1,
-                  pp: int = 1) -> str | None:
-    """How a checkpoint's layout (its saved_info) differs from this run's (ranks, ZeRO stage), or None.
-
-    Sequence-, tensor- and pipeline-parallel checkpoints resume on the same layout only: DeepSpeed's
-    universal checkpoints do not regroup AutoTP shards or pipeline layer files, and these recipes do
-    not test regrouping Ulysses runs.
-    """
-    saved_pp = info.get("pipeline_stages", 1)
-    if (saved_pp > 1 or pp > 1) and (info["world_size"], info["zero_stage"], saved_pp) != (world_size, zero_stage, pp):
-        raise UserError(f"the checkpoint was written by {info['world_size']} ranks at ZeRO-{info['zero_stage']} with "
-                        f"{saved_pp} pipeline stage(s); this run has {world_size} ranks at ZeRO-{zero_stage} with {pp}: "
-                        "resume a pipeline run with the same ranks and DeepSpeed JSON (or export it with "
-                        "tools/convert_to_hf.py and start a new run from the export)")
-    saved = (info.get("sequence_parallel", 1), info.get("tensor_parallel", 1))
-    if saved != (sp, tp) or (sp * tp > 1 and (info["world_size"], info["zero_stage"]) != (world_size, zero_stage)):
-        raise UserError(f"the checkpoint was written by {info['world_size']} ranks at ZeRO-{info['zero_stage']}, "
-                        f"sequence_parallel_size {saved[0]}, tensor_parallel.autotp_size {saved[1]}; this run has "
-                        f"{world_size} ranks at ZeRO-{zero_stage}, {sp} and {tp}: resume a sequence- or "
-                        "tensor-parallel run with the same ranks and DeepSpeed JSON")
-    if (info["world_size"], info["zero_stage"]) == (world_size, zero_stage):
-        return None
-    return (f"{info['world_size']} ranks at ZeRO-{info['zero_stage']} -> "
-            f"{world_size} ranks at ZeRO-{zero_stage}")
-
-
 def universal_tag(tag: str) -> str:
     return f"{tag}_universal"
 

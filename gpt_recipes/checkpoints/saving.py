@@ -39,6 +39,7 @@ from gpt_recipes.checkpoints.paths import (
 from gpt_recipes.errors import RankError, UserError, first_line
 from gpt_recipes.folders import fsync_path, fsync_tree
 from gpt_recipes.parallel.distributed import barrier
+from gpt_recipes.train.objective import BestMetric
 
 TRAINER_STATE_KEY = "trainer_state"
 
@@ -147,7 +148,7 @@ def _disk_failure(err: BaseException) -> bool:
 
 def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_files: list[Any],
          training_info: dict[str, Any], num_params: int, keep_last: int = 0, log=print,
-         frozen_base: bool = False) -> Path:
+         frozen_base: bool = False, best: BestMetric = BestMetric()) -> Path:
     """Save a checkpoint on every rank; only a complete one ever becomes `latest`.
 
     `hf_files` are objects with save_pretrained (model config, tokenizer); `training_info`
@@ -156,6 +157,7 @@ def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_fil
     moves. A save removes only an incomplete folder of its own tag (left by an interrupted
     save); a complete one of that tag (from before a roll-back) is renamed aside. With
     frozen_base (LoRA), the frozen parameters are left out: num_params counts what trains.
+    `best` names the checkpoint whose trainer state holds the best value of that metric.
     """
     ckpt_dir = checkpoints_dir(out_dir)
     step = trainer_state["step"]
@@ -199,9 +201,9 @@ def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_fil
             fsync_tree(path) if path.is_dir() else fsync_path(path)
         fsync_path(tag_dir)
         write_latest(ckpt_dir, tag)
-        best = best_tag(ckpt_dir)
-        if "val_loss" in trainer_state and (best is None or trainer_state["val_loss"] <
-                                            saved_info(ckpt_dir, best).get("val_loss", float("inf"))):
+        best_so_far = best_tag(ckpt_dir)
+        if best.key in trainer_state and best.better(
+                trainer_state[best.key], saved_info(ckpt_dir, best_so_far).get(best.key) if best_so_far else None):
             write_latest(ckpt_dir, tag, BEST)
         rotate(ckpt_dir, keep_last)
     barrier()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from gpt_recipes.data import tokenizer
+from gpt_recipes.data.samples import Samples
 from gpt_recipes.data.tokens import DataMeta, GlobalBatchOrder, PackedTokens, eval_micro_batches
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError
@@ -65,13 +66,13 @@ def check_sources(metas: list[DataMeta], weights: list[float]) -> tuple[list[Sou
     return [Source(n, m) for n, m in zip(names, metas)], normalised
 
 
-class SourceIndex:
+class SourceIndex(Samples):
     """Several sources' samples as one index space: source k holds indices offsets[k] ..
     offsets[k] + sizes[k] - 1. Mixed sample sets carry it beside their own `batch`."""
 
     def index_sources(self, sizes: list[int], names: list[str]) -> None:
         self.sizes = [int(n) for n in sizes]
-        self.names = names
+        self.source_names = tuple(names)
         self.offsets = np.cumsum([0] + self.sizes)
 
     def __len__(self) -> int:
@@ -111,7 +112,7 @@ class MixtureOrder(GlobalBatchOrder):
 
     def __init__(self, windows: SourceIndex, weights: list[float], plan: BatchPlan, seed: int,
                  on_new_epoch: Callable[[str, int, int], None] | None = None):
-        empty = [n for n, size in zip(windows.names, windows.sizes) if size == 0]
+        empty = [n for n, size in zip(windows.source_names, windows.sizes) if size == 0]
         if empty:
             raise UserError(f"--data: source {empty[0]} holds no training sample at this seq_len")
         self.windows = windows
@@ -141,14 +142,15 @@ class MixtureOrder(GlobalBatchOrder):
 
     def source_tokens(self, step: int) -> dict[str, int]:
         """Training tokens read from each source by steps 0 .. step - 1 (windows are all seq_len long)."""
-        return {name: int(n) * self.windows.seq_len for name, n in zip(self.windows.names, self.taken_before(step))}
+        return {name: int(n) * self.windows.seq_len for name, n in zip(self.windows.source_names, self.taken_before(step))}
 
     def source_counts(self, step: int) -> dict[str, dict[str, int]]:
         """What each source gave by steps 0 .. step - 1, for the metrics: tokens for windows of one
         length, else samples (fine-tuning examples vary in length)."""
-        if hasattr(self.windows, "seq_len"):
+        if isinstance(self.windows, MixedWindows):
             return {"source_tokens": self.source_tokens(step)}
-        return {"source_samples": {name: int(n) for name, n in zip(self.windows.names, self.taken_before(step))}}
+        return {"source_samples": {name: int(n) for name, n in zip(self.windows.source_names,
+                                                                     self.taken_before(step))}}
 
     def _walk(self, k: int, start: int, count: int, step: int) -> np.ndarray:
         """Source k's samples number start .. start + count - 1 of its epoch-by-epoch walk."""
@@ -161,7 +163,7 @@ class MixtureOrder(GlobalBatchOrder):
             out[here] = self._permutation(k, epoch)[positions[here] % n]
             if epoch > 0 and (k, epoch) not in self._announced and start <= epoch * n and self.on_new_epoch:
                 self._announced.add((k, epoch))
-                self.on_new_epoch(self.windows.names[k], epoch, step)
+                self.on_new_epoch(self.windows.source_names[k], epoch, step)
         return out + self.windows.offsets[k]
 
     def _permutation(self, k: int, epoch: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from gpt_recipes.data.mixture import SourceIndex
+from gpt_recipes.data.samples import Samples
 from gpt_recipes.data.sources import check_utf8
 from gpt_recipes.errors import UserError, first_line, root_line
 
@@ -90,8 +91,6 @@ def read_split(data: str, val_data: str | None, val_fraction: float) -> tuple[li
         val_path = str(Path(data).parent / "val.jsonl")
     if val_path:
         return rows, labelled(val_path)
-    if not 0 < val_fraction < 1:
-        raise UserError(f"--val_fraction must lie between 0 and 1, got {val_fraction}")
     held = max(1, round(val_fraction * len(rows)))
     if held >= len(rows):
         raise UserError(f"{data} holds {len(rows)} rows: too few to hold out a validation set")
@@ -245,7 +244,7 @@ def apply_length_policy(items: list, seq_len: int, truncate: bool, say: Callable
     of sides too (preference data), where the limit holds per side."""
     limit = seq_len + 1
     kept, report = fit(items, limit, truncate)
-    per_side = noun != "example"
+    per_side = noun == "pair"
     say(f"  {str(report).replace('examples', noun + 's')} (limit {limit} tokens{' per side' if per_side else ''}; "
         f"policy: {'truncate' if truncate else 'drop'})")
     if not kept:
@@ -273,7 +272,7 @@ def pack(examples: list[Example], seq_len: int) -> list[list[Example]]:
     return rows
 
 
-class SFTSamples:
+class SFTSamples(Samples):
     """Fine-tuning samples for the training loop: `batch(indices)` -> (model inputs, targets).
 
     Unpacked, a sample is one example, padded to the longest in its batch with a 2-D

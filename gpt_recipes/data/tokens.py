@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt_recipes.data.samples import Samples
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError
 
@@ -201,7 +202,7 @@ class TokenStream:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.empty(0, np.uint16)
 
 
-class PackedTokens:
+class PackedTokens(Samples):
     """One split's token stream cut into windows of seq_len + 1 tokens."""
 
     def __init__(self, paths: list[Path], dtype: np.dtype, seq_len: int):
@@ -256,6 +257,10 @@ class GlobalBatchOrder:
         per_rank, micro = self.plan.per_rank, self.plan.micro_batch
         mine = self.global_batch(step)[rank * per_rank : (rank + 1) * per_rank]
         return mine[micro_step * micro : (micro_step + 1) * micro]
+
+    def source_counts(self, step: int) -> dict[str, dict[str, int]]:
+        """What each source gave by steps 0 .. step - 1, for the metrics (one source: nothing)."""
+        return {}
 
 
 def eval_micro_batches(num_samples: int, max_samples: int, micro_batch: int, rank: int, world_size: int) -> list[np.ndarray]:

@@ -61,7 +61,7 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.monitor is not None:
-            group = "eval" if "val_loss" in record else "train"
+            group = "eval" if any(key.startswith("val_") for key in record) else "train"
             self.monitor.write_events([(f"{group}/{key}", float(value), record["step"]) for key, value in record.items()
                                        if key != "step" and isinstance(value, (int, float))])
 

@@ -42,6 +42,7 @@ from transformers import PretrainedConfig, masking_utils
 
 from gpt_recipes import ds_config
 from gpt_recipes.parallel import pipeline
+from gpt_recipes.parallel.layout import Layout
 
 GiB = 2**30
 # bytes per parameter: (weights, gradients, optimizer state) for Adam
@@ -50,8 +51,8 @@ STAGE3_DEFAULTS = {"reduce_bucket_size": 500_000_000, "stage3_param_persistence_
 
 
 @dataclass(frozen=True)
-class Layout:
-    """What a DeepSpeed JSON decides about memory."""
+class MemoryConfig:
+    """What a DeepSpeed JSON decides about memory, on the layout it asks for."""
 
     name: str
     stage: int
@@ -61,14 +62,13 @@ class Layout:
     micro_batch: int
     reduce_bucket_size: int
     persistence_threshold: int
-    sp: int = 1
-    tp: int = 1
-    pp: int = 1
+    parallel: Layout = Layout()
     grad_accum: int = 1  # with a pipeline: the micro-batches in flight
-    partition: str = "parameters"
 
     @classmethod
-    def from_config(cls, name: str, cfg: dict[str, Any]) -> "Layout":
+    def from_config(cls, name: str, cfg: dict[str, Any], world: int) -> "MemoryConfig":
+        """The JSON's memory settings on `world` ranks; a layout the recipes refuse is a UserError,
+        as it is for them (parallel/layout.py)."""
         zero = cfg.get("zero_optimization") or {}
 
         def offloaded(key: str) -> bool:
@@ -84,11 +84,8 @@ class Layout:
             reduce_bucket_size=int(zero.get("reduce_bucket_size", STAGE3_DEFAULTS["reduce_bucket_size"])),
             persistence_threshold=int(zero.get("stage3_param_persistence_threshold",
                                                STAGE3_DEFAULTS["stage3_param_persistence_threshold"])),
-            sp=int(cfg.get("sequence_parallel_size", 1)),
-            tp=int((cfg.get("tensor_parallel") or {}).get("autotp_size", 1) or 1),
-            pp=ds_config.pipeline_stages(cfg),
+            parallel=Layout.of_config(cfg, world),
             grad_accum=int(cfg.get("gradient_accumulation_steps") or 1),
-            partition={"best": "parameters"}.get(p := (cfg.get("pipeline") or {}).get("partition", "best"), p),
         )
 
 
@@ -136,7 +133,7 @@ class ModelSizes:
 class Estimate:
     """Per-rank bytes; `device` is what the accelerator (or, on a CPU, the process) holds."""
 
-    layout: Layout
+    layout: MemoryConfig
     params: float
     grads: float
     optimizer: float
@@ -192,15 +189,16 @@ def tensor_parallel_slice(config: PretrainedConfig, tp: int) -> PretrainedConfig
     return part
 
 
-def estimate(layout: Layout, sizes: ModelSizes, ranks: int, activations: float) -> Estimate:
+def estimate(layout: MemoryConfig, sizes: ModelSizes, ranks: int, activations: float) -> Estimate:
     w, g, o = BYTES_PER_PARAM[layout.precision]
+    tp, pp = layout.parallel.tensor, layout.parallel.pipeline
     # A tensor-parallel rank holds 1/tp of the projections, and ZeRO partitions over the data-parallel ranks.
-    split = sizes.projections * (1 - 1 / layout.tp)
-    psi, n = sizes.total - split, max(1, ranks // layout.tp)
+    split = sizes.projections * (1 - 1 / tp)
+    psi, n = sizes.total - split, max(1, ranks // tp)
     trainable = sizes.trainable - split
-    if layout.pp > 1:  # the fullest stage's layers, ZeRO over the data-parallel pipelines
-        psi = trainable = max(sizes.stage_parameters(layout.pp, layout.partition))
-        n = max(1, ranks // layout.pp)
+    if pp > 1:  # the fullest stage's layers, ZeRO over the data-parallel pipelines
+        psi = trainable = max(sizes.stage_parameters(pp, layout.parallel.partition))
+        n = max(1, ranks // pp)
     params, grads, optimizer, buffers, host = w * psi, g * trainable, o * trainable, 0.0, 0.0
     if layout.stage >= 1:
         optimizer /= n
@@ -219,14 +217,15 @@ def estimate(layout: Layout, sizes: ModelSizes, ranks: int, activations: float) 
     return Estimate(layout, params, grads, optimizer, buffers, activations, host)
 
 
-def deepspeed_estimate(layout: Layout, sizes: ModelSizes, ranks_per_node: int, nodes: int) -> tuple[float, float] | None:
+def deepspeed_estimate(layout: MemoryConfig, sizes: ModelSizes, ranks_per_node: int,
+                       nodes: int) -> tuple[float, float] | None:
     """DeepSpeed's own model-state estimators (stages 2 and 3 only): (device, host per node) bytes.
 
     They assume mixed precision and count, besides the paper's terms, fp32 gradients and a
     1.5x host buffer factor, so they read higher than `estimate`. They assume every parameter
     trains and every rank is data-parallel, so there is none for LoRA or tensor parallelism.
     """
-    if layout.tp > 1:
+    if layout.parallel.tensor > 1:
         return None
     if sizes.trainable_numels is not None:
         return None
@@ -329,7 +328,7 @@ class PlanRow:
         return "no" if not self.fits else "yes" if self.host_checked else "yes*"
 
 
-def plan(layouts: list[Layout], sizes: ModelSizes, activations_per_sample: float, ranks_per_node: int,
+def plan(layouts: list[MemoryConfig], sizes: ModelSizes, activations_per_sample: float, ranks_per_node: int,
          nodes: int, device_memory: float | None, host_memory: float | None) -> list[PlanRow]:
     """One row per layout. With device_memory (GPUs) the device must hold each rank's share and
     the host the offloaded states of its node's ranks, by this estimate and by DeepSpeed's where it
@@ -364,7 +363,8 @@ def recommend(rows: list[PlanRow]) -> PlanRow | None:
     def rank(row: PlanRow) -> tuple:
         name = row.estimate.layout.name
         # Other layouts after these; a pipeline last, for its bubble.
-        order = PREFERENCE.index(name) if name in PREFERENCE else len(PREFERENCE) + (row.estimate.layout.pp > 1)
+        order = PREFERENCE.index(name) if name in PREFERENCE else len(PREFERENCE) + (
+            row.estimate.layout.parallel.pipeline > 1)
         return (not row.host_checked, row.estimate.layout.precision != "bf16", order, row.need)
 
     return min(fitting, key=rank) if fitting else None

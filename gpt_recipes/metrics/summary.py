@@ -12,13 +12,14 @@ import io
 import json
 import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from gpt_recipes.checkpoints.paths import METRICS
 from gpt_recipes.errors import UserError
 from gpt_recipes.metrics.log import read_metrics
+from gpt_recipes.train.objective import Column, registered
 
 
 @dataclass
@@ -41,8 +42,8 @@ class RunSummary:
     compile_s: float | None = None  # torch.compile's time, kept out of the throughput figures
     task_scores: dict[str, float] | None = None  # the last downstream evaluation (--eval_tasks)
     val_loss_by_source: dict[str, float] | None = None  # a mixture's last evaluation, per source
-    val_reward: tuple[float, float] | None = None  # GRPO: the held-out mean reward, first and last evaluation
-    generation_share: float | None = None  # GRPO: median share of a step spent generating
+    # The objectives' own columns (train/objective.py Report), by key: those this run has.
+    objective: dict[str, Any] = field(default_factory=dict)
 
 
 def metrics_path(run_dir: Path) -> Path:
@@ -69,10 +70,20 @@ def _median(values: list[float]) -> float | None:
     return percentile(values, 50) if values else None
 
 
+def is_evaluation(record: dict[str, Any]) -> bool:
+    """An evaluation line: held-out figures (val_*), rather than a training line."""
+    return any(key.startswith("val_") for key in record)
+
+
+def objective_columns() -> list[Column]:
+    return [column for objective in registered() for column in objective.report.columns]
+
+
 def summarize(run_dir: Path, name: str | None = None, warmup_steps: int | None = None) -> RunSummary:
     lines = read_lines(run_dir)
     train_lines = [r for r in lines if "loss" in r and "tokens_per_sec" in r]
-    evals = [r for r in lines if "val_loss" in r]
+    evals = [r for r in lines if is_evaluation(r)]
+    losses = [r for r in evals if "val_loss" in r]
     steps = max((r["step"] for r in lines), default=0)
     if warmup_steps is None:
         warmup_steps = max(train_lines[0]["step"] if train_lines else 0, math.ceil(0.1 * steps))
@@ -100,14 +111,12 @@ def summarize(run_dir: Path, name: str | None = None, warmup_steps: int | None =
         peak_mem_mb=max(peaks) if peaks else None,
         model_state_mb=memory.get("model_state_mb"),
         activation_mb=memory.get("activation_mb"),
-        final_val_loss=evals[-1]["val_loss"] if evals else None,
-        best_val_loss=min(r["val_loss"] for r in evals) if evals else None,
+        final_val_loss=losses[-1]["val_loss"] if losses else None,
+        best_val_loss=min(r["val_loss"] for r in losses) if losses else None,
         compile_s=max(compiled) if compiled else None,
         task_scores=_task_scores(evals[-1]) if evals and _task_scores(evals[-1]) else None,
         val_loss_by_source=evals[-1].get("val_loss_by_source") if evals else None,
-        val_reward=(evals[0]["val_reward"], evals[-1]["val_reward"]) if evals and "val_reward" in evals[0] else None,
-        generation_share=_median([r["generation_ms"] / (r["generation_ms"] + r["training_ms"]) for r in measured
-                                  if r.get("generation_ms") is not None and r.get("training_ms") is not None]),
+        objective={c.key: v for c in objective_columns() if (v := c.value(lines, measured)) is not None},
     )
 
 
@@ -139,11 +148,21 @@ QUALITY = [
     ("best_val_loss", "best val loss", "{:.4f}"),
     ("val_loss_by_source", "val loss by source", lambda losses: _scores_text(losses, 4)),
     ("task_scores", "task scores (last eval)", _scores_text),
-    ("val_reward", "val reward first -> last", lambda pair: f"{pair[0]:.3f} -> {pair[1]:.3f}"),
-    ("generation_share", "generating", "{:.0%}"),
 ]
 COLUMNS = [*WHICH_RUN, *THROUGHPUT, *MEMORY, *QUALITY]
 
+
+def columns(summaries: list[RunSummary]) -> list[tuple[str, str, Any]]:
+    """The table's columns: the common ones, then each objective column some run has."""
+    return COLUMNS + [(c.key, c.header, c.fmt) for c in objective_columns()
+                      if any(c.key in s.objective for s in summaries)]
+
+
+def _value(summary: RunSummary, key: str) -> Any:
+    return {**vars(summary), **summary.objective}.get(key)
+
+
+RUN_FIELDS = [f.name for f in fields(RunSummary)]
 
 # Fewer measured log lines than this, and a median is one or two windows: say so under the table.
 FEW_LINES = 3
@@ -160,17 +179,18 @@ def caveats(summaries: list[RunSummary]) -> list[str]:
     return notes
 
 
-def _cells(summary: RunSummary) -> list[str]:
+def _cells(summary: RunSummary, shown: list[tuple[str, str, Any]]) -> list[str]:
     cells = []
-    for key, _, fmt in COLUMNS:
-        value = getattr(summary, key)
+    for key, _, fmt in shown:
+        value = _value(summary, key)
         cells.append("-" if value is None else fmt(value) if callable(fmt) else fmt.format(value))
     return cells
 
 
 def text_table(summaries: list[RunSummary]) -> str:
-    rows = [[h for _, h, _ in COLUMNS]] + [_cells(s) for s in summaries]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    shown = columns(summaries)
+    rows = [[h for _, h, _ in shown]] + [_cells(s, shown) for s in summaries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(shown))]
     out = []
     for n, row in enumerate(rows):
         out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
@@ -180,27 +200,31 @@ def text_table(summaries: list[RunSummary]) -> str:
 
 
 def markdown_table(summaries: list[RunSummary]) -> str:
-    header = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"
-    body = ["| " + " | ".join(_cells(s)) + " |" for s in summaries]
+    shown = columns(summaries)
+    header = "| " + " | ".join(h for _, h, _ in shown) + " |"
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(shown))) + "|"
+    body = ["| " + " | ".join(_cells(s, shown)) + " |" for s in summaries]
     return "\n".join([header, rule, *body])
 
 
 def csv_text(summaries: list[RunSummary]) -> str:
     """Every summary field, unformatted."""
     buffer = io.StringIO()
-    names = [f.name for f in fields(RunSummary)]
+    names = [name for name in RUN_FIELDS if name != "objective"]
+    names += list(dict.fromkeys(key for s in summaries for key in s.objective))
     writer = csv.DictWriter(buffer, fieldnames=names)
     writer.writeheader()
     for s in summaries:
-        writer.writerow({k: ("" if getattr(s, k) is None else json.dumps(getattr(s, k)) if isinstance(getattr(s, k), dict)
-                             else getattr(s, k)) for k in names})
+        values = {k: _value(s, k) for k in names}
+        writer.writerow({k: "" if v is None else json.dumps(v) if isinstance(v, (dict, tuple)) else v
+                         for k, v in values.items()})
     return buffer.getvalue()
 
 
 def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
-    """loss_vs_tokens.png (training and validation loss) and tokens_per_sec.png, all runs on each; GRPO
-    runs add rewards.png, downstream evaluations task_scores.png."""
+    """loss_vs_tokens.png (training and validation loss) and tokens_per_sec.png, all runs on each; the
+    objectives' curves (train/objective.py Report) where their runs have the figures, downstream
+    evaluations task_scores.png."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -223,11 +247,12 @@ def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
     ax.set_ylim(bottom=0)
     written.append(_save(plt, fig, ax, out_dir / "tokens_per_sec.png"))
 
-    if any("reward" in r for _, lines in runs for r in lines):  # GRPO: sampled and held-out rewards
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        _curves(ax, runs, "step", ("reward", "sampled"), ("val_reward", "held-out (greedy)"))
-        ax.set(xlabel="step", ylabel="mean reward", title="GRPO rewards")
-        written.append(_save(plt, fig, ax, out_dir / "rewards.png"))
+    for curve in (c for objective in registered() for c in objective.report.curves):
+        if any(curve.train[0] in r for _, lines in runs for r in lines):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            _curves(ax, runs, curve.x, curve.train, curve.evaluated)
+            ax.set(xlabel=curve.x, ylabel=curve.ylabel, title=curve.title)
+            written.append(_save(plt, fig, ax, out_dir / curve.file))
 
     scored = [(name, [r for r in lines if _task_scores(r)]) for name, lines in runs]
     if any(evals for _, evals in scored):

@@ -119,13 +119,43 @@ def weights_fingerprint(name_or_path: str) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+class TrainedWeights:
+    """Which weights a run trains: every one (this class), or LoRA adapters on a frozen base
+    (AdapterPlan). The runner asks each alike what to check, say, save, verify and export."""
+
+    frozen_base = False  # a frozen base stays out of the optimizer and the checkpoints
+    export_dir: Path | None = None  # where the trained part alone is exported (--export_adapter)
+
+    def check_resume(self, saved: dict[str, Any] | None, where: Path) -> str | None:
+        """Refuse a checkpoint of another kind; a note when it needs one."""
+        return check_resume(saved, None, where)
+
+    def describe(self, model: torch.nn.Module, stage: int) -> tuple[str | None, dict[str, Any]]:
+        """(a line saying what trains, or None; the facts for config.json and each checkpoint)."""
+        return None, {}
+
+    def prepare(self, engine) -> None:
+        """Once the engine exists, before the first step."""
+
+    def checkpoint_files(self) -> list[Any]:
+        """Objects with save_pretrained that each checkpoint holds besides the model config and tokenizer."""
+        return []
+
+    def finish(self, engine) -> tuple[str | None, dict[str, Any]]:
+        """After the last step, on every rank (a collective): (a line, figures for metrics.jsonl)."""
+        return None, {}
+
+
 @dataclass
-class AdapterPlan:
+class AdapterPlan(TrainedWeights):
     """A checked LoRA setup: peft's config, and the base model it adapts."""
 
     config: Any  # peft.LoraConfig
     base: str  # the base model's folder (absolute) or hub name
     base_fingerprint: str
+    export_dir: Path | None = None
+
+    frozen_base = True
 
     @property
     def targets(self) -> list[str]:
@@ -149,15 +179,38 @@ class AdapterPlan:
                 "base_model": self.base, "base_fingerprint": self.base_fingerprint,
                 **({"trainable_parameters": trainable} if trainable is not None else {})}
 
+    def check_resume(self, saved: dict[str, Any] | None, where: Path) -> str | None:
+        return check_resume(saved, self, where)
+
+    def describe(self, model: torch.nn.Module, stage: int) -> tuple[str | None, dict[str, Any]]:
+        from gpt_recipes.models.causal_lm import count_parameters
+
+        trainable, lora = trainable_parameters(model), self.config
+        line = (f"LoRA: r {lora.r}, alpha {lora.lora_alpha:g}, dropout {lora.lora_dropout:g} on "
+                f"{', '.join(self.targets)}: {trainable / 1e6:.3f}M trainable parameters "
+                f"({trainable / count_parameters(model):.2%}); the base is frozen"
+                + (" and stays partitioned" if stage == 3 else ""))
+        return line, {"adapter": self.record(trainable)}
+
+    def prepare(self, engine) -> None:
+        leave_base_out_of_checkpoints(engine)
+        self._base_digest = frozen_digest(engine.module)
+
+    def checkpoint_files(self) -> list[Any]:
+        return [self.config]  # the checkpoint holds the adapters alone, and says which base they need
+
+    def finish(self, engine) -> tuple[str | None, dict[str, Any]]:
+        from gpt_recipes.parallel.distributed import all_reduce
+
+        changed = torch.tensor(float(frozen_digest(engine.module) != self._base_digest))
+        unchanged = all_reduce(changed.to(engine.device)).item() == 0
+        line = ("The frozen base weights are bit for bit what they were before training, on every rank" if unchanged
+                else "WARNING: the frozen base weights changed during training; please report this")
+        return line, {"base_unchanged": unchanged}
+
 
 def lora_config(args: AdapterArgs, model_config: PretrainedConfig, where: str, base: str | None = None):
     """peft's LoraConfig for the flags, checked against a meta-device build of the model (no memory)."""
-    if args.lora_r < 1:
-        raise UserError(f"--lora_r must be at least 1, got {args.lora_r}")
-    if not args.lora_alpha > 0:
-        raise UserError(f"--lora_alpha must be positive, got {args.lora_alpha}")
-    if not 0 <= args.lora_dropout < 1:
-        raise UserError(f"--lora_dropout must lie in [0, 1), got {args.lora_dropout}")
     from peft import LoraConfig
     from transformers.pytorch_utils import Conv1D
 
@@ -191,7 +244,8 @@ def plan_adapter(args: AdapterArgs, model_config: PretrainedConfig, base: str) -
         return None
     base = str(Path(base).resolve()) if Path(base).is_dir() else base
     config = lora_config(args, model_config, base, base)
-    return AdapterPlan(config, base, weights_fingerprint(base))
+    return AdapterPlan(config, base, weights_fingerprint(base),
+                       export_dir=Path(args.export_adapter) if args.export_adapter else None)
 
 
 def leave_base_out_of_checkpoints(engine) -> None:

@@ -26,52 +26,10 @@ from torch import nn
 
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError
+from gpt_recipes.parallel.layout import Layout
+from gpt_recipes.train.objective import StepResult
 
 LAYERS_FILE = "pipeline_layers.json"  # in each checkpoint: which Hugging Face module each layer file holds
-PARTITIONS = ("parameters", "uniform")
-
-
-@dataclass(frozen=True)
-class PipelinePlan:
-    stages: int
-    partition: str  # DeepSpeed's partition_method: parameters, uniform or type:REGEX
-    activation_checkpoint_interval: int
-
-
-def plan_of(ds_cfg: dict[str, Any], stages: int) -> PipelinePlan | None:
-    """The pipeline the JSON asks for (None for P = 1), its partition method checked."""
-    if stages <= 1:
-        return None
-    block = ds_cfg.get("pipeline", {})
-    partition = block.get("partition", "best")
-    partition = "parameters" if partition == "best" else partition  # DeepSpeed's default names no method
-    if not isinstance(partition, str) or not (partition in PARTITIONS or partition.startswith("type:")):
-        raise UserError(f"DeepSpeed config: pipeline.partition {partition!r} is not one of parameters, uniform or "
-                        "type:REGEX")
-    interval = block.get("activation_checkpoint_interval", 0)
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
-        raise UserError(f"DeepSpeed config: pipeline.activation_checkpoint_interval must be a whole number >= 0, got "
-                        f"{interval!r}")
-    return PipelinePlan(stages, partition, interval)
-
-
-def check(plan: PipelinePlan | None, config, recipe: str, lora: bool, compiled: bool) -> None:
-    """One line for what a pipeline cannot run, before any rank starts."""
-    if plan is None:
-        return
-    what = f"a pipeline (pipeline.stages {plan.stages})"
-    if recipe != "pretrain":
-        raise UserError(f"{what} runs pretraining only: fine-tuning and preference batches vary in length, and the "
-                        "pipeline engine needs one shape for every micro-batch; use a data-parallel/ZeRO config")
-    if lora:
-        raise UserError(f"{what} is not supported with LoRA (--use_peft); use a data-parallel/ZeRO config")
-    if compiled:
-        raise UserError(f"{what} is not supported with --torch_compile yet; drop one of them")
-    if config.model_type not in FAMILIES:
-        raise UserError(f"{what} is built for the {' and '.join(FAMILIES)} families, not {config.model_type!r}")
-    blocks = config.num_hidden_layers
-    if plan.stages > blocks:
-        raise UserError(f"{what} needs at least one decoder block per stage; the model has {blocks}")
 
 
 # --- Layers: thin wrappers holding the model's own modules --------------------------------------
@@ -190,15 +148,16 @@ def mean_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def to_pipeline(model, plan: PipelinePlan):
-    """The model as a DeepSpeed PipelineModule holding this rank's stage; the rest is dropped with
-    `model`. Returns (module, the Hugging Face name of each layer's module, None for a tied head)."""
+def to_pipeline(model, layout: Layout):
+    """The model as a DeepSpeed PipelineModule holding this rank's stage of the layout's pipeline; the
+    rest is dropped with `model`. `hf_names` holds the Hugging Face name of each layer's module (None
+    for a tied head)."""
     from deepspeed.pipe import PipelineModule
 
     layers = FAMILIES[model.config.model_type](model)
-    module = PipelineModule([spec for spec, _ in layers], num_stages=plan.stages, loss_fn=mean_token_loss,
-                            partition_method=plan.partition,
-                            activation_checkpoint_interval=plan.activation_checkpoint_interval)
+    module = PipelineModule([spec for spec, _ in layers], num_stages=layout.pipeline, loss_fn=mean_token_loss,
+                            partition_method=layout.partition,
+                            activation_checkpoint_interval=layout.activation_checkpoint_interval)
     module.hf_names = [name for _, name in layers]
     module.config = model.config
     return module
@@ -238,10 +197,11 @@ class PipelineStep:
             inputs, targets = self.batches.train.batch(idx)
             yield inputs["input_ids"], targets
 
-    def __call__(self, engine, step: int, global_batch: np.ndarray, probe, window) -> torch.Tensor:
+    def __call__(self, engine, step: int, global_batch: np.ndarray, probe, window) -> StepResult:
         loss = engine.train_batch(self._micro_batches(step))  # the global batch's mean, on every rank
         # The loop sums this over every rank (P stages x D pipelines) and divides by accumulation x D.
-        return loss.detach() * self.plan.grad_accum / self.plan.pp
+        return StepResult(loss.detach() * self.plan.grad_accum / self.plan.layout.pipeline,
+                          self.batches.train.num_tokens(global_batch))
 
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:

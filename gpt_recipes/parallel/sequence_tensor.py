@@ -12,7 +12,8 @@ group, which all read the same samples. Weights, gradients and optimizer state p
 shrink by about T.
 
 In both, the data-parallel size is world / S or world / T (BatchPlan.world_size), and the
-global batch order, loss weighting and exact resume are those of data parallelism.
+global batch order, loss weighting and exact resume are those of data parallelism. What
+combines with what, and which models they split, parallel/layout.py decides.
 """
 
 from __future__ import annotations
@@ -25,64 +26,13 @@ import torch
 from transformers import PretrainedConfig
 
 from gpt_recipes.ds_config import BatchPlan
-from gpt_recipes.errors import UserError
 
 SP_ATTENTION = "sdpa"  # Ulysses wraps one of transformers' attention functions; eager it rejects
 SEQUENCE_MASK = "sequence_mask"  # a packed batch's whole-sequence mask, passed through to attention
-# AutoTP splits q/k/v/o and gate/up/down projections that are separate nn.Linear layers, as here;
-# fused projections (GPT-NeoX's query_key_value) would need sub-parameter handling on export.
-TP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def _heads(config: PretrainedConfig) -> tuple[int, int]:
-    heads = config.num_attention_heads
-    return heads, getattr(config, "num_key_value_heads", None) or heads
-
-
-def check(plan: BatchPlan, config: PretrainedConfig, seq_len: int, lora: bool, objective: str | None) -> None:
-    """A one-line error for a model, length or recipe the JSON's sequence/tensor parallelism cannot run."""
-    if plan.sp == 1 and plan.tp == 1:
-        return
-    what = (f"sequence parallelism (sequence_parallel_size {plan.sp})" if plan.sp > 1
-            else f"tensor parallelism (tensor_parallel.autotp_size {plan.tp})")
-    if objective:
-        raise UserError(f"{what} is not supported with {objective} yet; use a data-parallel/ZeRO config")
-    if lora:
-        raise UserError(f"{what} is not supported with LoRA (--use_peft) yet; use a data-parallel/ZeRO config")
-    heads, kv_heads = _heads(config)
-    if plan.sp > 1:
-        from gpt_recipes.models.causal_lm import causal_lm_class
-
-        if not getattr(causal_lm_class(config), "_supports_sdpa", False):
-            raise UserError(f"{what}: model type {config.model_type!r} has no '{SP_ATTENTION}' attention "
-                            "implementation, which DeepSpeed Ulysses wraps; use a GPT-2 or Llama-family model")
-        if heads % plan.sp:
-            raise UserError(f"{what}: the model's {heads} attention heads do not divide by {plan.sp}")
-        if kv_heads % plan.sp and plan.sp % kv_heads:
-            raise UserError(f"{what}: the model's {kv_heads} key-value heads and {plan.sp} do not divide one another")
-        if seq_len % plan.sp:
-            raise UserError(f"{what}: --seq_len {seq_len} does not divide by {plan.sp}; each rank keeps an equal part")
-    if plan.tp > 1:
-        if config.model_type == "gpt2":
-            raise UserError(f"{what}: GPT-2 keeps its projections in Conv1D layers, which DeepSpeed's AutoTP does not "
-                            "split; use a Llama-family model (e.g. --model llama-micro) or sequence parallelism")
-        if config.model_type not in TP_MODEL_TYPES:
-            raise UserError(f"{what}: model type {config.model_type!r} is not one these recipes split and export "
-                            f"({', '.join(TP_MODEL_TYPES)})")
-        for name, value in (("attention heads", heads), ("key-value heads", kv_heads),
-                            ("MLP width", config.intermediate_size)):
-            if value % plan.tp:
-                raise UserError(f"{what}: the model's {value} {name} do not divide by {plan.tp}")
-
-
-def describe(plan: BatchPlan) -> str | None:
-    if plan.sp > 1:
-        return (f"Sequence parallel: {plan.sp} ranks split each sequence (DeepSpeed Ulysses all-to-all in attention); "
-                f"{plan.world_size} data-parallel group(s)")
-    if plan.tp > 1:
-        return (f"Tensor parallel: {plan.tp} ranks split each layer's projections (DeepSpeed AutoTP); "
-                f"{plan.world_size} data-parallel group(s)")
-    return None
+def _kv_heads(config: PretrainedConfig) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def start_sequence_parallel(config: PretrainedConfig, plan: BatchPlan):
@@ -102,11 +52,11 @@ def start_sequence_parallel(config: PretrainedConfig, plan: BatchPlan):
 
     ALL_ATTENTION_FUNCTIONS[SP_ATTENTION] = with_sequence_mask
     arch = copy.deepcopy(config)
-    arch.num_key_value_heads = _heads(config)[1]  # GPT-2's config does not name it
+    arch.num_key_value_heads = _kv_heads(config)  # GPT-2's config does not name it
     arch._attn_implementation = SP_ATTENTION
     # Evaluation and generation run whole sequences on every rank (disable_in_eval): no sharding.
     mpu = UlyssesSPAttentionHF.register_with_transformers(
-        SimpleNamespace(config=arch), SP_ATTENTION, plan.sp, plan.micro_batch, seq_length_is_variable=True,
+        SimpleNamespace(config=arch), SP_ATTENTION, plan.layout.sequence, plan.micro_batch, seq_length_is_variable=True,
         disable_in_eval=True)
     ulysses = ALL_ATTENTION_FUNCTIONS[SP_ATTENTION]
 

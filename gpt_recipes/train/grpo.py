@@ -28,55 +28,79 @@ import importlib
 import importlib.util
 import inspect
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
+from gpt_recipes.args import POSITIVE, Flags, StartingModelArgs, at_least, flag, within
 from gpt_recipes.data import sft
+from gpt_recipes.data.samples import Samples
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError, first_line
+from gpt_recipes.metrics.device_sums import DeviceSums
 from gpt_recipes.parallel.distributed import DistEnv, all_reduce
+from gpt_recipes.parallel.layout import Supports
+from gpt_recipes.train.objective import BestMetric, Column, Curve, Objective, Report, StepResult, StepSetup
 
 LOSS_TYPES = ("grpo", "dr_grpo")
 
 
-@dataclass(frozen=True)
-class GRPOSettings:
-    num_generations: int
-    max_completion_length: int
-    temperature: float
-    top_p: float
-    beta: float
-    epsilon: float
-    loss_type: str
-    scale_rewards: bool
+@dataclass
+class GRPOSettings(Flags):
+    """GRPO's own flags, by TRL's names."""
 
-    def check(self, plan: BatchPlan) -> None:
-        if self.num_generations < 2:
-            raise UserError(f"--num_generations must be at least 2 (advantages compare completions of one prompt), "
-                            f"got {self.num_generations}")
+    reward_funcs: list[str] = flag(["gpt_recipes.data.grpo_rewards:reference_overlap",
+                                    "gpt_recipes.data.grpo_rewards:full_sentence"],
+                                   "reward functions as FILE.py:NAME or module:NAME, called as f(prompts, completions, "
+                                   "**columns) -> list[float | None] (TRL's signature)", commas=False)
+    reward_weights: list[float] = flag([], "one weight per reward function (default: 1 each); a completion's reward "
+                                       "is the weighted sum")
+    num_generations: int = flag(8, "completions per prompt (G): a group whose rewards are compared",
+                                at_least(2, "must be at least 2 (advantages compare completions of one prompt)"))
+    max_completion_length: int = flag(32, "tokens generated per completion at most", at_least(1))
+    temperature: float = flag(1.0, "sampling temperature", POSITIVE)
+    top_p: float = flag(1.0, "nucleus sampling: keep the most likely tokens up to this probability",
+                        within(0, 1, low_in=False))
+    beta: float = flag(0.0, "KL coefficient to the starting model (0, TRL's default, computes no KL); with --use_peft "
+                       "the base with adapters disabled is that model, else a frozen copy (partitioned under ZeRO-3)",
+                       at_least(0, "must be >= 0"))
+    epsilon: float = flag(0.2, "clip range of the policy ratio", POSITIVE)
+    loss_type: str = flag("grpo", "grpo: mean over each completion's tokens, then over completions; dr_grpo: sum over "
+                          "tokens / (completions x max_completion_length)", choices=LOSS_TYPES)
+    scale_rewards: bool = flag(True, "divide advantages by their group's reward std")
+
+    def check_batch(self, plan: BatchPlan) -> None:
         if plan.global_batch % self.num_generations:
             raise UserError(f"the global batch ({plan.global_batch} completions = micro-batch {plan.micro_batch} x "
                             f"accumulation {plan.grad_accum} x {plan.world_size} ranks) is not divisible by "
                             f"--num_generations {self.num_generations}; change one so whole groups fit a step")
-        if self.max_completion_length < 1:
-            raise UserError(f"--max_completion_length must be at least 1, got {self.max_completion_length}")
-        if not self.temperature > 0:
-            raise UserError(f"--temperature must be positive, got {self.temperature:g}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top_p must lie in (0, 1], got {self.top_p:g}")
-        if self.beta < 0 or self.epsilon <= 0:
-            raise UserError("--beta must be >= 0 and --epsilon > 0")
-        if self.loss_type not in LOSS_TYPES:
-            raise UserError(f"--loss_type {self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
 
     def prompts_per_step(self, plan: BatchPlan) -> int:
         return plan.global_batch // self.num_generations
+
+    def record(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ("num_generations", "max_completion_length", "temperature",
+                                                       "top_p", "beta", "epsilon", "loss_type", "scale_rewards")}
+
+
+@dataclass
+class GRPOArgs(GRPOSettings, StartingModelArgs):
+    """Train a Hugging Face causal LM with GRPO against reward functions (TRL's names for GRPO's own flags)."""
+
+    model_name_or_path: str = flag("exported/finetuned", "Hugging Face model folder to start from, usually a "
+                                   "fine-tuned one")
+    data: str = flag("data/grpo_demo/train.jsonl", "JSONL/Parquet file or datasets folder of 'prompt' rows (text or "
+                     "chat messages); other columns reach the reward functions (the default demo prompts are built "
+                     "on first use)")
+    val_data: Optional[str] = flag(None, "held-out prompts; default: a val.jsonl beside a train.jsonl, or "
+                                   "--val_fraction of --data")
+    output_dir: str = flag("runs/grpo", "folder for metrics.jsonl, config.json and checkpoints/")
 
 
 # --- Reward functions -----------------------------------------------------------------------------
@@ -225,10 +249,9 @@ def loss_share(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, glo
 # --- Prompts ---------------------------------------------------------------------------------------
 
 
-class Prompts:
+class Prompts(Samples):
     """Prompt rows rendered with the chat template up to the assistant's turn, tokenised; their other
-    columns go to the reward functions. `num_tokens` is the last step's prompt and completion
-    tokens (the loop's throughput counts what the step processed)."""
+    columns go to the reward functions. The step generates from them (there is no `batch`)."""
 
     def __init__(self, rows: list[tuple[str, dict]], tokenizer, max_prompt_tokens: int):
         self.texts, self.ids, self.columns = [], [], []
@@ -250,13 +273,12 @@ class Prompts:
             self.texts.append(text)
             self.ids.append(ids)
             self.columns.append({k: v for k, v in row.items() if k != "prompt"})
-        self.step_tokens = 0
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def num_tokens(self, indices: np.ndarray) -> int:
-        return self.step_tokens
+        return sum(len(self.ids[i]) for i in indices)
 
     def num_targets(self, indices: np.ndarray) -> int:
         return len(indices)
@@ -346,12 +368,15 @@ def reference_engine(build: Callable[[], torch.nn.Module], ds_cfg: dict) -> Call
 
 # --- The loop's step -------------------------------------------------------------------------------
 
+# Per completion, gathered from every rank with the rewards at each step (the gather GRPO needs
+# anyway): the columns after the reward functions' ones.
+GATHERED = ("tokens", "length", "ended")
+
 
 class GRPOStep:
     """Generate, score, train: the loop's step for GRPO (see the module's docstring)."""
 
     probes_memory = False
-    reports_perplexity = False
 
     def __init__(self, batches, plan: BatchPlan, env: DistEnv, settings: GRPOSettings, rewards: list[RewardFunc],
                  tokenizer, pad_id: int, seed: int, zero3: bool, reference=None):
@@ -360,8 +385,8 @@ class GRPOStep:
         self.synced = zero3 and env.world_size > 1
         self.reference = reference  # a frozen copy of the starting model, or None: the base under LoRA
         self.weights = torch.tensor([r.weight for r in rewards], dtype=torch.float64)
-        self.sums: dict[str, float] = {}
-        self.counts = 0
+        self.sums = DeviceSums()
+        self.steps = 0
 
     def _my_completions(self, global_batch: np.ndarray) -> list[int]:
         """This rank's consecutive part of the global batch of completions, as prompt indices."""
@@ -377,8 +402,8 @@ class GRPOStep:
         return [generate(model, self.batches.train, mine[k:k + micro], self.settings, self.tokenizer, self.pad_id,
                          self.synced) for k in range(0, len(mine), micro)]
 
-    def _gathered_rewards(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Every rank's (completions, functions) rewards, in global order."""
+    def _gathered(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Every rank's (completions, columns) table, in global order."""
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if world == 1:
             return table
@@ -389,7 +414,17 @@ class GRPOStep:
         firsts = [data_ranks.index(d) for d in range(self.plan.world_size)]
         return torch.cat([parts[r] for r in firsts])
 
-    def __call__(self, engine, step: int, global_batch: np.ndarray, probe, window) -> torch.Tensor:
+    def _score(self, engine, rollouts: list[Rollout], mine: list[int]) -> torch.Tensor:
+        """(completions of the global batch, reward functions + GATHERED) on every rank."""
+        texts = [t for r in rollouts for t in r.texts]
+        table = score(self.rewards, [self.batches.train.prompts[i] for i in mine], texts,
+                      self.batches.train.column_lists(mine))
+        tokens = torch.cat([r.prompt_mask.sum(1) + r.completion_mask.sum(1) for r in rollouts]).double()
+        lengths = torch.cat([r.completion_mask.sum(1) for r in rollouts]).double()
+        ended = torch.cat([r.ended for r in rollouts]).double()
+        return self._gathered(torch.cat([table, tokens[:, None], lengths[:, None], ended[:, None]], 1), engine.device)
+
+    def __call__(self, engine, step: int, global_batch: np.ndarray, probe, window) -> StepResult:
         s, plan = self.settings, self.plan
         mine = self._my_completions(global_batch)
         start = time.perf_counter()
@@ -397,83 +432,76 @@ class GRPOStep:
         rollouts = self._rollouts(engine.module, mine, step)
         engine.train()
         generation_s = time.perf_counter() - start
-        texts = [t for r in rollouts for t in r.texts]
-        table = score(self.rewards, [self.batches.train.prompts[i] for i in mine], texts,
-                      self.batches.train.column_lists(mine))
-        everything = self._gathered_rewards(table, engine.device)
-        rewards = combine(everything, self.weights)
+        everything = self._score(engine, rollouts, mine)
+        k = len(self.rewards)
+        rewards = combine(everything[:, :k], self.weights)
         advantages, group_std = group_advantages(rewards, s.num_generations, s.scale_rewards)
         first = plan.data_rank(self.env.rank) * plan.per_rank
         my_advantages = advantages[first:first + plan.per_rank].float()
-
         train_start = time.perf_counter()
         total = torch.zeros((), device=engine.device)
-        # Clipped tokens, KL sum, entropy sum, completion tokens, (reserved): kept on the device, read once.
-        stats = torch.zeros(5, dtype=torch.float64, device=engine.device)
-        tokens = 0
-        for k, rollout in enumerate(rollouts):
-            rows = slice(None)
-            a = my_advantages[k * plan.micro_batch:(k + 1) * plan.micro_batch].to(engine.device)
-            mask = rollout.completion_mask.to(engine.device).float()
-            logps, entropy = rollout_logps(engine, rollout, rows)
-            ref = None
-            if s.beta > 0:
-                with torch.no_grad(), (contextlib.nullcontext() if self.reference is not None
-                                       else engine.module.disable_adapter()):
-                    starting = self.reference if self.reference is not None else engine.module
-                    ref, _ = rollout_logps(starting, rollout, rows)
-            token_loss, clipped, kl = clipped_token_loss(logps, logps.detach(), a, s.epsilon, ref, s.beta)
-            loss = loss_share(token_loss, mask, s.loss_type, plan.global_batch, s.max_completion_length)
-            loss = loss * plan.grad_accum * plan.grad_divisor
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach()
-            zero = mask.new_zeros(())
-            stats += torch.stack([(clipped * mask).sum(), zero if kl is None else (kl.detach() * mask).sum(),
-                                  (entropy.detach() * mask).sum(), mask.sum(), zero]).double()
-            tokens += int(rollout.prompt_mask.sum()) + int(rollout.completion_mask.sum())
-        train_s = time.perf_counter() - train_start
-        lengths = torch.cat([r.completion_mask.sum(1) for r in rollouts]).double()
-        ended = torch.cat([r.ended for r in rollouts]).double()
-        self._add(everything, rewards, group_std, stats, lengths, ended, generation_s, train_s, tokens, engine.device)
-        return total
+        for i, rollout in enumerate(rollouts):
+            a = my_advantages[i * plan.micro_batch:(i + 1) * plan.micro_batch].to(engine.device)
+            total += self._train_on(engine, rollout, a)
+        self.sums.add(generation_ms=generation_s * 1000, training_ms=(time.perf_counter() - train_start) * 1000)
+        self._add_gathered(everything, rewards, group_std)
+        return StepResult(total, int(everything[:, k].sum().item()))
 
-    def _add(self, table, rewards, group_std, stats, lengths, ended, generation_s, train_s, tokens, device) -> None:
-        local = torch.cat([stats, torch.tensor([lengths.sum(), lengths.max(), (1 - ended).sum(), len(lengths),
-                                                generation_s * 1000, train_s * 1000, tokens], dtype=torch.float64,
-                                               device=device)])
-        summed = all_reduce(local).cpu()
-        top = all_reduce(lengths.max().reshape(1).to(device), op=torch.distributed.ReduceOp.MAX).cpu()
-        self.batches.train.step_tokens = int(summed[11].item())
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        n = summed[8]
-        values = {
-            "reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-            "frac_reward_zero_std": (group_std == 0).double().mean().item(),
-            "completion_length": (summed[5] / n).item(), "completion_length_max": top.item(),
-            "completion_clipped": (summed[7] / n).item(),
-            "clip_ratio": (summed[0] / summed[3].clamp(min=1)).item(),
-            "entropy": (summed[2] / summed[3].clamp(min=1)).item(),
-            "generation_ms": (summed[9] / world).item(), "training_ms": (summed[10] / world).item(),
-            **{f"rewards/{f.name}": torch.nanmean(table[:, j]).item() for j, f in enumerate(self.rewards)},
-        }
-        if self.settings.beta > 0:
-            values["kl"] = (summed[1] / summed[3].clamp(min=1)).item()
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.counts += 1
+    def _train_on(self, engine, rollout: Rollout, advantages: torch.Tensor) -> torch.Tensor:
+        """One micro-batch of completions: the clipped loss, backward and step; its figures summed on the device."""
+        s, plan = self.settings, self.plan
+        mask = rollout.completion_mask.to(engine.device).float()
+        logps, entropy = rollout_logps(engine, rollout, slice(None))
+        ref = None
+        if s.beta > 0:
+            with torch.no_grad(), (contextlib.nullcontext() if self.reference is not None
+                                   else engine.module.disable_adapter()):
+                starting = self.reference if self.reference is not None else engine.module
+                ref, _ = rollout_logps(starting, rollout, slice(None))
+        token_loss, clipped, kl = clipped_token_loss(logps, logps.detach(), advantages, s.epsilon, ref, s.beta)
+        loss = loss_share(token_loss, mask, s.loss_type, plan.global_batch, s.max_completion_length)
+        loss = loss * plan.grad_accum * plan.grad_divisor
+        engine.backward(loss)
+        engine.step()
+        self.sums.add(clipped_tokens=(clipped * mask).sum(), entropy_sum=(entropy.detach() * mask).sum(),
+                      completion_tokens=mask.sum(), **({"kl_sum": (kl.detach() * mask).sum()} if kl is not None else {}))
+        return loss.detach()
+
+    def _add_gathered(self, everything: torch.Tensor, rewards: torch.Tensor, group_std: torch.Tensor) -> None:
+        """This step's figures of the whole global batch, which every rank holds alike."""
+        k = len(self.rewards)
+        lengths, ended = everything[:, k + 1], everything[:, k + 2]
+        self.sums.add_shared(
+            reward=rewards.mean().item(), reward_std=rewards.std().item(),
+            frac_reward_zero_std=(group_std == 0).double().mean().item(),
+            completion_length=lengths.mean().item(), completion_length_max=lengths.max().item(),
+            completion_clipped=(1 - ended).mean().item(),
+            **{f"rewards/{f.name}": torch.nanmean(everything[:, j]).item() for j, f in enumerate(self.rewards)})
+        self.steps += 1
 
     def take_metrics(self, prefix: str = "") -> dict[str, float]:
-        if not self.counts:
+        """Means since the last call: of the steps' figures (each over its global batch), of the
+        completion tokens' clip share, entropy and KL, and of generation and training time per rank."""
+        if not self.steps:
             return {}
-        out = {f"{prefix}{k}": v / self.counts for k, v in self.sums.items()}
-        self.sums, self.counts = {}, 0
-        return out
+        totals, steps = self.sums.read(), self.steps
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        tokens = max(1.0, totals.pop("completion_tokens"))
+        out = {name: totals[name] / steps for name in ("reward", "reward_std", "frac_reward_zero_std",
+                                                        "completion_length", "completion_length_max",
+                                                        "completion_clipped")}
+        out.update(clip_ratio=totals["clipped_tokens"] / tokens, entropy=totals["entropy_sum"] / tokens,
+                   generation_ms=totals["generation_ms"] / (world * steps),
+                   training_ms=totals["training_ms"] / (world * steps),
+                   **{f"rewards/{f.name}": totals[f"rewards/{f.name}"] / steps for f in self.rewards})
+        if "kl_sum" in totals:
+            out["kl"] = totals["kl_sum"] / tokens
+        self.steps = 0
+        return {f"{prefix}{k}": v for k, v in out.items()}
 
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:
-        """Greedy completions of the held-out prompts: their mean reward (val_reward, per function too).
-        val_loss is its negative, so that the best checkpoint is the most rewarded."""
+        """Greedy completions of the held-out prompts: their mean reward (val_reward, per function too)."""
         engine.eval()
         table = torch.zeros((0, len(self.rewards)), dtype=torch.float64)
         for idx in self.batches.val_micro_batches:
@@ -488,8 +516,62 @@ class GRPOStep:
                           torch.nan_to_num(table, nan=0.0).sum(0), (~table.isnan()).sum(0).double()])
         sums = all_reduce(sums.to(engine.device)).cpu()
         k = len(self.rewards)
-        mean = (sums[0] / sums[1]).item()
         per = {f"val_rewards/{f.name}": (sums[2 + j] / sums[2 + k + j].clamp(min=1)).item()
                for j, f in enumerate(self.rewards)}
-        return {"val_loss": -mean, "val_reward": mean, **per}
+        return {"val_reward": (sums[0] / sums[1]).item(), **per}
 
+
+def _first_and_last(key: str):
+    def value(lines, measured):
+        evals = [r[key] for r in lines if key in r]
+        return (evals[0], evals[-1]) if evals else None
+    return value
+
+
+def _generation_share(lines, measured):
+    """The median share of a step spent generating, over the log lines past warm-up."""
+    shares = [r["generation_ms"] / (r["generation_ms"] + r["training_ms"]) for r in measured
+              if r.get("generation_ms") is not None and r.get("training_ms") is not None]
+    return statistics.median(shares) if shares else None
+
+
+class GRPO(Objective):
+    """Group-relative policy optimisation against the user's reward functions (see the module's docstring)."""
+
+    name = "grpo"
+    title = "GRPO"
+    best = BestMetric("val_reward", higher_is_better=True)  # the held-out prompts' mean reward, greedily
+    supports = Supports(why_not="generation runs the whole model on every rank")
+    report = Report(
+        columns=(Column("val_reward", "val reward first -> last", _first_and_last("val_reward"),
+                        lambda pair: f"{pair[0]:.3f} -> {pair[1]:.3f}"),
+                 Column("generation_share", "generating", _generation_share, "{:.0%}".format)),
+        curves=(Curve("rewards.png", "GRPO rewards", "mean reward", "step", ("reward", "sampled"),
+                      ("val_reward", "held-out (greedy)")),))
+
+    def __init__(self, settings: GRPOSettings, rewards: list[RewardFunc], start):
+        self.settings, self.rewards, self.start = settings, rewards, start  # start: pretrained.StartingModel
+
+    def make_step(self, setup: StepSetup) -> tuple[GRPOStep, dict[str, Any]]:
+        s, run, adapted = self.settings, setup.run, self.start.adapter is not None
+        # The KL term's starting model: under LoRA the base with the adapters disabled, else a frozen copy.
+        reference = reference_engine(self.start.builder(run, setup.seed), run.ds_cfg) if s.beta > 0 and not adapted \
+            else None
+        kl = ("the base with the adapters disabled" if adapted else "a frozen copy of the starting model"
+              + (", partitioned" if setup.stage == 3 else ""))
+        run.say(f"GRPO: {s.loss_type} loss, epsilon {s.epsilon:g}, beta {s.beta:g}"
+                + (f" (KL to {kl})" if s.beta > 0 else " (no KL term)")
+                + f"; rewards: {', '.join(f'{r.name} x {r.weight:g}' for r in self.rewards)}; sampling at temperature "
+                f"{s.temperature:g}, top_p {s.top_p:g}, up to {s.max_completion_length} tokens")
+        return GRPOStep(setup.batches, run.batch, run.env, s, self.rewards, self.start.tokenizer, self.start.pad_id,
+                        setup.seed, zero3=setup.stage == 3, reference=reference), {}
+
+    def line_text(self, record: dict[str, Any]) -> str:
+        """What the completions earned, and what generating them cost."""
+        return (f" | reward {record['reward']:.3f} (std {record['reward_std']:.3f}) | length "
+                f"{record['completion_length']:.1f} | generation {record['generation_ms']:.0f} ms, training "
+                f"{record['training_ms']:.0f} ms")
+
+    def config_record(self) -> dict[str, Any]:
+        return {"grpo": self.settings.record(),
+                "reward_funcs": [{"name": r.name, "weight": r.weight} for r in self.rewards]}

@@ -13,26 +13,28 @@ With rpo_alpha, the chosen answer's negative log-likelihood per token is added, 
 (RPO, Pang et al., 2024): DPO alone can lower the chosen answers' likelihood while the margin
 grows, and this term holds it up. The reference is never held as a second model: its
 log-probabilities are computed once, by the starting model before the first step, and stored
-with the run, keyed to the data and the model.
+with the run, keyed to the data and the model (train/reference.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt_recipes.checkpoints.paths import REFERENCE_LOGPS
+from gpt_recipes.args import POSITIVE, Flags, StartingModelArgs, at_least, flag, within
 from gpt_recipes.data import sft
+from gpt_recipes.data.samples import Samples
 from gpt_recipes.data.sft import IGNORE, Example
 from gpt_recipes.errors import UserError
-from gpt_recipes.parallel.distributed import all_reduce
+from gpt_recipes.metrics.device_sums import DeviceSums
+from gpt_recipes.parallel.layout import Supports
+from gpt_recipes.train.objective import Objective, StepSetup
+from gpt_recipes.train.step import DataParallelStep
 
 # Summed per pair, reduced at each log line (and evaluation) and divided by the pairs seen: the
 # rewards, and the answers' summed log-probabilities (TRL's logps/chosen, logps/rejected).
@@ -50,8 +52,8 @@ class Pair:
     rejected: Example
 
 
-def _answer(value: Any, key: str, where: str) -> str:
-    """A chosen/rejected answer given as text, an assistant message, or a list holding one."""
+def answer_text(value: Any, key: str, where: str) -> str:
+    """An answer (`key`) given as text, an assistant message, or a list holding one."""
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if isinstance(value, dict):
@@ -65,6 +67,16 @@ def _answer(value: Any, key: str, where: str) -> str:
     return value
 
 
+def prompt_messages(prompt: Any, where: str) -> list[dict[str, str]]:
+    """A prompt as chat messages: a text prompt is one user turn; a conversation so far stays as it is
+    (its answer is the next assistant turn)."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise UserError(f"{where}: empty prompt")
+        return [{"role": "user", "content": prompt}]
+    return sft.to_messages({"messages": [*prompt, {"role": "assistant", "content": "-"}]}, where)[:-1]
+
+
 def to_pair_messages(row: dict[str, Any], where: str) -> tuple[list[dict[str, str]], str, str]:
     """(prompt messages, chosen answer, rejected answer) of a row: {"prompt", "chosen", "rejected"}
     with a text prompt, or the prompt as chat "messages" (or a message list under "prompt")."""
@@ -75,14 +87,8 @@ def to_pair_messages(row: dict[str, Any], where: str) -> tuple[list[dict[str, st
     if missing:
         raise UserError(f"{where}: a preference pair needs 'prompt' (or 'messages'), 'chosen' and 'rejected' "
                         f"(missing {', '.join(missing)})")
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise UserError(f"{where}: empty prompt")
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        # A conversation so far; the answers are its next assistant turn.
-        messages = sft.to_messages({"messages": [*prompt, {"role": "assistant", "content": "-"}]}, where)[:-1]
-    chosen, rejected = _answer(row["chosen"], "chosen", where), _answer(row["rejected"], "rejected", where)
+    messages = prompt_messages(prompt, where)
+    chosen, rejected = answer_text(row["chosen"], "chosen", where), answer_text(row["rejected"], "rejected", where)
     if chosen.strip() == rejected.strip():
         raise UserError(f"{where}: 'chosen' and 'rejected' are the same answer, so there is no preference to learn")
     return messages, chosen, rejected
@@ -108,7 +114,7 @@ def fit_length(pairs: list[Pair], max_tokens: int, truncate: bool) -> tuple[list
     return kept, sft.LengthReport(len(pairs), dropped, truncated)
 
 
-class PreferenceSamples:
+class PreferenceSamples(Samples):
     """Pairs for the training loop: a batch of n pairs is 2n rows, the chosen answers then the
     rejected ones, padded to one width, with each pair's reference log-probabilities."""
 
@@ -173,27 +179,24 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     return loss, reward_chosen, reward_rejected
 
 
-@dataclass(frozen=True)
-class PreferenceObjective:
-    """DPO's settings: beta, the loss (TRL's names), label smoothing, and the NLL weight (rpo_alpha)."""
+@dataclass
+class DPOSettings(Flags):
+    """DPO's own flags, by TRL's names."""
 
-    beta: float
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    rpo_alpha: float | None = None
+    beta: float = flag(0.1, "DPO's beta: how far the policy may move from the reference (higher: less)", POSITIVE)
+    loss_type: str = flag("sigmoid", "the preference loss, by TRL's names: sigmoid (DPO), hinge (SLiC), ipo (IPO)",
+                          choices=LOSS_TYPES)
+    label_smoothing: float = flag(0.0, "with the sigmoid loss: the assumed share of pairs whose preference is wrong "
+                                  "(conservative DPO)", within(0, 0.5, high_in=False))
+    rpo_alpha: Optional[float] = flag(None, "add this times the chosen answers' NLL per token to the loss (TRL's "
+                                      "rpo_alpha): keeps their likelihood up while the preference margin grows",
+                                      at_least(0, "must be 0 or positive"))
 
     def check(self) -> None:
-        if not self.beta > 0:
-            raise UserError(f"--beta must be positive, got {self.beta}")
-        if self.loss_type not in LOSS_TYPES:
-            raise UserError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise UserError(f"--label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        super().check()
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise UserError(f"--label_smoothing applies to the sigmoid loss (conservative DPO), not --loss_type "
                             f"{self.loss_type}")
-        if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
-            raise UserError(f"--rpo_alpha must be 0 or positive, got {self.rpo_alpha}")
 
     def describe(self) -> str:
         form = {"sigmoid": "DPO (sigmoid)", "hinge": "SLiC (hinge)", "ipo": "IPO"}[self.loss_type]
@@ -203,65 +206,75 @@ class PreferenceObjective:
                 + ", over the answers' " + ("per-token mean" if self.loss_type == "ipo" else "summed")
                 + " log-probabilities (logits path)")
 
+    def record(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ("beta", "loss_type", "label_smoothing", "rpo_alpha")}
+
+
+@dataclass
+class DPOArgs(DPOSettings, StartingModelArgs):
+    """Preference-tune a Hugging Face causal LM with DPO on chosen/rejected pairs (sigmoid loss)."""
+
+    model_name_or_path: str = flag("exported/finetuned", "Hugging Face model folder to start from (and the "
+                                   "reference model), usually a fine-tuned one")
+    data: str = flag("data/dpo_demo/train.jsonl",
+                     "JSONL/Parquet file or datasets folder of 'prompt' (or chat 'messages'), 'chosen' and 'rejected' "
+                     "rows (the default demo pairs are built on first use)")
+    val_data: Optional[str] = flag(None, "held-out pairs; default: the demo's val.jsonl, or --val_fraction of --data")
+    output_dir: str = flag("runs/dpo", "folder for metrics.jsonl, config.json, checkpoints/ and the reference "
+                           "log-probabilities")
+
 
 class DPOLoss:
     """The objective the loop trains and evaluates with: called like CausalLMLoss on a batch of
-    PreferenceSamples; keeps the rewards' sums until `take_metrics` reports their means.
+    PreferenceSamples; sums the rewards on the device until `take_metrics` reports their means.
 
     The chosen answers' loss per token is reported too (`nll_chosen`, nats per token; at
     evaluation the held-out response loss), and a run whose held-out value rises more than
     LIKELIHOOD_DROP_WARN above its first evaluation is warned, once: preference metrics can look
     excellent while the model forgets how to answer."""
 
-    reports_perplexity = False
-    fused = False
+    perplexity = False  # a mean per pair
 
-    def __init__(self, objective: PreferenceObjective, warn: Callable[[str], Any] = print,
+    def __init__(self, settings: DPOSettings, warn: Callable[[str], Any] = print,
                  watch: dict[str, Any] | None = None):
-        self.objective = objective
-        self.beta = objective.beta
+        self.settings = settings
         self._warn = warn
         self._watch = {} if watch is None else watch  # shared with evaluation copies: the start, the warning
-        self._sums: torch.Tensor | None = None
-        self._pairs = 0
+        self.sums = DeviceSums()
 
     def __call__(self, forward: Callable[..., Any], inputs: dict[str, torch.Tensor], targets: torch.Tensor,
                  reduction: str = "mean") -> torch.Tensor:
+        s = self.settings
         inputs = dict(inputs)
         reference = inputs.pop("reference_logps").to(targets.device, torch.float32)
         logps = sequence_logps(forward, inputs, targets)
         n = logps.shape[0] // 2
         tokens = (targets != IGNORE).sum(dim=1).clamp(min=1).float()
-        scale = tokens if self.objective.loss_type == "ipo" else torch.ones_like(tokens)  # IPO: per-token means
+        scale = tokens if s.loss_type == "ipo" else torch.ones_like(tokens)  # IPO: per-token means
         loss, chosen, rejected = dpo_loss(logps[:n] / scale[:n], logps[n:] / scale[n:], reference[:n] / scale[:n],
-                                          reference[n:] / scale[n:], self.beta, self.objective.loss_type,
-                                          self.objective.label_smoothing)
+                                          reference[n:] / scale[n:], s.beta, s.loss_type, s.label_smoothing)
         nll_chosen = -logps[:n] / tokens[:n]  # per pair: the chosen answer's loss per token
-        if self.objective.rpo_alpha:
-            loss = loss + self.objective.rpo_alpha * nll_chosen
-        with torch.no_grad():
-            stats = torch.stack([chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
-                                 (chosen > rejected).float().sum(), (logps[:n] > logps[n:]).float().sum(),
-                                 logps[:n].sum(), logps[n:].sum(), -logps[:n].sum(), tokens[:n].sum()])
-            self._sums = stats if self._sums is None else self._sums + stats
-            self._pairs += n
+        if s.rpo_alpha:
+            loss = loss + s.rpo_alpha * nll_chosen
+        self.sums.add(reward_chosen=chosen.sum(), reward_rejected=rejected.sum(), reward_margin=(chosen - rejected).sum(),
+                      reward_accuracy=(chosen > rejected).sum(), logp_accuracy=(logps[:n] > logps[n:]).sum(),
+                      logps_chosen=logps[:n].sum(), logps_rejected=logps[n:].sum(), nll_sum=-logps[:n].sum(),
+                      chosen_tokens=tokens[:n].sum(), pairs=n)
         return loss.sum() if reduction == "sum" else loss.mean()
 
     def for_evaluation(self) -> "DPOLoss":
         """A copy with sums of its own, so an evaluation between two log lines leaves the training sums alone."""
-        return DPOLoss(self.objective, self._warn, self._watch)
+        return DPOLoss(self.settings, self._warn, self._watch)
 
     def take_metrics(self, prefix: str = "") -> dict[str, float]:
         """Means per pair of the rewards and log-probabilities since the last call, and the chosen
         answers' loss per token, over all ranks (a collective)."""
-        if self._sums is None:
+        if not self.sums:
             return {}
-        totals = all_reduce(torch.cat([self._sums.double(), self._sums.new_tensor([self._pairs]).double()]))
-        self._sums, self._pairs = None, 0
-        count = max(1.0, totals[-1].item())
-        values = totals[:-1].tolist()
-        found = {f"{prefix}{name}": value / count for name, value in zip(STATS, values)}
-        found[f"{prefix}nll_chosen"] = values[len(STATS)] / max(1.0, values[len(STATS) + 1])
+        totals = self.sums.read()
+        count = max(1.0, totals["pairs"])
+        found = {f"{prefix}{name}": totals[name] / count for name in STATS}
+        found[f"{prefix}nll_chosen"] = totals["nll_sum"] / max(1.0, totals["chosen_tokens"])
         if prefix == "val_":
             self._watch_likelihood(found["val_nll_chosen"])
         return found
@@ -276,61 +289,26 @@ class DPOLoss:
                        "lower the learning rate or raise --beta")
 
 
-@torch.no_grad()
-def reference_logps(engine, samples: PreferenceSamples, micro_batch: int, rank: int, world_size: int,
-                    progress: Callable[[int], None] = lambda n: None) -> torch.Tensor:
-    """(pairs, 2) summed answer log-probabilities under the engine's model, each rank scoring a
-    strided share; every rank runs the same number of forwards (ZeRO-3 gathers in each)."""
-    total = len(samples)
-    per_rank = math.ceil(total / world_size)
-    out = torch.zeros(total, 2, dtype=torch.float64, device=engine.device)
-    engine.eval()
-    reference, samples.reference = samples.reference, None
-    for start in range(0, per_rank, micro_batch):
-        mine = np.arange(rank + start * world_size, rank + min(start + micro_batch, per_rank) * world_size,
-                         world_size)
-        real = mine[mine < total]
-        idx = real if len(real) else np.array([0])  # a rank with nothing left still joins the forward
-        inputs, targets = samples.batch(idx)
-        device = engine.device
-        logps = sequence_logps(engine, {k: v.to(device) for k, v in inputs.items()}, targets.to(device))
-        if len(real):
-            out[torch.as_tensor(real, device=device)] = logps.double().view(2, -1).T[: len(real)]
-        progress(min(len(idx) * world_size, total - start * world_size))
-    samples.reference = reference
-    engine.train()
-    return all_reduce(out).cpu()
+class DPO(Objective):
+    """Direct preference optimisation over chosen/rejected pairs, against stored reference scores."""
 
+    name = "dpo"
+    title = "DPO"
+    supports = Supports(why_not="preference pairs are scored whole, by the reference and the policy alike")
 
-def reference_fingerprint(model_fingerprint: str, precision: str, train: PreferenceSamples,
-                          val: PreferenceSamples) -> str:
-    """What stored reference log-probabilities belong to: the starting model, the precision it
-    ran in, and every pair's tokens."""
-    parts = [model_fingerprint, precision, train.fingerprint(), val.fingerprint()]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    def __init__(self, settings: DPOSettings, reference):
+        self.settings = settings
+        self.reference = reference  # a train.reference.StoredReference
 
+    def make_step(self, setup: StepSetup) -> tuple[DataParallelStep, dict[str, Any]]:
+        run = setup.run
+        self.reference.attach(setup.engine, run)
+        run.say(self.settings.describe())
+        return DataParallelStep(setup.batches, run.batch, run.env, DPOLoss(self.settings, warn=run.say)), {}
 
-def load_reference(out_dir: Path, fingerprint: str) -> dict[str, torch.Tensor]:
-    """Stored reference log-probabilities of a run being resumed, checked to be of this data and model."""
-    from gpt_recipes.checkpoints.saving import load_own
+    def line_text(self, record: dict[str, Any]) -> str:
+        return (f" | reward acc {record['reward_accuracy']:.3f} margin {record['reward_margin']:.3f} | chosen "
+                f"NLL {record['nll_chosen']:.3f}/token")
 
-    path = out_dir / REFERENCE_LOGPS
-    if not path.is_file():
-        raise UserError(f"--resume: {path} is missing, and the starting model it was computed with is gone; "
-                        "start the run again with --overwrite")
-    stored = load_own(path)
-    if stored.get("fingerprint") != fingerprint:
-        raise UserError(f"--resume: {path} holds reference log-probabilities of other data or another starting "
-                        "model (or precision) than this run's; resume with the same --data, --val_data, "
-                        "--model_name_or_path, length flags and DeepSpeed precision")
-    return stored
-
-
-def save_reference(out_dir: Path, fingerprint: str, train: torch.Tensor, val: torch.Tensor) -> None:
-    from gpt_recipes.folders import fsync_path
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{REFERENCE_LOGPS}.tmp"
-    torch.save({"fingerprint": fingerprint, "train": train, "val": val}, tmp)
-    fsync_path(tmp)
-    tmp.replace(out_dir / REFERENCE_LOGPS)
+    def config_record(self) -> dict[str, Any]:
+        return {"preference": self.settings.record()}
