@@ -19,7 +19,7 @@ from gpt_recipes.args import AdapterArgs, flag, parse_args
 from gpt_recipes.checkpoints import paths
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.launch import REPO, ComparisonArgs, run_recipe
-from gpt_recipes.metrics.memory_plan import Layout, estimate, model_sizes
+from gpt_recipes.metrics.memory_plan import MemoryConfig, estimate, model_sizes
 from gpt_recipes.metrics.summary import read_lines, summarize
 from gpt_recipes.models.adapters import lora_config
 from gpt_recipes.models.causal_lm import load_pretrained_config
@@ -71,7 +71,8 @@ def main() -> None:
             evals = [r for r in read_lines(result.out_dir) if "val_loss" in r]
             summary = summarize(result.out_dir)
             sizes = model_sizes(model_config, lora if method == "lora" else None)
-            planned = estimate(Layout.from_config(name, ds_config.load_config(config)), sizes, args.ranks, 0.0)
+            planned = estimate(MemoryConfig.from_config(name, ds_config.load_config(config), args.ranks), sizes,
+                               args.ranks, 0.0)
             rows.append([name, f"{evals[0]['val_loss']:.3f} -> {evals[-1]['val_loss']:.3f}",
                          f"{summary.tokens_per_sec:.0f}", f"{sizes.trainable / 1e6:.3f}M",
                          f"{summary.model_state_mb:.0f}", f"{planned.model_states / MiB:.0f}",

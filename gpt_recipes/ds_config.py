@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt_recipes.errors import UserError, first_line
-from gpt_recipes.parallel.layout import Layout
+from gpt_recipes.parallel.layout import Layout, zero_stage  # noqa: F401 (the stage is the layout's; read here too)
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -223,13 +223,6 @@ def precision(cfg: dict[str, Any]) -> str:
     if bf16 and fp16:
         raise UserError("DeepSpeed config enables both bf16 and fp16; enable one of them")
     return "bf16" if bf16 else "fp16" if fp16 else "fp32"
-
-
-def zero_stage(cfg: dict[str, Any]) -> int:
-    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise UserError(f"DeepSpeed config: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    return stage
 
 
 def check_device_support(cfg: dict[str, Any], device_type: str) -> None:

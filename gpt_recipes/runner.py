@@ -142,7 +142,7 @@ def plan_run(args: RunArgs) -> RunPlan:
     eval_tasks = evaluation.resolve_tasks([t for name in args.eval_tasks for t in name.split(",") if t]) \
         if args.eval_tasks else []
     run = RunPlan(env, device, ds_cfg, batch, filled, out_dir, output, eval_tasks=eval_tasks, lock=lock,
-                  compile=plan_compile(args, ds_cfg, batch, device), overrides=list(args.ds))
+                  compile=plan_compile(args, ds_cfg, device), overrides=list(args.ds))
     run.notes += [output.note] if output.note else []
     run.notes += [f"DeepSpeed config: --ds {key} = {json.dumps(now)} for this run (the JSON has "
                   f"{json.dumps(before) if before != '(not set)' else 'no value'})" for key, (before, now) in overridden.items()]
@@ -412,7 +412,7 @@ def finish(args: RunArgs, run: RunPlan, job: Job, engine, state: TrainState, met
 def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
     check_job(run, job)
     facts = start_ranks(args, run)
-    mpu = run.layout.start_groups(job.model_config, run.batch)
+    mpu = run.layout.start_groups(job.model_config, run.batch.micro_batch)
     model, built = build(args, run, job)
     for key, value in run.filled.items():
         run.say(f"DeepSpeed config: filled {key} = {value} (was \"auto\")")

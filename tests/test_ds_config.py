@@ -5,6 +5,7 @@ import pytest
 
 from gpt_recipes import ds_config
 from gpt_recipes.errors import UserError
+from gpt_recipes.parallel.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -12,11 +13,11 @@ CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 def test_batch_is_derived_from_any_two_values():
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}
-    plan = ds_config.resolve_batch(cfg, world_size=2)
+    plan = ds_config.resolve_batch(cfg, Layout(world=2))
     assert (plan.micro_batch, plan.grad_accum, plan.global_batch) == (4, 2, 16)
     assert cfg["train_batch_size"] == 16
-    assert ds_config.resolve_batch({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4}, 2).grad_accum == 2
-    assert ds_config.resolve_batch({"train_batch_size": 16, "gradient_accumulation_steps": 4}, 2).micro_batch == 2
+    assert ds_config.resolve_batch({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4}, Layout(2)).grad_accum == 2
+    assert ds_config.resolve_batch({"train_batch_size": 16, "gradient_accumulation_steps": 4}, Layout(2)).micro_batch == 2
 
 
 @pytest.mark.parametrize("cfg, match", [
@@ -29,7 +30,7 @@ def test_batch_is_derived_from_any_two_values():
 ])
 def test_batch_sizes_that_do_not_add_up(cfg, match):
     with pytest.raises(UserError, match=match):
-        ds_config.resolve_batch(cfg, world_size=2)
+        ds_config.resolve_batch(cfg, Layout(world=2))
 
 
 def test_auto_values_are_filled_and_reported():
@@ -76,7 +77,7 @@ def test_shipped_configs_resolve(path):
     raw = json.loads(path.read_text())
     device = "cuda" if ds_config.precision(raw) == "fp16" else "cpu"
     cfg, plan, filled = ds_config.resolve(path, world_size=2, max_steps=100, device_type=device)
-    if plan.tp == 1:
+    if plan.layout.tensor == 1:
         assert plan.global_batch == cfg["train_batch_size"]
     else:  # DeepSpeed would check it against every rank, though a tensor-parallel group shares its samples
         assert "train_batch_size" not in cfg and plan.global_batch == cfg["train_micro_batch_size_per_gpu"]

@@ -72,11 +72,11 @@ def resumable(tmp_path, tiny_data, tiny_model):
 
 
 def _resume(out, config, tokenizer, seq_len=64, fingerprint="data-a", **flags):
-    from gpt_recipes.runner import Job, check_resume_matches
+    from gpt_recipes.runner import Job, check_job
+    from gpt_recipes.train.lm import NextToken
 
     run = plan_run(PretrainArgs(output_dir=str(out), resume=True, **flags))
-    check_resume_matches(run, Job("pretrain", config, tokenizer, seq_len, None, None, None,
-                                  data_fingerprint=fingerprint))
+    check_job(run, Job("pretrain", NextToken(), config, tokenizer, seq_len, None, data_fingerprint=fingerprint))
 
 
 def test_a_resume_of_the_same_run_passes(resumable):
@@ -122,11 +122,11 @@ def test_num_epochs_sets_the_run_length_and_the_schedule(tmp_path):
     global_batch = run.batch.global_batch
     plan_epochs(args, run, 100)
     steps = -(-250 // global_batch)  # 2.5 passes over 100 samples, rounded up to a whole step
-    assert args.max_steps == steps
+    assert run.max_steps == steps and args.max_steps == 7  # derived and recorded, the flag as given
     assert run.ds_cfg["scheduler"]["params"]["total_num_steps"] == steps
     assert run.filled["scheduler.params.total_num_steps"] == steps
     assert any(f"make {steps} steps" in note for note in run.notes)
     with pytest.raises(UserError, match="--num_epochs must be positive"):
-        plan_run(PretrainArgs(output_dir=str(tmp_path / "out2"), num_epochs=0))
+        PretrainArgs(output_dir=str(tmp_path / "out2"), num_epochs=0)
     with pytest.raises(UserError, match="a weighted mixture passes over each source at its own rate"):
         make_mixture_batches(args, run, [], [], 64)

@@ -17,6 +17,7 @@ from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.checkpoints.run_dir import check_output_path
 from gpt_recipes.metrics.summary import caveats, csv_text, markdown_table, metrics_path, plot, summarize, text_table
+from gpt_recipes.train.objective import reports
 
 
 @dataclass
@@ -45,7 +46,7 @@ def main() -> None:
     if args.plots:
         check_output_path(args.plots, "--plots", inputs, outputs={"--csv": args.csv} if args.csv else None)
     names = _names(run_dirs)
-    summaries = [summarize(d, name, args.warmup_steps) for d, name in zip(run_dirs, names)]
+    summaries = [summarize(d, name, args.warmup_steps, reports()) for d, name in zip(run_dirs, names)]
     print(markdown_table(summaries) if args.markdown else text_table(summaries))
     for note in caveats(summaries):
         print(note)
@@ -53,7 +54,7 @@ def main() -> None:
         Path(args.csv).write_text(csv_text(summaries))
         print(f"Wrote {args.csv}")
     if args.plots:
-        for path in plot(run_dirs, names, Path(args.plots)):
+        for path in plot(run_dirs, names, Path(args.plots), reports()):
             print(f"Wrote {path}")
 
 

@@ -20,6 +20,7 @@ from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.launch import ComparisonArgs, run_pretrain
 from gpt_recipes.metrics.summary import caveats, markdown_table, plot, summarize, text_table
+from gpt_recipes.train.objective import reports
 
 
 @dataclass
@@ -69,13 +70,13 @@ def main() -> None:
             print(f"{r.config}: failed (exit {r.returncode}); left out of the summary")
     if not done:
         raise UserError("every run of the sweep failed")
-    summaries = [summarize(r.out_dir, r.config.stem) for r in done]
+    summaries = [summarize(r.out_dir, r.config.stem, reports=reports()) for r in done]
     print()
     print(markdown_table(summaries) if args.markdown else text_table(summaries))
     for note in caveats(summaries):
         print(note)
     if args.plots:
-        for path in plot([r.out_dir for r in done], [r.config.stem for r in done], out):
+        for path in plot([r.out_dir for r in done], [r.config.stem for r in done], out, reports()):
             print(f"Wrote {path}")
 
 

@@ -20,8 +20,10 @@ Everything else asks this module for these names and paths.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +41,26 @@ LOCK = ".run.lock"
 RUN_OUTPUTS = (CHECKPOINTS, METRICS, RUN_CONFIG, MONITOR, EXPORT_CHECK, REFERENCE_LOGPS)
 
 LATEST = "latest"
-BEST = "best"  # the complete checkpoint with the lowest validation loss measured at its step
+BEST = "best"  # the complete checkpoint with the best value of the run's best metric (BestMetric) at its step
 # Plain-JSON facts about the run that tools read without loading any tensor file.
 TRAINING_INFO = "training.json"
 MODEL_CONFIG = "config.json"  # in a tag folder: the model's Hugging Face config
+
+
+@dataclass(frozen=True)
+class BestMetric:
+    """The evaluation figure that ranks checkpoints (`best` names the best so far); an objective names its own."""
+
+    key: str = "val_loss"
+    higher_is_better: bool = False
+
+    def better(self, value: float, than: float | None) -> bool:
+        if than is None or not math.isfinite(than):
+            return True
+        return value > than if self.higher_is_better else value < than
+
+    def describe(self) -> str:
+        return f"{'highest' if self.higher_is_better else 'lowest'} {self.key}"
 
 
 def checkpoints_dir(out_dir: Path) -> Path:

@@ -23,6 +23,7 @@ import torch
 from gpt_recipes import console, faults
 from gpt_recipes.checkpoints.paths import (
     BEST,
+    BestMetric,
     LATEST,
     TRAINING_INFO,
     best_tag,
@@ -39,7 +40,6 @@ from gpt_recipes.checkpoints.paths import (
 from gpt_recipes.errors import RankError, UserError, first_line
 from gpt_recipes.folders import fsync_path, fsync_tree
 from gpt_recipes.parallel.distributed import barrier
-from gpt_recipes.train.objective import BestMetric
 
 TRAINER_STATE_KEY = "trainer_state"
 

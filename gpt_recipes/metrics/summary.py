@@ -14,12 +14,42 @@ import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from gpt_recipes.checkpoints.paths import METRICS
 from gpt_recipes.errors import UserError
 from gpt_recipes.metrics.log import read_metrics
-from gpt_recipes.train.objective import Column, registered
+
+
+@dataclass(frozen=True)
+class Column:
+    """A summary table column: `value(lines, measured)` from a run's metrics lines and those past
+    warm-up (None where the run has no such figure), written with `fmt`."""
+
+    key: str
+    header: str
+    value: Callable[[list[dict[str, Any]], list[dict[str, Any]]], Any]
+    fmt: Callable[[Any], str]
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A plot of a training figure (a line) and its held-out counterpart (dots) against `x`."""
+
+    file: str
+    title: str
+    ylabel: str
+    x: str
+    train: tuple[str, str]  # (metrics key, label)
+    evaluated: tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the summariser shows of an objective's runs (train/objective.py: each objective has one)."""
+
+    columns: tuple[Column, ...] = ()
+    curves: tuple[Curve, ...] = ()
 
 
 @dataclass
@@ -42,8 +72,9 @@ class RunSummary:
     compile_s: float | None = None  # torch.compile's time, kept out of the throughput figures
     task_scores: dict[str, float] | None = None  # the last downstream evaluation (--eval_tasks)
     val_loss_by_source: dict[str, float] | None = None  # a mixture's last evaluation, per source
-    # The objectives' own columns (train/objective.py Report), by key: those this run has.
+    # The objectives' own figures (their Report's columns) that this run has, by column key.
     objective: dict[str, Any] = field(default_factory=dict)
+    objective_columns: list[Column] = field(default_factory=list)
 
 
 def metrics_path(run_dir: Path) -> Path:
@@ -75,11 +106,10 @@ def is_evaluation(record: dict[str, Any]) -> bool:
     return any(key.startswith("val_") for key in record)
 
 
-def objective_columns() -> list[Column]:
-    return [column for objective in registered() for column in objective.report.columns]
-
-
-def summarize(run_dir: Path, name: str | None = None, warmup_steps: int | None = None) -> RunSummary:
+def summarize(run_dir: Path, name: str | None = None, warmup_steps: int | None = None,
+              reports: Sequence[Report] = ()) -> RunSummary:
+    """A run's figures from its metrics.jsonl; `reports` (the objectives', train.objective.reports())
+    add the columns of the objective the run trained."""
     lines = read_lines(run_dir)
     train_lines = [r for r in lines if "loss" in r and "tokens_per_sec" in r]
     evals = [r for r in lines if is_evaluation(r)]
@@ -116,7 +146,8 @@ def summarize(run_dir: Path, name: str | None = None, warmup_steps: int | None =
         compile_s=max(compiled) if compiled else None,
         task_scores=_task_scores(evals[-1]) if evals and _task_scores(evals[-1]) else None,
         val_loss_by_source=evals[-1].get("val_loss_by_source") if evals else None,
-        objective={c.key: v for c in objective_columns() if (v := c.value(lines, measured)) is not None},
+        objective={c.key: v for r in reports for c in r.columns if (v := c.value(lines, measured)) is not None},
+        objective_columns=[c for r in reports for c in r.columns if c.value(lines, measured) is not None],
     )
 
 
@@ -154,8 +185,8 @@ COLUMNS = [*WHICH_RUN, *THROUGHPUT, *MEMORY, *QUALITY]
 
 def columns(summaries: list[RunSummary]) -> list[tuple[str, str, Any]]:
     """The table's columns: the common ones, then each objective column some run has."""
-    return COLUMNS + [(c.key, c.header, c.fmt) for c in objective_columns()
-                      if any(c.key in s.objective for s in summaries)]
+    found = {c.key: c for s in summaries for c in s.objective_columns}
+    return COLUMNS + [(c.key, c.header, c.fmt) for c in found.values()]
 
 
 def _value(summary: RunSummary, key: str) -> Any:
@@ -210,7 +241,7 @@ def markdown_table(summaries: list[RunSummary]) -> str:
 def csv_text(summaries: list[RunSummary]) -> str:
     """Every summary field, unformatted."""
     buffer = io.StringIO()
-    names = [name for name in RUN_FIELDS if name != "objective"]
+    names = [name for name in RUN_FIELDS if name not in ("objective", "objective_columns")]
     names += list(dict.fromkeys(key for s in summaries for key in s.objective))
     writer = csv.DictWriter(buffer, fieldnames=names)
     writer.writeheader()
@@ -221,10 +252,9 @@ def csv_text(summaries: list[RunSummary]) -> str:
     return buffer.getvalue()
 
 
-def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
+def plot(run_dirs: list[Path], names: list[str], out_dir: Path, reports: Sequence[Report] = ()) -> list[Path]:
     """loss_vs_tokens.png (training and validation loss) and tokens_per_sec.png, all runs on each; the
-    objectives' curves (train/objective.py Report) where their runs have the figures, downstream
-    evaluations task_scores.png."""
+    curves of `reports` where the runs have their figures, downstream evaluations task_scores.png."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -247,7 +277,7 @@ def plot(run_dirs: list[Path], names: list[str], out_dir: Path) -> list[Path]:
     ax.set_ylim(bottom=0)
     written.append(_save(plt, fig, ax, out_dir / "tokens_per_sec.png"))
 
-    for curve in (c for objective in registered() for c in objective.report.curves):
+    for curve in (c for report in reports for c in report.curves):
         if any(curve.train[0] in r for _, lines in runs for r in lines):
             fig, ax = plt.subplots(figsize=(7, 4.5))
             _curves(ax, runs, curve.x, curve.train, curve.evaluated)

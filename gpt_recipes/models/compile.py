@@ -55,9 +55,9 @@ class CompilePlan:
                 "time it takes is kept out of tokens/s")
 
 
-def plan_compile(args: Any, ds_cfg: dict[str, Any], batch: Any, device_type: str) -> CompilePlan | None:
-    """What to compile with, checked before any rank starts (None: run eagerly). `batch` is the
-    run's BatchPlan: sequence and tensor parallelism are not compiled."""
+def plan_compile(args: Any, ds_cfg: dict[str, Any], device_type: str) -> CompilePlan | None:
+    """What to compile with, checked before any rank starts (None: run eagerly). Which layouts compile
+    parallel/layout.py decides."""
 
     section = ds_cfg.get("compile")
     if section is not None and not isinstance(section, dict):
@@ -75,8 +75,6 @@ def plan_compile(args: Any, ds_cfg: dict[str, Any], batch: Any, device_type: str
             if getattr(args, name) is not None:
                 raise UserError(f"--{name} takes effect with --torch_compile; add it, or drop --{name}")
         return None
-    if batch.sp * batch.tp > 1:
-        raise refuse("sequence or tensor parallelism")
     stage = zero_stage(ds_cfg)
     backend = args.torch_compile_backend or "inductor"
     _check_backend(backend)
@@ -102,12 +100,6 @@ def _check_backend(backend: str) -> None:
     if backend not in known:
         raise UserError(f"--torch_compile_backend {backend!r} is not a torch.compile backend here "
                         f"({', '.join(sorted(known))})")
-
-
-def refuse(what: str) -> UserError:
-    """The one line for a combination that does not compile."""
-    return UserError(f"--torch_compile with {what} is not supported by these recipes; drop --torch_compile "
-                     "(or compile.deepcompile) to run it eagerly")
 
 
 def compile_seconds() -> float:

@@ -27,6 +27,14 @@ PARTITIONS = ("parameters", "uniform")
 TP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def zero_stage(cfg: dict[str, Any]) -> int:
+    """The JSON's ZeRO stage, over the data-parallel ranks of the layout."""
+    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"DeepSpeed config: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return stage
+
+
 @dataclass(frozen=True)
 class Supports:
     """The layouts besides data parallelism (any ZeRO stage) that an objective can run on; `why_not`
@@ -116,14 +124,14 @@ class Layout:
 
         return SequenceShards(train, self.sequence, rank % self.sequence), WholeSequences(val)
 
-    def start_groups(self, model_config, plan):
+    def start_groups(self, model_config, micro_batch: int):
         """Process groups the layout needs before the model is built (Ulysses' attention and groups):
         the `mpu` deepspeed.initialize takes, or None."""
         if self.mode != "sequence":
             return None
         from gpt_recipes.parallel.sequence_tensor import start_sequence_parallel
 
-        return start_sequence_parallel(model_config, plan)
+        return start_sequence_parallel(model_config, self.sequence, micro_batch)
 
     def place(self, model):
         """(the module the engine is given, a line saying how it was placed or None): a pipeline's
@@ -188,8 +196,6 @@ class Layout:
     @classmethod
     def of_config(cls, cfg: dict[str, Any], world: int) -> "Layout":
         """The layout a DeepSpeed JSON asks for on `world` ranks; what cannot combine is a UserError."""
-        from gpt_recipes.ds_config import zero_stage
-
         stage = zero_stage(cfg)
         sp, tp, tp_block = _sequence_and_tensor(cfg)
         pp, partition, interval = _pipeline(cfg)
@@ -241,8 +247,11 @@ class Layout:
             return f"{what} is not supported with {objective} ({supports.why_not}); use a data-parallel/ZeRO config"
         if frozen_base:
             return f"{what} is not supported with LoRA (--use_peft) yet; use a data-parallel/ZeRO config"
+        if compiled:
+            return (f"--torch_compile with {what} is not supported by these recipes; drop --torch_compile (or "
+                    "compile.deepcompile) to run it eagerly")
         return {"sequence": _sequence_refusal, "tensor": _tensor_refusal,
-                "pipeline": _pipeline_refusal}[self.mode](self, what, config, seq_len, compiled)
+                "pipeline": _pipeline_refusal}[self.mode](self, what, config, seq_len)
 
 
 def _heads(config) -> tuple[int, int]:
@@ -250,12 +259,13 @@ def _heads(config) -> tuple[int, int]:
     return heads, getattr(config, "num_key_value_heads", None) or heads
 
 
-def _sequence_refusal(layout: Layout, what: str, config, seq_len: int, compiled: bool) -> str | None:
-    from gpt_recipes.models.causal_lm import causal_lm_class
+def _sequence_refusal(layout: Layout, what: str, config, seq_len: int) -> str | None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
     from gpt_recipes.parallel.sequence_tensor import SP_ATTENTION
 
     heads, kv_heads = _heads(config)
-    if not getattr(causal_lm_class(config), "_supports_sdpa", False):
+    if not getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_supports_sdpa", False):
         return (f"{what}: model type {config.model_type!r} has no '{SP_ATTENTION}' attention implementation, which "
                 "DeepSpeed Ulysses wraps; use a GPT-2 or Llama-family model")
     if heads % layout.sequence:
@@ -267,7 +277,7 @@ def _sequence_refusal(layout: Layout, what: str, config, seq_len: int, compiled:
     return None
 
 
-def _tensor_refusal(layout: Layout, what: str, config, seq_len: int, compiled: bool) -> str | None:
+def _tensor_refusal(layout: Layout, what: str, config, seq_len: int) -> str | None:
     if config.model_type == "gpt2":
         return (f"{what}: GPT-2 keeps its projections in Conv1D layers, which DeepSpeed's AutoTP does not split; use "
                 "a Llama-family model (e.g. --model llama-micro) or sequence parallelism")
@@ -282,11 +292,9 @@ def _tensor_refusal(layout: Layout, what: str, config, seq_len: int, compiled: b
     return None
 
 
-def _pipeline_refusal(layout: Layout, what: str, config, seq_len: int, compiled: bool) -> str | None:
+def _pipeline_refusal(layout: Layout, what: str, config, seq_len: int) -> str | None:
     from gpt_recipes.parallel.pipeline import FAMILIES
 
-    if compiled:
-        return f"{what} is not supported with --torch_compile yet; drop one of them"
     if config.model_type not in FAMILIES:
         return f"{what} is built for the {' and '.join(FAMILIES)} families, not {config.model_type!r}"
     if layout.pipeline > config.num_hidden_layers:

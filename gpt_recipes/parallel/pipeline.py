@@ -8,8 +8,9 @@ the rest. A tied output layer (GPT-2, tied Llama) is DeepSpeed's tied layer: the
 stages each hold the embedding and all-reduce its gradient. Only the hidden states travel
 between stages; positions are recomputed from their shape (pretraining windows start at 0).
 
-The step is engine.train_batch: the JSON's gradient_accumulation_steps micro-batches in flight
-(1F1B), the ranks of one pipeline reading the same samples, data-parallel pipelines disjoint ones.
+The step (train/lm.py, PipelineStep) is engine.train_batch: the JSON's gradient_accumulation_steps
+micro-batches in flight (1F1B), the ranks of one pipeline reading the same samples, data-parallel
+pipelines disjoint ones.
 """
 
 from __future__ import annotations
@@ -17,17 +18,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError
-from gpt_recipes.parallel.layout import Layout
-from gpt_recipes.train.objective import StepResult
 
 LAYERS_FILE = "pipeline_layers.json"  # in each checkpoint: which Hugging Face module each layer file holds
 
@@ -148,10 +146,10 @@ def mean_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def to_pipeline(model, layout: Layout):
-    """The model as a DeepSpeed PipelineModule holding this rank's stage of the layout's pipeline; the
-    rest is dropped with `model`. `hf_names` holds the Hugging Face name of each layer's module (None
-    for a tied head)."""
+def to_pipeline(model, layout):
+    """The model as a DeepSpeed PipelineModule holding this rank's stage of the layout's pipeline (a
+    parallel.layout.Layout); the rest is dropped with `model`. `hf_names` holds the Hugging Face
+    name of each layer's module (None for a tied head)."""
     from deepspeed.pipe import PipelineModule
 
     layers = FAMILIES[model.config.model_type](model)
@@ -175,50 +173,7 @@ def describe(module) -> str:
                                      for s in range(len(parts) - 1)) + f" of {parts[-1]} (embedding, blocks, norm, head)"
 
 
-# --- The step and evaluation ---------------------------------------------------------------------
-
-
-class PipelineStep:
-    """The loop's step for a pipeline: engine.train_batch over this data-parallel rank's micro-batches
-    of the global batch, and evaluation through engine.eval_batch. Pretraining windows have one
-    length, so the mean of the micro-batches' mean losses is the global batch's mean token loss."""
-
-    probes_memory = False  # activations live on several stages at once; plan_memory.py sizes them
-
-    def __init__(self, batches, plan: BatchPlan, rank: int):
-        self.batches, self.plan, self.data_rank = batches, plan, plan.data_rank(rank)
-
-    def take_metrics(self, prefix: str = "") -> dict[str, float]:
-        return {}
-
-    def _micro_batches(self, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for micro_step in range(self.plan.grad_accum):
-            idx = self.batches.order.micro_batch(step, self.data_rank, micro_step)
-            inputs, targets = self.batches.train.batch(idx)
-            yield inputs["input_ids"], targets
-
-    def __call__(self, engine, step: int, global_batch: np.ndarray, probe, window) -> StepResult:
-        loss = engine.train_batch(self._micro_batches(step))  # the global batch's mean, on every rank
-        # The loop sums this over every rank (P stages x D pipelines) and divides by accumulation x D.
-        return StepResult(loss.detach() * self.plan.grad_accum / self.plan.layout.pipeline,
-                          self.batches.train.num_tokens(global_batch))
-
-    @torch.no_grad()
-    def evaluate(self, engine) -> dict[str, float]:
-        # eval_batch averages each micro-batch's mean loss over the data-parallel pipelines (whose
-        # micro-batches have equal sizes) and hands it to every stage.
-        total, count, shape = 0.0, 0, None
-        for idx in self.batches.val_micro_batches:
-            inputs, targets = self.batches.val.batch(idx)
-            if inputs["input_ids"].shape != shape:  # the stages exchange shapes once per shape
-                engine.reset_activation_shape()
-                shape = inputs["input_ids"].shape
-            loss = engine.eval_batch(iter([(inputs["input_ids"], targets)]), num_micro_batches=1)
-            total += float(loss) * len(idx)
-            count += len(idx)
-        engine.reset_activation_shape()
-        engine.train()
-        return {"val_loss": total / count}
+# --- The logits of a pipeline --------------------------------------------------------------------
 
 
 @torch.no_grad()

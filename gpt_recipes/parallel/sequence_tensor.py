@@ -25,8 +25,6 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-from gpt_recipes.ds_config import BatchPlan
-
 SP_ATTENTION = "sdpa"  # Ulysses wraps one of transformers' attention functions; eager it rejects
 SEQUENCE_MASK = "sequence_mask"  # a packed batch's whole-sequence mask, passed through to attention
 
@@ -35,7 +33,7 @@ def _kv_heads(config: PretrainedConfig) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
-def start_sequence_parallel(config: PretrainedConfig, plan: BatchPlan):
+def start_sequence_parallel(config: PretrainedConfig, sequence: int, micro_batch: int):
     """Register DeepSpeed's Ulysses attention with transformers and make the process groups;
     returns the `mpu` deepspeed.initialize needs. Call on every rank after the process group starts
     and before the first forward pass; the model must use SP_ATTENTION."""
@@ -56,7 +54,7 @@ def start_sequence_parallel(config: PretrainedConfig, plan: BatchPlan):
     arch._attn_implementation = SP_ATTENTION
     # Evaluation and generation run whole sequences on every rank (disable_in_eval): no sharding.
     mpu = UlyssesSPAttentionHF.register_with_transformers(
-        SimpleNamespace(config=arch), SP_ATTENTION, plan.layout.sequence, plan.micro_batch, seq_length_is_variable=True,
+        SimpleNamespace(config=arch), SP_ATTENTION, sequence, micro_batch, seq_length_is_variable=True,
         disable_in_eval=True)
     ulysses = ALL_ATTENTION_FUNCTIONS[SP_ATTENTION]
 

@@ -46,7 +46,9 @@ from gpt_recipes.errors import UserError, first_line
 from gpt_recipes.metrics.device_sums import DeviceSums
 from gpt_recipes.parallel.distributed import DistEnv, all_reduce
 from gpt_recipes.parallel.layout import Supports
-from gpt_recipes.train.objective import BestMetric, Column, Curve, Objective, Report, StepResult, StepSetup
+from gpt_recipes.checkpoints.paths import BestMetric
+from gpt_recipes.metrics.summary import Column, Curve, Report
+from gpt_recipes.train.objective import Objective, StepResult, StepSetup
 
 LOSS_TYPES = ("grpo", "dr_grpo")
 

@@ -4,12 +4,15 @@ example's response tokens)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
+import torch
+
+from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.models.loss import CausalLMLoss, fused_unavailable
-from gpt_recipes.parallel import pipeline
 from gpt_recipes.parallel.layout import EVERY_LAYOUT, Supports
-from gpt_recipes.train.objective import Objective, StepSetup, TrainStep
+from gpt_recipes.train.objective import Objective, StepResult, StepSetup, TrainStep
 from gpt_recipes.train.step import DataParallelStep
 
 
@@ -28,7 +31,7 @@ class NextToken(Objective):
     def make_step(self, setup: StepSetup) -> tuple[TrainStep, dict[str, Any]]:
         run = setup.run
         if run.layout.pipeline > 1:  # the pipeline engine takes the loss on its last stage
-            return pipeline.PipelineStep(setup.batches, run.batch, run.env.rank), {"fused_loss": False}
+            return PipelineStep(setup.batches, run.batch, run.env.rank), {"fused_loss": False}
         loss_fn = self.loss(setup)
         return DataParallelStep(setup.batches, run.batch, run.env, loss_fn), {"fused_loss": loss_fn.fused}
 
@@ -42,3 +45,46 @@ class NextToken(Objective):
         run.say("Loss: output layer and cross-entropy fused, in chunks of rows (the logits are never held whole)"
                 if loss_fn.fused else f"Loss: cross-entropy over the model's logits ({why_not})")
         return loss_fn
+
+
+class PipelineStep:
+    """The loop's step for a pipeline: engine.train_batch over this data-parallel rank's micro-batches
+    of the global batch, and evaluation through engine.eval_batch. Pretraining windows have one
+    length, so the mean of the micro-batches' mean losses is the global batch's mean token loss."""
+
+    probes_memory = False  # activations live on several stages at once; plan_memory.py sizes them
+
+    def __init__(self, batches, plan: BatchPlan, rank: int):
+        self.batches, self.plan, self.data_rank = batches, plan, plan.data_rank(rank)
+
+    def take_metrics(self, prefix: str = "") -> dict[str, float]:
+        return {}
+
+    def _micro_batches(self, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for micro_step in range(self.plan.grad_accum):
+            idx = self.batches.order.micro_batch(step, self.data_rank, micro_step)
+            inputs, targets = self.batches.train.batch(idx)
+            yield inputs["input_ids"], targets
+
+    def __call__(self, engine, step: int, global_batch: np.ndarray, probe, window) -> StepResult:
+        loss = engine.train_batch(self._micro_batches(step))  # the global batch's mean, on every rank
+        # The loop sums this over every rank (P stages x D pipelines) and divides by accumulation x D.
+        return StepResult(loss.detach() * self.plan.grad_accum / self.plan.layout.pipeline,
+                          self.batches.train.num_tokens(global_batch))
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        # eval_batch averages each micro-batch's mean loss over the data-parallel pipelines (whose
+        # micro-batches have equal sizes) and hands it to every stage.
+        total, count, shape = 0.0, 0, None
+        for idx in self.batches.val_micro_batches:
+            inputs, targets = self.batches.val.batch(idx)
+            if inputs["input_ids"].shape != shape:  # the stages exchange shapes once per shape
+                engine.reset_activation_shape()
+                shape = inputs["input_ids"].shape
+            loss = engine.eval_batch(iter([(inputs["input_ids"], targets)]), num_micro_batches=1)
+            total += float(loss) * len(idx)
+            count += len(idx)
+        engine.reset_activation_shape()
+        engine.train()
+        return {"val_loss": total / count}

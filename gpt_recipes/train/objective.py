@@ -14,30 +14,15 @@ of its runs show its columns and curves.
 from __future__ import annotations
 
 import importlib
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 
+from gpt_recipes.checkpoints.paths import BestMetric
+from gpt_recipes.metrics.summary import Report
 from gpt_recipes.parallel.layout import Supports
-
-
-@dataclass(frozen=True)
-class BestMetric:
-    """The evaluation figure that ranks checkpoints (`best` names the best so far)."""
-
-    key: str = "val_loss"
-    higher_is_better: bool = False
-
-    def better(self, value: float, than: float | None) -> bool:
-        if than is None or not math.isfinite(than):
-            return True
-        return value > than if self.higher_is_better else value < than
-
-    def describe(self) -> str:
-        return f"{'highest' if self.higher_is_better else 'lowest'} {self.key}"
 
 
 @dataclass
@@ -62,37 +47,6 @@ class TrainStep(Protocol):
 
     def take_metrics(self, prefix: str = "") -> dict[str, float]:
         """The objective's own figures since the last call (a collective), or {}."""
-
-
-@dataclass(frozen=True)
-class Column:
-    """A summary table column: `value(lines, measured)` from a run's metrics lines and those past
-    warm-up (None where the run has no such figure), written with `fmt`."""
-
-    key: str
-    header: str
-    value: Callable[[list[dict[str, Any]], list[dict[str, Any]]], Any]
-    fmt: Callable[[Any], str]
-
-
-@dataclass(frozen=True)
-class Curve:
-    """A plot of a training figure (a line) and its held-out counterpart (dots) against `x`."""
-
-    file: str
-    title: str
-    ylabel: str
-    x: str
-    train: tuple[str, str]  # (metrics key, label)
-    evaluated: tuple[str, str]
-
-
-@dataclass(frozen=True)
-class Report:
-    """What the summariser shows of an objective's runs."""
-
-    columns: tuple[Column, ...] = ()
-    curves: tuple[Curve, ...] = ()
 
 
 @dataclass
@@ -143,3 +97,8 @@ def registered() -> list[type[Objective]]:
         module, name = entry.split(":")
         found.append(getattr(importlib.import_module(module), name))
     return found
+
+
+def reports() -> list[Report]:
+    """What the summariser shows of each registered objective's runs (tools pass it to metrics/summary.py)."""
+    return [objective.report for objective in registered()]

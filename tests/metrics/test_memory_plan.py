@@ -6,7 +6,7 @@ import re
 import pytest
 
 from gpt_recipes.metrics.memory_plan import (
-    Layout,
+    MemoryConfig,
     ModelSizes,
     activation_bytes,
     estimate,
@@ -16,11 +16,12 @@ from gpt_recipes.metrics.memory_plan import (
     tensor_parallel_slice,
 )
 from gpt_recipes.models.causal_lm import build_config
+from gpt_recipes.parallel.layout import Layout
 from tests.helpers import REPO, launch, read_metrics
 
 
 def layout(stage, precision="bf16", offload=False, offload_param=False, bucket=50_000_000, micro=1):
-    return Layout(f"zero{stage}", stage, precision, offload, offload_param, micro, bucket, 100_000)
+    return MemoryConfig(f"zero{stage}", stage, precision, offload, offload_param, micro, bucket, 100_000)
 
 
 PSI = 1_000_000_000
@@ -57,11 +58,11 @@ def test_stage3_keeps_small_parameters_whole():
 
 def test_tensor_parallel_splits_the_projections_and_partitions_over_data_parallel_ranks():
     sizes = ModelSizes((PSI // 2, PSI // 2), projections=PSI // 2)  # half the parameters are projections
-    tp2 = estimate(Layout("tp", 2, "bf16", False, False, 1, 0, 0, tp=2), sizes, 4, 0)
+    tp2 = estimate(MemoryConfig("tp", 2, "bf16", False, False, 1, 0, 0, Layout(4, 2, tensor=2)), sizes, 4, 0)
     kept = PSI - PSI // 4  # the other half whole, and half of the projections
     assert tp2.params == 2 * kept
     assert tp2.optimizer == pytest.approx(12 * kept / 2)  # ZeRO over 4 / 2 data-parallel ranks
-    sp2 = estimate(Layout("sp", 2, "bf16", False, False, 1, 0, 0, sp=2), sizes, 4, 0)
+    sp2 = estimate(MemoryConfig("sp", 2, "bf16", False, False, 1, 0, 0, Layout(4, 2, sequence=2)), sizes, 4, 0)
     assert sp2.model_states == estimate(layout(2), sizes, 4, 0).model_states  # as data parallelism over all ranks
 
 
@@ -74,7 +75,8 @@ def test_a_pipeline_stage_holds_its_layers_and_its_micro_batches_in_flight():
     assert sum(sizes.layers) == sizes.total + embedding
     stages = sizes.stage_parameters(2, "parameters")
     assert sum(stages) == sum(sizes.layers) and max(stages) < 0.6 * sum(sizes.layers)  # balanced by parameters
-    pp2 = estimate(Layout("pp", 1, "bf16", False, False, 1, 0, 0, pp=2, grad_accum=4), sizes, 4, 0)
+    pp2 = estimate(MemoryConfig("pp", 1, "bf16", False, False, 1, 0, 0, Layout(4, 1, pipeline=2), grad_accum=4), sizes, 4,
+                   0)
     assert pp2.params == 2 * max(stages) and pp2.optimizer == pytest.approx(12 * max(stages) / 2)  # ZeRO over 4 / 2
     # 1F1B: stage 0 keeps min(m, P) = 2 micro-batches of its blocks' activations, the last stage 1.
     factor = sizes.pipeline_activation_factor(2, "parameters", 4)
@@ -177,7 +179,7 @@ def _measured(out):
 
 def _predicted(cfg_path, mid_model, checkpointing):
     config = build_config(str(mid_model), 1024, 0)
-    lay = Layout.from_config("measured", json.loads(cfg_path.read_text()))
+    lay = MemoryConfig.from_config("measured", json.loads(cfg_path.read_text()), 2)
     acts = activation_bytes(config, lay.micro_batch, 128, lay.precision, checkpointing, fused_loss=lay.stage < 3)
     return estimate(lay, model_sizes(config), 2, acts)
 

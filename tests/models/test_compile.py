@@ -5,12 +5,13 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from transformers import AutoConfig
 
 from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
-from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError
 from gpt_recipes.metrics.throughput import ThroughputWindow
 from gpt_recipes.models import compile as compiling
+from gpt_recipes.parallel.layout import EVERY_LAYOUT, Layout
 from tests.helpers import CROSS_STAGE_RUNS, PARITY_STEPS, parity_run, read_metrics
 
 # Inductor's fused kernels sum in another order than eager ones: measured over 20 clipped fp32
@@ -23,9 +24,8 @@ def _args(**flags):
                               **flags})
 
 
-def _plan(args, cfg=None, batch=None, device="cpu"):
-    return compiling.plan_compile(args, cfg or {"zero_optimization": {"stage": 2}},
-                                  batch or BatchPlan(micro_batch=1, grad_accum=1, world_size=2), device)
+def _plan(args, cfg=None, device="cpu"):
+    return compiling.plan_compile(args, cfg or {"zero_optimization": {"stage": 2}}, device)
 
 
 def test_no_flag_no_section_runs_eagerly():
@@ -53,10 +53,11 @@ def test_bad_compile_settings_are_one_line(flags, cfg, message):
         _plan(_args(**flags), cfg)
 
 
-@pytest.mark.parametrize("sp, tp", [(2, 1), (1, 2)])
-def test_sequence_and_tensor_parallelism_are_refused_compiled(sp, tp):
-    with pytest.raises(UserError, match="--torch_compile with sequence or tensor parallelism is not supported"):
-        _plan(_args(torch_compile=True), batch=BatchPlan(micro_batch=1, grad_accum=1, world_size=1, sp=sp, tp=tp))
+@pytest.mark.parametrize("layout", [Layout(2, 2, sequence=2), Layout(2, 2, tensor=2), Layout(2, 1, pipeline=2)])
+def test_sequence_tensor_and_pipeline_parallelism_are_refused_compiled(layout):
+    refused = layout.refusal(AutoConfig.for_model("llama"), 64, EVERY_LAYOUT, "pretraining", compiled=True)
+    assert refused.startswith(f"--torch_compile with {layout.what()} is not supported")
+    assert layout.refusal(AutoConfig.for_model("llama"), 64, EVERY_LAYOUT, "pretraining", compiled=False) is None
 
 
 def test_compile_time_is_kept_out_of_the_window(monkeypatch):

@@ -143,11 +143,14 @@ def test_settings_are_checked_before_any_rank_starts():
     plan = BatchPlan(micro_batch=4, grad_accum=1, world_size=2)
     settings = dict(num_generations=4, max_completion_length=8, temperature=1.0, top_p=1.0, beta=0.0, epsilon=0.2,
                     loss_type="grpo", scale_rewards=True)
-    grpo.GRPOSettings(**settings).check(plan)
-    for change, message in (({"num_generations": 1}, "at least 2"), ({"num_generations": 3}, "not divisible by"),
-                            ({"beta": -0.1}, "--beta must be >= 0"), ({"top_p": 0.0}, "--top_p")):
+    grpo.GRPOSettings(**settings).check_batch(plan)
+    for change, message in (({"num_generations": 1}, "at least 2"), ({"beta": -0.1}, "--beta must be >= 0"),
+                            ({"top_p": 0.0}, "--top_p must lie in \\(0, 1\\]"),
+                            ({"loss_type": "ppo"}, "--loss_type must be one of grpo, dr_grpo")):
         with pytest.raises(UserError, match=message):
-            grpo.GRPOSettings(**{**settings, **change}).check(plan)
+            grpo.GRPOSettings(**{**settings, **change})
+    with pytest.raises(UserError, match="not divisible by --num_generations 3"):
+        grpo.GRPOSettings(**{**settings, "num_generations": 3}).check_batch(plan)
 
 
 def test_prompts_longer_than_the_model_allows_are_refused(tmp_path):

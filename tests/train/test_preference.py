@@ -40,18 +40,18 @@ def test_the_other_losses_match_their_definitions():
 
 @pytest.mark.parametrize("settings, message", [
     (dict(beta=0.0), "--beta must be positive"),
-    (dict(beta=0.1, loss_type="kto"), "--loss_type must be one of sigmoid, ipo, hinge"),
+    (dict(beta=0.1, loss_type="kto"), "--loss_type must be one of sigmoid, ipo, hinge, got 'kto'"),
     (dict(beta=0.1, label_smoothing=0.5), "--label_smoothing must lie in \\[0, 0.5\\)"),
     (dict(beta=0.1, loss_type="ipo", label_smoothing=0.1), "applies to the sigmoid loss"),
     (dict(beta=0.1, rpo_alpha=-1.0), "--rpo_alpha must be 0 or positive"),
 ])
 def test_bad_preference_settings(settings, message):
     with pytest.raises(UserError, match=message):
-        preference.PreferenceObjective(**settings).check()
+        preference.DPOSettings(**settings)
 
 
 def test_the_objective_sums_pairs_and_reports_reward_means():
-    loss_fn = preference.DPOLoss(preference.PreferenceObjective(beta=1.0))
+    loss_fn = preference.DPOLoss(preference.DPOSettings(beta=1.0))
     # Two pairs, two tokens each, vocabulary 3; the model "forward" returns fixed logits.
     logits = torch.log_softmax(torch.tensor([[[2.0, 0.0, 0.0]] * 2, [[0.0, 2.0, 0.0]] * 2,
                                              [[0.0, 0.0, 2.0]] * 2, [[0.0, 2.0, 0.0]] * 2]), dim=-1)
@@ -72,14 +72,14 @@ def test_the_objective_sums_pairs_and_reports_reward_means():
     assert loss_fn.take_metrics() == {}
 
     # RPO: the chosen answers' NLL per token, per pair, times rpo_alpha, is added to the loss
-    rpo = preference.DPOLoss(preference.PreferenceObjective(beta=1.0, rpo_alpha=2.0))
+    rpo = preference.DPOLoss(preference.DPOSettings(beta=1.0, rpo_alpha=2.0))
     with_nll = rpo(forward, {"reference_logps": reference}, targets, reduction="sum")
     assert with_nll.item() == pytest.approx(total.item() + 2.0 * (-logps[0] / 2 - logps[1] / 1).item())
 
 
 def test_a_falling_likelihood_is_warned_once():
     said = []
-    loss_fn = preference.DPOLoss(preference.PreferenceObjective(beta=0.1), warn=said.append)
+    loss_fn = preference.DPOLoss(preference.DPOSettings(beta=0.1), warn=said.append)
     for nll in (5.4, 5.6, 6.2, 8.4):  # the held-out response loss at four evaluations
         loss_fn.for_evaluation()._watch_likelihood(nll)
     assert len(said) == 1 and "rose from 5.40 to 6.20 nats per token" in said[0] and "--rpo_alpha" in said[0]
