@@ -83,7 +83,7 @@ def run_python(script: str, args: list[str], timeout: int = 300) -> subprocess.C
 def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training lines, evaluation lines) of a run's metrics.jsonl."""
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in lines if "loss" in r], [r for r in lines if "val_loss" in r]
+    return [r for r in lines if "loss" in r], [r for r in lines if any(k.startswith("val_") for k in r)]
 
 
 class Background:
