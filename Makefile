@@ -8,7 +8,7 @@ PORT ?= $(shell $(PYTHON) -c "import socket; s = socket.socket(); s.bind(('127.0
 ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo DS_ACCELERATOR=cpu)
 LAUNCH = $(ACCELERATOR) deepspeed --quiet --num_gpus $(RANKS) --master_port $(PORT)
 
-.PHONY: install data quickstart finetune-demo lora-demo dpo-demo grpo-demo test test-quick
+.PHONY: install data quickstart finetune-demo lora-demo dpo-demo kto-demo grpo-demo test test-quick
 
 install:
 	$(PYTHON) -m pip install -r requirements.txt
@@ -49,6 +49,16 @@ dpo-demo:
 		--beta 0.1 --rpo_alpha 1 --max_steps 100 --eval_interval 50 --eval_batches 19 --overwrite \
 		--export_hf exported/dpo
 	$(PYTHON) tools/generate.py exported/dpo --chat --max_new_tokens 40 \
+		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
+
+# KTO from the fine-tuning demo's export on the DPO demo's pairs unpaired (each pair a desirable and an
+# undesirable row): held-out reward margin and response loss at step 0 and after training are in
+# runs/kto/metrics.jsonl; then the exported model answers the fine-tuning demo's question.
+kto-demo:
+	$(LAUNCH) recipes/kto.py --deepspeed_config ds_configs/zero3_dpo.json \
+		--model_name_or_path exported/finetuned --data data/kto_demo/train.jsonl --output_dir runs/kto \
+		--beta 0.1 --max_steps 100 --eval_interval 50 --eval_batches 38 --overwrite --export_hf exported/kto
+	$(PYTHON) tools/generate.py exported/kto --chat --max_new_tokens 40 \
 		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
 
 # GRPO from the fine-tuning demo's export: the demo's rewards (gpt_recipes/data/grpo_rewards.py) score

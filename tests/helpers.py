@@ -68,7 +68,9 @@ def launch_two_nodes(script: str, args: list[str], tmp_path: Path, timeout: int 
 
 def _run(cmd: list[str], timeout: int, check: bool, fault: str | None = None) -> subprocess.CompletedProcess:
     env = unbuffered_env(**({"GPT_RECIPES_FAULT": fault} if fault else {}))
+    start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    _log_launch(cmd, time.monotonic() - start)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -76,8 +78,20 @@ def _run(cmd: list[str], timeout: int, check: bool, fault: str | None = None) ->
 
 def run_python(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """`python script args...` from the repository root, without a launcher."""
-    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=unbuffered_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=unbuffered_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    _log_launch([script, *args], time.monotonic() - start)
+    return proc
+
+
+def _log_launch(cmd: list[str], seconds: float) -> None:
+    """With GPT_RECIPES_LAUNCH_LOG set, one line per process a test starts: which test, how long, what."""
+    log = os.environ.get("GPT_RECIPES_LAUNCH_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "?"), "s": round(seconds, 1),
+                                "cmd": " ".join(cmd)[:300]}) + "\n")
 
 
 def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:

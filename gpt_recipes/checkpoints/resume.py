@@ -39,6 +39,7 @@ def check_matches(run, job) -> list[str]:
                                 "with: " + resume_command().replace("{", "{{").replace("}", "}}"))
     saved = paths.saved_info(tag_dir.parent, tag)
     where = f"--resume: checkpoint {tag_dir} was trained with"
+    note = job.weights.check_resume(saved.get("adapter"), tag_dir)  # the same kind of run, on the same base
     _check_model_and_tokenizer(tag_dir, saved, job, where)
     if saved.get("data_fingerprint") and job.data_fingerprint and saved["data_fingerprint"] != job.data_fingerprint:
         raise UserError(f"{where} other data (fingerprint {saved['data_fingerprint']}, this run's "
@@ -52,7 +53,6 @@ def check_matches(run, job) -> list[str]:
             "batch stays the same)")
     if "world_size" in saved and "zero_stage" in saved:  # a layout no conversion can bridge is refused now
         run.layout.resume_change(Layout.from_record(saved))
-    note = job.weights.check_resume(saved.get("adapter"), tag_dir)
     return [note] if note else []
 
 

@@ -266,7 +266,7 @@ def test_plan_memory_tool(tmp_path, monkeypatch, capsys):
     proc = plan("--configs", str(tmp_path / "nope.json"))
     assert proc.returncode == 2 and proc.stderr.startswith("error:")
     proc = plan("--model", "gpt2-nano", "--ranks", "2", "--configs", str(REPO / "ds_configs" / "zero2_tp2.json"))
-    assert proc.returncode == 2 and "tensor parallelism does not split GPT-2's Conv1D" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "GPT-2 keeps its projections in Conv1D layers" in proc.stdout, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: none of the configs can run gpt2-nano")
 
 def test_lora_plans_weights_for_the_frozen_base_and_full_states_for_the_adapters(tmp_path):

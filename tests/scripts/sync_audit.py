@@ -157,8 +157,9 @@ def main() -> None:
     recorder = SyncRecorder()
 
     from gpt_recipes.train import loop
+    from gpt_recipes.train.step import DataParallelStep
 
-    step_fn, due_fn = loop.DataParallelStep.__call__, loop._is_due
+    step_fn, due_fn = DataParallelStep.__call__, loop._is_due
     steps = {"n": 0}
 
     def step(*args, **kwargs):  # from the first training step ...
@@ -172,7 +173,7 @@ def main() -> None:
             recorder.active = False
         return due
 
-    loop.DataParallelStep.__call__ = step
+    DataParallelStep.__call__ = step
     loop._is_due = is_due
     # DeepSpeed's own device-wide waits (its throughput and phase timers call them) are no
     # tensor operation: a no-op on a CPU, torch.cuda.synchronize() on a GPU.

@@ -83,13 +83,13 @@ def test_the_audit_catches_a_sync_the_recipe_adds(tmp_path, tiny_data, tiny_mode
     script = f"""
 import runpy, sys
 import torch
-from gpt_recipes.train import loop
-step = loop.DataParallelStep.__call__
+from gpt_recipes.train.step import DataParallelStep
+step = DataParallelStep.__call__
 def step_with_item(*args, **kwargs):
-    total = step(*args, **kwargs)
-    total.item()
-    return total
-loop.DataParallelStep.__call__ = step_with_item
+    result = step(*args, **kwargs)
+    result.loss.item()
+    return result
+DataParallelStep.__call__ = step_with_item
 sys.argv = ["sync_audit.py", *sys.argv[1:]]
 runpy.run_path({str(REPO / 'tests' / 'scripts' / 'sync_audit.py')!r}, run_name="__main__")
 """
