@@ -69,6 +69,9 @@ def init(env: DistEnv, shm_comm: bool = False) -> str | None:
     import deepspeed
 
     from gpt_recipes.parallel import shm_comm as shm
+    from gpt_recipes.parallel.cpu_info import keep_cpu_info
+
+    keep_cpu_info()  # before any op loads
 
     # DeepSpeed's ZeRO collectives call torch APIs that torch now marks deprecated; the
     # warning repeats on every rank and says nothing a user can act on.
