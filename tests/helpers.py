@@ -85,6 +85,51 @@ def run_python(script: str, args: list[str], timeout: int = 300) -> subprocess.C
     return proc
 
 
+class _ReachedRanks(Exception):
+    pass
+
+
+def _no_ranks_here(*args, **kwargs):
+    raise _ReachedRanks("the run got past its checks to starting ranks; run it with launch() or run_python()")
+
+
+def run_here(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """`python script args...` run in this process, for commands that end before any rank starts (bad
+    input, checks, a tool's own work): the exit status, stdout and stderr a subprocess would give,
+    without a new interpreter's seconds of imports. Functions the command registers with atexit run
+    when it ends, as at a process's exit. Reaching the start of the ranks fails the test."""
+    import atexit
+    import contextlib
+    import io
+    import runpy
+    import traceback
+
+    import pytest
+
+    from gpt_recipes.parallel import distributed
+
+    start, out, err, at_exit, code = time.monotonic(), io.StringIO(), io.StringIO(), [], 0
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.setattr(sys, "argv", [script, *args])
+        patch.setattr(atexit, "register", lambda func, *a, **k: at_exit.append((func, a, k)))
+        patch.setattr(distributed, "init", _no_ranks_here)
+        patch.chdir(REPO)
+        try:
+            runpy.run_path(str(REPO / script), run_name="__main__")
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+        except _ReachedRanks:
+            raise
+        except Exception:  # what the interpreter would print for an uncaught exception
+            traceback.print_exc()
+            code = 1
+        finally:
+            for func, a, k in reversed(at_exit):
+                func(*a, **k)
+    _log_launch([f"(here) {script}", *args], time.monotonic() - start)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 def _log_launch(cmd: list[str], seconds: float) -> None:
     """With GPT_RECIPES_LAUNCH_LOG set, one line per process a test starts: which test, how long, what."""
     log = os.environ.get("GPT_RECIPES_LAUNCH_LOG")

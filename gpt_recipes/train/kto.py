@@ -28,9 +28,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from gpt_recipes.args import POSITIVE, Flags, StartingModelArgs, at_least, flag
+from gpt_recipes.args import POSITIVE, Flags, StartingModelArgs, flag
 from gpt_recipes.data import sft
 from gpt_recipes.data.sft import IGNORE, Example
 from gpt_recipes.errors import UserError

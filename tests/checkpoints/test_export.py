@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
-from tests.helpers import TOLERANCE, ds_json, hf_only, launch, pretrain_args, run_python
+from tests.helpers import TOLERANCE, ds_json, hf_only, launch, pretrain_args, run_here
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def zero2_run(tmp_path_factory, tiny_data, tiny_model):
 
 def test_convert_tool_named_tag_fp32_sharded(tmp_path, zero2_run):
     hf = tmp_path / "hf"
-    proc = run_python("tools/convert_to_hf.py", [str(zero2_run / "checkpoints"), str(hf), "--tag", "step3",
+    proc = run_here("tools/convert_to_hf.py", [str(zero2_run / "checkpoints"), str(hf), "--tag", "step3",
                                                  "--dtype", "fp32", "--max_shard_size", "100KB"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Verified: reloaded logits differ" in proc.stdout and "Peak memory: " in proc.stdout
@@ -68,7 +68,7 @@ def test_convert_tool_named_tag_fp32_sharded(tmp_path, zero2_run):
 
 def test_convert_tool_defaults_to_latest_and_training_precision(tmp_path, zero2_run):
     hf = tmp_path / "hf"
-    proc = run_python("tools/convert_to_hf.py", [str(zero2_run), str(hf)])
+    proc = run_here("tools/convert_to_hf.py", [str(zero2_run), str(hf)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Saving weights in bf16: the training precision (bf16)" in proc.stdout
     model = AutoModelForCausalLM.from_pretrained(hf)
@@ -108,20 +108,20 @@ def test_bad_inputs(tmp_path, zero2_run, case):
         out.mkdir()
         (out / "keep.txt").write_text("mine")
         pattern = "is not empty; choose another or pass --overwrite"
-    proc = run_python("tools/convert_to_hf.py", args)
+    proc = run_here("tools/convert_to_hf.py", args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert re.search(pattern, proc.stderr.strip().splitlines()[-1]), proc.stderr
     if case == "output exists":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
         # --overwrite (once --force, still accepted) replaces an earlier export, never a folder of anyone else's.
-        proc = run_python("tools/convert_to_hf.py", [*args, "--force"])
+        proc = run_here("tools/convert_to_hf.py", [*args, "--force"])
         assert proc.returncode == 2 and "is not a Hugging Face export folder written by these tools" in proc.stderr
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
         (out / "keep.txt").unlink()
-        assert run_python("tools/convert_to_hf.py", args).returncode == 0
+        assert run_here("tools/convert_to_hf.py", args).returncode == 0
         (out / "stale.safetensors").write_text("left by hand in the export")
-        proc = run_python("tools/convert_to_hf.py", [*args, "--tag", "step3", "--overwrite"])
+        proc = run_here("tools/convert_to_hf.py", [*args, "--tag", "step3", "--overwrite"])
         assert proc.returncode == 0 and (out / "model.safetensors").is_file() and not (out / "stale.safetensors").exists()
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing left aside
     else:

@@ -9,7 +9,7 @@ import pytest
 
 from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
 from gpt_recipes.checkpoints.paths import complete_tags, is_complete
-from tests.helpers import ds_json, launch, pretrain_args, read_metrics, run_python
+from tests.helpers import ds_json, launch, pretrain_args, read_metrics, run_here
 
 pytestmark = pytest.mark.slow
 
@@ -186,15 +186,15 @@ def test_a_damaged_checkpoint_is_named_before_anything_loads_it(tmp_path, refere
                      r"\(truncated or overwritten\); the newest intact checkpoint is step6: point .*latest at it "
                      r"\(echo step6 > .*latest\), then continue with: deepspeed .* --resume$",
                      proc.stderr.strip()), proc.stderr[-2000:]
-    proc = run_python("tools/convert_to_hf.py", [str(out), str(tmp_path / "hf")])
+    proc = run_here("tools/convert_to_hf.py", [str(out), str(tmp_path / "hf")])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "is damaged" in proc.stderr and "export it with --tag step6" in proc.stderr
-    assert run_python("tools/convert_to_hf.py", [str(out), str(tmp_path / "hf"), "--tag", "step6"]).returncode == 0
+    assert run_here("tools/convert_to_hf.py", [str(out), str(tmp_path / "hf"), "--tag", "step6"]).returncode == 0
     # A checkpoint saved before sizes were recorded: the reader's failure is still one line.
     info = json.loads((out / "checkpoints" / "step9" / "training.json").read_text())
     info.pop("files")
     (out / "checkpoints" / "step9" / "training.json").write_text(json.dumps(info))
-    proc = run_python("tools/convert_to_hf.py", [str(out), str(tmp_path / "hf2")])
+    proc = run_here("tools/convert_to_hf.py", [str(out), str(tmp_path / "hf2")])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "could not be read, a file of it is damaged or missing" in proc.stderr
 

@@ -146,8 +146,8 @@ def test_a_mixture_trains_alike_on_any_layout_and_resumes_exactly(tmp_path, tiny
 
 
 def test_mixture_flags_are_checked_before_training(tmp_path, tiny_data):
-    from tests.helpers import run_python
+    from tests.helpers import run_here
 
-    proc = run_python("recipes/pretrain.py", ["--data", str(tiny_data), "--data_weights", "2",
+    proc = run_here("recipes/pretrain.py", ["--data", str(tiny_data), "--data_weights", "2",
                                               "--output_dir", str(tmp_path / "out")])
     assert proc.returncode == 2 and "--data_weights weighs several --data folders" in proc.stderr, proc.stderr

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from gpt_recipes.errors import UserError
 from gpt_recipes.metrics import evaluation
 from gpt_recipes.metrics.summary import markdown_table, summarize
-from tests.helpers import REPO, launch, read_metrics, run_python
+from tests.helpers import REPO, launch, read_metrics, run_here, run_python
 
 
 def _val_rows(path, count):
@@ -56,10 +56,10 @@ def test_scores_and_table_from_harness_results():
 
 
 def test_tool_bad_inputs(tmp_path):
-    proc = run_python("tools/evaluate.py", [str(tmp_path / "nope")])
+    proc = run_here("tools/evaluate.py", [str(tmp_path / "nope")])
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    proc = run_python("tools/evaluate.py", [str(tmp_path / "run")])
+    proc = run_here("tools/evaluate.py", [str(tmp_path / "run")])
     assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from gpt_recipes.errors import UserError
 from gpt_recipes.metrics.summary import caveats, percentile, read_lines, summarize, text_table
-from tests.helpers import run_python
+from tests.helpers import run_here
 
 DATA = Path(__file__).parents[1] / "fixtures"
 RECIPE = DATA / "recipe_zero0_metrics.jsonl"  # recipes/pretrain.py at ZeRO-0, 30 steps, a line every 5
@@ -78,7 +78,7 @@ def test_bad_run_folders_are_one_line_errors(tmp_path):
 @pytest.mark.slow
 def test_cli_writes_table_csv_markdown_and_plots(tmp_path):
     runs = [str(_run_dir(tmp_path, "zero0", RECIPE)), str(_run_dir(tmp_path, "plain", PLAIN))]
-    proc = run_python("tools/summarize_throughput.py", [*runs, "--csv", str(tmp_path / "s.csv"),
+    proc = run_here("tools/summarize_throughput.py", [*runs, "--csv", str(tmp_path / "s.csv"),
                                                         "--plots", str(tmp_path / "plots"), "--markdown"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = summarize(Path(runs[0]))
@@ -90,7 +90,7 @@ def test_cli_writes_table_csv_markdown_and_plots(tmp_path):
     for png in ("loss_vs_tokens.png", "tokens_per_sec.png"):
         data = (tmp_path / "plots" / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
-    proc = run_python("tools/summarize_throughput.py", [str(tmp_path / "missing")])
+    proc = run_here("tools/summarize_throughput.py", [str(tmp_path / "missing")])
     assert proc.returncode == 2 and proc.stderr.startswith("error:")
 
 

@@ -11,7 +11,7 @@ from transformers import AutoConfig
 from gpt_recipes import ds_config
 from gpt_recipes.errors import UserError
 from gpt_recipes.parallel.layout import EVERY_LAYOUT, Layout, Supports
-from tests.helpers import REPO, TINY_GPT2, resolve_config, run_python
+from tests.helpers import REPO, TINY_GPT2, resolve_config, run_here
 
 TP2 = {"autotp_size": 2, "vocab_parallel_lm_head": False}
 
@@ -120,7 +120,7 @@ def test_the_planner_refuses_what_the_runner_refuses(tmp_path):
     for name, extra in configs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({**base, **extra}))
     for model, seq_len in (("gpt2-nano", 64), ("llama-nano", 64), ("gpt2-nano", 66)):
-        proc = run_python("tools/plan_memory.py", ["--model", model, "--ranks", "4", "--seq_len", str(seq_len),
+        proc = run_here("tools/plan_memory.py", ["--model", model, "--ranks", "4", "--seq_len", str(seq_len),
                                                    "--configs", str(tmp_path / "*.json")])
         out = proc.stdout + proc.stderr
         config = __import__("gpt_recipes.models.causal_lm", fromlist=["build_config"]).build_config(model, 8192, 0)

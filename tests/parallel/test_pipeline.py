@@ -5,14 +5,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig
 
-from gpt_recipes import ds_config
 from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
-from gpt_recipes.errors import UserError
-from gpt_recipes.parallel import pipeline
-from tests.helpers import (REPO, TINY_GPT2, TINY_LLAMA, ds_json, hf_only, launch, pretrain_args, read_metrics,
-                           resolve_config, run_python)
+from tests.helpers import TINY_LLAMA, ds_json, hf_only, launch, pretrain_args, read_metrics, run_python
 
 
 def _pipeline_json(tmp_path, stages: int) -> str:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from gpt_recipes.data.sft_demo import build_preferences
-from tests.helpers import ds_json, launch, read_metrics, run_python
+from tests.helpers import ds_json, launch, read_metrics, run_here, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,7 @@ def test_resume_after_sigterm_reuses_the_stored_reference(runs, pretrained, pair
     # Other held-out pairs: the stored reference no longer belongs to the run.
     other = pairs / "other_val.jsonl"
     other.write_text("\n".join((pairs / "val.jsonl").read_text().splitlines()[1:]) + "\n")
-    proc = run_python("recipes/dpo.py", [*args[:args.index("--val_data") + 1], str(other),
+    proc = run_here("recipes/dpo.py", [*args[:args.index("--val_data") + 1], str(other),
                                          *args[args.index("--val_data") + 2:], "--resume"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "reference log-probabilities of other data" in proc.stderr.strip().splitlines()[-1]
@@ -106,7 +106,7 @@ def test_resume_after_sigterm_reuses_the_stored_reference(runs, pretrained, pair
         assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["reward_margin"] - b["reward_margin"]) < 1e-6, (a, b)
 
     (out / "reference_logps.pt").unlink()
-    proc = run_python("recipes/dpo.py", [*args, "--resume", "--max_steps", str(STEPS + 2)])
+    proc = run_here("recipes/dpo.py", [*args, "--resume", "--max_steps", str(STEPS + 2)])
     assert proc.returncode == 2 and "reference_logps.pt is missing" in proc.stderr.strip().splitlines()[-1]
 
 
@@ -121,7 +121,7 @@ def test_bad_pairs_stop_with_file_and_row(pretrained, pairs, tmp_path, row, mess
     data.write_text("\n".join(json.dumps(r) for r in (good, row, good)) + "\n")
     args = dpo_args(ds_json(tmp_path, 2, micro=2), pretrained, pairs, tmp_path / "out")
     args[args.index("--data") + 1] = str(data)
-    proc = run_python("recipes/dpo.py", args)
+    proc = run_here("recipes/dpo.py", args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {data} {message}")
 
@@ -130,10 +130,10 @@ def test_a_pair_longer_than_the_limit_is_dropped_or_refused(pretrained, pairs, t
     args = dpo_args(ds_json(tmp_path, 2, micro=2), pretrained, pairs, tmp_path / "out", "--seq_len", "8",
                     "--max_steps", "1")
     args.remove("--truncate")
-    proc = run_python("recipes/dpo.py", args)
+    proc = run_here("recipes/dpo.py", args)
     assert proc.returncode == 2
     assert "every pair has a side longer than 9 tokens; raise --seq_len or pass --truncate" in proc.stderr
-    proc = run_python("recipes/dpo.py", [*args, "--beta", "0"])
+    proc = run_here("recipes/dpo.py", [*args, "--beta", "0"])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: --beta must be positive, got 0.0"
 
 

@@ -6,7 +6,7 @@ import os
 import pytest
 from transformers import AutoTokenizer
 
-from tests.helpers import TOLERANCE, ds_json, hf_only, launch, read_metrics, run_python
+from tests.helpers import TOLERANCE, ds_json, hf_only, launch, read_metrics, run_here
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def test_bad_rows_stop_with_file_and_row(tmp_path, pretrained):
     data = tmp_path / "bad.jsonl"
     rows = [{"prompt": "a", "response": "b"}, {"prompt": "c"}, {"prompt": "d", "response": "e"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = run_python("recipes/finetune.py", ["--deepspeed_config", ds_json(tmp_path, 2, micro=2),
+    proc = run_here("recipes/finetune.py", ["--deepspeed_config", ds_json(tmp_path, 2, micro=2),
                                               "--model_name_or_path", str(pretrained), "--data", str(data),
                                               "--val_data", str(data), "--output_dir", str(tmp_path / "out")])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -76,6 +76,6 @@ def test_bad_rows_stop_with_file_and_row(tmp_path, pretrained):
 
 
 def test_model_that_does_not_exist(tmp_path):
-    proc = run_python("recipes/finetune.py", ["--model_name_or_path", str(tmp_path / "nothing"),
+    proc = run_here("recipes/finetune.py", ["--model_name_or_path", str(tmp_path / "nothing"),
                                               "--output_dir", str(tmp_path / "out")])
     assert proc.returncode == 2 and "does not exist" in proc.stderr.strip().splitlines()[-1]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.helpers import TOLERANCE, ds_json, hf_only, launch, read_metrics, run_python
+from tests.helpers import TOLERANCE, ds_json, hf_only, launch, read_metrics, run_here
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_bad_input_stops_in_one_line_before_any_rank_starts(tmp_path, pretrained
     """One case through the recipe (the others are unit tests in tests/train/test_grpo.py)."""
     args = grpo_args(tmp_path, pretrained, prompts, tmp_path / "bad") + [
         "--reward_funcs", f"{prompts / 'rewards.py'}:nothing"]
-    proc = run_python("recipes/grpo.py", args)
+    proc = run_here("recipes/grpo.py", args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "has no function 'nothing'" in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
     assert not (tmp_path / "bad").exists()  # nothing was written

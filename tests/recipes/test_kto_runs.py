@@ -8,7 +8,7 @@ import pytest
 
 from gpt_recipes.data.kto_demo import build_unpaired
 from gpt_recipes.data.sft_demo import build_preferences
-from tests.helpers import ds_json, hf_only, launch, read_metrics, run_python
+from tests.helpers import ds_json, hf_only, launch, read_metrics, run_here
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +112,7 @@ def test_bad_rows_stop_in_one_line(pretrained, rows, tmp_path, bad, message):
     data.write_text("\n".join(json.dumps(r) for r in (desirable if bad is None else [desirable[0], bad, *good])) + "\n")
     args = kto_args(ds_json(tmp_path, 3, micro=2), pretrained, rows, tmp_path / "out")
     args[args.index("--data") + 1] = str(data)
-    proc = run_python("recipes/kto.py", args)
+    proc = run_here("recipes/kto.py", args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()

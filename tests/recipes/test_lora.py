@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
-from tests.helpers import TOLERANCE, ds_json, hf_only, launch, read_metrics, run_python
+from tests.helpers import TOLERANCE, ds_json, hf_only, launch, read_metrics, run_here
 
 pytestmark = pytest.mark.slow
 
@@ -112,13 +112,13 @@ def test_convert_tool_exports_a_zero3_lora_checkpoint_both_ways(runs, pretrained
     tmp, _, _ = runs
     ckpt = tmp / "zero3_2x2"
     for flags, out in (([], tmp_path / "merged"), (["--adapter"], tmp_path / "adapter")):
-        proc = run_python("tools/convert_to_hf.py", [str(ckpt), str(out), *flags])
+        proc = run_here("tools/convert_to_hf.py", [str(ckpt), str(out), *flags])
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = hf_only(out, ckpt / "export_check.pt", adapter=bool(flags))
         assert result["max_logit_diff"] <= TOLERANCE["fp32"] and result["same_greedy_tokens"], result
     # A base that moved is found with --base_model; one with other weights is refused.
     other = tmp / "zero2_hf"
-    proc = run_python("tools/convert_to_hf.py", [str(ckpt), str(tmp_path / "x"), "--adapter", "--base_model",
+    proc = run_here("tools/convert_to_hf.py", [str(ckpt), str(tmp_path / "x"), "--adapter", "--base_model",
                                                  str(other)])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "has other weights than the one checkpoint" in proc.stderr.strip().splitlines()[-1]
@@ -131,10 +131,10 @@ def test_lora_resumes_exactly_after_sigterm_and_refuses_another_base(runs, pretr
     args = [*plain, *LORA]
     proc = launch("recipes/finetune.py", args, check=False, fault="sigterm@2:1")
     assert proc.returncode == 143, proc.stderr[-3000:]
-    other = run_python("recipes/finetune.py", [*args, "--resume", "--model_name_or_path", str(tmp / "zero2_hf")])
+    other = run_here("recipes/finetune.py", [*args, "--resume", "--model_name_or_path", str(tmp / "zero2_hf")])
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert "holds other weights" in other.stderr.strip().splitlines()[-1]
-    full = run_python("recipes/finetune.py", [*plain, "--resume"])
+    full = run_here("recipes/finetune.py", [*plain, "--resume"])
     assert full.returncode == 2 and "resume it with --use_peft" in full.stderr.strip().splitlines()[-1]
     launch("recipes/finetune.py", [*args, "--resume"])
     reference, resumed = read_metrics(tmp / "zero3_2x2")[0], read_metrics(out)[0]
@@ -149,7 +149,7 @@ def test_lora_resumes_exactly_after_sigterm_and_refuses_another_base(runs, pretr
 ])
 def test_bad_lora_targets_stop_before_any_rank_starts(pretrained, demo, tmp_path, flags, message):
     args = finetune_args(ds_json(tmp_path, 2, micro=2), pretrained, demo, tmp_path / "out", "--use_peft", *flags)
-    proc = run_python("recipes/finetune.py", args)
+    proc = run_here("recipes/finetune.py", args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]
 
@@ -158,5 +158,5 @@ def test_merged_and_adapter_exports_need_folders_of_their_own(pretrained, demo, 
     same = str(tmp_path / "export")
     args = finetune_args(ds_json(tmp_path, 2, micro=2), pretrained, demo, tmp_path / "out", "--use_peft",
                          "--export_hf", same, "--export_adapter", same)
-    proc = run_python("recipes/finetune.py", args)
+    proc = run_here("recipes/finetune.py", args)
     assert proc.returncode == 2 and "name the same folder" in proc.stderr.strip().splitlines()[-1]

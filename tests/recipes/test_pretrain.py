@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
-from tests.helpers import CROSS_STAGE_RUNS, PARITY_STEPS, REPO, ds_json, launch, pretrain_args, read_metrics, run_python
+from tests.helpers import CROSS_STAGE_RUNS, PARITY_STEPS, REPO, ds_json, launch, pretrain_args, read_metrics, run_here
 
 pytestmark = pytest.mark.slow
 
@@ -121,7 +121,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, tiny_data, tiny_model, case
     flags = {"--deepspeed_config": ds_json(tmp_path, 2, micro=2), "--data": str(tiny_data),
              "--model": str(tiny_model), "--output_dir": str(tmp_path / "out"), "--max_steps": "2",
              **make(tiny_data, tiny_model, tmp_path)}
-    proc = run_python("recipes/pretrain.py", [x for kv in flags.items() for x in kv])
+    proc = run_here("recipes/pretrain.py", [x for kv in flags.items() for x in kv])
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr and len([l for l in lines if l.startswith("error:")]) == 1, proc.stderr
@@ -144,7 +144,7 @@ def test_existing_output_is_not_overwritten(tmp_path, tiny_data, tiny_model):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    proc = run_python("recipes/pretrain.py", pretrain_args(ds_json(tmp_path, 0, micro=2), tiny_data, tiny_model,
+    proc = run_here("recipes/pretrain.py", pretrain_args(ds_json(tmp_path, 0, micro=2), tiny_data, tiny_model,
                                                            out, 2))
     assert proc.returncode == 2 and "is not empty; pass --resume" in proc.stderr
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"

@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from tests.helpers import run_python
+from tests.helpers import run_here, run_python
 
 pytestmark = pytest.mark.slow  # each test starts Python processes that import the full stack
 
@@ -43,6 +43,6 @@ def test_train_tokenizer_then_prepare_with_it(tmp_path, corpus_files):
 
 
 def test_prepare_data_bad_input_is_one_line(tmp_path):
-    proc = run_python("tools/prepare_data.py", [str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")])
+    proc = run_here("tools/prepare_data.py", [str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")])
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: input {tmp_path / 'missing.jsonl'} does not exist"
