@@ -25,6 +25,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
@@ -193,54 +194,76 @@ def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, 
         if dtype not in (None, "fp32"):
             raise UserError("--dtype: an adapter is exported in fp32, as trained; the base keeps its own dtype")
         return _export_adapter(ckpt_dir, tag, out_dir, lora, base_model, tokenizer, force, verify, log)
-    if dtype is None:
-        target = default_dtype(info.get("precision"))
-        log(f"Saving weights in {_name(target)}: the training precision ({info.get('precision', 'unknown')}); "
-            + ("a tensor-parallel checkpoint holds the weights the engine computes with, in that precision"
-               if info.get("tensor_parallel", 1) > 1 else
-               "the fp32 master weights are cast to it (--dtype fp32 keeps them exactly)"))
-    else:
-        if dtype not in DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        target = DTYPES[dtype]
+    target = _target_dtype(dtype, info, log)
     check_output_folder(out_dir, force)
     with folders.written_aside(out_dir, EXPORT_KIND) as tmp:
         log(f"Consolidating {tag_dir} (ZeRO-{info.get('zero_stage', '?')}, {info.get('world_size', '?')} ranks)")
-        if lora:
-            adapted = _adapted_model(ckpt_dir, tag, lora, base_model, log)
-            log(f"Merging the LoRA adapters into {adapted.peft_config['default'].base_model_name_or_path}")
-            state = adapted.merge_and_unload().state_dict()
-            del adapted
-        else:
-            state = consolidated_state_dict(ckpt_dir, tag, lazy=True)
-        weights = _weights_to_save(config, state, tag_dir)
-        del state
-        _cast_one_by_one(weights, target)
-        gc.collect()
+        weights = _final_weights(ckpt_dir, tag, config, lora, base_model, target, log)
         params = sum(t.numel() for t in weights.values())
         files = _write_weights(weights, tmp, target, max_shard_size)
-        config.dtype = target
-        config.save_pretrained(tmp)
-        generation = GenerationConfig.from_model_config(config)
-        generation.pad_token_id = tokenizer.eos_token_id
-        generation.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        diff = None
-        if verify:
-            batch = verification_batch(config)
-            expected = _reference_logits(config, weights, target, batch)
-            gc.collect()
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=target).eval()
-            diff = (logits_of(reloaded, batch) - expected).abs().max().item()
-            del reloaded
-            log(f"Verified: reloaded logits differ from the checkpoint's by at most {diff:.3g} ({_name(target)})")
-            if not diff <= VERIFY_TOLERANCE[target]:
-                raise ExportMismatch(f"export check failed: reloaded logits differ by {diff:.3g} "
-                                f"(> {VERIFY_TOLERANCE[target]:g}); the folder was not written")
+        _write_configs(tmp, config, tokenizer, target)
+        diff = _verify(tmp, config, weights, target, log) if verify else None
         folders.mark(tmp, EXPORT_KIND, checkpoint=tag_dir.resolve(), dtype=_name(target),
                      max_logit_diff_vs_checkpoint=diff)
     log(f"Exported {params / 1e6:.2f}M parameters to {out_dir} ({', '.join(files)})")
     return ExportReport(out_dir, tag, target, params, files, diff)
+
+
+def _target_dtype(dtype: str | None, info: dict[str, Any], log) -> torch.dtype:
+    """The dtype asked for (--dtype), or the training precision's, said."""
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    target = default_dtype(info.get("precision"))
+    log(f"Saving weights in {_name(target)}: the training precision ({info.get('precision', 'unknown')}); "
+        + ("a tensor-parallel checkpoint holds the weights the engine computes with, in that precision"
+           if info.get("tensor_parallel", 1) > 1 else
+           "the fp32 master weights are cast to it (--dtype fp32 keeps them exactly)"))
+    return target
+
+
+def _final_weights(ckpt_dir: Path, tag: str, config: PretrainedConfig, lora: dict | None, base_model: str | None,
+                   target: torch.dtype, log) -> dict[str, torch.Tensor]:
+    """The checkpoint's whole weights (LoRA adapters merged into their base), under the model's names, cast."""
+    if lora:
+        adapted = _adapted_model(ckpt_dir, tag, lora, base_model, log)
+        log(f"Merging the LoRA adapters into {adapted.peft_config['default'].base_model_name_or_path}")
+        state = adapted.merge_and_unload().state_dict()
+        del adapted
+    else:
+        state = consolidated_state_dict(ckpt_dir, tag, lazy=True)
+    weights = _weights_to_save(config, state, ckpt_dir / tag)
+    del state
+    _cast_one_by_one(weights, target)
+    gc.collect()
+    return weights
+
+
+def _write_configs(folder: Path, config: PretrainedConfig, tokenizer, target: torch.dtype) -> None:
+    config.dtype = target
+    config.save_pretrained(folder)
+    generation = GenerationConfig.from_model_config(config)
+    generation.pad_token_id = tokenizer.eos_token_id
+    generation.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _verify(folder: Path, config: PretrainedConfig, weights: dict[str, torch.Tensor], target: torch.dtype,
+            log) -> float:
+    """The reloaded folder's logits against the checkpoint's weights' on a fixed batch; a mismatch stops
+    the export before the folder takes its place."""
+    batch = verification_batch(config)
+    expected = _reference_logits(config, weights, target, batch)
+    gc.collect()
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=target).eval()
+    diff = (logits_of(reloaded, batch) - expected).abs().max().item()
+    del reloaded
+    log(f"Verified: reloaded logits differ from the checkpoint's by at most {diff:.3g} ({_name(target)})")
+    if not diff <= VERIFY_TOLERANCE[target]:
+        raise ExportMismatch(f"export check failed: reloaded logits differ by {diff:.3g} "
+                             f"(> {VERIFY_TOLERANCE[target]:g}); the folder was not written")
+    return diff
 
 
 def _name(dtype: torch.dtype) -> str:

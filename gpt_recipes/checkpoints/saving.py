@@ -171,6 +171,24 @@ def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_fil
         else:
             shutil.rmtree(tag_dir)  # left incomplete by an interrupted save: never mix its shards in
     barrier()
+    _write_shards(engine, ckpt_dir, tag, step, rank, trainer_state, frozen_base)
+    barrier()
+    if rank == 0:
+        _complete(ckpt_dir, tag, hf_files, {**training_info, **trainer_state})
+        best_so_far = best_tag(ckpt_dir)
+        if best.key in trainer_state and best.better(
+                trainer_state[best.key], saved_info(ckpt_dir, best_so_far).get(best.key) if best_so_far else None):
+            write_latest(ckpt_dir, tag, BEST)
+        rotate(ckpt_dir, keep_last)
+    barrier()
+    return ckpt_dir / tag
+
+
+def _write_shards(engine, ckpt_dir: Path, tag: str, step: int, rank: int, trainer_state: dict[str, Any],
+                  frozen_base: bool) -> None:
+    """This rank's part of the checkpoint, flushed: DeepSpeed's shards and this rank's RNG states. A
+    disk that fills is one line naming the checkpoint that is kept."""
+    tag_dir = ckpt_dir / tag
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={TRAINER_STATE_KEY: trainer_state},
                                save_latest=False, exclude_frozen_parameters=frozen_base)
@@ -186,28 +204,24 @@ def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_fil
                         + (f"the previous checkpoint, {kept}, is intact: free some space and continue with: "
                            f"{console.resume_command()}" if kept else "no earlier checkpoint exists; free some space and "
                            "start again"))
-    barrier()
-    if rank == 0:
-        sharded = set(tag_dir.iterdir())  # flushed above
-        for obj in hf_files:
-            obj.save_pretrained(tag_dir)
-        info = tag_dir / TRAINING_INFO
-        # Each file's size, so a checkpoint damaged later (a truncated copy, a disk error) is named
-        # before anything loads it.
-        files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-        with open(info, "w") as f:
-            f.write(json.dumps({**training_info, **trainer_state, "files": files}, indent=2) + "\n")
-        for path in set(tag_dir.iterdir()) - sharded:
-            fsync_tree(path) if path.is_dir() else fsync_path(path)
-        fsync_path(tag_dir)
-        write_latest(ckpt_dir, tag)
-        best_so_far = best_tag(ckpt_dir)
-        if best.key in trainer_state and best.better(
-                trainer_state[best.key], saved_info(ckpt_dir, best_so_far).get(best.key) if best_so_far else None):
-            write_latest(ckpt_dir, tag, BEST)
-        rotate(ckpt_dir, keep_last)
-    barrier()
-    return tag_dir
+
+
+def _complete(ckpt_dir: Path, tag: str, hf_files: list[Any], info: dict[str, Any]) -> None:
+    """Rank 0, once every rank's shards are on disk: the model config, tokenizer and training.json (the
+    completion mark, with each file's size), flushed, then `latest` moved to the tag."""
+    tag_dir = ckpt_dir / tag
+    sharded = set(tag_dir.iterdir())  # flushed already
+    for obj in hf_files:
+        obj.save_pretrained(tag_dir)
+    # Each file's size, so a checkpoint damaged later (a truncated copy, a disk error) is named
+    # before anything loads it.
+    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+    with open(tag_dir / TRAINING_INFO, "w") as f:
+        f.write(json.dumps({**info, "files": files}, indent=2) + "\n")
+    for path in set(tag_dir.iterdir()) - sharded:
+        fsync_tree(path) if path.is_dir() else fsync_path(path)
+    fsync_path(tag_dir)
+    write_latest(ckpt_dir, tag)
 
 
 def convert_to_universal(ckpt_dir: Path, tag: str, rank: int, zero_stage: int) -> str:

@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -337,24 +337,12 @@ def _save_tokenizer(tok, work: Path) -> str:
 def prepare(opts: PrepareOptions) -> dict:
     """Prepare (or reuse) a data folder, or one part of it; returns its index (or the part's manifest)."""
     _check_options(opts)
-    inputs = opts.inputs
-    default_corpus = not inputs
-    if default_corpus:
-        inputs = [str(p) for p in sources.default_corpus_files()]
+    default_corpus = not opts.inputs
+    inputs = [str(p) for p in sources.default_corpus_files()] if default_corpus else opts.inputs
     expanded = sources.expand(inputs, opts.file_pattern)
     out_dir = Path(opts.output)
-    options = {
-        "format": FORMAT_VERSION,
-        "tokenizer": str(Path(opts.tokenizer).resolve()) if opts.tokenizer else f"bpe-{opts.vocab_size}",
-        "val_fraction": opts.val_fraction,
-        "seed": opts.seed,
-        "text_field": opts.text_field,
-        "split": opts.split,
-        "num_shards": opts.num_shards,
-        "streaming": opts.streaming,
-    }
+    options = _options(opts)
     digest = sources.fingerprint(expanded, options)
-
     if (out_dir / META_FILE).is_file():
         existing = json.loads((out_dir / META_FILE).read_text())
         if existing.get("fingerprint") == digest:
@@ -368,31 +356,67 @@ def prepare(opts: PrepareOptions) -> dict:
     _return_large_buffers_to_the_system()
     corpus = _load_corpus(expanded, opts)
     tok = _tokenizer(work, corpus, opts)
-    dtype = token_dtype(len(tok))
     opts = dataclasses.replace(opts, num_proc=opts.num_proc or _default_num_proc(tok))
     work.mkdir(parents=True, exist_ok=True)
     if not folders.written_here(work, DATA_KIND):
         folders.mark(work, DATA_KIND)
-    tokenizer_digest = _save_tokenizer(tok, work)
-    shared = {
+    shared = _shared_facts(opts, options, digest, corpus, tok, _save_tokenizer(tok, work),
+                           [spec for _, spec in expanded] if default_corpus else inputs, default_corpus)
+    done = _write_parts(corpus, work, tok, opts, shared)
+    if len(done) < opts.num_shards:
+        left = opts.num_shards - len(done)
+        print(f"Prepared part {opts.shard_index} of {opts.num_shards} in {out_dir}; {left} part(s) still to come. "
+              "Copy the other parts' files into this folder: it reads as one once all are there")
+        return done[opts.shard_index]
+    meta = index_from_parts(work, done, fingerprint=digest)
+    _write_json(work / META_FILE, meta)
+    if work != out_dir:
+        folders.move_into_place(work, out_dir)
+    summary = ", ".join(f"{s}: {c['tokens']:,} tokens in {c['documents']:,} documents" for s, c in meta["splits"].items())
+    shards = f", {opts.num_shards} shards" if opts.num_shards > 1 else ""
+    print(f"Prepared {out_dir} ({shared['dtype']}, vocabulary {len(tok)}{shards}; {summary})")
+    return meta
+
+
+def _options(opts: PrepareOptions) -> dict[str, Any]:
+    """The options that decide what a preparation writes (part of its fingerprint)."""
+    return {
+        "format": FORMAT_VERSION,
+        "tokenizer": str(Path(opts.tokenizer).resolve()) if opts.tokenizer else f"bpe-{opts.vocab_size}",
+        "val_fraction": opts.val_fraction,
+        "seed": opts.seed,
+        "text_field": opts.text_field,
+        "split": opts.split,
+        "num_shards": opts.num_shards,
+        "streaming": opts.streaming,
+    }
+
+
+def _shared_facts(opts: PrepareOptions, options: dict[str, Any], digest: str, corpus, tok, tokenizer_digest: str,
+                  inputs: list[str], default_corpus: bool) -> dict[str, Any]:
+    """What every part's manifest and the folder's index record."""
+    return {
         "format": FORMAT_VERSION,
         # What parts must agree on to form one folder: not local paths or times, which differ by machine.
         "preparation": hashlib.sha256(json.dumps({
             **{k: v for k, v in options.items() if k != "tokenizer"}, "tokenizer": tokenizer_digest,
-            "documents": corpus.num_docs, "inputs": [spec for _, spec in expanded] if default_corpus else inputs,
+            "documents": corpus.num_docs, "inputs": inputs,
         }, sort_keys=True).encode()).hexdigest()[:16],
         "fingerprint": digest,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "sources": "python-stdlib" if default_corpus else inputs,
+        "sources": "python-stdlib" if default_corpus else opts.inputs,
         "tokenizer": TOKENIZER_DIR,
         "tokenizer_source": opts.tokenizer or f"byte-level BPE trained here, vocabulary {opts.vocab_size}",
         "vocab_size": len(tok),
         "eos_token_id": tok.eos_token_id,
-        "dtype": dtype.name,
+        "dtype": token_dtype(len(tok)).name,
         "documents_separated_by": "eos",
         "options": options,
     }
 
+
+def _write_parts(corpus, work: Path, tok, opts: PrepareOptions, shared: dict[str, Any]) -> dict[int, dict]:
+    """Write the part(s) this command prepares, keeping those already there; returns every part's manifest."""
     done = read_parts(work)
     wanted = range(opts.num_shards) if opts.shard_index is None else [opts.shard_index]
     for index in wanted:
@@ -405,24 +429,10 @@ def prepare(opts: PrepareOptions) -> dict:
         if done and next(iter(done.values()))["preparation"] != shared["preparation"]:
             raise UserError(f"{work} holds parts of another preparation (other inputs, options or tokenizer); "
                             "use another --output")
-        manifest = {**shared, **_write_part(corpus, index, opts.num_shards, work, tok, dtype, opts)}
+        manifest = {**shared, **_write_part(corpus, index, opts.num_shards, work, tok, token_dtype(len(tok)), opts)}
         _write_json(work / f"{part_name(index, opts.num_shards)}.json", manifest)
         done[index] = manifest
-
-    if len(done) < opts.num_shards:
-        left = opts.num_shards - len(done)
-        print(f"Prepared part {opts.shard_index} of {opts.num_shards} in {out_dir}; {left} part(s) still to come. "
-              "Copy the other parts' files into this folder: it reads as one once all are there")
-        return done[opts.shard_index]
-    meta = index_from_parts(work, done, fingerprint=digest)
-    _write_json(work / META_FILE, meta)
-    if work != out_dir:
-        folders.move_into_place(work, out_dir)
-    counts = meta["splits"]
-    summary = ", ".join(f"{s}: {c['tokens']:,} tokens in {c['documents']:,} documents" for s, c in counts.items())
-    shards = f", {opts.num_shards} shards" if opts.num_shards > 1 else ""
-    print(f"Prepared {out_dir} ({dtype.name}, vocabulary {len(tok)}{shards}; {summary})")
-    return meta
+    return done
 
 
 def _is_data_folder(path: Path) -> bool:

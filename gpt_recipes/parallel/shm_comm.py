@@ -55,59 +55,62 @@ def enable() -> str | None:
         return "this CPU lacks AVX2, which the shared-memory kernel needs"
     if int(os.environ.get("LOCAL_SIZE", "0")) != dist.get_world_size():
         return "LOCAL_SIZE does not cover every rank"
-    world = dist.get_world_size()
-    gloo_all_reduce = backend.all_reduce
-    gloo_all_gather = backend.all_gather_into_tensor
+    collectives = _SharedMemoryCollectives(backend, level, dist.get_world_size())
+    backend.all_reduce = collectives.all_reduce
+    backend.all_gather_into_tensor = collectives.all_gather_into_tensor
+    backend.reduce_scatter_tensor = collectives.reduce_scatter_tensor
+    return None
 
-    gloo_reduce_scatter = backend.reduce_scatter_tensor
 
-    def served(tensor: torch.Tensor, group) -> bool:
+class _SharedMemoryCollectives:
+    """The backend's collectives, served by the shared-memory kernel where it can (CPU tensors of the
+    whole world, of a dtype the kernel sums), else by gloo as before."""
+
+    def __init__(self, backend, level: int, world: int):
+        self.level, self.world = level, world
+        self.gloo_all_reduce = backend.all_reduce
+        self.gloo_all_gather = backend.all_gather_into_tensor
+        self.gloo_reduce_scatter = backend.reduce_scatter_tensor
+
+    def served(self, tensor: torch.Tensor, group) -> bool:
         return (tensor.device.type == "cpu" and tensor.is_contiguous()
-                and _KERNEL_LEVEL.get(tensor.dtype, 99) <= level
-                and (group is None or dist.get_world_size(group) == world))
+                and _KERNEL_LEVEL.get(tensor.dtype, 99) <= self.level
+                and (group is None or dist.get_world_size(group) == self.world))
 
-    def done(async_op: bool) -> "_Finished | None":
-        return _Finished() if async_op else None
-
-    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+    def all_reduce(self, tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
         # DeepSpeed passes its own ReduceOp or torch's; the kernel only sums.
-        if getattr(op, "name", None) == "SUM" and served(tensor, group):
+        if getattr(op, "name", None) == "SUM" and self.served(tensor, group):
             torch.ops.deepspeed.inference_all_reduce_(tensor)
-            return done(async_op)
-        return gloo_all_reduce(tensor, op, group, async_op)
+            return _Finished() if async_op else None
+        return self.gloo_all_reduce(tensor, op, group, async_op)
 
-    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+    def all_gather_into_tensor(self, output_tensor, input_tensor, group=None, async_op=False):
         # Each rank places its shard among zeros and the ranks sum: exact, since x + 0 == x.
         # ZeRO's shard is often a view into the output itself, so only the rest is zeroed.
-        if served(output_tensor, group) and input_tensor.dtype == output_tensor.dtype:
+        if self.served(output_tensor, group) and input_tensor.dtype == output_tensor.dtype:
             flat, shard = output_tensor.view(-1), input_tensor.numel()
             start = dist.get_rank(group) * shard
             flat[:start].zero_()
             flat[start + shard:].zero_()
             flat.narrow(0, start, shard).copy_(input_tensor.view(-1))
             torch.ops.deepspeed.inference_all_reduce_(output_tensor)
-            return done(async_op)
-        return gloo_all_gather(output_tensor=output_tensor, input_tensor=input_tensor, group=group,
-                               async_op=async_op)
+            return _Finished() if async_op else None
+        return self.gloo_all_gather(output_tensor=output_tensor, input_tensor=input_tensor, group=group,
+                                    async_op=async_op)
 
-    def reduce_scatter_tensor(output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+    def reduce_scatter_tensor(self, output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
         # The ranks sum the whole input and each keeps its part. The input then holds the sums,
         # where gloo leaves it as it was: ZeRO reduces temporary buckets and never reads them again.
-        if (getattr(op, "name", None) == "SUM" and served(input_tensor, group)
+        if (getattr(op, "name", None) == "SUM" and self.served(input_tensor, group)
                 and output_tensor.dtype == input_tensor.dtype):
             torch.ops.deepspeed.inference_all_reduce_(input_tensor)
             part = output_tensor.numel()
             mine = input_tensor.view(-1).narrow(0, dist.get_rank(group) * part, part)
             if mine.data_ptr() != output_tensor.data_ptr():
                 output_tensor.view(-1).copy_(mine)
-            return done(async_op)
-        return gloo_reduce_scatter(output_tensor=output_tensor, input_tensor=input_tensor, op=op, group=group,
-                                   async_op=async_op)
-
-    backend.all_reduce = all_reduce
-    backend.all_gather_into_tensor = all_gather_into_tensor
-    backend.reduce_scatter_tensor = reduce_scatter_tensor
-    return None
+            return _Finished() if async_op else None
+        return self.gloo_reduce_scatter(output_tensor=output_tensor, input_tensor=input_tensor, op=op, group=group,
+                                        async_op=async_op)
 
 
 class _Finished:

@@ -134,7 +134,7 @@ def test_elastic_resume_zero3_to_zero2(tmp_path, references, tiny_data, tiny_mod
 def test_resume_with_another_global_batch_is_refused(tmp_path, references, tiny_data, tiny_model):
     out = _stopped_at(references(2), tmp_path, 6)
     args = pretrain_args(ds_json(tmp_path, 2, micro=2, fp32=True), tiny_data, tiny_model, out, STEPS, "--resume")
-    proc = launch("recipes/pretrain.py", args, ranks=1, check=False)
+    proc = run_here("recipes/pretrain.py", args)  # refused before any rank starts
     assert proc.returncode == 2
     assert re.search(r"error: --resume: checkpoint .*step\d+ was trained with global batch 4 and seq_len 64; "
                      r"this run has 2 and 64", proc.stderr), proc.stderr[-2000:]

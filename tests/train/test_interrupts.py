@@ -11,7 +11,7 @@ import pytest
 
 from gpt_recipes.checkpoints.paths import is_complete
 from gpt_recipes.launch import REPO, unbuffered_env
-from tests.helpers import Background, ds_json, launch, pretrain_args, read_metrics
+from tests.helpers import Background, ds_json, pretrain_args, read_metrics, run_here
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def test_ctrl_c_saves_once_and_a_second_run_into_the_live_folder_is_refused(tmp_
                      tmp_path / "run.log")
     try:
         run.wait_for_step(out, 3)  # step2's checkpoint exists, so a --resume passes every other check
-        second = launch("recipes/pretrain.py", _args(tmp_path, tiny_data, tiny_model, out, "--resume"), check=False)
+        second = run_here("recipes/pretrain.py", _args(tmp_path, tiny_data, tiny_model, out, "--resume"))
         assert second.returncode == 2, second.stderr[-3000:]
         assert re.search(rf"error: --output_dir {re.escape(str(out))} is in use by another run \(pid \d+ on \S+, "
                          r"started [\d-]+ [\d:]+: \S*recipes/pretrain.py", second.stderr), second.stderr[-3000:]
