@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 from typing import Callable, TypeVar
@@ -62,6 +63,11 @@ def cli_entry(main: Callable[[], T]) -> Callable[[], T]:
             if int(os.environ.get("RANK", "0")) == 0 or isinstance(err, RankError):
                 print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
             sys.exit(err.exit_code)
+        finally:
+            # At exit Python collects the cyclic objects torch, transformers and DeepSpeed leave,
+            # about 1.3 s per process here; the command's files are written and closed by now
+            # (atexit functions still run), so the last collection is skipped.
+            gc.freeze()
 
     return wrapper
 

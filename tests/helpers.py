@@ -100,6 +100,7 @@ def run_here(script: str, args: list[str]) -> subprocess.CompletedProcess:
     when it ends, as at a process's exit. Reaching the start of the ranks fails the test."""
     import atexit
     import contextlib
+    import gc
     import io
     import runpy
     import traceback
@@ -113,6 +114,7 @@ def run_here(script: str, args: list[str]) -> subprocess.CompletedProcess:
         patch.setattr(sys, "argv", [script, *args])
         patch.setattr(atexit, "register", lambda func, *a, **k: at_exit.append((func, a, k)))
         patch.setattr(distributed, "init", _no_ranks_here)
+        patch.setattr(gc, "freeze", lambda: None)  # what a command does for its process's exit, not for this one
         patch.chdir(REPO)
         try:
             runpy.run_path(str(REPO / script), run_name="__main__")
