@@ -180,11 +180,12 @@ def test_a_damaged_checkpoint_is_named_before_anything_loads_it(tmp_path, refere
     out = _stopped_at(references(2), tmp_path, 9)
     shard = next((out / "checkpoints" / "step9").glob("*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    proc = _run(tmp_path, 2, tiny_data, tiny_model, out, check=False, extra=["--resume"])
+    args = pretrain_args(ds_json(tmp_path, 2, micro=2, fp32=True), tiny_data, tiny_model, out, STEPS, "--resume")
+    proc = run_here("recipes/pretrain.py", args)  # refused before any rank starts
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert re.search(rf"error: checkpoint .*step9 is damaged: {shard.name} is \d+ bytes, \d+ when it was saved "
                      r"\(truncated or overwritten\); the newest intact checkpoint is step6: point .*latest at it "
-                     r"\(echo step6 > .*latest\), then continue with: deepspeed .* --resume$",
+                     r"\(echo step6 > .*latest\), then continue with: \S+ recipes/pretrain.py .* --resume$",
                      proc.stderr.strip()), proc.stderr[-2000:]
     proc = run_here("tools/convert_to_hf.py", [str(out), str(tmp_path / "hf")])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
