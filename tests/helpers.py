@@ -93,11 +93,13 @@ def _no_ranks_here(*args, **kwargs):
     raise _ReachedRanks("the run got past its checks to starting ranks; run it with launch() or run_python()")
 
 
-def run_here(script: str, args: list[str]) -> subprocess.CompletedProcess:
+def run_here(script: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python script args...` run in this process, for commands that end before any rank starts (bad
     input, checks, a tool's own work): the exit status, stdout and stderr a subprocess would give,
-    without a new interpreter's seconds of imports. Functions the command registers with atexit run
-    when it ends, as at a process's exit. Reaching the start of the ranks fails the test."""
+    without a new interpreter's seconds of imports. `env`: variables set for the command (a
+    launcher's RANK and WORLD_SIZE: the command is then rank 0 of several, checking its inputs).
+    Functions the command registers with atexit run when it ends, as at a process's exit. Reaching
+    the start of the ranks fails the test."""
     import atexit
     import contextlib
     import gc
@@ -116,6 +118,8 @@ def run_here(script: str, args: list[str]) -> subprocess.CompletedProcess:
         patch.setattr(distributed, "init", _no_ranks_here)
         patch.setattr(gc, "freeze", lambda: None)  # what a command does for its process's exit, not for this one
         patch.chdir(REPO)
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
         try:
             runpy.run_path(str(REPO / script), run_name="__main__")
         except SystemExit as stop:
@@ -249,12 +253,26 @@ def pretrain_args(cfg: str, data, model, out, steps: int, *extra: str) -> list[s
 TOLERANCE = {"fp32": 1e-4, "bf16": 6e-2}
 
 
+_HF_ONLY: list[subprocess.Popen] = []  # one process for the session, started on first use
+
+
 def hf_only(folder, check_file, adapter: bool = False) -> dict:
-    """What hf_only_check.py reports for an exported folder (or, with adapter, a LoRA adapter on its base)."""
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "hf_only_check.py"), str(folder), str(check_file),
-                           *(["--adapter"] if adapter else [])], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """What hf_only_check.py reports for an exported folder (or, with adapter, a LoRA adapter on its base),
+    asked of one process of the session that imports nothing but transformers and peft."""
+    if not _HF_ONLY or _HF_ONLY[0].poll() is not None:
+        import atexit
+
+        _HF_ONLY[:] = [subprocess.Popen([sys.executable, str(REPO / "tests" / "scripts" / "hf_only_check.py"), "--serve"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)]
+        atexit.register(_HF_ONLY[0].kill)
+    server = _HF_ONLY[0]
+    server.stdin.write(json.dumps({"folder": str(folder), "check": str(check_file), "adapter": adapter}) + "\n")
+    server.stdin.flush()
+    answer = server.stdout.readline()
+    assert answer, f"hf_only_check.py ended (status {server.poll()})"
+    result = json.loads(answer)
+    assert "error" not in result, result["error"]
+    return result
 
 
 # The cross-stage parity runs (tests/conftest.py's cross_stage): (label, ZeRO stage, ranks,
@@ -272,18 +290,23 @@ CROSS_STAGE_RUNS = [
 PARITY_STEPS = 20
 
 
-def parity_run(tmp_path, tiny_data, tiny_model, stage, ranks, micro, accum, fused, label, *extra: str,
-               fault: str | None = None) -> Path:
-    """One run of the parity layout; its output goes to <label>.log beside its folder."""
-    out = tmp_path / label.replace(" ", "_")
-    args = pretrain_args(ds_json(tmp_path, stage, micro, accum, fp32=True, clip=True), tiny_data, tiny_model, out,
+def parity_args(tmp_path, tiny_data, tiny_model, stage, micro, accum, fused, out, *extra: str) -> list[str]:
+    """The flags of a parity run (fp32, clipping 1.0, PARITY_STEPS steps, a line per step)."""
+    return pretrain_args(ds_json(tmp_path, stage, micro, accum, fp32=True, clip=True), tiny_data, tiny_model, out,
                          PARITY_STEPS, "--log_interval", "1", "--eval_interval", "10",
                          *([] if fused else ["--no-fused_loss"]), *extra)
-    if ranks == 1 and fault is None:  # also covers a bare `python` run, without a launcher
+
+
+def parity_run(tmp_path, tiny_data, tiny_model, stage, ranks, micro, accum, fused, label, *extra: str,
+               fault: str | None = None, launcher: str | None = None) -> Path:
+    """One run of the parity layout; its output goes to <label>.log beside its folder."""
+    out = tmp_path / label.replace(" ", "_")
+    args = parity_args(tmp_path, tiny_data, tiny_model, stage, micro, accum, fused, out, *extra)
+    if ranks == 1 and fault is None and launcher is None:  # also covers a bare `python` run, without a launcher
         proc = run_python("recipes/pretrain.py", args)
         assert proc.returncode == 0, proc.stderr[-3000:]
     else:
-        proc = launch("recipes/pretrain.py", args, ranks=ranks, check=fault is None, fault=fault)
+        proc = launch("recipes/pretrain.py", args, ranks=ranks, check=fault is None, fault=fault, launcher=launcher)
     (tmp_path / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
     return out
 

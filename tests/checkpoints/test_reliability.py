@@ -185,7 +185,7 @@ def test_a_damaged_checkpoint_is_named_before_anything_loads_it(tmp_path, refere
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert re.search(rf"error: checkpoint .*step9 is damaged: {shard.name} is \d+ bytes, \d+ when it was saved "
                      r"\(truncated or overwritten\); the newest intact checkpoint is step6: point .*latest at it "
-                     r"\(echo step6 > .*latest\), then continue with: \S+ recipes/pretrain.py .* --resume$",
+                     r"\(echo step6 > .*latest\), then continue with: \S+ \S*recipes/pretrain.py .* --resume$",
                      proc.stderr.strip()), proc.stderr[-2000:]
     proc = run_here("tools/convert_to_hf.py", [str(out), str(tmp_path / "hf")])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

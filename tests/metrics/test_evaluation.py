@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from gpt_recipes.errors import UserError
 from gpt_recipes.metrics import evaluation
 from gpt_recipes.metrics.summary import markdown_table, summarize
-from tests.helpers import REPO, launch, read_metrics, run_here, run_python
+from tests.helpers import REPO, launch, read_metrics, run_here
 
 
 def _val_rows(path, count):
@@ -82,7 +82,7 @@ def evaluated_run(tmp_path_factory, pretrained, demo):
 
 def _tool_scores(model, tmp, name, *extra):
     out = tmp / f"{name}.json"
-    proc = run_python("tools/evaluate.py", [str(model), "--output", str(out), "--batch_size", "4", *extra], timeout=600)
+    proc = run_here("tools/evaluate.py", [str(model), "--output", str(out), "--batch_size", "4", *extra])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| docstring_choice | acc |" in proc.stdout
     return evaluation.scores(json.loads(out.read_text()))

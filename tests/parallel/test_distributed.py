@@ -1,4 +1,4 @@
-"""Launchers: deepspeed, torchrun, accelerate launch and a simulated two-node run train identically."""
+"""Launchers: torchrun, deepspeed, accelerate launch and a simulated two-node run train identically."""
 
 import json
 import os
@@ -6,44 +6,35 @@ import os
 import pytest
 
 from gpt_recipes.parallel.distributed import environment
-from tests.helpers import ds_json, launch, launch_two_nodes, pretrain_args, read_metrics
-
-STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_data, tiny_model):
-    """Per-step losses of a 2-rank run under the deepspeed launcher (fp32, ZeRO-2)."""
-    tmp = tmp_path_factory.mktemp("launchers")
-    cfg = ds_json(tmp, 2, micro=2, fp32=True)
-    out = tmp / "deepspeed"
-    launch("recipes/pretrain.py", pretrain_args(cfg, tiny_data, tiny_model, out, STEPS, "--log_interval", "1"),
-           launcher="deepspeed")
-    return cfg, [r["loss"] for r in read_metrics(out)[0]]
-
+from tests.helpers import PARITY_STEPS, launch_two_nodes, parity_args, parity_run, read_metrics
 
 def _losses(out) -> list[float]:
     return [r["loss"] for r in read_metrics(out)[0]]
 
 
+@pytest.fixture(scope="module")
+def reference(cross_stage):
+    """Per-step losses of the 2-rank ZeRO-2 parity run (fp32, clipping 1.0) under torchrun, which
+    tests/recipes/test_pretrain.py compares with every other layout."""
+    out = cross_stage[1]["zero2 2x2"]
+    return out, _losses(out)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_launchers_match_deepspeed_launcher(tmp_path, tiny_data, tiny_model, reference, launcher):
-    cfg, expected = reference
-    out = tmp_path / launcher
-    launch("recipes/pretrain.py", pretrain_args(cfg, tiny_data, tiny_model, out, STEPS, "--log_interval", "1"),
-           launcher=launcher)
-    assert len(expected) == STEPS
+@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
+def test_launchers_match_torchrun(tmp_path, tiny_data, tiny_model, reference, launcher):
+    _, expected = reference
+    out = parity_run(tmp_path, tiny_data, tiny_model, 2, 2, 2, 1, True, launcher, launcher=launcher)
+    assert len(expected) == PARITY_STEPS
     assert _losses(out) == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.slow
 def test_two_nodes_match_one_node(tmp_path, tiny_data, tiny_model, reference):
     """Two launcher invocations (--node_rank 0/1, master on 127.0.0.1) == one node with 2 ranks."""
-    cfg, expected = reference
+    _, expected = reference
     out = tmp_path / "two_nodes"
-    launch_two_nodes("recipes/pretrain.py", pretrain_args(cfg, tiny_data, tiny_model, out, STEPS, "--log_interval", "1"),
-                     tmp_path)
+    launch_two_nodes("recipes/pretrain.py", parity_args(tmp_path, tiny_data, tiny_model, 2, 2, 1, True, out), tmp_path)
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert _losses(out) == pytest.approx(expected, abs=1e-6)
 

@@ -133,9 +133,10 @@ def test_batch_that_does_not_fit_the_world_size(tmp_path, tiny_data, tiny_model)
     cfg = json.loads(open(ds_json(tmp_path, 2, micro=4)).read())
     cfg["train_batch_size"] = 4  # right for 1 rank, wrong for 2
     path = _write(tmp_path / "cfg.json", json.dumps(cfg))
-    proc = launch("recipes/pretrain.py", pretrain_args(path, tiny_data, tiny_model, tmp_path / "out", 2), ranks=2,
-                  check=False)
-    assert proc.returncode != 0
+    # Rank 0 of 2, as a launcher starts it: refused before the ranks meet.
+    proc = run_here("recipes/pretrain.py", pretrain_args(path, tiny_data, tiny_model, tmp_path / "out", 2),
+                    env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
+    assert proc.returncode == 2
     assert "error: DeepSpeed config: train_batch_size 4 != train_micro_batch_size_per_gpu 4" in proc.stdout + proc.stderr
     assert not (tmp_path / "out").exists()
 
