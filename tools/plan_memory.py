@@ -262,18 +262,20 @@ def data_parallel_alternatives(planning: Planning, layouts: list[MemoryConfig], 
     args, found = planning.args, []
     fitting = {row.estimate.layout.name for row in rows if row.fits}
 
-    def fits(candidate: MemoryConfig, checkpointing: bool) -> bool:
-        return plan([candidate], planning.sizes, planning.per_sample(candidate, checkpointing), args.ranks,
-                    args.nodes, planning.device, planning.host)[0].fits
+    def fits(candidate: MemoryConfig, per_sample: float) -> bool:
+        return plan([candidate], planning.sizes, per_sample, args.ranks, args.nodes, planning.device,
+                    planning.host)[0].fits
 
     for layout in layouts:
         if layout.parallel.group > 1 or layout.name in fitting:
             continue
+        # Activations grow with the micro-batch sample by sample: the traced figure per sample serves all.
+        per_sample = planning.per_sample(layout)
         smaller = next((m for m in range(layout.micro_batch - 1, 0, -1)
-                        if fits(replace(layout, micro_batch=m), args.activation_checkpointing)), None)
+                        if fits(replace(layout, micro_batch=m), per_sample)), None)
         if smaller:
             found.append(f"{layout.name} at micro-batch {smaller} (--micro_batch {smaller})")
-        if not args.activation_checkpointing and fits(layout, True):
+        if not args.activation_checkpointing and fits(layout, planning.per_sample(layout, True)):
             found.append(f"{layout.name} with --activation_checkpointing")
         if len(found) >= 3:
             break
