@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt_recipes.ds_config_keys import check_keys
 from gpt_recipes.errors import UserError, first_line
 from gpt_recipes.parallel.layout import Layout, zero_stage  # noqa: F401 (the stage is the layout's; read here too)
 
@@ -578,7 +579,8 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, tupl
             if not isinstance(node, dict):
                 raise UserError(f"--ds {item!r}: {'.'.join(parts[:i + 1])} is not a section of the DeepSpeed config "
                                 f"(it is {json.dumps(node)})")
-        changed[key.strip()] = (node.get(parts[-1], "(not set)"), value)
+        before = changed[key.strip()][0] if key.strip() in changed else node.get(parts[-1], "(not set)")
+        changed[key.strip()] = (before, value)  # what the JSON held, however often --ds names the key
         node[parts[-1]] = value
     return changed
 
@@ -598,4 +600,5 @@ def resolve(path: str | Path, world_size: int, max_steps: int | None, device_typ
     plan = batch_layout(cfg, world_size)
     filled = fill_auto(cfg, max_steps, monitor_dir)
     check_with_deepspeed(cfg)
+    check_keys(cfg)
     return cfg, plan, filled

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,33 @@ def test_ds_overrides_change_the_json_for_one_run_and_are_checked_like_it(tmp_pa
                        ("optimizer.params.lr=-1", "optimizer.params.lr must be a positive number")):
         with pytest.raises(UserError, match=match):
             ds_config.resolve(path, 2, 10, "cpu", overrides=[bad])
+    # Given twice, the note still says what the JSON held.
+    assert ds_config.apply_overrides({"a": {"b": 1}}, ["a.b=2", "a.b=3"]) == {"a.b": (1, 3)}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=0.5", "lr is not a key DeepSpeed reads, so it would change nothing; did you mean optimizer.params.lr?"),
+    ("optimizer.lr=0.5", "optimizer.lr is not a key DeepSpeed reads, so it would change nothing; did you mean "
+                         "optimizer.params.lr?"),
+    ("foo.bar=1", "foo is not a key DeepSpeed reads"),
+    ("pipeline.stage=2", "pipeline.stage is not a key DeepSpeed reads, so it would change nothing; did you mean "
+                         "pipeline.stages?"),
+    ("pipeline.partition_method=\"uniform\"", "did you mean pipeline.partition?"),
+    ("gradient_clippin=0.5", "gradient_clipping"),
+    ("checkpoint.load_universl=true", "did you mean checkpoint.load_universal?"),
+    ("activation_checkpointing.partition_activation=true", "did you mean "
+                                                           "activation_checkpointing.partition_activations?"),
+    ("expert_parallel.enabld=true", "did you mean expert_parallel.enabled?"),
+])
+def test_a_key_deepspeed_does_not_read_is_one_line(override, message):
+    """DeepSpeed ignores such keys: the run would train as if they were absent."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        ds_config.resolve(REPO / "ds_configs" / "zero2.json", 2, 10, "cpu", overrides=[override])
+
+
+@pytest.mark.parametrize("extra", [{"activation_checkpointing": {"partition_activations": True}},
+                                   {"checkpoint": {"load_universal": False}}, {"wandb": {"enabled": False}},
+                                   {"data_types": {"grad_accum_dtype": "fp32"}}, {"flops_profiler": {"enabled": False}},
+                                   {"expert_parallel": {"enabled": False}}, {"pipeline": {"stages": 1}}])
+def test_keys_deepspeed_reads_pass(tmp_path, extra):
+    ds_config.resolve(_write_with(tmp_path, lambda cfg: cfg.update(extra)), 2, 10, "cpu")

@@ -11,7 +11,7 @@ PACKAGE = REPO / "gpt_recipes"
 LAYERS = [
     {"__init__", "console", "errors", "args", "faults", "folders"},
     {"parallel"},
-    {"ds_config"},
+    {"ds_config", "ds_config_keys"},
     {"data"},
     {"models"},
     {"checkpoints"},

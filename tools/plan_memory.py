@@ -21,6 +21,7 @@ from typing import Optional
 
 from gpt_recipes.args import AdapterArgs, flag, parse_args
 from gpt_recipes.ds_config import batch_layout, load_config
+from gpt_recipes.ds_config_keys import check_keys
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.metrics.memory_plan import (
     HEADROOM,
@@ -149,6 +150,7 @@ def configs_to_plan(planning: Planning) -> list[MemoryConfig]:
         cfg = load_config(path)
         try:  # the batch as the recipe resolves it for this many ranks ("auto" and missing keys derived)
             batch_layout(cfg, planning.ranks)
+            check_keys(cfg)  # a key DeepSpeed does not read would plan what no run does
         except UserError as err:
             print(f"{path.stem}: left out, the recipes would refuse it on {planning.ranks} rank(s): {err}")
             continue
