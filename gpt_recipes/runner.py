@@ -48,7 +48,7 @@ from gpt_recipes.models.causal_lm import count_parameters, enable_activation_che
 from gpt_recipes.models.compile import CompilePlan, plan_compile
 from gpt_recipes.parallel import distributed
 from gpt_recipes.parallel.distributed import DistEnv
-from gpt_recipes.parallel.layout import Layout
+from gpt_recipes.parallel.layout import Layout, Uses
 from gpt_recipes.train import engine_setup
 from gpt_recipes.train.loop import Batches, LoopSettings, TrainState, train
 from gpt_recipes.train.objective import Objective, StepSetup
@@ -218,11 +218,12 @@ def make_mixture_batches(args: RunArgs, run: RunPlan, train: mixture.SourceIndex
 # --- The phases of a run, in the order execute() calls them ---------------------------------------
 
 
-def check_job(run: RunPlan, job: Job) -> None:
+def check_job(args: RunArgs, run: RunPlan, job: Job) -> None:
     """Before any rank starts: a resume continues what it should, and the layout can run this job."""
     run.notes += resume.check_matches(run, job)
-    refused = run.layout.refusal(job.model_config, job.seq_len, job.objective.supports, job.objective.title,
-                                 frozen_base=job.weights.frozen_base, compiled=run.compile is not None)
+    uses = Uses(adapters=job.weights.frozen_base, compiled=run.compile is not None,
+                downstream_eval=bool(run.eval_tasks), activation_checkpointing=args.activation_checkpointing)
+    refused = run.layout.refusal(job.model_config, job.seq_len, job.objective.supports, job.objective.title, uses)
     if refused:
         raise UserError(refused)
 
@@ -410,7 +411,7 @@ def finish(args: RunArgs, run: RunPlan, job: Job, engine, state: TrainState, met
 
 
 def execute(args: RunArgs, run: RunPlan, job: Job, batches: Batches) -> TrainState:
-    check_job(run, job)
+    check_job(args, run, job)
     facts = start_ranks(args, run)
     mpu = run.layout.start_groups(job.model_config, run.batch.micro_batch)
     model, built = build(args, run, job)

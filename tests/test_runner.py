@@ -75,8 +75,9 @@ def _resume(out, config, tokenizer, seq_len=64, fingerprint="data-a", **flags):
     from gpt_recipes.runner import Job, check_job
     from gpt_recipes.train.lm import NextToken
 
-    run = plan_run(PretrainArgs(output_dir=str(out), resume=True, **flags))
-    check_job(run, Job("pretrain", NextToken(), config, tokenizer, seq_len, None, data_fingerprint=fingerprint))
+    args = PretrainArgs(output_dir=str(out), resume=True, **flags)
+    run = plan_run(args)
+    check_job(args, run, Job("pretrain", NextToken(), config, tokenizer, seq_len, None, data_fingerprint=fingerprint))
 
 
 def test_a_resume_of_the_same_run_passes(resumable):

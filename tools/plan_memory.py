@@ -36,6 +36,7 @@ from gpt_recipes.metrics.memory_plan import (
 from gpt_recipes.models.adapters import lora_config
 from gpt_recipes.models.causal_lm import build_config, check_seq_len
 from gpt_recipes.parallel import pipeline
+from gpt_recipes.parallel.layout import Uses
 from gpt_recipes.train.lm import NextToken
 
 
@@ -98,7 +99,8 @@ class Planning:
         (parallel/layout.py), for pretraining, or LoRA fine-tuning with --lora_r."""
         objective = NextToken(one_length=self.lora is None)
         return layout.parallel.refusal(self.config, self.seq_len, objective.supports, "LoRA fine-tuning" if self.lora
-                                       else "pretraining", frozen_base=self.lora is not None)
+                                       else "pretraining", Uses(adapters=self.lora is not None,
+                                                                activation_checkpointing=self.args.activation_checkpointing))
 
     def per_sample(self, layout: MemoryConfig, checkpointing: bool | None = None) -> float:
         """Activation bytes per sample. ZeRO-3 and tensor parallelism take the plain loss (see

@@ -77,7 +77,7 @@ def plan_compile(args: Any, ds_cfg: dict[str, Any], device_type: str) -> Compile
         return None
     stage = zero_stage(ds_cfg)
     backend = args.torch_compile_backend or "inductor"
-    _check_backend(backend)
+    _check_backend(backend, device_type)
     mode = args.torch_compile_mode
     if deepcompile:
         if stage == 0:
@@ -93,13 +93,39 @@ def plan_compile(args: Any, ds_cfg: dict[str, Any], device_type: str) -> Compile
     return CompilePlan(backend, mode, deepcompile)
 
 
-def _check_backend(backend: str) -> None:
+# Backends torch lists whether or not what they need is here, and the package each imports at the
+# first step (a missing one was an ImportError then); cudagraphs records CUDA graphs.
+BACKEND_PACKAGES = {"tvm": "tvm", "openxla": "torch_xla", "openxla_eval": "torch_xla", "onnxrt": "onnxruntime",
+                    "tensorrt": "torch_tensorrt", "torch_tensorrt": "torch_tensorrt",
+                    "ipex": "intel_extension_for_pytorch"}
+CUDA_BACKENDS = ("cudagraphs",)
+
+
+def _why_not_backend(backend: str, device_type: str) -> str | None:
+    import importlib.util
+
+    if "TESTING_ONLY" in backend or "minifier" in backend:
+        return "one torch keeps for its own tests"
+    package = BACKEND_PACKAGES.get(backend)
+    if package and importlib.util.find_spec(package) is None:
+        return f"it needs the {package!r} package, which is not installed"
+    if backend in CUDA_BACKENDS and device_type != "cuda":
+        return f"it records CUDA graphs, and this run is on {device_type}"
+    return None
+
+
+def _check_backend(backend: str, device_type: str) -> None:
     import torch
 
     known = torch._dynamo.list_backends(exclude_tags=None)
+    usable = [b for b in sorted(known) if _why_not_backend(b, device_type) is None]
     if backend not in known:
         raise UserError(f"--torch_compile_backend {backend!r} is not a torch.compile backend here "
-                        f"({', '.join(sorted(known))})")
+                        f"({', '.join(usable)})")
+    why_not = _why_not_backend(backend, device_type)
+    if why_not:
+        raise UserError(f"--torch_compile_backend {backend!r} cannot compile this run: {why_not}; usable here: "
+                        f"{', '.join(usable)}")
 
 
 def compile_seconds() -> float:

@@ -53,6 +53,16 @@ EVERY_LAYOUT = Supports(sequence=True, tensor=True, pipeline=True)
 
 
 @dataclass(frozen=True)
+class Uses:
+    """What else a run does that a layout may not combine with."""
+
+    adapters: bool = False  # LoRA adapters on a frozen base (--use_peft)
+    compiled: bool = False  # torch.compile (--torch_compile, compile.deepcompile)
+    downstream_eval: bool = False  # lm-evaluation-harness on the live model (--eval_tasks)
+    activation_checkpointing: bool = False  # transformers' gradient checkpointing (--activation_checkpointing)
+
+
+@dataclass(frozen=True)
 class Layout:
     world: int = 1
     zero_stage: int = 0
@@ -235,21 +245,25 @@ class Layout:
                     "ds_configs/zero2_tp2.json or set zero_optimization.stage to 1 or 2")
         return None
 
-    def refusal(self, config, seq_len: int, supports: Supports, objective: str, frozen_base: bool = False,
-                compiled: bool = False) -> str | None:
+    def refusal(self, config, seq_len: int, supports: Supports, objective: str, uses: Uses = Uses()) -> str | None:
         """Why this layout cannot run `config` at `seq_len` for an objective (named `objective`) that
-        `supports` what it does, with adapters on a frozen base (LoRA) or not, compiled or not; None
-        when it can."""
+        `supports` what it does, with what else the run `uses`; None when it can."""
         if self.mode is None:
             return None
         what = self.what()
         if not supports.allows(self.mode):
             return f"{what} is not supported with {objective} ({supports.why_not}); use a data-parallel/ZeRO config"
-        if frozen_base:
+        if uses.adapters:
             return f"{what} is not supported with LoRA (--use_peft) yet; use a data-parallel/ZeRO config"
-        if compiled:
+        if uses.compiled:
             return (f"--torch_compile with {what} is not supported by these recipes; drop --torch_compile (or "
                     "compile.deepcompile) to run it eagerly")
+        if self.mode == "pipeline" and uses.downstream_eval:
+            return (f"--eval_tasks runs lm-evaluation-harness on the whole live model, which {what} splits over its "
+                    "stages; evaluate the export with tools/evaluate.py instead")
+        if self.mode == "pipeline" and uses.activation_checkpointing:
+            return (f"--activation_checkpointing with {what}: the pipeline engine checkpoints layers itself; set "
+                    "pipeline.activation_checkpoint_interval in the DeepSpeed JSON (1: every layer) instead")
         return {"sequence": _sequence_refusal, "tensor": _tensor_refusal,
                 "pipeline": _pipeline_refusal}[self.mode](self, what, config, seq_len)
 
@@ -299,6 +313,28 @@ def _pipeline_refusal(layout: Layout, what: str, config, seq_len: int) -> str | 
         return f"{what} is built for the {' and '.join(FAMILIES)} families, not {config.model_type!r}"
     if layout.pipeline > config.num_hidden_layers:
         return f"{what} needs at least one decoder block per stage; the model has {config.num_hidden_layers}"
+    if layout.partition.startswith("type:"):
+        return _partition_refusal(layout, config)
+    return None
+
+
+def _partition_refusal(layout: Layout, config) -> str | None:
+    """A "type:REGEX" partition must be a regex that matches at least one layer per stage, as DeepSpeed
+    matches it: against each pipeline layer's class name, ignoring case."""
+    import re
+
+    from gpt_recipes.parallel.pipeline import layer_classes
+
+    pattern = layout.partition.split(":", 1)[1]
+    classes = layer_classes(config)
+    try:
+        matched = [name for name in classes if re.search(pattern, name, re.IGNORECASE)]
+    except re.error as err:
+        return f"pipeline.partition {layout.partition!r}: {pattern!r} is not a regular expression ({err})"
+    if len(matched) < layout.pipeline:
+        return (f"pipeline.partition {layout.partition!r} matches {len(matched)} of the pipeline's layers, fewer than "
+                f"its {layout.pipeline} stages; the layers' classes are {', '.join(dict.fromkeys(classes))} "
+                "(type:Block cuts between decoder blocks)")
     return None
 
 

@@ -60,8 +60,7 @@ class Positions(nn.Module):
 
 
 class Layer(nn.Module):
-    """A module that maps hidden states to hidden states (or logits): a GPT-2 decoder block (causal
-    attention by its own mask-free path), the final norm, an untied output layer."""
+    """A module that maps hidden states to hidden states (or logits)."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -69,6 +68,18 @@ class Layer(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.module(hidden)
+
+
+class Block(Layer):
+    """A GPT-2 decoder block (causal attention by its own mask-free path)."""
+
+
+class Norm(Layer):
+    """The final norm."""
+
+
+class Head(Layer):
+    """An untied output layer."""
 
 
 class RotaryBlock(nn.Module):
@@ -92,10 +103,10 @@ def _gpt2(model) -> list[tuple[Any, str | None]]:
     layers = [(TiedLayerSpec("embed", Embedding, t.wte, tied_weight_attr="module.weight") if tied
                else LayerSpec(Embedding, t.wte), "transformer.wte"),
               (LayerSpec(Positions, t.wpe, t.drop), "transformer.wpe")]
-    layers += [(LayerSpec(Layer, block), f"transformer.h.{i}") for i, block in enumerate(t.h)]
-    layers.append((LayerSpec(Layer, t.ln_f), "transformer.ln_f"))
+    layers += [(LayerSpec(Block, block), f"transformer.h.{i}") for i, block in enumerate(t.h)]
+    layers.append((LayerSpec(Norm, t.ln_f), "transformer.ln_f"))
     layers.append((TiedLayerSpec("embed", Embedding, t.wte, forward_fn=tied_logits, tied_weight_attr="module.weight"),
-                   None) if tied else (LayerSpec(Layer, model.lm_head), "lm_head"))
+                   None) if tied else (LayerSpec(Head, model.lm_head), "lm_head"))
     return layers
 
 
@@ -107,14 +118,25 @@ def _llama(model) -> list[tuple[Any, str | None]]:
     layers = [(TiedLayerSpec("embed", Embedding, m.embed_tokens, tied_weight_attr="module.weight") if tied
                else LayerSpec(Embedding, m.embed_tokens), "model.embed_tokens")]
     layers += [(LayerSpec(RotaryBlock, block, m.rotary_emb), f"model.layers.{i}") for i, block in enumerate(m.layers)]
-    layers.append((LayerSpec(Layer, m.norm), "model.norm"))
+    layers.append((LayerSpec(Norm, m.norm), "model.norm"))
     layers.append((TiedLayerSpec("embed", Embedding, m.embed_tokens, forward_fn=tied_logits,
                                  tied_weight_attr="module.weight"), None) if tied
-                  else (LayerSpec(Layer, model.lm_head), "lm_head"))
+                  else (LayerSpec(Head, model.lm_head), "lm_head"))
     return layers
 
 
 FAMILIES = {"gpt2": _gpt2, "llama": _llama}
+
+
+def layer_classes(config) -> list[str]:
+    """The class of each pipeline layer a model of `config` becomes, in order: what a JSON's
+    "partition": "type:REGEX" is matched against (Embedding, Positions, Block or RotaryBlock, Norm,
+    and Embedding again or Head for the output layer)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return [spec.typename.__name__ for spec, _ in FAMILIES[config.model_type](model)]
 
 
 def layer_parameters(model) -> list[int]:

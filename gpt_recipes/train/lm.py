@@ -4,6 +4,7 @@ example's response tokens)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator
 
 import numpy as np
@@ -73,18 +74,23 @@ class PipelineStep:
                           self.batches.train.num_tokens(global_batch))
 
     @torch.no_grad()
-    def evaluate(self, engine) -> dict[str, float]:
-        # eval_batch averages each micro-batch's mean loss over the data-parallel pipelines (whose
-        # micro-batches have equal sizes) and hands it to every stage.
-        total, count, shape = 0.0, 0, None
+    def evaluate(self, engine) -> dict[str, Any]:
+        """val_loss and val_ppl over the validation windows, and each source's loss for a mixture.
+        eval_batch averages each micro-batch's mean loss over the data-parallel pipelines (whose
+        micro-batches have equal sizes and come from one source) and hands it to every stage."""
+        val, shape = self.batches.val, None
+        sums = np.zeros((max(1, len(val.source_names)), 2))
         for idx in self.batches.val_micro_batches:
-            inputs, targets = self.batches.val.batch(idx)
+            inputs, targets = val.batch(idx)
             if inputs["input_ids"].shape != shape:  # the stages exchange shapes once per shape
                 engine.reset_activation_shape()
                 shape = inputs["input_ids"].shape
             loss = engine.eval_batch(iter([(inputs["input_ids"], targets)]), num_micro_batches=1)
-            total += float(loss) * len(idx)
-            count += len(idx)
+            sums[val.source_of(idx[0])] += (float(loss) * len(idx), len(idx))
         engine.reset_activation_shape()
         engine.train()
-        return {"val_loss": total / count}
+        overall = sums[:, 0].sum() / sums[:, 1].sum()
+        result = {"val_loss": overall, "val_ppl": math.exp(min(overall, 50.0))}
+        if len(val.source_names) > 1:
+            result["val_loss_by_source"] = {name: s / n for name, (s, n) in zip(val.source_names, sums)}
+        return result

@@ -11,7 +11,7 @@ from gpt_recipes.checkpoints.consolidate import consolidated_state_dict
 from gpt_recipes.errors import UserError
 from gpt_recipes.metrics.throughput import ThroughputWindow
 from gpt_recipes.models import compile as compiling
-from gpt_recipes.parallel.layout import EVERY_LAYOUT, Layout
+from gpt_recipes.parallel.layout import EVERY_LAYOUT, Layout, Uses
 from tests.helpers import CROSS_STAGE_RUNS, PARITY_STEPS, parity_run, read_metrics
 
 # Inductor's fused kernels sum in another order than eager ones: measured over 20 clipped fp32
@@ -46,6 +46,10 @@ def test_the_flag_compiles_with_inductor_by_default():
     ({"torch_compile": True, "torch_compile_backend": "nope"}, {}, "'nope' is not a torch.compile backend"),
     ({}, {"compile": {"deepcompile": True}, "zero_optimization": {"stage": 0}}, "works with ZeRO stage 1, 2 or 3"),
     ({}, {"compile": {"deepcompile": True}, "zero_optimization": {"stage": 3}}, "needs CUDA devices"),
+    ({"torch_compile": True, "torch_compile_backend": "tvm"}, {}, "'tvm' cannot compile this run: it needs the 'tvm' "
+                                                                   "package, which is not installed"),
+    ({"torch_compile": True, "torch_compile_backend": "openxla"}, {}, "it needs the 'torch_xla' package"),
+    ({"torch_compile": True, "torch_compile_backend": "cudagraphs"}, {}, "it records CUDA graphs, and this run is on cpu"),
 ])
 def test_bad_compile_settings_are_one_line(flags, cfg, message):
     cfg = {"zero_optimization": {"stage": 2}, **cfg}
@@ -55,9 +59,9 @@ def test_bad_compile_settings_are_one_line(flags, cfg, message):
 
 @pytest.mark.parametrize("layout", [Layout(2, 2, sequence=2), Layout(2, 2, tensor=2), Layout(2, 1, pipeline=2)])
 def test_sequence_tensor_and_pipeline_parallelism_are_refused_compiled(layout):
-    refused = layout.refusal(AutoConfig.for_model("llama"), 64, EVERY_LAYOUT, "pretraining", compiled=True)
+    refused = layout.refusal(AutoConfig.for_model("llama"), 64, EVERY_LAYOUT, "pretraining", Uses(compiled=True))
     assert refused.startswith(f"--torch_compile with {layout.what()} is not supported")
-    assert layout.refusal(AutoConfig.for_model("llama"), 64, EVERY_LAYOUT, "pretraining", compiled=False) is None
+    assert layout.refusal(AutoConfig.for_model("llama"), 64, EVERY_LAYOUT, "pretraining", Uses()) is None
 
 
 def test_compile_time_is_kept_out_of_the_window(monkeypatch):

@@ -10,8 +10,8 @@ from transformers import AutoConfig
 
 from gpt_recipes import ds_config
 from gpt_recipes.errors import UserError
-from gpt_recipes.parallel.layout import EVERY_LAYOUT, Layout, Supports
-from tests.helpers import REPO, TINY_GPT2, resolve_config, run_here
+from gpt_recipes.parallel.layout import EVERY_LAYOUT, Layout, Supports, Uses
+from tests.helpers import REPO, TINY_GPT2, TINY_LLAMA, resolve_config, run_here
 
 TP2 = {"autotp_size": 2, "vocab_parallel_lm_head": False}
 
@@ -66,32 +66,45 @@ PP2, PP3 = Layout(2, 1, pipeline=2), Layout(3, 1, pipeline=3)
 NOT_PP = Supports(sequence=True, tensor=True, why_not="batches vary in length")
 
 
-@pytest.mark.parametrize("layout, config, seq_len, supports, frozen, compiled, message", [
-    (SP8, GPT2, 64, EVERY_LAYOUT, False, False, "4 attention heads do not divide by 8"),
-    (SP2, GPT2, 65, EVERY_LAYOUT, False, False, "--seq_len 65 does not divide by 2"),
+TINY = AutoConfig.for_model(**TINY_GPT2)
+
+
+@pytest.mark.parametrize("layout, config, seq_len, supports, uses, message", [
+    (SP8, GPT2, 64, EVERY_LAYOUT, Uses(), "4 attention heads do not divide by 8"),
+    (SP2, GPT2, 65, EVERY_LAYOUT, Uses(), "--seq_len 65 does not divide by 2"),
     (SP2, AutoConfig.for_model("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=96), 64,
-     EVERY_LAYOUT, False, False, "3 key-value heads and 2"),
-    (SP2, GPT2, 64, EVERY_LAYOUT, True, False, "not supported with LoRA"),
-    (SP2, GPT2, 64, Supports(why_not="pairs are scored whole"), False, False,
+     EVERY_LAYOUT, Uses(), "3 key-value heads and 2"),
+    (SP2, GPT2, 64, EVERY_LAYOUT, Uses(adapters=True), "not supported with LoRA"),
+    (SP2, GPT2, 64, Supports(why_not="pairs are scored whole"), Uses(),
      "is not supported with DPO (pairs are scored whole)"),
-    (TP2_, GPT2, 64, EVERY_LAYOUT, False, False, "GPT-2 keeps its projections in Conv1D"),
-    (TP4, LLAMA, 64, EVERY_LAYOUT, False, False, "2 key-value heads do not divide by 4"),
-    (TP2_, AutoConfig.for_model("gpt_neox"), 64, EVERY_LAYOUT, False, False, "not one these recipes split"),
-    (PP2, GPT2, 64, NOT_PP, False, False, "a pipeline (pipeline.stages 2) is not supported with DPO (batches vary"),
-    (PP2, GPT2, 64, EVERY_LAYOUT, True, False, "LoRA"),
-    (PP2, GPT2, 64, EVERY_LAYOUT, False, True, "--torch_compile"),
-    (PP2, AutoConfig.for_model("gpt_neox"), 64, EVERY_LAYOUT, False, False, "gpt2 and llama families"),
-    (PP3, AutoConfig.for_model(**{**TINY_GPT2}), 64, EVERY_LAYOUT, False, False,
-     "at least one decoder block per stage; the model has 2"),
+    (TP2_, GPT2, 64, EVERY_LAYOUT, Uses(), "GPT-2 keeps its projections in Conv1D"),
+    (TP4, LLAMA, 64, EVERY_LAYOUT, Uses(), "2 key-value heads do not divide by 4"),
+    (TP2_, AutoConfig.for_model("gpt_neox"), 64, EVERY_LAYOUT, Uses(), "not one these recipes split"),
+    (PP2, GPT2, 64, NOT_PP, Uses(), "a pipeline (pipeline.stages 2) is not supported with DPO (batches vary"),
+    (PP2, GPT2, 64, EVERY_LAYOUT, Uses(adapters=True), "LoRA"),
+    (PP2, GPT2, 64, EVERY_LAYOUT, Uses(compiled=True), "--torch_compile"),
+    (PP2, TINY, 64, EVERY_LAYOUT, Uses(downstream_eval=True), "evaluate the export with tools/evaluate.py"),
+    (PP2, TINY, 64, EVERY_LAYOUT, Uses(activation_checkpointing=True), "set pipeline.activation_checkpoint_interval"),
+    (PP2, AutoConfig.for_model("gpt_neox"), 64, EVERY_LAYOUT, Uses(), "gpt2 and llama families"),
+    (PP3, TINY, 64, EVERY_LAYOUT, Uses(), "at least one decoder block per stage; the model has 2"),
+    (Layout(2, 1, pipeline=2, partition="type:GPT2Block"), TINY, 64, EVERY_LAYOUT, Uses(),
+     "matches 0 of the pipeline's layers, fewer than its 2 stages; the layers' classes are Embedding, Positions, "
+     "Block, Norm (type:Block cuts between decoder blocks)"),
+    (Layout(2, 1, pipeline=2, partition="type:nosuch"), TINY, 64, EVERY_LAYOUT, Uses(), "matches 0 of"),
+    (Layout(2, 1, pipeline=2, partition="type:Norm"), TINY, 64, EVERY_LAYOUT, Uses(), "matches 1 of"),
+    (Layout(2, 1, pipeline=2, partition="type:(block"), TINY, 64, EVERY_LAYOUT, Uses(), "is not a regular expression"),
 ])
-def test_what_a_layout_cannot_run(layout, config, seq_len, supports, frozen, compiled, message):
-    assert message in layout.refusal(config, seq_len, supports, "DPO", frozen_base=frozen, compiled=compiled)
+def test_what_a_layout_cannot_run(layout, config, seq_len, supports, uses, message):
+    assert message in layout.refusal(config, seq_len, supports, "DPO", uses)
 
 
 def test_what_a_layout_can_run():
-    for layout, config in ((SP2, GPT2), (Layout(4, 2, sequence=4), GPT2), (TP2_, LLAMA), (PP2, AutoConfig.for_model(**TINY_GPT2)),
+    for layout, config in ((SP2, GPT2), (Layout(4, 2, sequence=4), GPT2), (TP2_, LLAMA), (PP2, TINY),
+                           (Layout(2, 1, pipeline=2, partition="type:Block"), TINY),
+                           (Layout(2, 1, pipeline=2, partition="type:block"), AutoConfig.for_model(**TINY_LLAMA)),
                            (Layout(2, 3), GPT2)):
-        assert layout.refusal(config, 64, EVERY_LAYOUT, "pretraining") is None
+        assert layout.refusal(config, 64, EVERY_LAYOUT, "pretraining") is None, (layout, config.model_type)
+    assert SP2.refusal(GPT2, 64, EVERY_LAYOUT, "fine-tuning", Uses(downstream_eval=True)) is None
 
 
 def test_a_resume_keeps_a_sequence_tensor_or_pipeline_layout():

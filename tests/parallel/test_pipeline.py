@@ -78,3 +78,30 @@ def test_an_untied_llama_pipeline_trains_as_one_rank(tmp_path, tiny_data, tiny_l
     _compare(pipe_out, one_out)
     assert torch.load(next((pipe_out / "checkpoints" / f"step{STEPS}").glob("layer_04-*model_states.pt")),
                       weights_only=True)["module.weight"].shape[0] > TINY_LLAMA["hidden_size"]  # the head's own file
+
+
+def test_a_pipeline_evaluates_each_source_of_a_mixture():
+    """Each validation micro-batch comes from one source; the pipeline's evaluation keeps their losses apart."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from gpt_recipes.train.lm import PipelineStep
+
+    class Val:
+        source_names = ("code", "prose")
+
+        def batch(self, idx):
+            return {"input_ids": torch.zeros(len(idx), 4, dtype=torch.long)}, torch.zeros(len(idx), 4, dtype=torch.long)
+
+        def source_of(self, index):
+            return int(index >= 10)
+
+    losses = iter([2.0, 4.0, 7.0])  # code, code, prose: the engine's mean loss of each micro-batch
+    engine = SimpleNamespace(reset_activation_shape=lambda: None, train=lambda: None,
+                             eval_batch=lambda *a, **k: next(losses))
+    step = object.__new__(PipelineStep)
+    step.batches = SimpleNamespace(val=Val(), val_micro_batches=[np.array([0, 1]), np.array([2, 3]), np.array([10, 11])])
+    result = step.evaluate(engine)
+    assert result["val_loss_by_source"] == {"code": 3.0, "prose": 7.0} and abs(result["val_loss"] - 13 / 3) < 1e-12
+    assert abs(result["val_ppl"] - 2.718281828 ** (13 / 3)) < 1e-3
