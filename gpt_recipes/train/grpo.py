@@ -24,10 +24,12 @@ into ranks and micro-batches: each micro-batch adds its part, normalised by glob
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import importlib.util
 import inspect
 import math
+import numbers
 import statistics
 import sys
 import time
@@ -39,7 +41,6 @@ import numpy as np
 import torch
 
 from gpt_recipes.args import POSITIVE, Flags, StartingModelArgs, at_least, flag, within
-from gpt_recipes.data import sft
 from gpt_recipes.data.samples import Samples
 from gpt_recipes.ds_config import BatchPlan
 from gpt_recipes.errors import UserError, first_line
@@ -49,8 +50,11 @@ from gpt_recipes.parallel.layout import Supports
 from gpt_recipes.checkpoints.paths import BestMetric
 from gpt_recipes.metrics.summary import Column, Curve, Report
 from gpt_recipes.train.objective import Objective, StepResult, StepSetup
+from gpt_recipes.train.preference import prompt_messages
 
 LOSS_TYPES = ("grpo", "dr_grpo")
+# The reward functions' own arguments: no data column may take their names.
+RESERVED_COLUMNS = frozenset({"prompts", "completions"})
 
 
 @dataclass
@@ -119,21 +123,22 @@ def _load_callable(spec: str) -> Callable:
     if ":" not in spec:
         raise UserError(f"--reward_funcs {spec!r}: name a function as FILE.py:NAME or module:NAME")
     where, name = spec.rsplit(":", 1)
+    if where.endswith(".py") and not Path(where).is_file():
+        raise UserError(f"--reward_funcs {spec}: {where} does not exist")
+    argv = sys.argv
+    sys.argv = [where]  # a file that parses flags at import reads none of the recipe's
     try:
         if where.endswith(".py"):
-            path = Path(where)
-            if not path.is_file():
-                raise UserError(f"--reward_funcs {spec}: {where} does not exist")
-            module_spec = importlib.util.spec_from_file_location(f"reward_{path.stem}", path)
+            module_spec = importlib.util.spec_from_file_location(f"reward_{Path(where).stem}", where)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[module_spec.name] = module
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(where)
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f"--reward_funcs {spec}: {where} could not be imported: {first_line(err)}")
+    except (Exception, SystemExit, KeyboardInterrupt) as err:  # an exit at import must not end the run quietly
+        raise UserError(f"--reward_funcs {spec}: {where} could not be imported: {_what_happened(err)}")
+    finally:
+        sys.argv = argv
     func = getattr(module, name, None)
     if not callable(func):
         raise UserError(f"--reward_funcs {spec}: {where} has no function {name!r}")
@@ -171,15 +176,26 @@ def load_reward_funcs(specs: list[str], weights: list[float]) -> list[RewardFunc
     return funcs
 
 
+def _what_happened(err: BaseException) -> str:
+    """An exception as one line: its message, or for an exit, the exit and its status."""
+    if isinstance(err, SystemExit):
+        return f"it called exit ({err.code!r})"
+    if isinstance(err, KeyboardInterrupt):
+        return "it raised KeyboardInterrupt"
+    return f"{type(err).__name__}: {first_line(err)}"
+
+
 def score(funcs: list[RewardFunc], prompts: list, completions: list[str], columns: dict[str, list]) -> torch.Tensor:
-    """(completions, functions) rewards; None (not applicable) becomes NaN. A function that returns
-    the wrong length or a non-number stops the run in one line naming it."""
+    """(completions, functions) rewards; None (not applicable) becomes NaN. Each function gets its own
+    copy of the inputs. A function that fails (an exit included), returns the wrong length or a
+    non-number stops the run in one line naming it."""
     table = torch.full((len(completions), len(funcs)), float("nan"), dtype=torch.float64)
     for j, reward in enumerate(funcs):
+        inputs = copy.deepcopy({"prompts": prompts, "completions": completions, **columns})
         try:
-            values = reward.func(prompts=prompts, completions=completions, **columns)
-        except Exception as err:
-            raise UserError(f"reward function {reward.name} failed: {first_line(err)}")
+            values = reward.func(**inputs)
+        except (Exception, SystemExit, KeyboardInterrupt) as err:
+            raise UserError(f"reward function {reward.name} failed: {_what_happened(err)}")
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
             got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
             raise UserError(f"reward function {reward.name} returned {got} values for {len(completions)} completions; "
@@ -187,7 +203,8 @@ def score(funcs: list[RewardFunc], prompts: list, completions: list[str], column
         for i, value in enumerate(values):
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.number)) \
+                    or not math.isfinite(float(value)):
                 raise UserError(f"reward function {reward.name} returned {value!r} for completion {i}; rewards must be "
                                 "finite numbers or None")
             table[i, j] = float(value)
@@ -260,12 +277,13 @@ class Prompts(Samples):
         self.prompts: list = []  # as the reward functions receive them: text, or the messages
         for where, row in rows:
             prompt = row.get("prompt")
-            if isinstance(prompt, str):
-                messages = [{"role": "user", "content": prompt}]
-            elif isinstance(prompt, list):
-                messages = sft.to_messages({"messages": prompt + [{"role": "assistant", "content": "x"}]}, where)[:-1]
-            else:
+            if not isinstance(prompt, (str, list)):
                 raise UserError(f"{where}: needs a 'prompt' (text, or a list of chat messages)")
+            reserved = sorted(RESERVED_COLUMNS & set(row))
+            if reserved:
+                raise UserError(f"{where}: a column named {reserved[0]!r} would collide with the reward functions' own "
+                                f"argument of that name; rename the column")
+            messages = prompt_messages(prompt, where)
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) > max_prompt_tokens:
@@ -372,7 +390,16 @@ def reference_engine(build: Callable[[], torch.nn.Module], ds_cfg: dict) -> Call
 
 # Per completion, gathered from every rank with the rewards at each step (the gather GRPO needs
 # anyway): the columns after the reward functions' ones.
-GATHERED = ("tokens", "length", "ended")
+GATHERED = ("tokens", "length", "ended", "failed")
+
+
+def _first_problem(mine: str | None) -> str:
+    """The first rank's reward failure, on every rank."""
+    if not torch.distributed.is_initialized():
+        return mine or "a reward function failed"
+    every: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    return next(p for p in every if p is not None)
 
 
 class GRPOStep:
@@ -381,8 +408,9 @@ class GRPOStep:
     probes_memory = False
 
     def __init__(self, batches, plan: BatchPlan, env: DistEnv, settings: GRPOSettings, rewards: list[RewardFunc],
-                 tokenizer, pad_id: int, seed: int, zero3: bool, reference=None):
+                 tokenizer, pad_id: int, seed: int, zero3: bool, reference=None, warn: Callable[[str], None] = print):
         self.batches, self.plan, self.env, self.settings = batches, plan, env, settings
+        self.warn, self.warned = warn, False
         self.rewards, self.tokenizer, self.pad_id, self.seed = rewards, tokenizer, pad_id, seed
         self.synced = zero3 and env.world_size > 1
         self.reference = reference  # a frozen copy of the starting model, or None: the base under LoRA
@@ -417,14 +445,25 @@ class GRPOStep:
         return torch.cat([parts[r] for r in firsts])
 
     def _score(self, engine, rollouts: list[Rollout], mine: list[int]) -> torch.Tensor:
-        """(completions of the global batch, reward functions + GATHERED) on every rank."""
+        """(completions of the global batch, reward functions + GATHERED) on every rank. A reward function
+        that fails on any rank stops every rank with its message and the rank it failed on."""
         texts = [t for r in rollouts for t in r.texts]
-        table = score(self.rewards, [self.batches.train.prompts[i] for i in mine], texts,
-                      self.batches.train.column_lists(mine))
+        problem = None
+        try:
+            table = score(self.rewards, [self.batches.train.prompts[i] for i in mine], texts,
+                          self.batches.train.column_lists(mine))
+        except UserError as err:
+            problem = f"{err} (on rank {self.env.rank})"
+            table = torch.full((len(texts), len(self.rewards)), float("nan"), dtype=torch.float64)
+        failed = torch.full((len(texts), 1), float(problem is not None), dtype=torch.float64)
         tokens = torch.cat([r.prompt_mask.sum(1) + r.completion_mask.sum(1) for r in rollouts]).double()
         lengths = torch.cat([r.completion_mask.sum(1) for r in rollouts]).double()
         ended = torch.cat([r.ended for r in rollouts]).double()
-        return self._gathered(torch.cat([table, tokens[:, None], lengths[:, None], ended[:, None]], 1), engine.device)
+        everything = self._gathered(torch.cat([table, tokens[:, None], lengths[:, None], ended[:, None], failed], 1),
+                                    engine.device)
+        if everything[:, -1].any():  # the gather the step needs anyway says so; only then are messages exchanged
+            raise UserError(_first_problem(problem))
+        return everything
 
     def __call__(self, engine, step: int, global_batch: np.ndarray, probe, window) -> StepResult:
         s, plan = self.settings, self.plan
@@ -438,6 +477,7 @@ class GRPOStep:
         k = len(self.rewards)
         rewards = combine(everything[:, :k], self.weights)
         advantages, group_std = group_advantages(rewards, s.num_generations, s.scale_rewards)
+        self._warn_if_no_signal(step, everything[:, :k], group_std)
         first = plan.data_rank(self.env.rank) * plan.per_rank
         my_advantages = advantages[first:first + plan.per_rank].float()
         train_start = time.perf_counter()
@@ -448,6 +488,18 @@ class GRPOStep:
         self.sums.add(generation_ms=generation_s * 1000, training_ms=(time.perf_counter() - train_start) * 1000)
         self._add_gathered(everything, rewards, group_std)
         return StepResult(total, int(everything[:, k].sum().item()))
+
+    def _warn_if_no_signal(self, step: int, table: torch.Tensor, group_std: torch.Tensor) -> None:
+        """Once a run: a step whose rewards cannot teach anything (every advantage 0), and why."""
+        if self.warned:
+            return
+        why = ("every reward function returned None for every completion" if bool(table.isnan().all()) else
+               "within every prompt's group the completions earned the same reward" if bool((group_std == 0).all())
+               else None)
+        if why:
+            self.warned = True
+            self.warn(f"WARNING: step {step + 1}: {why}, so every advantage is 0 and the step teaches nothing; a "
+                      "reward that cannot tell completions of one prompt apart gives no learning signal (said once)")
 
     def _train_on(self, engine, rollout: Rollout, advantages: torch.Tensor) -> torch.Tensor:
         """One micro-batch of completions: the clipped loss, backward and step; its figures summed on the device."""
@@ -566,7 +618,7 @@ class GRPO(Objective):
                 + f"; rewards: {', '.join(f'{r.name} x {r.weight:g}' for r in self.rewards)}; sampling at temperature "
                 f"{s.temperature:g}, top_p {s.top_p:g}, up to {s.max_completion_length} tokens")
         return GRPOStep(setup.batches, run.batch, run.env, s, self.rewards, self.start.tokenizer, self.start.pad_id,
-                        setup.seed, zero3=setup.stage == 3, reference=reference), {}
+                        setup.seed, zero3=setup.stage == 3, reference=reference, warn=run.say), {}
 
     def line_text(self, record: dict[str, Any]) -> str:
         """What the completions earned, and what generating them cost."""

@@ -85,3 +85,18 @@ def test_bad_input_stops_in_one_line_before_any_rank_starts(tmp_path, pretrained
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "has no function 'nothing'" in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
     assert not (tmp_path / "bad").exists()  # nothing was written
+
+
+def test_a_reward_that_fails_on_one_rank_is_named_with_its_message(tmp_path, pretrained, prompts):
+    """Only rank 1's completions make the reward raise: every rank stops with the reward's own message."""
+    rewards = tmp_path / "flaky.py"
+    rewards.write_text("import os\ndef flaky(prompts, completions, **kw):\n"
+                       "    if os.environ['RANK'] == '1':\n        raise ValueError('cannot score this one')\n"
+                       "    return [0.0] * len(completions)\n")
+    args = grpo_args(tmp_path, pretrained, prompts, tmp_path / "run", "--max_steps", "2") + [
+        "--reward_funcs", f"{rewards}:flaky"]
+    proc = launch("recipes/grpo.py", args, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: reward function flaky failed: ValueError: cannot score this one (on rank 1)" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "killed, out of memory" not in proc.stderr and "Traceback" not in proc.stderr

@@ -170,4 +170,51 @@ def test_prompts_longer_than_the_model_allows_are_refused(tmp_path):
         grpo.Prompts(rows, tokenizer, max_prompt_tokens=3)
     with pytest.raises(UserError, match="needs a 'prompt'"):
         grpo.Prompts([("p.jsonl row 3", {"question": "q"})], tokenizer, 64)
+    with pytest.raises(UserError, match="p.jsonl row 4: empty prompt"):
+        grpo.Prompts([("p.jsonl row 4", {"prompt": "  "})], tokenizer, 64)
+    with pytest.raises(UserError, match="p.jsonl row 5: a column named 'completions' would collide"):
+        grpo.Prompts([("p.jsonl row 5", {"prompt": "q", "completions": ["x"]})], tokenizer, 64)
     assert json.dumps(prompts.prompts)  # what the reward functions receive stays plain data
+
+
+def test_reward_functions_run_guarded(tmp_path):
+    """An exit or interrupt inside a reward is a failure naming it; each function gets its own copy of the
+    inputs; numpy numbers count; a file that exits or parses flags at import is named, not obeyed."""
+    rewards = tmp_path / "guarded.py"
+    rewards.write_text("import sys, numpy as np\n"
+                       "def leave(prompts, completions, **kw):\n    sys.exit(0)\n"
+                       "def interrupt(prompts, completions, **kw):\n    raise KeyboardInterrupt\n"
+                       "def edit(prompts, completions, **kw):\n    completions[0] = 'changed'\n"
+                       "    return [1.0] * len(completions)\n"
+                       "def read(prompts, completions, **kw):\n    return [float(c == 'changed') for c in completions]\n"
+                       "def numpy_kind(prompts, completions, **kw):\n    return [np.float32(2.0), np.int64(1)]\n")
+    load = lambda *names: grpo.load_reward_funcs([f"{rewards}:{n}" for n in names], [])  # noqa: E731
+    with pytest.raises(UserError, match=re.escape("reward function leave failed: it called exit (0)")):
+        grpo.score(load("leave"), ["p"], ["a"], {})
+    with pytest.raises(UserError, match="reward function interrupt failed: it raised KeyboardInterrupt"):
+        grpo.score(load("interrupt"), ["p"], ["a"], {})
+    assert grpo.score(load("edit", "read"), ["p", "p"], ["a", "b"], {}).tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    assert grpo.score(load("numpy_kind"), ["p", "p"], ["a", "b"], {}).tolist() == [[2.0], [1.0]]
+    exits = tmp_path / "exits.py"
+    exits.write_text("import sys\nsys.exit(0)\n")
+    with pytest.raises(UserError, match=re.escape(f"{exits} could not be imported: it called exit (0)")):
+        grpo.load_reward_funcs([f"{exits}:f"], [])
+    parses = tmp_path / "parses.py"
+    parses.write_text("import argparse\nFLAGS = argparse.ArgumentParser().parse_args()\n"
+                      "def f(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    assert grpo.load_reward_funcs([f"{parses}:f"], [])[0].name == "f"  # it saw no flags, not the recipe's
+
+
+def test_a_step_that_cannot_teach_is_said_once():
+    said = []
+    step = object.__new__(grpo.GRPOStep)
+    step.warn, step.warned = said.append, False
+    step._warn_if_no_signal(0, torch.tensor([[1.0], [2.0]]), torch.tensor([0.5]))
+    assert said == []
+    step._warn_if_no_signal(4, torch.tensor([[1.0], [1.0]]), torch.tensor([0.0]))
+    step._warn_if_no_signal(5, torch.full((2, 1), float("nan")), torch.tensor([0.0]))
+    assert len(said) == 1 and "step 5: within every prompt's group the completions earned the same reward" in said[0]
+    fresh = object.__new__(grpo.GRPOStep)
+    fresh.warn, fresh.warned = said.append, False
+    fresh._warn_if_no_signal(0, torch.full((2, 1), float("nan")), torch.tensor([0.0]))
+    assert "every reward function returned None for every completion" in said[-1]
