@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
+import signal
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -29,6 +31,33 @@ class UserError(RecipeExit):
     """Bad input the user can fix: a missing file, an inconsistent config, a mismatch."""
 
     exit_code = USER_ERROR_EXIT
+
+
+class Stopped(RecipeExit):
+    """A command stopped by SIGTERM or SIGINT (Ctrl-C) between two of its own steps; exits with
+    128 + the signal number, as schedulers expect."""
+
+    prefix = "stopped"
+
+    def __init__(self, signum: int, what: str):
+        self.exit_code = 128 + signum
+        super().__init__(f"{signal.Signals(signum).name} received: {what}")
+
+
+@contextlib.contextmanager
+def stop_on_signals(what: str) -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise Stopped (saying `what`): the block's own clean-up
+    (temporary folders, locks) runs, and the command ends with one line instead of being killed."""
+
+    def stop(signum, frame):
+        raise Stopped(signum, what)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class RankError(UserError):

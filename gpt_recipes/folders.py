@@ -9,6 +9,7 @@ project wrote a folder of that kind there: a folder of anyone else's is never de
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -87,19 +88,84 @@ def temporary_beside(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def written_aside(folder: Path, kind: str) -> Iterator[Path]:
-    """Yield a temporary folder beside `folder` to write into; when the block ends, mark it
-    (unless the block marked it with more facts) and rename it into place. On any error, or
-    an interrupt, the temporary folder is removed and `folder` stays as it was."""
-    tmp = temporary_beside(folder)
+def written_aside(folder: Path, kind: str, replace: bool = False, flag: str = "--overwrite",
+                  owned: bool | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside `folder` to write into; when the block ends, mark it (unless the
+    block marked it with more facts) and rename it into place. On any error, or an interrupt, the
+    temporary folder is removed and `folder` stays as it was.
+
+    One writer at a time: a lock beside `folder` refuses a second one in one line. Under the lock,
+    `folder` is checked again (check_replaceable with `replace`, `flag` and `owned`), and what a
+    writer killed outright left beside it (its temporary folders) is swept away."""
+    with _writer_lock(folder):
+        check_replaceable(folder, kind, replace, flag, owned)
+        for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = temporary_beside(folder)
+        try:
+            yield tmp
+            if not (tmp / MARKER).is_file():
+                mark(tmp, kind)
+            move_into_place(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def _writer_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on .NAME.lock beside `folder` (an flock: the kernel drops it when the process
+    ends, however it ends); the file goes when the writer is done."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.parent / f".{folder.name}.lock"
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"output folder {folder} is being written by another command ({holder}); wait for it "
+                            "to end, or write to another folder")
+        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break  # the lock file still at its path: not one a finishing writer just removed
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
     try:
-        yield tmp
-        if not (tmp / MARKER).is_file():
-            mark(tmp, kind)
-        move_into_place(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
+
+
+def is_disk_failure(err: BaseException) -> bool:
+    """A write that failed for want of disk: the OSError itself, or a library's own error about it
+    (torch.save's C++ stream, safetensors' writer); a collective's error is not one."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG):
+        return True
+    text = str(err)
+    return any(sign in text for sign in ("PytorchStreamWriter", "file write failed", "No space left on device",
+                                         "Disk quota exceeded", "Read-only file system", "File too large"))
+
+
+@contextlib.contextmanager
+def disk_failures_said(folder: Path) -> Iterator[None]:
+    """A full disk while writing `folder` (written aside) as one line: nothing of it was written."""
+    from gpt_recipes.errors import first_line
+
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_failure(err):
+            raise
+        raise UserError(f"writing {folder} failed: {first_line(err)} (is the disk full?); nothing was written there "
+                        "and nothing of yours changed: free some space and run the command again") from err
 
 
 def move_into_place(tmp: Path, folder: Path) -> None:

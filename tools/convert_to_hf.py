@@ -18,7 +18,7 @@ from typing import Optional
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.checkpoints.export import export
 from gpt_recipes.checkpoints.run_dir import check_output_path
-from gpt_recipes.errors import cli_entry
+from gpt_recipes.errors import cli_entry, stop_on_signals
 from gpt_recipes.metrics.memory import PeakAnonymous, peak_memory_mb
 
 
@@ -48,7 +48,8 @@ def main() -> None:
     args = parse_args(ConvertToHFArgs, description=__doc__)
     check_output_path(args.out_dir, "OUT_DIR", {"CHECKPOINT_DIR": args.checkpoint,
                                                 **({"--base_model": args.base_model} if args.base_model else {})})
-    with PeakAnonymous() as anonymous:
+    stopped = f"the export was not written, and {args.out_dir} is as it was"
+    with PeakAnonymous() as anonymous, stop_on_signals(stopped):
         libraries_mb = anonymous.peak_mb
         report = export(args.checkpoint, args.out_dir, tag=args.tag, dtype=args.dtype,
                         max_shard_size=args.max_shard_size, force=args.overwrite, verify=args.verify,

@@ -45,7 +45,7 @@ def main() -> None:
     inputs = args.inputs or [str(p) for p in sources.default_corpus_files()]
     texts = sources.load_texts(sources.expand(inputs, args.file_pattern), args.text_field, args.split)
     tokenizer = train_bpe(text_batches(texts), args.vocab_size, length=len(texts))
-    with folders.written_aside(out, TOKENIZER_KIND) as tmp:
+    with folders.written_aside(out, TOKENIZER_KIND, args.overwrite) as tmp:
         tokenizer.save_pretrained(tmp)
     print(f"Saved a byte-level BPE tokenizer with {len(tokenizer)} tokens to {out}")
 

@@ -196,7 +196,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, 
         return _export_adapter(ckpt_dir, tag, out_dir, lora, base_model, tokenizer, force, verify, log)
     target = _target_dtype(dtype, info, log)
     check_output_folder(out_dir, force)
-    with folders.written_aside(out_dir, EXPORT_KIND) as tmp:
+    with folders.written_aside(out_dir, EXPORT_KIND, force) as tmp, folders.disk_failures_said(out_dir):
         log(f"Consolidating {tag_dir} (ZeRO-{info.get('zero_stage', '?')}, {info.get('world_size', '?')} ranks)")
         weights = _final_weights(ckpt_dir, tag, config, lora, base_model, target, log)
         params = sum(t.numel() for t in weights.values())
@@ -285,7 +285,7 @@ def _export_adapter(ckpt_dir: Path, tag: str, out_dir: Path, lora: dict, base_mo
     """peft's adapter folder (adapter_config.json naming the base, adapter weights in fp32) plus the tokenizer."""
     check_output_folder(out_dir, force)
     tag_dir = ckpt_dir / tag
-    with folders.written_aside(out_dir, EXPORT_KIND) as tmp:
+    with folders.written_aside(out_dir, EXPORT_KIND, force) as tmp, folders.disk_failures_said(out_dir):
         adapted = _adapted_model(ckpt_dir, tag, lora, base_model, log)
         adapted.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

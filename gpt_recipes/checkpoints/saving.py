@@ -9,7 +9,6 @@ finished writing, so it never names an incomplete checkpoint.
 
 from __future__ import annotations
 
-import errno
 import json
 import pickle
 import random
@@ -38,7 +37,7 @@ from gpt_recipes.checkpoints.paths import (
     write_latest,
 )
 from gpt_recipes.errors import RankError, UserError, first_line
-from gpt_recipes.folders import fsync_path, fsync_tree
+from gpt_recipes.folders import fsync_path, fsync_tree, is_disk_failure
 from gpt_recipes.parallel.distributed import barrier
 
 TRAINER_STATE_KEY = "trainer_state"
@@ -137,15 +136,6 @@ def _set_aside(tag_dir: Path) -> Path:
     return aside
 
 
-def _disk_failure(err: BaseException) -> bool:
-    """A write that failed for want of disk: the OSError itself, or torch.save's C++ stream error
-    (a collective's error, when another rank is gone, is not one)."""
-    if isinstance(err, OSError):
-        return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)
-    text = str(err)
-    return "PytorchStreamWriter" in text or "file write failed" in text
-
-
 def save(engine, out_dir: Path, trainer_state: dict[str, Any], rank: int, hf_files: list[Any],
          training_info: dict[str, Any], num_params: int, keep_last: int = 0, log=print,
          frozen_base: bool = False, best: BestMetric = BestMetric()) -> Path:
@@ -197,7 +187,7 @@ def _write_shards(engine, ckpt_dir: Path, tag: str, step: int, rank: int, traine
         faults.during_save(step, rank)
         fsync_tree(tag_dir)  # each rank flushes what it wrote (and what it sees) before the checkpoint counts
     except (OSError, RuntimeError) as err:
-        if not _disk_failure(err):
+        if not is_disk_failure(err):
             raise
         kept = latest_tag(ckpt_dir)
         raise RankError(f"writing checkpoint {tag_dir} failed on rank {rank}: {first_line(err)} (is the disk full?); "

@@ -149,3 +149,54 @@ def test_overwrite_replaces_the_run_and_a_failed_export_check_exits_nonzero(tmp_
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step2"]  # nothing of the old run's step3/6
     assert (ckpt / "latest").read_text() == "step2" and (out / "notes.txt").read_text() == "mine"
     assert max(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_an_export_is_one_writer_that_leaves_nothing_behind(tmp_path, zero2_run, monkeypatch):
+    """A second writer into the same folder is refused while the first holds it; a full disk and a
+    SIGTERM each end in one line with nothing written; what a writer killed outright left beside the
+    folder is swept away by the next export."""
+    import os
+    import signal
+
+    import safetensors.torch
+
+    from gpt_recipes import folders
+
+    out = tmp_path / "hf"
+    with folders._writer_lock(out):  # another export in progress into the same folder
+        proc = run_here("tools/convert_to_hf.py", [str(zero2_run), str(out)])
+    assert proc.returncode == 2 and re.search(r"error: output folder .*hf is being written by another command \(pid \d+\)",
+                                              proc.stderr.strip()), proc.stderr
+    assert not out.exists()
+
+    def full_disk(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", full_disk)
+        proc = run_here("tools/convert_to_hf.py", [str(zero2_run), str(out)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.search(r"error: writing .*hf failed: Error while serializing: No space left on device .*\(is the disk "
+                     r"full\?\); nothing was written there", proc.stderr.strip()), proc.stderr
+
+    from gpt_recipes.checkpoints import export as exporting
+
+    consolidate = exporting.consolidated_state_dict
+
+    def stopped_while_consolidating(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill` would, while the folder is being written
+        return consolidate(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(exporting, "consolidated_state_dict", stopped_while_consolidating)
+        proc = run_here("tools/convert_to_hf.py", [str(zero2_run), str(out)])
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (f"stopped: SIGTERM received: the export was not written, and {out} "
+                                                    "is as it was")
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    killed = tmp_path / ".hf.tmp-killed"  # what a SIGKILLed export leaves: swept by the next one
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
+    assert run_here("tools/convert_to_hf.py", [str(zero2_run), str(out)]).returncode == 0
+    assert (out / "model.safetensors").is_file() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
