@@ -223,7 +223,8 @@ def _package_names() -> dict[str, list[str]]:
 
 
 FILE_SUFFIXES = {"json", "jsonl", "md", "py", "pt", "txt", "bin", "png", "sh", "csv", "safetensors", "lock"}
-JSON_SECTIONS = {"compile", "optimizer", "scheduler", "bf16", "fp16", "zero_optimization", "timers", "tensor_parallel"}
+JSON_SECTIONS = {"compile", "optimizer", "scheduler", "bf16", "fp16", "zero_optimization", "timers", "tensor_parallel",
+                 "pipeline", "checkpoint", "activation_checkpointing", "expert_parallel"}
 
 
 def test_every_module_path_the_docs_name_exists():
