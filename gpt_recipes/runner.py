@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from gpt_recipes.data.samples import Samples
 from gpt_recipes.data.tokenizer import vocabulary_digest
 from gpt_recipes.data.tokens import GlobalBatchOrder, eval_micro_batches
 from gpt_recipes.ds_config import BatchPlan
-from gpt_recipes.errors import UserError
+from gpt_recipes.errors import UserError, first_line
 from gpt_recipes.metrics import evaluation, flops
 from gpt_recipes.metrics.log import MetricsLog, log_wandb_by_step
 from gpt_recipes.metrics.memory import tensor_memory_mb
@@ -326,8 +327,19 @@ def load_resumed(engine, run: RunPlan, job: Job, tag: str | None) -> TrainState:
     """The checkpoint's weights, optimizer state, RNG states and position; a fresh state without one."""
     if not tag:
         return TrainState()
-    saved = saving.load(engine, paths.checkpoints_dir(run.out_dir), tag, run.env.rank,
-                        frozen_base=job.weights.frozen_base)
+    ckpt_dir = paths.checkpoints_dir(run.out_dir)
+    try:
+        saved = saving.load(engine, ckpt_dir, tag, run.env.rank, frozen_base=job.weights.frozen_base)
+    except BaseException as err:
+        if tag == run.output.resume_tag:
+            raise
+        # A conversion made for this resume that DeepSpeed cannot load is not left behind.
+        if run.env.is_main:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        if isinstance(err, (AssertionError, TypeError, ValueError)):
+            raise UserError(f"DeepSpeed could not load {run.output.resume_tag} converted for this layout "
+                            f"({first_line(err)}); resume on the layout it was written on") from err
+        raise
     engine_setup.replay_adam_step_products(engine)
     run.say(f"Resumed from step {saved['step']} ({saved['tokens']:,} tokens seen)")
     return TrainState(step=saved["step"], tokens=saved["tokens"])

@@ -131,3 +131,36 @@ def test_num_epochs_sets_the_run_length_and_the_schedule(tmp_path):
         PretrainArgs(output_dir=str(tmp_path / "out2"), num_epochs=0)
     with pytest.raises(UserError, match="a weighted mixture passes over each source at its own rate"):
         make_mixture_batches(args, run, [], [], 64)
+
+
+def test_a_resume_in_another_precision_or_with_other_objective_settings_is_one_line(resumable):
+    import json
+
+    from gpt_recipes.runner import Job, check_job
+    from gpt_recipes.train.lm import NextToken
+
+    out, config, tokenizer = resumable
+    info_path = out / "checkpoints" / "step4" / "training.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "precision": "fp32"}))
+    with pytest.raises(UserError, match="was trained with fp32, and this run is bf16: resume in fp32"):
+        _resume(out, config, tokenizer)
+
+    class Tuned(NextToken):  # an objective with settings of its own, as DPO, KTO and GRPO have
+        title = "KTO"
+
+        def config_record(self):
+            return {"kto": {"beta": 0.1, "desirable_weight": 1.0}}
+
+    info_path.write_text(json.dumps({**info, "kto": {"beta": 0.5, "desirable_weight": 1.0}}))
+    args = PretrainArgs(output_dir=str(out), resume=True)
+    with pytest.raises(UserError, match=r"was trained with other KTO settings \(beta 0.5 -> 0.1\); resume with the ones"):
+        check_job(args, plan_run(args), Job("kto", Tuned(), config, tokenizer, 64, None, data_fingerprint="data-a"))
+
+
+def test_resume_from_a_path_outside_the_run_is_refused(resumable):
+    out, _, _ = resumable
+    with pytest.raises(UserError, match="is not a checkpoint of --output_dir"):
+        plan_run(PretrainArgs(output_dir=str(out), resume_from="/nonexistent/run/checkpoints/step4"))
+    plan_run(PretrainArgs(output_dir=str(out), resume_from=str(out / "checkpoints" / "step4")))
+    plan_run(PretrainArgs(output_dir=str(out), resume_from="step4"))

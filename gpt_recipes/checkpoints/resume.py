@@ -51,9 +51,33 @@ def check_matches(run, job) -> list[str]:
             f"{run.batch.global_batch} and {job.seq_len}: keep them to resume (on another number of ranks, change "
             "gradient_accumulation_steps or train_micro_batch_size_per_gpu in the DeepSpeed config so the global "
             "batch stays the same)")
+    _check_precision_and_settings(saved, run, job, where)
     if "world_size" in saved and "zero_stage" in saved:  # a layout no conversion can bridge is refused now
         run.layout.resume_change(Layout.from_record(saved))
     return [note] if note else []
+
+
+def _check_precision_and_settings(saved: dict[str, Any], run, job, where: str) -> None:
+    """The precision the checkpoint's weights and optimizer state are in, and the objective's settings
+    (GRPO's generations and rewards, DPO's beta, ...), as the run that wrote it had them."""
+    from gpt_recipes.ds_config import precision
+
+    if saved.get("precision") and saved["precision"] != precision(run.ds_cfg):
+        raise UserError(f"{where} {saved['precision']}, and this run is {precision(run.ds_cfg)}: resume in "
+                        f"{saved['precision']} (the DeepSpeed JSON it was trained with), or export it with "
+                        "tools/convert_to_hf.py and start a new run from the export")
+    for key, value in job.objective.config_record().items():
+        if key in saved and json.loads(json.dumps(value)) != saved[key]:
+            changed = _differences(saved[key], json.loads(json.dumps(value)))
+            raise UserError(f"{where} other {job.objective.title} settings ({changed}); resume with the ones it was "
+                            "trained with, or start a new run from its export")
+
+
+def _differences(saved: Any, now: Any) -> str:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return "; ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted({*saved, *now})
+                         if saved.get(k) != now.get(k))
+    return f"{saved!r} -> {now!r}"
 
 
 def _check_model_and_tokenizer(tag_dir, saved: dict[str, Any], job, where: str) -> None:

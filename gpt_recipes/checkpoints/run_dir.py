@@ -126,7 +126,9 @@ def _housekeeping(path: Path) -> bool:
 def _chosen_checkpoint(out_dir: Path, resume_from: str) -> str:
     ckpt_dir = checkpoints_dir(out_dir)
     given = Path(resume_from)
-    if given.is_dir() and given.resolve().parent != ckpt_dir.resolve():
+    # A path names a folder, and it must be one of this run's checkpoints, existing or not: a missing
+    # folder elsewhere is not this run's checkpoint of the same name.
+    if (given.is_dir() or len(given.parts) > 1) and given.resolve().parent != ckpt_dir.resolve():
         raise UserError(f"--resume_from {resume_from} is not a checkpoint of --output_dir {out_dir} (its checkpoints are "
                         f"in {ckpt_dir}); give one of their tags, or the run's own --output_dir")
     tag = given.name

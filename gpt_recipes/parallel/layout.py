@@ -35,6 +35,13 @@ def zero_stage(cfg: dict[str, Any]) -> int:
     return stage
 
 
+# (saved ZeRO stage, this run's) a resume may bridge through DeepSpeed's universal checkpoint, as
+# tested (tests/checkpoints/test_reliability.py): another number of ranks at one stage, and ZeRO-3 to
+# ZeRO-2. DeepSpeed 0.19.8 fails others inside its loaders (ZeRO-2 to 3: an assertion in
+# check_ckpt_list; ZeRO-2 to 0: a TypeError in the fp16/bf16 optimizer's load_state_dict).
+UNIVERSAL_RESUMES = {(1, 1), (2, 2), (3, 3), (3, 2)}
+
+
 @dataclass(frozen=True)
 class Supports:
     """The layouts besides data parallelism (any ZeRO stage) that an objective can run on; `why_not`
@@ -199,6 +206,12 @@ class Layout:
                             "DeepSpeed JSON")
         if (saved.world, saved.zero_stage) == (self.world, self.zero_stage):
             return None
+        if (saved.zero_stage, self.zero_stage) not in UNIVERSAL_RESUMES:
+            raise UserError(f"the checkpoint was written at ZeRO-{saved.zero_stage}; resuming it at ZeRO-{self.zero_stage} "
+                            "is not among the changes DeepSpeed's universal checkpoint carries out here (another number "
+                            "of ranks at ZeRO-1, 2 or 3, and ZeRO-3 to 2): resume at ZeRO-"
+                            f"{saved.zero_stage} (the JSON it was trained with), or export it with tools/convert_to_hf.py "
+                            "and start a new run from the export")
         return f"{saved.short()} -> {self.short()}"
 
     # --- The rules -----------------------------------------------------------------------------------

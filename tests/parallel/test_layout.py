@@ -119,6 +119,11 @@ def test_a_resume_keeps_a_sequence_tensor_or_pipeline_layout():
         Layout(2, 1).resume_change(pp)
     assert Layout(2, 1, pipeline=2).resume_change(pp) is None
     assert Layout(1, 2).resume_change(Layout(2, 2)) == "2 ranks at ZeRO-2 -> 1 ranks at ZeRO-2"
+    assert Layout(2, 2).resume_change(Layout(2, 3)) == "2 ranks at ZeRO-3 -> 2 ranks at ZeRO-2"
+    for saved, now in ((2, 3), (2, 0), (0, 2), (1, 3)):  # what DeepSpeed's universal checkpoint fails here
+        with pytest.raises(UserError, match=f"written at ZeRO-{saved}; resuming it at ZeRO-{now} is not among the "
+                                            "changes"):
+            Layout(2, now).resume_change(Layout(2, saved))
     assert Layout.from_record(Layout(4, 1, pipeline=2).record()) == Layout(4, 1, pipeline=2)
 
 
