@@ -8,7 +8,11 @@ script: exit 0, or exit 2 with one `error:` line); never another exception.
 Inputs mutated: DeepSpeed JSONs (keys dropped, duplicated or retyped, strings for numbers and
 booleans, sections replaced by scalars), the flags of the recipes and tools (non-finite and
 out-of-range numbers; paths that are missing, files, folders, not UTF-8, uncreatable),
-a prepared folder's meta.json, and fine-tuning rows.
+a prepared folder's meta.json, fine-tuning rows, `--ds` overrides (keys DeepSpeed reads and keys
+it reads nowhere, odd values), pipeline sections (stages, partitions against each family's
+layers, checkpoint intervals), reward functions (raising, exiting, mutating their inputs,
+returning numpy numbers, None, NaN or the wrong length), GRPO prompt rows, and writers of one
+export folder (started, finished, failed, killed, one while another writes).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -280,13 +286,21 @@ def fuzz_inputs(tmp_path_factory, tiny_data, tiny_model):
     pairs = root / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"What is {i}?", "chosen": f"It is {i}.", "rejected": "No."}) + "\n"
                              for i in range(40)))
+    labelled = root / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({"prompt": f"What is {i}?", "completion": f"It is {i}.", "label": i % 2 == 0})
+                                + "\n" for i in range(40)))
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i}?", "answer": str(i)}) + "\n" for i in range(40)))
+    rewards = root / "rewards.py"
+    rewards.write_text("def length(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n")
     cfg = root / "ds.json"
     cfg.write_text(json.dumps({**SHIPPED["zero2.json"], "train_micro_batch_size_per_gpu": 2}))
     shutil.copy(REPO / "tests" / "fixtures" / "recipe_zero0_metrics.jsonl", root / "metrics.jsonl")
     corpus = root / "corpus.txt"
     corpus.write_text("def add(a, b):\n    return a + b\n\n" * 200)
     return {"root": root, "data": tiny_data, "model": model, "tiny_model": tiny_model, "rows": rows,
-            "pairs": pairs, "cfg": cfg, "metrics": root / "metrics.jsonl", "corpus": corpus, "paths": Paths(root)}
+            "pairs": pairs, "labelled": labelled, "prompts": prompts,
+            "rewards": rewards, "cfg": cfg, "metrics": root / "metrics.jsonl", "corpus": corpus, "paths": Paths(root)}
 
 
 def baseline(script: str, inputs: dict, out: Path) -> list[str]:
@@ -299,6 +313,11 @@ def baseline(script: str, inputs: dict, out: Path) -> list[str]:
                                 "--truncate", *common],
         "recipes/dpo.py": ["--model_name_or_path", str(inputs["model"]), "--data", str(inputs["pairs"]), "--truncate",
                            *common],
+        "recipes/kto.py": ["--model_name_or_path", str(inputs["model"]), "--data", str(inputs["labelled"]),
+                           "--truncate", *common],
+        "recipes/grpo.py": ["--model_name_or_path", str(inputs["model"]), "--data", str(inputs["prompts"]),
+                            "--reward_funcs", f"{inputs['rewards']}:length", "--num_generations", "2",
+                            "--max_completion_length", "8", *common],
         "tools/generate.py": [str(inputs["model"]), "--prompt", "def", "--max_new_tokens", "2"],
         "tools/summarize_throughput.py": [str(inputs["metrics"])],
         "tools/plan_memory.py": ["--model", "gpt2-nano", "--ranks", "2"],
@@ -308,7 +327,8 @@ def baseline(script: str, inputs: dict, out: Path) -> list[str]:
     }[script]
 
 
-FLAG_SCRIPTS = ["recipes/pretrain.py", "recipes/finetune.py", "recipes/dpo.py", "tools/generate.py",
+FLAG_SCRIPTS = ["recipes/pretrain.py", "recipes/finetune.py", "recipes/dpo.py", "recipes/kto.py", "recipes/grpo.py",
+                "tools/generate.py",
                 "tools/summarize_throughput.py", "tools/plan_memory.py", "tools/prepare_data.py",
                 "tools/convert_to_hf.py"]
 
@@ -326,3 +346,274 @@ def test_any_flags_of_a_script_run_or_are_refused_in_one_line(script, fuzz_input
         assert script_outcome(script, [*baseline(script, fuzz_inputs, out), *flags], monkeypatch, capsys) is None
 
     check()
+
+
+# --- --ds overrides ------------------------------------------------------------------------------
+# Keys DeepSpeed reads nowhere: each built from a real section and a made-up or misplaced key.
+# Accepting any of them would train as if it were absent.
+NOWHERE = ["lr", "foo.bar", "optimizer.lr", "optimizer.learning_rate", "optimizer.params.learning_rate",
+           "pipeline.stage", "pipeline.partition_method", "scheduler.warmup_num_steps", "zero_optimization.stages",
+           "bf16.enable", "zero_optimization.offload_optimizer.devices", "gradient_clip", "train_batch",
+           "tensorboard.output", "wandb.projects", "expert_parallel.size", "compile.enabled",
+           "scheduler.params.warmup_step", "checkpoint.tag_validations"]
+OVERRIDE_VALUES = st.sampled_from(["1", "2", "0", "-1", "0.5", "1e-3", "1e999", "true", "false", "null", "\"auto\"",
+                                   "auto", "[1, 2]", "{\"a\": 1}", "{}", "nan", "abc", "", "cpu", "\"none\"", "AdamW"])
+
+
+@st.composite
+def overridden_configs(draw) -> tuple[str, list[str], list[str]]:
+    """(a shipped JSON's name, one to three --ds overrides, the keys among them DeepSpeed reads nowhere)."""
+    name = draw(st.sampled_from(sorted(SHIPPED)))
+    held = [".".join(p) for p in key_paths(SHIPPED[name])]
+    overrides, bogus = [], []
+    for _ in range(draw(st.integers(1, 3))):
+        if draw(st.integers(0, 3)) == 0:
+            key = draw(st.sampled_from(NOWHERE))
+            bogus.append(key)
+        else:
+            key = draw(st.sampled_from(held))
+        overrides.append(f"{key}={draw(OVERRIDE_VALUES)}")
+    return name, overrides, bogus
+
+
+def overrides_outcome(name: str, overrides: list[str], bogus: list[str], world_size: int) -> str | None:
+    """None when the overrides resolve, or are refused in one line; a key DeepSpeed reads nowhere
+    must be refused (naming a key), never trained with."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(SHIPPED[name]))
+        try:
+            ds_config.resolve(path, world_size, 10, "cpu", Path(tmp) / "monitor", overrides=overrides)
+        except UserError as err:
+            return None if one_line(err) else f"UserError of {len(str(err).splitlines())} lines: {str(err)[:80]}"
+        except Exception as err:
+            return failure(err)
+        return f"accepted {bogus}, which DeepSpeed reads nowhere" if bogus else None
+
+
+@given(case=overridden_configs(), world_size=st.sampled_from([1, 2, 4]))
+def test_any_ds_override_is_read_or_refused_in_one_line(case, world_size):
+    assert overrides_outcome(*case, world_size) is None
+
+
+# --- Pipeline sections ----------------------------------------------------------------------------
+PARTITIONS = st.one_of(st.sampled_from(["parameters", "uniform", "best", "type:Block", "type:block", "type:nosuch",
+                                        "type:[", "type:", "type:.*", "type:Norm|Head", "type:Embedding",
+                                        "type:RotaryBlock", "type:Block|Norm", "Block", "random"]), ODD_VALUES)
+
+
+@st.composite
+def pipeline_sections(draw) -> dict:
+    section = dict(SHIPPED["zero1_pp2.json"]["pipeline"])
+    for key, values in (("stages", st.one_of(st.integers(-1, 6), ODD_VALUES)), ("partition", PARTITIONS),
+                        ("activation_checkpoint_interval", st.one_of(st.integers(-1, 3), ODD_VALUES))):
+        if draw(st.booleans()):
+            section[key] = draw(values)
+    if draw(st.integers(0, 4)) == 0:
+        del section[draw(st.sampled_from(sorted(section)))]
+    return section
+
+
+def pipeline_outcome(section: dict, world_size: int, family: str) -> str | None:
+    """None when the section is refused in one line before any rank starts, or when DeepSpeed's own
+    partitioning of the model's layers gives every stage at least one layer it asked for."""
+    from deepspeed.runtime import utils as ds_utils
+    from transformers import AutoConfig
+
+    from gpt_recipes.parallel.layout import Layout, Supports
+    from gpt_recipes.parallel.pipeline import layer_classes
+    from tests.helpers import TINY_GPT2, TINY_LLAMA
+
+    spec = dict(TINY_GPT2 if family == "gpt2" else TINY_LLAMA)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pp.json"
+        path.write_text(json.dumps({**SHIPPED["zero1_pp2.json"], "pipeline": section}))
+        try:
+            cfg, _, _ = ds_config.resolve(path, world_size, 10, "cpu", Path(tmp) / "monitor")
+            layout = Layout.of_config(cfg, world_size)
+            why = layout.refusal(config, 32, Supports(pipeline=True), "pretraining")
+            if why is not None:
+                raise UserError(why)
+        except UserError as err:
+            return None if one_line(err) else f"UserError of {len(str(err).splitlines())} lines: {str(err)[:80]}"
+        except Exception as err:
+            return failure(err)
+    if not layout.partition.startswith("type:"):
+        return None
+    import re
+
+    pattern = re.compile(layout.partition[5:], re.IGNORECASE)
+    weights = [1 if pattern.search(name) else 0 for name in layer_classes(config)]
+    parts = ds_utils.partition_balanced(weights, layout.pipeline)  # what DeepSpeed does with a type: partition
+    per_stage = [sum(weights[parts[s]:parts[s + 1]]) for s in range(layout.pipeline)]
+    return None if min(per_stage) >= 1 else f"accepted {layout.partition!r}, which leaves a stage {per_stage}"
+
+
+@given(section=pipeline_sections(), world_size=st.sampled_from([1, 2, 4]), family=st.sampled_from(["gpt2", "llama"]))
+def test_any_pipeline_section_is_run_or_refused_in_one_line(section, world_size, family):
+    assert pipeline_outcome(section, world_size, family) is None
+
+
+# --- Reward functions -----------------------------------------------------------------------------
+BEHAVIOURS = ["number", "numpy", "none", "nan", "string", "short", "tensor", "raise", "exit0", "exit1", "interrupt",
+              "mutate", "bool"]
+
+
+def reward_function(behaviour: str, seen: list):
+    """A reward function that does `behaviour` (and records the completions it was given)."""
+    def reward(prompts, completions, **columns):
+        seen.append(list(completions))
+        n = len(completions)
+        if behaviour == "raise":
+            raise ValueError("no score for this one")
+        if behaviour in ("exit0", "exit1"):
+            sys.exit(int(behaviour[-1]))
+        if behaviour == "interrupt":
+            raise KeyboardInterrupt
+        if behaviour == "mutate":
+            completions[:] = ["changed"] * n
+            columns.clear()
+            return [1.0] * n
+        return {"number": [float(i) for i in range(n)], "numpy": [np.float32(i) for i in range(n)],
+                "none": [None] * n, "nan": [float("nan")] * n, "string": ["1"] * n, "short": [1.0] * (n - 1),
+                "tensor": torch.ones(n), "bool": [True] * n}[behaviour]
+    return reward
+
+
+def reward_outcome(behaviours: list[str], completions: list[str]) -> str | None:
+    """None when scoring gives a (completions, functions) table of finite numbers and NaN (for None),
+    each function having seen the completions as generated, or stops in one line naming the function."""
+    from gpt_recipes.train.grpo import RewardFunc, score
+
+    seen: list = []
+    funcs = [RewardFunc(f"r{k}_{b}", reward_function(b, seen), 1.0) for k, b in enumerate(behaviours)]
+    try:
+        table = score(funcs, ["p"] * len(completions), list(completions), {"answer": ["a"] * len(completions)})
+    except UserError as err:
+        if not one_line(err):
+            return f"UserError of {len(str(err).splitlines())} lines"
+        return None if any(f.name in str(err) for f in funcs) else f"refusal names no function: {err}"
+    except BaseException as err:  # an exit or interrupt from a reward must not escape as itself
+        return failure(err)
+    if tuple(table.shape) != (len(completions), len(funcs)) or torch.isinf(table).any():
+        return f"table {tuple(table.shape)}: {table.tolist()}"
+    if any(s != list(completions) for s in seen):
+        return f"a function saw completions another changed: {seen}"
+    return None
+
+
+@given(behaviours=st.lists(st.sampled_from(BEHAVIOURS), min_size=1, max_size=3),
+       completions=st.lists(st.text(max_size=8), min_size=1, max_size=4))
+def test_any_reward_function_behaviour_scores_or_stops_in_one_line(behaviours, completions):
+    assert reward_outcome(behaviours, completions) is None
+
+
+@given(rows=st.lists(st.one_of(st.fixed_dictionaries({"prompt": st.one_of(st.text(max_size=12), ODD_VALUES)}), ROWS,
+                               st.dictionaries(st.sampled_from(["prompt", "completions", "prompts", "answer",
+                                                                "completion_ids"]), st.text(max_size=6),
+                                               min_size=1, max_size=3)),
+                     min_size=1, max_size=3))
+def test_any_prompt_row_is_read_or_refused_in_one_line(fuzz_tokenizer, rows):
+    assert prompts_outcome(fuzz_tokenizer, rows) is None
+
+
+def prompts_outcome(tokenizer, rows: list[dict]) -> str | None:
+    """None when the rows are refused in one line, or read as prompts with something in them whose
+    columns reach a reward function beside (never instead of) its prompts and completions."""
+    from gpt_recipes.train.grpo import Prompts, RewardFunc, score
+
+    read: list = []
+    refused = outcome_of(lambda: read.append(Prompts([(f"rows.jsonl row {i + 1}", row) for i, row in enumerate(rows)],
+                                                     tokenizer, 48)))
+    if refused or not read:
+        return refused
+    prompts = read[0]
+    if not all(p.strip() if isinstance(p, str) else any(str(m.get("content", "")).strip() for m in p)
+               for p in prompts.prompts):
+        return f"an empty prompt was accepted: {prompts.prompts}"
+    given = [f"completion {i}" for i in range(len(rows))]
+    seen: list = []
+
+    def reward(prompts, completions, **columns):
+        seen.append((list(prompts), list(completions)))
+        return [1.0] * len(completions)
+
+    found = outcome_of(lambda: score([RewardFunc("r", reward, 1.0)], prompts.prompts, given,
+                                     prompts.column_lists(list(range(len(rows))))))
+    if found or seen != [(prompts.prompts, given)]:
+        return found or f"the reward was given {seen[0] if seen else 'nothing'}, not the prompts and completions"
+    return None
+
+
+# --- Writers of one export folder -----------------------------------------------------------------
+WRITER_EVENTS = st.lists(st.sampled_from(["start", "start_replace", "finish", "fail", "interrupt"]),
+                         min_size=1, max_size=6)
+
+
+def writers_outcome(before: str, killed_before: bool, events: list[str]) -> str | None:
+    """Writers of one export folder, started, finished and failed in the order `events` gives (an
+    event meets the writer open, if any): a second writer is refused in one line while one writes;
+    at the end the folder holds the last finished writer's files (else what it held before), and
+    nothing is left beside it once any writer has started, not even what a writer killed outright
+    left (`killed_before`: its copy, and its lock file, which the kernel has unlocked)."""
+    from gpt_recipes import folders
+    from gpt_recipes.checkpoints.export import EXPORT_KIND
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "export"
+        expected = None
+        if before != "absent":
+            out.mkdir()
+            expected = {}
+        if before in ("ours", "theirs"):
+            (out / "theirs.txt").write_text(before)
+            expected = {"theirs.txt": before}
+            if before == "ours":
+                folders.mark(out, EXPORT_KIND)
+        if killed_before:
+            (Path(tmp) / ".export.tmp-k1ll3d" / "model.safetensors").parent.mkdir()
+            (Path(tmp) / ".export.tmp-k1ll3d" / "model.safetensors").write_text("half")
+            (Path(tmp) / ".export.lock").write_text("pid 999999\n")
+        writing, started = None, False
+        for n, event in enumerate(events):
+            if event.startswith("start"):
+                writer = folders.written_aside(out, EXPORT_KIND, replace=event == "start_replace")
+                try:
+                    folder = writer.__enter__()
+                except UserError as err:
+                    if not one_line(err):
+                        return f"UserError of {len(str(err).splitlines())} lines"
+                    continue
+                if writing is not None:
+                    return "a second writer was let in while one was writing"
+                (folder / "model.safetensors").write_text(f"writer {n}")
+                writing, started = (writer, n), True
+            elif writing is not None:
+                writer, n_started = writing
+                writing = None
+                error = {"finish": None, "fail": OSError("disk"), "interrupt": KeyboardInterrupt()}[event]
+                if error is None:
+                    writer.__exit__(None, None, None)
+                    expected = {"model.safetensors": f"writer {n_started}"}
+                else:
+                    try:
+                        writer.__exit__(type(error), error, None)
+                    except (OSError, KeyboardInterrupt):
+                        pass  # raised again, as it should be
+        if writing is not None:
+            writing[0].__exit__(None, None, None)
+            expected = {"model.safetensors": f"writer {writing[1]}"}
+        beside = sorted(p.name for p in Path(tmp).iterdir() if p.name != "export")
+        final = {p.name: p.read_text() for p in out.iterdir() if p.name != folders.MARKER} if out.exists() else None
+        if started and beside:
+            return f"left beside the export: {beside}"
+        if final != expected:
+            return f"the folder holds {final}, expected {expected}"
+    return None
+
+
+@given(before=st.sampled_from(["absent", "empty", "ours", "theirs"]), killed_before=st.booleans(),
+       events=WRITER_EVENTS)
+def test_writers_of_one_export_folder_leave_one_whole_export(before, killed_before, events):
+    assert writers_outcome(before, killed_before, events) is None
