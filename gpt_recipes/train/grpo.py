@@ -50,6 +50,7 @@ from gpt_recipes.parallel.layout import Supports
 from gpt_recipes.checkpoints.paths import BestMetric
 from gpt_recipes.metrics.summary import Column, Curve, Report
 from gpt_recipes.train.objective import Objective, StepResult, StepSetup
+from gpt_recipes.train.preemption import ending_together
 from gpt_recipes.train.preference import prompt_messages
 
 LOSS_TYPES = ("grpo", "dr_grpo")
@@ -398,7 +399,10 @@ def _first_problem(mine: str | None) -> str:
     if not torch.distributed.is_initialized():
         return mine or "a reward function failed"
     every: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(every, mine)
+    try:
+        torch.distributed.all_gather_object(every, mine)
+    except Exception:  # a rank that already had every message may have ended before this one got its own
+        return mine or "a reward function failed on another rank (its message is above)"
     return next(p for p in every if p is not None)
 
 
@@ -448,13 +452,7 @@ class GRPOStep:
         """(completions of the global batch, reward functions + GATHERED) on every rank. A reward function
         that fails on any rank stops every rank with its message and the rank it failed on."""
         texts = [t for r in rollouts for t in r.texts]
-        problem = None
-        try:
-            table = score(self.rewards, [self.batches.train.prompts[i] for i in mine], texts,
-                          self.batches.train.column_lists(mine))
-        except UserError as err:
-            problem = f"{err} (on rank {self.env.rank})"
-            table = torch.full((len(texts), len(self.rewards)), float("nan"), dtype=torch.float64)
+        table, problem = self._score_here(self.batches.train, mine, texts)
         failed = torch.full((len(texts), 1), float(problem is not None), dtype=torch.float64)
         tokens = torch.cat([r.prompt_mask.sum(1) + r.completion_mask.sum(1) for r in rollouts]).double()
         lengths = torch.cat([r.completion_mask.sum(1) for r in rollouts]).double()
@@ -462,8 +460,17 @@ class GRPOStep:
         everything = self._gathered(torch.cat([table, tokens[:, None], lengths[:, None], ended[:, None], failed], 1),
                                     engine.device)
         if everything[:, -1].any():  # the gather the step needs anyway says so; only then are messages exchanged
+            ending_together()
             raise UserError(_first_problem(problem))
         return everything
+
+    def _score_here(self, prompts: Prompts, indices: list[int], texts: list[str]) -> tuple[torch.Tensor, str | None]:
+        """This rank's rewards, or NaNs and the failure's message (with this rank) for every rank to hear of."""
+        try:
+            return score(self.rewards, [prompts.prompts[i] for i in indices], texts, prompts.column_lists(indices)), None
+        except UserError as err:
+            return torch.full((len(texts), len(self.rewards)), float("nan"), dtype=torch.float64), \
+                f"{err} (on rank {self.env.rank})"
 
     def __call__(self, engine, step: int, global_batch: np.ndarray, probe, window) -> StepResult:
         s, plan = self.settings, self.plan
@@ -557,18 +564,22 @@ class GRPOStep:
     def evaluate(self, engine) -> dict[str, float]:
         """Greedy completions of the held-out prompts: their mean reward (val_reward, per function too)."""
         engine.eval()
-        table = torch.zeros((0, len(self.rewards)), dtype=torch.float64)
+        table, problem = torch.zeros((0, len(self.rewards)), dtype=torch.float64), None
         for idx in self.batches.val_micro_batches:
             indices = [int(i) for i in idx]
             rollout = generate(engine.module, self.batches.val, indices, self.settings, self.tokenizer, self.pad_id,
-                               self.synced, greedy=True)
-            table = torch.cat([table, score(self.rewards, [self.batches.val.prompts[i] for i in indices],
-                                            rollout.texts, self.batches.val.column_lists(indices))])
+                               self.synced, greedy=True)  # every rank generates on: ZeRO-3 gathers need them all
+            scored, failed = self._score_here(self.batches.val, indices, rollout.texts)
+            table, problem = torch.cat([table, scored]), problem or failed
         engine.train()
         rewards = combine(table, self.weights)
-        sums = torch.cat([torch.tensor([rewards.sum(), len(rewards)], dtype=torch.float64),
+        sums = torch.cat([torch.tensor([rewards.sum(), len(rewards), problem is not None], dtype=torch.float64),
                           torch.nan_to_num(table, nan=0.0).sum(0), (~table.isnan()).sum(0).double()])
         sums = all_reduce(sums.to(engine.device)).cpu()
+        if sums[2] > 0:
+            ending_together()
+            raise UserError(_first_problem(problem))
+        sums = torch.cat([sums[:2], sums[3:]])
         k = len(self.rewards)
         per = {f"val_rewards/{f.name}": (sums[2 + j] / sums[2 + k + j].clamp(min=1)).item()
                for j, f in enumerate(self.rewards)}

@@ -33,7 +33,7 @@ from gpt_recipes.metrics.profile import profiled_step
 from gpt_recipes.metrics.throughput import ThroughputWindow, speed_text
 from gpt_recipes.parallel.distributed import DistEnv, all_reduce, rank_max, remove_own_shm_buffers
 from gpt_recipes.train.objective import Objective, TrainStep
-from gpt_recipes.train.preemption import LAUNCHER_GONE, PeerWatch, StopSignal
+from gpt_recipes.train.preemption import LAUNCHER_GONE, PeerWatch, StopSignal, ending_together
 
 
 @dataclass
@@ -176,6 +176,7 @@ class _Loop:
             if signum:
                 self.save()
                 self.bar.close()
+                ending_together()
                 raise Preempted(signum, state.step)
             with self.window.paused():  # keep evaluation and saving out of throughput
                 if _is_due(state.step, settings.eval_interval, last):
@@ -256,6 +257,7 @@ class _Loop:
                  + (f" (the best so far, with the {self.objective.best.describe()}: {paths.BEST} names it)" if best else ""))
 
     def diverged(self, what: str) -> DivergedError:
+        ending_together()  # every rank read the same all-reduced loss
         tag = paths.latest_tag(paths.checkpoints_dir(self.settings.out_dir))
         kept = f"the last good checkpoint, {tag}, is kept" if tag else "no checkpoint was written"
         return DivergedError(f"the {what} became NaN or infinite between steps {self.good_step} and "

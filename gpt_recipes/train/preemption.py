@@ -137,6 +137,16 @@ class StopSignal:
 PEER_CHECK_INTERVAL = 0.5  # seconds
 PEER_LOST_EXIT = 5
 
+# Set once every rank has agreed to end (an error each of them raises, a save before a stop):
+# from then on another rank's exit is expected, and the first rank out must not be reported lost
+# by a slower one.
+_ENDING_TOGETHER = threading.Event()
+
+
+def ending_together() -> None:
+    """Every rank ends now with the same error: other ranks' exits are no longer losses."""
+    _ENDING_TOGETHER.set()
+
 
 def sibling_ranks() -> dict[int, psutil.Process]:
     """{rank: process} of the other ranks this rank's launcher started on this machine (read from
@@ -182,13 +192,15 @@ class PeerWatch:
         """If another rank is gone (or goes within `wait` seconds: one that failed may still be
         exiting when this rank's collective with it breaks): say so, the lowest surviving rank for
         all, and end this process."""
-        if not self.siblings:
+        if not self.siblings or _ENDING_TOGETHER.is_set():
             return
         deadline = time.monotonic() + wait
         while not (gone := sorted(rank for rank, proc in self.siblings.items() if not _alive(proc))):
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or _ENDING_TOGETHER.is_set():
                 return
             time.sleep(0.1)
+        if _ENDING_TOGETHER.is_set():
+            return
         alive = [self.rank, *(r for r in self.siblings if r not in gone)]
         if self.rank == min(alive):  # one survivor speaks for all
             tag = self._last_checkpoint()

@@ -87,11 +87,14 @@ def test_bad_input_stops_in_one_line_before_any_rank_starts(tmp_path, pretrained
     assert not (tmp_path / "bad").exists()  # nothing was written
 
 
-def test_a_reward_that_fails_on_one_rank_is_named_with_its_message(tmp_path, pretrained, prompts):
-    """Only rank 1's completions make the reward raise: every rank stops with the reward's own message."""
+@pytest.mark.parametrize("scoring", ["held-out", "training"])
+def test_a_reward_that_fails_on_one_rank_is_named_with_its_message(tmp_path, pretrained, prompts, scoring):
+    """Only rank 1's completions make the reward raise, while evaluating (no grad) or training: every
+    rank stops with the reward's own message."""
     rewards = tmp_path / "flaky.py"
-    rewards.write_text("import os\ndef flaky(prompts, completions, **kw):\n"
-                       "    if os.environ['RANK'] == '1':\n        raise ValueError('cannot score this one')\n"
+    rewards.write_text(f"import os, torch\ndef flaky(prompts, completions, **kw):\n"
+                       f"    if os.environ['RANK'] == '1' and torch.is_grad_enabled() is {scoring == 'training'}:\n"
+                       "        raise ValueError('cannot score this one')\n"
                        "    return [0.0] * len(completions)\n")
     args = grpo_args(tmp_path, pretrained, prompts, tmp_path / "run", "--max_steps", "2") + [
         "--reward_funcs", f"{rewards}:flaky"]
