@@ -44,13 +44,15 @@ UNIVERSAL_RESUMES = {(1, 1), (2, 2), (3, 3), (3, 2)}
 
 @dataclass(frozen=True)
 class Supports:
-    """The layouts besides data parallelism (any ZeRO stage) that an objective can run on; `why_not`
-    says why it cannot run the others."""
+    """The layouts besides data parallelism (any ZeRO stage) that an objective can run on, and whether
+    it compiles; `why_not` and `why_not_compiled` say why it cannot run the others."""
 
     sequence: bool = False
     tensor: bool = False
     pipeline: bool = False
     why_not: str = ""
+    compiled: bool = True
+    why_not_compiled: str = ""
 
     def allows(self, mode: str) -> bool:
         return {"sequence": self.sequence, "tensor": self.tensor, "pipeline": self.pipeline}[mode]
@@ -261,6 +263,9 @@ class Layout:
     def refusal(self, config, seq_len: int, supports: Supports, objective: str, uses: Uses = Uses()) -> str | None:
         """Why this layout cannot run `config` at `seq_len` for an objective (named `objective`) that
         `supports` what it does, with what else the run `uses`; None when it can."""
+        if uses.compiled and not supports.compiled:
+            return (f"--torch_compile is not supported with {objective}: {supports.why_not_compiled}; drop "
+                    "--torch_compile (or compile.deepcompile) to run it eagerly")
         if self.mode is None:
             return None
         what = self.what()

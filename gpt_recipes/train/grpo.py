@@ -606,7 +606,11 @@ class GRPO(Objective):
     name = "grpo"
     title = "GRPO"
     best = BestMetric("val_reward", higher_is_better=True)  # the held-out prompts' mean reward, greedily
-    supports = Supports(why_not="generation runs the whole model on every rank")
+    # Measured with --use_peft at ZeRO-3 on 2 CPU ranks (docs/bad_inputs.md): step 1 compiled for
+    # 113 s, and step 2 was still compiling after 3 minutes.
+    supports = Supports(why_not="generation runs the whole model on every rank", compiled=False,
+                        why_not_compiled="each step's completions have new lengths, and each new length compiles the "
+                        "model again (under ZeRO-3 with DeepSpeed's gather hooks of every submodule: minutes a step)")
     report = Report(
         columns=(Column("val_reward", "val reward first -> last", _first_and_last("val_reward"),
                         lambda pair: f"{pair[0]:.3f} -> {pair[1]:.3f}"),

@@ -121,8 +121,11 @@ def train(engine, batches: Batches, plan: BatchPlan, env: DistEnv, settings: Loo
           save_checkpoint: Callable[[TrainState], Path]) -> TrainState:
     """Train until settings.max_steps; raises DivergedError on a non-finite loss (without saving) and
     Preempted after saving when any rank receives SIGTERM/SIGINT."""
-    stop = StopSignal(on_insist=remove_own_shm_buffers)
-    watch = PeerWatch(env.rank, lambda: paths.latest_tag(paths.checkpoints_dir(settings.out_dir)))
+    def last_checkpoint():
+        return paths.latest_tag(paths.checkpoints_dir(settings.out_dir))
+
+    stop = StopSignal(on_insist=remove_own_shm_buffers, last_checkpoint=last_checkpoint)
+    watch = PeerWatch(env.rank, last_checkpoint)
     # Setting up leaves about half a million Python objects (transformers, DeepSpeed, the data);
     # a full garbage collection walks all of them, 0.3 s here, every few hundred steps. Frozen,
     # collections walk only what the loop itself creates.

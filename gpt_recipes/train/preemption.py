@@ -11,7 +11,9 @@ signal is honoured within one step.
 
 Signals that reach a rank within FORWARD_WINDOW seconds of its first are the same interrupt
 passed on by a launcher; a signal after that is the user insisting, and stops the rank at
-once, without saving. A rank whose launcher process is gone (killed on its own, leaving the
+once, without saving. So does a signal that arrives while torch.compile is compiling: a compile
+can take longer than the launcher waits before it kills the ranks (DeepSpeed's: 30 s), and a
+step cannot be cut short to save, so the rank ends at once, its last checkpoint intact. A rank whose launcher process is gone (killed on its own, leaving the
 ranks with no parent to report to) stops the same way as on SIGHUP: save, then exit 129. A
 rank that dies (PeerWatch) ends the others at once, with a line that names it.
 """
@@ -68,11 +70,23 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
+def compiling(frame) -> bool:
+    """Whether the code a signal interrupted is torch.compile at work: Dynamo converting a frame, or
+    Inductor compiling a graph (a backward one included). Running compiled code is neither."""
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.endswith(("_dynamo/convert_frame.py", "_inductor/compile_fx.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class StopSignal:
-    def __init__(self, on_insist=None) -> None:
+    def __init__(self, on_insist=None, last_checkpoint=lambda: None) -> None:
         self.received = 0
         self._first_at = 0.0
         self._on_insist = on_insist
+        self._last_checkpoint = last_checkpoint
         self._flag = torch.zeros(1, dtype=torch.int32)
         self._value = self._flag.numpy()  # read without a torch call: the flag never leaves the host
         self._pending = None  # the all-reduce started after the previous step
@@ -91,17 +105,30 @@ class StopSignal:
             # Ctrl-C also ends a pipe reader in the same process group (`| tee log`): printing
             # into the closed pipe must not stop the save.
             sys.stdout, sys.stderr = _PipeSafe(sys.stdout), _PipeSafe(sys.stderr)
+            if compiling(frame):
+                self._stop_now(signum, "while torch.compile was compiling (a step cannot be cut short to save)")
         elif now - self._first_at > FORWARD_WINDOW:  # the user insists: stop now, without saving
-            if self._on_insist is not None:
-                self._on_insist()
-            self.restore()
-            os.kill(os.getpid(), signum)
+            self._stop_now(signum, None)
 
-    def restore(self) -> None:
-        """Put the previous signal handlers back and finish the agreement in flight."""
+    def _stop_now(self, signum: int, why: str | None) -> None:
+        """End this rank by the signal itself, without saving (every rank receives it too)."""
+        ending_together()
+        if why and int(os.environ.get("RANK", "0")) == 0:
+            tag = self._last_checkpoint()
+            kept = (f"the last complete checkpoint, {tag}, is intact; continue with: {resume_command()}" if tag
+                    else "no checkpoint was written yet")
+            print(f"stopped: {signal.Signals(signum).name} received {why}: exited without saving; {kept}",
+                  file=sys.stderr, flush=True)
+        if self._on_insist is not None:
+            self._on_insist()
+        self.restore(wait=False)
+        os.kill(os.getpid(), signum)
+
+    def restore(self, wait: bool = True) -> None:
+        """Put the previous signal handlers back and finish the agreement in flight (if `wait`)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        if self._pending is not None:
+        if wait and self._pending is not None:
             self._pending.wait()
             self._pending = None
 

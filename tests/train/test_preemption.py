@@ -4,9 +4,12 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 
 import psutil
+import pytest
 
 from gpt_recipes.train import preemption
 from gpt_recipes.train.preemption import StopSignal
@@ -15,6 +18,7 @@ from gpt_recipes.train.preemption import StopSignal
 def test_a_forwarded_signal_is_the_same_interrupt_and_a_later_one_insists(monkeypatch):
     monkeypatch.setattr(sys, "stdout", sys.stdout)  # the handler wraps both streams; put them back after
     monkeypatch.setattr(sys, "stderr", sys.stderr)
+    monkeypatch.setattr(preemption, "_ENDING_TOGETHER", threading.Event())
     killed, insisted = [], []
     monkeypatch.setattr(preemption.os, "kill", lambda pid, sig: killed.append(sig))
     clock = [100.0]
@@ -30,6 +34,40 @@ def test_a_forwarded_signal_is_the_same_interrupt_and_a_later_one_insists(monkey
         assert killed == [signal.SIGINT] and insisted == [True]
     finally:
         stop.restore()
+
+
+SIGNALLED = textwrap.dedent("""
+    import os, signal, sys, torch
+    from gpt_recipes.train.preemption import StopSignal
+
+    stop = StopSignal(last_checkpoint=lambda: "step4")
+
+    def backend(gm, example_inputs):
+        if sys.argv[1] == "compiling":
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(10**6))  # the handler runs here, inside the compile
+        print("compiled")
+        return gm.forward
+
+    if sys.argv[1] == "running":
+        os.kill(os.getpid(), signal.SIGTERM)
+    torch.compile(lambda x: x * 2, backend=backend)(torch.ones(2))
+    print("ran on, received", stop.received)
+""")
+
+
+@pytest.mark.parametrize("when", ["compiling", "running"])
+def test_a_signal_while_compiling_stops_at_once_and_one_between_compiles_waits_for_the_step(when):
+    """A compile can outlast the launcher's grace period (30 s) and cannot be cut short to save."""
+    proc = subprocess.run([sys.executable, "-c", SIGNALLED, when], capture_output=True, text=True, timeout=120)
+    if when == "compiling":
+        assert proc.returncode == -signal.SIGTERM, proc.stderr[-2000:]
+        assert "compiled" not in proc.stdout
+        assert ("stopped: SIGTERM received while torch.compile was compiling (a step cannot be cut short to save): "
+                "exited without saving; the last complete checkpoint, step4, is intact") in proc.stderr, proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"ran on, received {int(signal.SIGTERM)}" in proc.stdout and "stopped" not in proc.stderr
 
 
 def test_a_launcher_that_died_is_gone_even_before_it_is_reaped():
