@@ -27,7 +27,7 @@ finetune-demo:
 	$(LAUNCH) recipes/finetune.py --deepspeed_config ds_configs/zero3.json \
 		--model_name_or_path exported/quickstart --data data/sft_demo/train.jsonl --output_dir runs/finetune \
 		--max_steps 150 --overwrite --export_hf exported/finetuned
-	$(PYTHON) tools/generate.py exported/finetuned --chat --max_new_tokens 40 \
+	$(PYTHON) tools/generate.py exported/finetuned --chat --temperature 0 --max_new_tokens 40 \
 		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
 
 # The same task with LoRA adapters on the frozen quickstart model: merged model and adapter exported.
@@ -36,7 +36,7 @@ lora-demo:
 		--model_name_or_path exported/quickstart --data data/sft_demo/train.jsonl --output_dir runs/lora \
 		--use_peft --lora_r 16 --max_steps 150 --overwrite --export_hf exported/lora_merged \
 		--export_adapter exported/lora_adapter
-	$(PYTHON) tools/generate.py exported/lora_merged --chat --max_new_tokens 40 \
+	$(PYTHON) tools/generate.py exported/lora_merged --chat --temperature 0 --max_new_tokens 40 \
 		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
 
 # Preference tuning (DPO) of the fine-tuning demo's export on pairs built from the same task, with
@@ -48,7 +48,7 @@ dpo-demo:
 		--model_name_or_path exported/finetuned --data data/dpo_demo/train.jsonl --output_dir runs/dpo \
 		--beta 0.1 --rpo_alpha 1 --max_steps 100 --eval_interval 50 --eval_batches 19 --overwrite \
 		--export_hf exported/dpo
-	$(PYTHON) tools/generate.py exported/dpo --chat --max_new_tokens 40 \
+	$(PYTHON) tools/generate.py exported/dpo --chat --temperature 0 --max_new_tokens 40 \
 		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
 
 # KTO from the fine-tuning demo's export on the DPO demo's pairs unpaired (each pair a desirable and an
@@ -58,7 +58,7 @@ kto-demo:
 	$(LAUNCH) recipes/kto.py --deepspeed_config ds_configs/zero3_dpo.json \
 		--model_name_or_path exported/finetuned --data data/kto_demo/train.jsonl --output_dir runs/kto \
 		--beta 0.1 --max_steps 100 --eval_interval 50 --eval_batches 38 --overwrite --export_hf exported/kto
-	$(PYTHON) tools/generate.py exported/kto --chat --max_new_tokens 40 \
+	$(PYTHON) tools/generate.py exported/kto --chat --temperature 0 --max_new_tokens 40 \
 		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
 
 # GRPO from the fine-tuning demo's export: the demo's rewards (gpt_recipes/data/grpo_rewards.py) score
@@ -69,7 +69,7 @@ grpo-demo:
 		--model_name_or_path exported/finetuned --data data/grpo_demo/train.jsonl --output_dir runs/grpo \
 		--num_generations 4 --max_completion_length 24 --max_steps 120 --eval_interval 40 --eval_batches 16 \
 		--overwrite --export_hf exported/grpo
-	$(PYTHON) tools/generate.py exported/grpo --chat --max_new_tokens 40 \
+	$(PYTHON) tools/generate.py exported/grpo --chat --temperature 0 --max_new_tokens 40 \
 		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
 
 test: install

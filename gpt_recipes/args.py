@@ -128,8 +128,22 @@ class _CommaList(argparse.Action):
         setattr(namespace, self.dest, items)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, answering an unknown flag with this project's way to say it (foreign_flags.py)."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        from gpt_recipes.foreign_flags import explain_unknown
+
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            flags = [a for a in extras if a.startswith("-")]
+            known = [s for action in self._actions for s in action.option_strings]
+            self.error(explain_unknown(flags[0], known) if flags else f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
+
+
 def build_parser(spec: type, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description=description or (spec.__doc__ or "").strip(),
         formatter_class=_HelpFormatter,
     )

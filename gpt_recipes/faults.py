@@ -7,6 +7,7 @@ Never set in normal use. The value is KIND@STEP or KIND@STEP:RANK (default rank 
   nan@7            rank 0's loss at step 7 is NaN
   export_skew@0    the export's logits are taken to differ from the engine's by 1.0 more
   disk_full@6      rank 0's disk fills while it writes the step-6 checkpoint
+  slow@3           rank 0's step after step 3 takes ten minutes (the others wait for it)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 _SPEC = os.environ.get("GPT_RECIPES_FAULT", "")
 
@@ -37,6 +39,8 @@ def after_step(step: int, rank: int) -> None:
     for kind, sig in (("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)):
         if armed(kind, step, rank):
             os.kill(os.getpid(), sig)
+    if armed("slow", step, rank):
+        time.sleep(600)
 
 
 def during_save(step: int, rank: int) -> None:

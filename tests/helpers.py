@@ -155,14 +155,14 @@ class Background:
     """A `deepspeed` launch left running in its own process group, as a terminal runs a command:
     signals can go to the whole group (Ctrl-C) or to the launcher alone."""
 
-    def __init__(self, script: str, args: list[str], log: Path, ranks: int = 2):
+    def __init__(self, script: str, args: list[str], log: Path, ranks: int = 2, **env: str):
         self.port = free_port()
         self.log = log
         cmd = [*launcher_prefix("deepspeed", ranks, self.port), script, *args]
         with open(log, "w") as out:
             # SIGINT at its default, as under a terminal: a test suite started in the background
             # (`make test &`) hands its children SIGINT ignored, and the launcher would not stop.
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=unbuffered_env(), stdout=out, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=unbuffered_env(**env), stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True,
                                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 

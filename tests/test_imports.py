@@ -9,7 +9,7 @@ from tests.helpers import REPO
 PACKAGE = REPO / "gpt_recipes"
 # Lowest first. A unit is a sub-package, or a module at the top of the package.
 LAYERS = [
-    {"__init__", "console", "errors", "args", "faults", "folders"},
+    {"__init__", "console", "errors", "args", "foreign_flags", "faults", "folders"},
     {"parallel"},
     {"ds_config", "ds_config_keys"},
     {"data"},

@@ -135,7 +135,8 @@ def remove_shm_buffers(addr: str, port: str) -> None:
     per rank here), so every run would leave them behind until memory runs out. Unlinking
     only drops the names; ranks still running keep their mappings.
     """
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_*"):
+    for path in [*glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_*"),
+                 *glob.glob(f"/dev/shm/gpt_recipes_stopped_{addr}_{port}")]:  # train/preemption.py's mark
         try:
             os.unlink(path)
         except OSError:

@@ -125,7 +125,7 @@ def train(engine, batches: Batches, plan: BatchPlan, env: DistEnv, settings: Loo
         return paths.latest_tag(paths.checkpoints_dir(settings.out_dir))
 
     stop = StopSignal(on_insist=remove_own_shm_buffers, last_checkpoint=last_checkpoint)
-    watch = PeerWatch(env.rank, last_checkpoint)
+    watch = PeerWatch(env.rank, last_checkpoint, stop, on_exit=remove_own_shm_buffers)
     # Setting up leaves about half a million Python objects (transformers, DeepSpeed, the data);
     # a full garbage collection walks all of them, 0.3 s here, every few hundred steps. Frozen,
     # collections walk only what the loop itself creates.

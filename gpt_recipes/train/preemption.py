@@ -20,6 +20,7 @@ rank that dies (PeerWatch) ends the others at once, with a line that names it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -70,6 +71,9 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
+COMPILING = "while torch.compile was compiling (a step cannot be cut short to save)"
+
+
 def compiling(frame) -> bool:
     """Whether the code a signal interrupted is torch.compile at work: Dynamo converting a frame, or
     Inductor compiling a graph (a backward one included). Running compiled code is neither."""
@@ -81,9 +85,55 @@ def compiling(frame) -> bool:
     return False
 
 
+# Launchers stop their ranks 30 s after passing a signal on (DeepSpeed's and torchrun's): a rank
+# whose step has not ended this long after its signal ends itself first, saying so.
+STEP_GRACE = float(os.environ.get("GPT_RECIPES_STEP_GRACE", "20"))  # seconds
+
+
+def _mark_path() -> str | None:
+    """Where a rank that ends itself on a stop signal says so to the others of its run (keyed, as
+    DeepSpeed's shared-memory buffers are, by the run's address and port)."""
+    import tempfile
+
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(folder, f"gpt_recipes_stopped_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}")
+
+
+def mark_stopped(signum: int) -> None:
+    path = _mark_path()
+    if path:
+        with contextlib.suppress(OSError), open(path, "w") as f:
+            f.write(str(signum))
+
+
+def stopped_mark() -> int:
+    """The signal another rank of this run ended itself on (0: none)."""
+    path = _mark_path()
+    try:
+        with open(path or "") as f:
+            return int(f.read() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def clear_stopped_mark() -> None:
+    path = _mark_path()
+    if path:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 class StopSignal:
+    """The first SIGTERM/SIGINT of a rank, agreed on by all ranks after each step (see the module's
+    docstring). A listener thread hears a signal at once, even while the main thread waits in a
+    collective or compiles (through signal.set_wakeup_fd): it ends the rank when torch.compile is
+    compiling, or when the loop has not begun to save STEP_GRACE seconds later."""
+
     def __init__(self, on_insist=None, last_checkpoint=lambda: None) -> None:
-        self.received = 0
+        self.received = 0  # seen by the main thread's handler: what the agreement carries
+        self.arrived = 0  # seen by the listener, as soon as the process has it
         self._first_at = 0.0
         self._on_insist = on_insist
         self._last_checkpoint = last_checkpoint
@@ -92,11 +142,20 @@ class StopSignal:
         self._pending = None  # the all-reduce started after the previous step
         self._group = None
         self.launchers = launcher_processes()
+        self.resume = resume_command()  # read now, while every launcher of the run is alive
+        clear_stopped_mark()  # one an earlier run on this port left
         self._checked_at = 0.0
+        self._ending = threading.Lock()
+        self._settled = threading.Event()  # the loop is saving, or over: no grace to keep any more
         if dist.is_initialized() and dist.get_world_size() > 1:
             # A CPU group, so the agreement never synchronises with the accelerator.
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         self._previous = {sig: signal.signal(sig, self._handle) for sig in HANDLED}
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
+        self._previous_wakeup = signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
+        self._listener = threading.Thread(target=self._listen, name="stop-listener", daemon=True)
+        self._listener.start()
 
     def _handle(self, signum, frame) -> None:
         now = time.monotonic()
@@ -106,26 +165,57 @@ class StopSignal:
             # into the closed pipe must not stop the save.
             sys.stdout, sys.stderr = _PipeSafe(sys.stdout), _PipeSafe(sys.stderr)
             if compiling(frame):
-                self._stop_now(signum, "while torch.compile was compiling (a step cannot be cut short to save)")
+                self.end_now(signum, COMPILING)
         elif now - self._first_at > FORWARD_WINDOW:  # the user insists: stop now, without saving
-            self._stop_now(signum, None)
+            if self._on_insist is not None:
+                self._on_insist()
+            self.restore(wait=False)
+            os.kill(os.getpid(), signum)
 
-    def _stop_now(self, signum: int, why: str | None) -> None:
-        """End this rank by the signal itself, without saving (every rank receives it too)."""
+    def _listen(self) -> None:
+        main = threading.main_thread().ident
+        while not self.arrived:
+            data = os.read(self._wake_read, 1)
+            if not data or self._settled.is_set():
+                break
+            if data[0] in HANDLED:
+                self.arrived = data[0]
+        if not self.arrived:
+            return
+        if compiling(sys._current_frames().get(main)):
+            self.end_now(self.arrived, COMPILING)
+        if not self._settled.wait(STEP_GRACE):
+            self.end_now(self.arrived, f"during a step that had not ended {STEP_GRACE:g} s later (launchers stop "
+                                       "their ranks 30 s after passing a signal on, and a step cannot be cut short to "
+                                       "save)")
+
+    def end_now(self, signum: int, why: str) -> None:
+        """End this rank at once, without saving, with one line from rank 0 (from any thread)."""
+        if not self._ending.acquire(blocking=False):
+            return
         ending_together()
-        if why and int(os.environ.get("RANK", "0")) == 0:
+        if int(os.environ.get("RANK", "0")) == 0:
             tag = self._last_checkpoint()
-            kept = (f"the last complete checkpoint, {tag}, is intact; continue with: {resume_command()}" if tag
+            kept = (f"the last complete checkpoint, {tag}, is intact; continue with: {self.resume}" if tag
                     else "no checkpoint was written yet")
             print(f"stopped: {signal.Signals(signum).name} received {why}: exited without saving; {kept}",
                   file=sys.stderr, flush=True)
         if self._on_insist is not None:
             self._on_insist()
-        self.restore(wait=False)
-        os.kill(os.getpid(), signum)
+        mark_stopped(signum)
+        os._exit(128 + signum)
 
     def restore(self, wait: bool = True) -> None:
         """Put the previous signal handlers back and finish the agreement in flight (if `wait`)."""
+        self._settled.set()
+        if self._wake_write is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            with contextlib.suppress(OSError):
+                os.write(self._wake_write, b"\0")  # the listener, if it still reads, ends
+            self._listener.join(timeout=5)
+            os.close(self._wake_write)
+            os.close(self._wake_read)
+            self._wake_write = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if wait and self._pending is not None:
@@ -147,6 +237,8 @@ class StopSignal:
         if not self.received and self.launcher_gone():
             self.received = LAUNCHER_GONE
         if self._group is None:
+            if self.received:
+                self._settled.set()
             return self.received
         answer = 0
         if self._pending is not None:
@@ -154,6 +246,8 @@ class StopSignal:
             answer = int(self._value[0])
         self._value[0] = max(self.received, answer)
         self._pending = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        if answer:
+            self._settled.set()  # the loop saves now; a save is not cut short
         return answer
 
     @staticmethod
@@ -202,8 +296,8 @@ class PeerWatch:
     so none is attempted. Runs only while the loop trains: ranks end at different moments
     afterwards."""
 
-    def __init__(self, rank: int, last_checkpoint):
-        self.rank, self._last_checkpoint = rank, last_checkpoint
+    def __init__(self, rank: int, last_checkpoint, stop: StopSignal | None = None, on_exit=None):
+        self.rank, self._last_checkpoint, self._stop_signal, self._on_exit = rank, last_checkpoint, stop, on_exit
         self.siblings = sibling_ranks()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="peer-watch", daemon=True)
@@ -228,6 +322,8 @@ class PeerWatch:
             time.sleep(0.1)
         if _ENDING_TOGETHER.is_set():
             return
+        if self._stopped_too(gone):
+            return
         alive = [self.rank, *(r for r in self.siblings if r not in gone)]
         if self.rank == min(alive):  # one survivor speaks for all
             tag = self._last_checkpoint()
@@ -236,7 +332,18 @@ class PeerWatch:
             print(f"error: rank {', '.join(map(str, gone))} stopped while training (its process is gone: killed, "
                   f"out of memory, or failed; its own output above may say why); the other ranks stop too, without "
                   f"saving; {kept}", file=sys.stderr, flush=True)
+        if self._on_exit is not None:
+            self._on_exit()
         os._exit(PEER_LOST_EXIT)
+
+    def _stopped_too(self, gone: list[int]) -> bool:
+        """A rank that ended itself on a stop signal left a mark: the ranks are being stopped, not lost
+        (a launcher signals its ranks one after another, as each ends). Then this rank ends too."""
+        signum = stopped_mark()
+        if signum and self._stop_signal is not None:
+            self._stop_signal.end_now(signum, f"during a step, which rank {', '.join(map(str, gone))} stopped for "
+                                              "first (a step cannot be cut short to save)")
+        return False
 
     def stop(self) -> None:
         self._stop.set()

@@ -56,6 +56,8 @@ def run_copy(tmp_path):
     (["--top_p", "0"], r"--top_p must lie in \(0, 1\], got 0.0"),
     (["--repetition_penalty", "0"], "--repetition_penalty must be positive, got 0.0"),
     (["--chat"], "has no chat template; drop --chat"),
+    (["--temperature", "0", "--repetition_penalty", "1.1"], "--repetition_penalty applies when sampling; --temperature "
+                                                            "0 decodes greedily"),
 ])
 def test_generate(monkeypatch, capsys, hf_model, flags, match):
     assert re.search(match, tool_error(monkeypatch, capsys, "generate.py", hf_model, *flags))
@@ -206,3 +208,26 @@ def test_a_config_that_disagrees_with_its_weights(monkeypatch, capsys, hf_model,
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, **change}))
     assert re.search(match, tool_error(monkeypatch, capsys, "generate.py", folder))
+
+
+def test_generate_says_its_decoding_and_temperature_0_is_plain_greedy(monkeypatch, capsys, hf_model):
+    """The first line names the decoding; --temperature 0 gives what transformers' greedy search gives."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = REPO / "tools" / "generate.py"
+    monkeypatch.setattr(sys, "argv", [str(path), str(hf_model), "--prompt", "def", "--max_new_tokens", "12",
+                                      "--temperature", "0"])
+    runpy.run_path(str(path), run_name="__main__")
+    first, text = capsys.readouterr().out.split("\n", 1)
+    assert first == "Decoding: greedy (--temperature 0), up to 12 new tokens"
+    tokenizer = load_tokenizer(hf_model)
+    ids = tokenizer("def", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = AutoModelForCausalLM.from_pretrained(hf_model).generate(ids, max_new_tokens=12, do_sample=False,
+                                                                      pad_token_id=tokenizer.eos_token_id)
+    assert text.rstrip("\n") == "def" + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    monkeypatch.setattr(sys, "argv", [str(path), str(hf_model), "--prompt", "def", "--max_new_tokens", "12"])
+    runpy.run_path(str(path), run_name="__main__")
+    assert capsys.readouterr().out.startswith("Decoding: sampling at temperature 0.8, top_p 0.95, repetition penalty "
+                                              "1.1, seed 0 (--temperature 0: greedy)")

@@ -6,6 +6,7 @@ import re
 import shlex
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -68,6 +69,32 @@ def test_ctrl_c_saves_once_and_a_second_run_into_the_live_folder_is_refused(tmp_
     assert f"Resumed from step {step}" in proc.stdout
     assert "metrics.jsonl: dropped its last line, which was cut short" in proc.stdout
     assert [r["step"] for r in read_metrics(out)[0]] == list(range(1, step + 3))
+
+
+def test_ctrl_c_in_a_step_longer_than_the_launchers_grace_says_so_and_leaves_nothing(tmp_path, tiny_data,
+                                                                                   tiny_model):
+    """Rank 0's step after step 3 takes minutes (rank 1 waits for it inside a collective): Ctrl-C
+    cannot be honoured with a save before the launcher's 30 s are up, so each rank ends itself
+    first (here after GPT_RECIPES_STEP_GRACE = 3 s), rank 0 saying why, and the checkpoint of step
+    2 stays the last."""
+    out = tmp_path / "run"
+    run = Background("recipes/pretrain.py", _args(tmp_path, tiny_data, tiny_model, out), tmp_path / "run.log",
+                     GPT_RECIPES_FAULT="slow@3", GPT_RECIPES_STEP_GRACE="3")
+    try:
+        run.wait_for_step(out, 2)
+        time.sleep(3)  # into rank 0's long step
+        pids = run.tree()
+        os.killpg(run.proc.pid, signal.SIGINT)
+        run.wait_all(pids, timeout=25)  # well within the launcher's 30 s
+        log = run.output()
+        assert ("stopped: SIGINT received during a step that had not ended 3 s later (launchers stop their ranks 30 s "
+                "after passing a signal on, and a step cannot be cut short to save): exited without saving; the last "
+                "complete checkpoint, step2, is intact; continue with: deepspeed ") in log, log[-3000:]
+        assert "killed, out of memory" not in log and "gpt_recipes/" not in log, log[-3000:]  # none of our tracebacks
+        assert run.shm_buffers() == []
+    finally:
+        run.kill()
+    assert (out / "checkpoints" / "latest").read_text() == "step2"
 
 
 def test_ranks_whose_launcher_is_killed_save_and_exit(tmp_path, tiny_data, tiny_model):
