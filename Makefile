@@ -6,7 +6,8 @@ RANKS ?= 2
 PORT ?= $(shell $(PYTHON) -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 # Without a GPU, name DeepSpeed's CPU accelerator: it then says nothing about having looked for one.
 ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo DS_ACCELERATOR=cpu)
-LAUNCH = $(ACCELERATOR) deepspeed --quiet --num_gpus $(RANKS) --master_port $(PORT)
+# The launcher as a module of $(PYTHON): its environment, activated or not.
+LAUNCH = $(ACCELERATOR) $(PYTHON) -m deepspeed.launcher.runner --quiet --num_gpus $(RANKS) --master_port $(PORT)
 
 .PHONY: install data quickstart finetune-demo lora-demo dpo-demo kto-demo grpo-demo test test-quick
 

@@ -72,7 +72,8 @@ def quiet_prints() -> Iterator[None]:
 
 # Command lines of the launchers that start ranks: deepspeed's runner and its per-node
 # launch.py, torchrun, accelerate launch.
-LAUNCHER_MARKERS = ("bin/deepspeed", "deepspeed.launcher.launch", "bin/torchrun", "torch.distributed.run",
+LAUNCHER_MARKERS = ("bin/deepspeed", "deepspeed.launcher.launch", "deepspeed.launcher.runner", "bin/torchrun",
+                    "torch.distributed.run", "accelerate.commands.launch",
                     "bin/accelerate")
 
 
@@ -89,6 +90,16 @@ def launcher_processes() -> list[psutil.Process]:
     return found
 
 
+def with_own_scripts(path: str | None) -> str:
+    """PATH with this interpreter's scripts folder first (a venv's bin/: its deepspeed, torchrun and
+    ninja), so a run started as venv/bin/python, with nothing activated, finds its own tools."""
+    import sysconfig
+
+    scripts = sysconfig.get_path("scripts")
+    parts = (path or "").split(os.pathsep) if path else []
+    return os.pathsep.join([scripts, *(p for p in parts if p != scripts)])
+
+
 def resume_command() -> str:
     """The command that continues this run, as the user typed it: the outermost launcher's command
     line (or this `python` one), without --overwrite, with --resume. Hints print it, so that
@@ -101,6 +112,9 @@ def resume_command() -> str:
     if len(argv) > 1 and "python" in os.path.basename(argv[0]) and \
             os.path.basename(argv[1]) in ("deepspeed", "torchrun", "accelerate"):
         argv = argv[1:]  # a launcher script run by its shebang, as the shell shows it
-    argv = [os.path.basename(argv[0]), *argv[1:]]
+    if not (len(argv) > 2 and argv[1] == "-m"):  # `python -m launcher` keeps its interpreter: its environment
+        argv = [os.path.basename(argv[0]), *argv[1:]]
     kept = [a for a in argv if a not in ("--overwrite", "--resume") and not a.startswith("--local_rank")]
-    return shlex.join([*kept, "--resume"])
+    # The accelerator the run was started with (the Makefile names DeepSpeed's CPU one).
+    accelerator = [f"DS_ACCELERATOR={os.environ['DS_ACCELERATOR']}"] if os.environ.get("DS_ACCELERATOR") else []
+    return " ".join([*accelerator, shlex.join([*kept, "--resume"])])

@@ -1,5 +1,5 @@
 """Start recipes as a user does, as subprocesses under `deepspeed`, `torchrun` or `accelerate`
-on this machine: each launch on a free port, with DeepSpeed's shared-memory buffers of that
+(run as modules of this interpreter) on this machine: each launch on a free port, with DeepSpeed's shared-memory buffers of that
 port removed afterwards. Used by the sweep and benchmark tools and by the tests."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from gpt_recipes.args import flag
+from gpt_recipes.console import with_own_scripts
 from gpt_recipes.errors import UserError
 from gpt_recipes.parallel.distributed import free_port, remove_shm_buffers
 
@@ -20,14 +21,20 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = ("deepspeed", "torchrun", "accelerate")
 
 
+# The launchers as modules of this interpreter (`deepspeed`, `torchrun`, `accelerate launch` are
+# scripts that run them): the environment that runs the tool or test is the one the ranks get.
+LAUNCHER_MODULES = {"deepspeed": "deepspeed.launcher.runner", "torchrun": "torch.distributed.run",
+                    "accelerate": "accelerate.commands.launch"}
+
+
 def launcher_prefix(launcher: str, ranks: int, port: int) -> list[str]:
     """The command that starts `ranks` ranks of a script on this machine, before the script's path."""
-    return {
-        "deepspeed": ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)],
-        "torchrun": ["torchrun", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
-                     "--master_port", str(port)],
-        "accelerate": ["accelerate", "launch", "--num_processes", str(ranks), "--main_process_port", str(port)],
+    flags = {
+        "deepspeed": ["--num_gpus", str(ranks), "--master_port", str(port)],
+        "torchrun": ["--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1", "--master_port", str(port)],
+        "accelerate": ["--num_processes", str(ranks), "--main_process_port", str(port)],
     }[launcher]
+    return [sys.executable, "-m", LAUNCHER_MODULES[launcher], *flags]
 
 
 @contextlib.contextmanager
@@ -47,7 +54,8 @@ def unbuffered_env(**extra: str) -> dict[str, str]:
     import shutil
 
     accelerator = {} if shutil.which("nvidia-smi") or "DS_ACCELERATOR" in os.environ else {"DS_ACCELERATOR": "cpu"}
-    return {**os.environ, "PYTHONUNBUFFERED": "1", **accelerator, **extra}
+    return {**os.environ, "PATH": with_own_scripts(os.environ.get("PATH")), "PYTHONUNBUFFERED": "1", **accelerator,
+            **extra}
 
 
 @dataclass

@@ -51,7 +51,8 @@ def launch_two_nodes(script: str, args: list[str], tmp_path: Path, timeout: int 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     with master_port() as port:
-        cmds = [["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
+        cmds = [[sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+                 "--node_rank", str(node), "--master_addr",
                  "127.0.0.1", "--master_port", str(port), script, *args] for node in (0, 1)]
         procs = [subprocess.Popen(cmd, cwd=REPO, env=unbuffered_env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for cmd in cmds]

@@ -72,6 +72,8 @@ def init(env: DistEnv, shm_comm: bool = False) -> str | None:
     from gpt_recipes.parallel.cpu_info import keep_cpu_info
 
     keep_cpu_info()  # before any op loads
+    # DeepSpeed builds its ops with the ninja of this environment, found on PATH.
+    os.environ["PATH"] = console.with_own_scripts(os.environ.get("PATH"))
 
     # DeepSpeed's ZeRO collectives call torch APIs that torch now marks deprecated; the
     # warning repeats on every rank and says nothing a user can act on.

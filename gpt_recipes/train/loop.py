@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from gpt_recipes import faults
 from gpt_recipes.checkpoints import paths
+from gpt_recipes.checkpoints.paths import BestMetric
 from gpt_recipes.console import resume_command
 from gpt_recipes.data.samples import Samples
 from gpt_recipes.data.tokens import GlobalBatchOrder
@@ -163,6 +164,7 @@ class _Loop:
         # The second step of this process (optimizer state exists by then), where the step can measure.
         self.probe_step = state.step + 1 if train_step.probes_memory else -1
         self.compiled_s = 0.0  # torch.compile's time so far, as last said
+        self.best_seen: tuple[float, int] | None = None  # the best evaluation of this process: (value, step)
         self.probed = False  # one-off readings, agreed across ranks and logged with the next metrics line
 
     def run(self, stop: StopSignal) -> TrainState:
@@ -252,12 +254,16 @@ class _Loop:
         self.metrics.write({"step": state.step, "tokens": state.tokens, **result})
         self.say(f"step {state.step:>6d} | " + " | ".join(_shown(k, v) for k, v in result.items()))
         state.best_value, state.best_step = value, state.step
+        if best.better(value, self.best_seen[0] if self.best_seen else None):
+            self.best_seen = (value, state.step)
 
     def save(self) -> None:
         path = self.save_checkpoint(self.state)
-        best = paths.best_tag(path.parent) == path.name
+        seen = self.best_seen
+        unsaved = seen if seen and not paths.is_complete(path.parent / paths.tag_for(seen[1])) else None
         self.say(f"step {self.state.step:>6d} | saved checkpoint {path}"
-                 + (f" (the best so far, with the {self.objective.best.describe()}: {paths.BEST} names it)" if best else ""))
+                 + best_note(self.objective.best, paths.best_tag(path.parent) == path.name, unsaved,
+                             self.settings.eval_interval))
 
     def diverged(self, what: str) -> DivergedError:
         ending_together()  # every rank read the same all-reduced loss
@@ -266,6 +272,18 @@ class _Loop:
         return DivergedError(f"the {what} became NaN or infinite between steps {self.good_step} and "
                              f"{self.state.step}; {kept}. Lower the learning rate, or use bf16 or fp32 instead of "
                              f"fp16, and continue with: {resume_command()}")
+
+
+def best_note(best: BestMetric, is_best: bool, unsaved: tuple[float, int] | None, eval_interval: int) -> str:
+    """What a save line says of `best`: that this checkpoint is the best saved one, and that a better
+    evaluation (value, step) was measured at a step with no checkpoint, when there was one."""
+    note = f" (the best saved checkpoint by {best.describe()}: {paths.BEST} names it)" if is_best else ""
+    if unsaved is not None:
+        value, step = unsaved
+        every = f"--save_interval {eval_interval}" if eval_interval else "a --save_interval"
+        note += (f"; step {step} evaluated best ({best.key} {value:.4g}) but has no checkpoint: {every} saves one at "
+                 "each evaluation")
+    return note
 
 
 def _train_line(record: dict[str, Any], objective_text: str) -> str:

@@ -6,6 +6,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -62,8 +63,12 @@ def test_ctrl_c_saves_once_and_a_second_run_into_the_live_folder_is_refused(tmp_
         f.write('{"step": 9999, "tokens": 12')
     # The command the line printed, run as printed (the test only shortens the run), continues the
     # run: the lock file the stopped run left does not block it.
-    assert hint.startswith("deepspeed ") and "--overwrite" not in hint and hint.endswith(" --resume"), hint
-    proc = subprocess.run([*shlex.split(hint), "--max_steps", str(step + 2)], cwd=REPO, env=unbuffered_env(),
+    # As the tests start it: the launcher as a module of this interpreter, the accelerator named. Run
+    # by a shell with none of this environment's scripts on PATH, as from a fresh terminal.
+    assert hint.startswith(f"DS_ACCELERATOR=cpu {shlex.quote(sys.executable)} -m deepspeed.launcher.runner "), hint
+    assert "--overwrite" not in hint and hint.endswith(" --resume"), hint
+    bare = {**unbuffered_env(), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(f"{hint} --max_steps {step + 2}", shell=True, cwd=REPO, env=bare,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"Resumed from step {step}" in proc.stdout
@@ -89,7 +94,7 @@ def test_ctrl_c_in_a_step_longer_than_the_launchers_grace_says_so_and_leaves_not
         log = run.output()
         assert ("stopped: SIGINT received during a step that had not ended 3 s later (launchers stop their ranks 30 s "
                 "after passing a signal on, and a step cannot be cut short to save): exited without saving; the last "
-                "complete checkpoint, step2, is intact; continue with: deepspeed ") in log, log[-3000:]
+                "complete checkpoint, step2, is intact; continue with: DS_ACCELERATOR=cpu ") in log, log[-3000:]
         assert "killed, out of memory" not in log and "gpt_recipes/" not in log, log[-3000:]  # none of our tracebacks
         assert run.shm_buffers() == []
     finally:
@@ -134,7 +139,7 @@ def test_a_rank_killed_outright_is_named_at_once(tmp_path, tiny_data, tiny_model
         run.kill()
     found = re.search(r"error: rank 1 stopped while training \(its process is gone: killed, out of memory, or "
                       r"failed; .*\); the other ranks stop too, without saving; the last complete checkpoint, "
-                      r"(step\d+), is intact; continue with: deepspeed .* --resume", log)
+                      r"(step\d+), is intact; continue with: .*deepspeed\S* .* --resume", log)
     assert found, log[-3000:]
     assert took < 15, took
     ckpt = out / "checkpoints"
