@@ -24,6 +24,7 @@ from gpt_recipes.ds_config import batch_layout, load_config
 from gpt_recipes.ds_config_keys import check_keys
 from gpt_recipes.errors import UserError, cli_entry
 from gpt_recipes.metrics.memory_plan import (
+    PREFERENCE,
     HEADROOM,
     GiB,
     MemoryConfig,
@@ -178,13 +179,22 @@ def main() -> None:
                         "above say why")
     print_table(planning, rows)
     best = recommend(rows)
-    print_advice(planning, rows, best)
-    group = best.estimate.layout.parallel.group if best else 1
-    if best is None or group > 1:
-        alternatives = data_parallel_alternatives(planning, layouts, rows)
-        if alternatives:
-            print("Plain data parallelism fits too with: " + "; ".join(alternatives) + " (raise "
-                  "gradient_accumulation_steps as the micro-batch falls, to keep the global batch)")
+    # A sequence, tensor or pipeline split only when plain data parallelism cannot fit by itself
+    # with a smaller micro-batch or activation checkpointing: the split costs batch or time.
+    splits = best is not None and best.estimate.layout.parallel.group > 1
+    alternatives = data_parallel_alternatives(planning, layouts, rows) if best is None or splits else []
+    print_advice(planning, rows, None if alternatives else best)
+    if alternatives:
+        print(f"\nRecommended: plain data parallelism, {alternatives[0]} (with a smaller micro-batch, raise "
+              "gradient_accumulation_steps to keep the global batch; --micro_batch N plans another here)")
+        if alternatives[1:]:
+            print("  Also fits: " + "; ".join(alternatives[1:]))
+        if splits:
+            layout = best.estimate.layout
+            print(f"  ds_configs/{layout.name}.json fits as it is, splitting each sample over "
+                  f"{layout.parallel.group} ranks ({layout.parallel.what()}): worth it only when data parallelism does "
+                  f"not fit, as its global batch is 1/{layout.parallel.group} of the same keys' in a data-parallel "
+                  "config")
 
 
 def print_table(planning: Planning, rows: list) -> None:
@@ -239,7 +249,7 @@ def print_advice(planning: Planning, rows: list, best) -> None:
               "device (ZeRO-3: partitioned), so that figure is not a limit here.")
         if any(row.verdict == "yes*" for row in rows):
             print("yes*: fits the GPU; the host memory was not checked (give --host_mem, in GiB per node).")
-    if best is None:
+    if best is None and not any(row.fits for row in rows):
         print("\nNothing fits: add ranks or nodes, lower the micro-batch (raise gradient_accumulation_steps to keep "
               "the global batch), or use --activation_checkpointing.")
         host_bound = [row.estimate.layout.name for row in rows if device and row.need <= device and host
@@ -249,6 +259,8 @@ def print_advice(planning: Planning, rows: list, best) -> None:
             print(f"{', '.join(host_bound)} {'fits' if one else 'fit'} the GPUs but not the host memory "
                   f"({host / GiB:g} GiB per node): with more host memory, or the ranks spread over more nodes, "
                   f"{'it' if one else 'they'} would fit.")
+        return
+    if best is None:
         return
     layout = best.estimate.layout
     print(f"\nRecommended: ds_configs/{layout.name}.json (fits, and communicates least)")
@@ -273,17 +285,19 @@ def data_parallel_alternatives(planning: Planning, layouts: list[MemoryConfig], 
     for layout in layouts:
         if layout.parallel.group > 1 or layout.name in fitting:
             continue
+        order = PREFERENCE.index(layout.name) if layout.name in PREFERENCE else len(PREFERENCE)
         # Activations grow with the micro-batch sample by sample: the traced figure per sample serves all.
         per_sample = planning.per_sample(layout)
         smaller = next((m for m in range(layout.micro_batch - 1, 0, -1)
                         if fits(replace(layout, micro_batch=m), per_sample)), None)
         if smaller:
-            found.append(f"{layout.name} at micro-batch {smaller} (--micro_batch {smaller})")
+            found.append(((0, -smaller, order), f"ds_configs/{layout.name}.json with --ds "
+                                                f"train_micro_batch_size_per_gpu={smaller}"))
         if not args.activation_checkpointing and fits(layout, planning.per_sample(layout, True)):
-            found.append(f"{layout.name} with --activation_checkpointing")
-        if len(found) >= 3:
-            break
-    return found[:3]
+            found.append(((1, -layout.micro_batch, order), f"ds_configs/{layout.name}.json with "
+                                                           "--activation_checkpointing"))
+    # The largest micro-batch first (it keeps the device busiest), then the least communication.
+    return [text for _, text in sorted(found)[:3]]
 
 
 if __name__ == "__main__":

@@ -250,13 +250,19 @@ def test_plan_memory_tool(tmp_path, monkeypatch, capsys):
     proc = plan("--model", "gpt2-medium", "--ranks", "2", "--seq_len", "256", "--micro_batch", "1", "--host_mem", "24")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "zero3 " in proc.stdout and "Recommended: ds_configs/zero0.json" in proc.stdout
-    # Sequence parallelism recommended: what it does to the global batch is said, and the plain
-    # data-parallel ways to fit are offered beside it.
+    # An ordinary run that does not fit at micro-batch 8: plain data parallelism with a smaller
+    # micro-batch is recommended; sequence parallelism, which fits as it is, only mentioned.
     proc = plan("--model", "gpt2-medium", "--ranks", "2", "--host_mem", "24")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Recommended: ds_configs/zero2_sp2.json" in proc.stdout, proc.stdout
+    assert "Recommended: plain data parallelism, ds_configs/zero1.json with --ds train_micro_batch_size_per_gpu=4" \
+        in proc.stdout, proc.stdout
+    assert re.search(r"ds_configs/zero2_sp2\S*.json fits as it is, splitting each sample over 2 ranks .*worth it only "
+                     r"when data parallelism does not fit", proc.stdout), proc.stdout
+    # Sequence parallelism recommended where data parallelism cannot fit even at micro-batch 1 with
+    # activation checkpointing: what it does to the global batch is said.
+    proc = plan("--model", "llama-nano-64k", "--ranks", "2", "--seq_len", "32768", "--host_mem", "4")
+    assert "Recommended: ds_configs/zero2_sp2" in proc.stdout and "plain data parallelism" not in proc.stdout
     assert "1/2 of what the same batch keys give a data-parallel config" in proc.stdout
-    assert re.search(r"Plain data parallelism fits too with: .*(micro-batch \d|--activation_checkpointing)", proc.stdout)
     proc = plan("--model", "gpt2-xl", "--ranks", "2", "--host_mem", "8")
     assert proc.returncode == 0 and "Nothing fits" in proc.stdout
     proc = plan("--model", "gpt2-large", "--ranks", "8", "--gpu_mem", "16", "--micro_batch", "1", "--host_mem", "8",
