@@ -13,6 +13,8 @@ import logging
 import os
 import shlex
 import sys
+import threading
+import time
 from typing import Iterator
 
 import psutil
@@ -24,9 +26,12 @@ VERBOSE = os.environ.get("GPT_RECIPES_VERBOSE", "") not in ("", "0")
 CHATTER = ("Setting accelerator to CPU", "Attempting to get learning rate from scheduler before it has started",
            "MPU is not provided")
 # Python warnings of the libraries, each about an internal choice the recipes made on purpose:
-# peft notes the base's path it records (the recipes record and check the base themselves), and
+# peft notes the base's path it records (the recipes record and check the base themselves),
 # transformers' gradient-checkpointing flag is read by the libraries, not by these recipes.
-WARNINGS = (r"The PEFT config's `base_model_name_or_path` was renamed", r"`is_gradient_checkpointing` is deprecated")
+WARNINGS = (r"The PEFT config's `base_model_name_or_path` was renamed", r"`is_gradient_checkpointing` is deprecated",
+            # DeepSpeed's pipeline engine passes activations between stages with broadcasts that
+            # autograd sees; it sends their gradients back itself
+            r"c10d::broadcast_: an autograd kernel was not registered")
 
 
 class _DropChatter(logging.Filter):
@@ -52,6 +57,61 @@ def install() -> None:
         # tokenizers library's own bar asks progress_bars()
         for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
             os.environ.setdefault(name, "1")
+        if "transformers" in sys.modules:  # imported before this ran: it read the variables already
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+LINE_INTERVAL = 30.0  # seconds: in a log file, a long phase says where it is at least this often
+
+
+class Progress:
+    """A bar on a terminal; in a log file a line at most every LINE_INTERVAL seconds (the count so
+    far, its share and the time), so a long phase never looks stopped. `show`: this rank speaks."""
+
+    def __init__(self, total: int, desc: str, unit: str, show: bool = True):
+        from tqdm.auto import tqdm
+
+        self.total, self.desc, self.unit, self.show, self.done = total, desc, unit, show, 0
+        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True) if show and progress_bars() else None
+        self.started = self.said = time.monotonic()
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        self.done += n
+        now = time.monotonic()
+        if self.show and now - self.said >= LINE_INTERVAL:
+            self.said = now
+            print(f"{self.desc}: {self.done:,}/{self.total:,} {self.unit}s ({self.done / max(self.total, 1):.0%}, "
+                  f"{now - self.started:.0f} s)", flush=True)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, show: bool = True) -> Iterator[None]:
+    """Off a terminal, a line every LINE_INTERVAL seconds while a phase with nothing to count runs
+    (consolidating a checkpoint, an evaluation): `what: still running (N s)`."""
+    if not show or progress_bars():
+        yield
+        return
+    stop, start = threading.Event(), time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(LINE_INTERVAL):
+            print(f"{what}: still running ({time.monotonic() - start:.0f} s)", flush=True)
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 @contextlib.contextmanager

@@ -50,3 +50,24 @@ def test_library_warnings_and_bars_are_held_back_off_a_terminal(monkeypatch):
     import os
 
     assert all(os.environ[n] == "1" for n in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"))
+
+
+def test_long_phases_say_where_they_are_in_a_log_file(monkeypatch, capsys):
+    """Off a terminal: a counted phase prints its count at most every LINE_INTERVAL seconds, and a
+    phase with nothing to count says it is still running."""
+    import time
+
+    from gpt_recipes import console
+
+    monkeypatch.setattr(console, "progress_bars", lambda: False)
+    monkeypatch.setattr(console, "LINE_INTERVAL", 0.0)
+    with console.Progress(10, "reference log-probabilities (train)", "pair") as bar:
+        bar.update(4)
+    with console.Progress(10, "quiet rank", "pair", show=False) as bar:
+        bar.update(4)
+    assert capsys.readouterr().out.startswith("reference log-probabilities (train): 4/10 pairs (40%, ")
+    monkeypatch.setattr(console, "LINE_INTERVAL", 0.05)
+    with console.heartbeat("exporting step9"):
+        time.sleep(0.3)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith("exporting step9: still running (") for line in lines), lines

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
-from gpt_recipes import faults, folders
+from gpt_recipes import console, faults, folders
 from gpt_recipes.checkpoints.consolidate import consolidated_state_dict, materialize
 from gpt_recipes.checkpoints.paths import (
     EXPORT_CHECK,
@@ -198,11 +198,12 @@ def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, 
     check_output_folder(out_dir, force)
     with folders.written_aside(out_dir, EXPORT_KIND, force) as tmp, folders.disk_failures_said(out_dir):
         log(f"Consolidating {tag_dir} (ZeRO-{info.get('zero_stage', '?')}, {info.get('world_size', '?')} ranks)")
-        weights = _final_weights(ckpt_dir, tag, config, lora, base_model, target, log)
-        params = sum(t.numel() for t in weights.values())
-        files = _write_weights(weights, tmp, target, max_shard_size)
-        _write_configs(tmp, config, tokenizer, target)
-        diff = _verify(tmp, config, weights, target, log) if verify else None
+        with console.heartbeat(f"exporting {tag_dir.name}"):
+            weights = _final_weights(ckpt_dir, tag, config, lora, base_model, target, log)
+            params = sum(t.numel() for t in weights.values())
+            files = _write_weights(weights, tmp, target, max_shard_size)
+            _write_configs(tmp, config, tokenizer, target)
+            diff = _verify(tmp, config, weights, target, log) if verify else None
         folders.mark(tmp, EXPORT_KIND, checkpoint=tag_dir.resolve(), dtype=_name(target),
                      max_logit_diff_vs_checkpoint=diff)
     log(f"Exported {params / 1e6:.2f}M parameters to {out_dir} ({', '.join(files)})")

@@ -34,7 +34,30 @@ def harness():
         raise UserError(f"lm-evaluation-harness is not installed: pip install '{HARNESS}' (or make install)")
     import lm_eval
 
+    _no_bars_off_a_terminal()
     return lm_eval
+
+
+def _no_bars_off_a_terminal() -> None:
+    """The harness draws its request bars with an explicit `disable=` (which TQDM_DISABLE does not
+    override), so into a log file they came as one long line per task: off a terminal they are off."""
+    import importlib
+
+    from tqdm import tqdm
+
+    from gpt_recipes.console import progress_bars
+
+    if progress_bars():
+        return
+
+    def quiet(*args, **kwargs):
+        kwargs["disable"] = True
+        return tqdm(*args, **kwargs)
+
+    for name in ("lm_eval.models.huggingface", "lm_eval.api.model", "lm_eval.api.task", "lm_eval.evaluator"):
+        module = importlib.import_module(name)
+        if getattr(module, "tqdm", None) is tqdm:
+            module.tqdm = quiet
 
 
 def _scrambled(sentence: str, rng: random.Random) -> str | None:
@@ -193,9 +216,12 @@ def evaluate(lm, tasks: list[Any], limit: int | None, chat: bool) -> dict[str, A
     harness()
     from lm_eval import evaluator
 
-    results = evaluator.simple_evaluate(model=lm, tasks=tasks, limit=limit, apply_chat_template=chat,
-                                        log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-                                        fewshot_random_seed=0, verbosity="ERROR")
+    from gpt_recipes.console import heartbeat
+
+    with heartbeat("lm-evaluation-harness", show=getattr(lm, "rank", 0) == 0):
+        results = evaluator.simple_evaluate(model=lm, tasks=tasks, limit=limit, apply_chat_template=chat,
+                                            log_samples=False, random_seed=0, numpy_random_seed=0,
+                                            torch_random_seed=0, fewshot_random_seed=0, verbosity="ERROR")
     if results is None:
         return None
     return {key: results[key] for key in ("results", "versions", "n-shot", "config") if key in results}

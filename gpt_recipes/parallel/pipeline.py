@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt_recipes import console
 from gpt_recipes.errors import UserError
 
 LAYERS_FILE = "pipeline_layers.json"  # in each checkpoint: which Hugging Face module each layer file holds
@@ -174,9 +175,12 @@ def to_pipeline(model, layout):
     from deepspeed.pipe import PipelineModule
 
     layers = FAMILIES[model.config.model_type](model)
-    module = PipelineModule([spec for spec, _ in layers], num_stages=layout.pipeline, loss_fn=mean_token_loss,
-                            partition_method=layout.partition,
-                            activation_checkpoint_interval=layout.activation_checkpoint_interval)
+    # DeepSpeed prints its seeds, topology and a layer listing here; the recipe's own "Pipeline:"
+    # line says the split (GPT_RECIPES_VERBOSE=1 shows DeepSpeed's).
+    with console.quiet_prints():
+        module = PipelineModule([spec for spec, _ in layers], num_stages=layout.pipeline, loss_fn=mean_token_loss,
+                                partition_method=layout.partition,
+                                activation_checkpoint_interval=layout.activation_checkpoint_interval)
     module.hf_names = [name for _, name in layers]
     module.config = model.config
     return module

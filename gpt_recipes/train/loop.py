@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gpt_recipes import faults
+from gpt_recipes import console
 from gpt_recipes.checkpoints import paths
 from gpt_recipes.checkpoints.paths import BestMetric
 from gpt_recipes.console import resume_command
@@ -245,7 +246,8 @@ class _Loop:
 
     def evaluate(self) -> None:
         state, best = self.state, self.objective.best
-        result = self.train_step.evaluate(self.engine)
+        with console.heartbeat(f"step {state.step} evaluation", show=self.env.is_main):
+            result = self.train_step.evaluate(self.engine)
         value = result[best.key]
         if not math.isfinite(value):
             raise self.diverged(f"held-out {best.key}")
@@ -254,7 +256,7 @@ class _Loop:
         self.metrics.write({"step": state.step, "tokens": state.tokens, **result})
         self.say(f"step {state.step:>6d} | " + " | ".join(_shown(k, v) for k, v in result.items()))
         state.best_value, state.best_step = value, state.step
-        if best.better(value, self.best_seen[0] if self.best_seen else None):
+        if state.step and best.better(value, self.best_seen[0] if self.best_seen else None):  # step 0: no checkpoint
             self.best_seen = (value, state.step)
 
     def save(self) -> None:

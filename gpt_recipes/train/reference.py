@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import sys
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from gpt_recipes import console
 from gpt_recipes.checkpoints.paths import REFERENCE_LOGPS
 from gpt_recipes.ds_config import precision
 from gpt_recipes.errors import UserError
@@ -111,8 +110,8 @@ class StoredReference:
                 + ("; the adapters start at zero, so this is the base model" if self.adapted else "") + ")")
         scored = []
         for what, samples in (("train", self.train), ("val", self.val)):
-            with tqdm(total=len(samples), desc=f"reference ({what})", unit=self.noun[:-1], dynamic_ncols=True,
-                      disable=not run.env.is_main or not sys.stderr.isatty()) as bar:
+            with console.Progress(len(samples), f"reference log-probabilities ({what})", self.noun[:-1],
+                                  show=run.env.is_main) as bar:
                 scored.append(reference_logps(engine, samples, run.batch.micro_batch, run.env.rank,
                                               run.env.world_size, progress=bar.update))
         if run.env.is_main:

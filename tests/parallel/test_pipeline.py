@@ -2,6 +2,7 @@
 (tied GPT-2 and untied Llama), exact resume after SIGTERM, and the export."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -55,6 +56,10 @@ def _compare(pipe_out, one_out):
 def test_a_tied_gpt2_pipeline_trains_as_one_rank_resumes_exactly_and_exports(tmp_path, tiny_data, tiny_model):
     pipe_out, proc = _run(tmp_path, tiny_data, tiny_model, "pp", 2, 2, "--export_hf", str(tmp_path / "hf"))
     assert "Pipeline: stage 0: layers 0-2, stage 1: layers 3-5 of 6" in proc.stdout, proc.stdout
+    # The lines other runs print, and none of DeepSpeed's layer listing or autograd warnings.
+    assert re.search(r"Model: [\d.]+M parameters", proc.stdout), proc.stdout
+    assert "SEED_LAYERS" not in proc.stdout and "stage=0 layers=" not in proc.stdout, proc.stdout
+    assert "c10d::broadcast_" not in proc.stderr, proc.stderr[-2000:]
     one_out, _ = _run(tmp_path, tiny_data, tiny_model, "one", 1, 1)
     _compare(pipe_out, one_out)
     # The export reloads in plain transformers to the engine's logits, with its greedy tokens.
