@@ -223,12 +223,12 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def describe_presets() -> str:
-    lines = []
+    lines, width = [], max(map(len, PRESETS))
     for name, raw in PRESETS.items():
         config = build_config(name, vocab_size=8192, eos_token_id=0)
         with torch.device("meta"):
             params = count_parameters(AutoModelForCausalLM.from_config(config))
-        lines.append(f"{name:13s} {raw['model_type']:6s} {params / 1e6:8.1f}M parameters at vocabulary 8192, "
+        lines.append(f"{name:{width}s}  {raw['model_type']:6s} {params / 1e6:8.1f}M parameters at vocabulary 8192, "
                      f"context {context_length(config)}")
     return "\n".join(lines)
 
