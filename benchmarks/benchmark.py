@@ -206,7 +206,8 @@ def main() -> None:
                    *(["--peak_tflops", str(peak_for(args.ranks))] if peak_for(args.ranks) else [])]
     rows = variants(args, out, micro)
     reference = rows[0].name
-    results: dict[str, list[RunSummary]] = {v.name: [] for v in rows}
+    results: dict[str, list[RunSummary | None]] = {v.name: [] for v in rows}  # None: that round's run failed
+    notes: list[str] = []
 
     for round_ in range(1, args.repeats + 1):
         for variant in rows:
@@ -221,30 +222,35 @@ def main() -> None:
             else:
                 script = "plain_pytorch_loop.py" if variant.kind == "plain" else "minimal_deepspeed_loop.py"
                 code = run_script(script, args, variant, run_dir, peak_for(variant.ranks))
-            if code != 0:
-                raise UserError(f"{variant.name} failed (exit {code}); see its output above")
-            results[variant.name].append(summarize(run_dir, variant.name))
+            results[variant.name].append(kept_summary(run_dir, variant.name, code, args.max_steps, round_, notes))
+    if not any(s is not None for runs in results.values() for s in runs):
+        raise UserError("every run of the benchmark failed; see their output above")
 
     def median(name: str, key: str) -> float | None:
         values = [getattr(s, key, None) for s in results[name] if getattr(s, key, None) is not None]
         return statistics.median(values) if values else None
 
-    def ratio(name: str, other: str) -> tuple[float, float, float]:
+    def ratio(name: str, other: str) -> tuple[float, float, float] | None:
         """Median, min and max over rounds of tokens/s against another row's in the same round:
         a round's runs are minutes apart, so drifts in machine speed cancel out."""
-        ratios = [s.tokens_per_sec / r.tokens_per_sec for s, r in zip(results[name], results[other])]
-        return statistics.median(ratios), min(ratios), max(ratios)
+        ratios = [s.tokens_per_sec / r.tokens_per_sec for s, r in zip(results[name], results[other])
+                  if s is not None and r is not None and s.tokens_per_sec and r.tokens_per_sec]
+        return (statistics.median(ratios), min(ratios), max(ratios)) if ratios else None
 
     header = ["run", "tokens/s", "step ms", "vs plain", "range over rounds", "vs minimal DS", "TFLOP/s/rank", "MFU",
               "peak MiB/rank", "compile s"]
     table = []
     for variant in rows:
         name = variant.name
+        if median(name, "tokens_per_sec") is None:
+            table.append([name, "failed", *[""] * (len(header) - 2)])
+            continue
         mfu, compile_s = median(name, "mfu"), median(name, "compile_s")
-        mid, low, high = ratio(name, reference)
+        against = ratio(name, reference)
+        versus = ratio(name, variant.compare_to) if variant.compare_to else None
         table.append([name, f"{median(name, 'tokens_per_sec'):.0f}", f"{median(name, 'step_time_ms'):.1f}",
-                      f"{mid:.1%}", f"{low:.0%}–{high:.0%}",
-                      f"{ratio(name, variant.compare_to)[0]:.1%}" if variant.compare_to else "",
+                      f"{against[0]:.1%}" if against else "-", f"{against[1]:.0%}–{against[2]:.0%}" if against else "-",
+                      f"{versus[0]:.1%}" if versus else "",
                       f"{median(name, 'tflops_per_rank'):.3g}", "-" if mfu is None else f"{mfu:.1%}",
                       f"{median(name, 'peak_mem_mb'):.0f}", "" if compile_s is None else f"{compile_s:.0f}"])
     print(f"\n{args.model}, seq_len {args.seq_len}, global batch {args.global_batch}, {args.precision}, "
@@ -253,11 +259,34 @@ def main() -> None:
     print(f"Machine: {machine()}")
     print(f"Command: python benchmarks/benchmark.py {' '.join(sys.argv[1:])}".rstrip())
     print_table(header, table, args.markdown)
+    over = [v.name for v in rows if (median(v.name, "mfu") or 0) > 1]
+    if over:
+        notes.append(f"MFU above 100% ({', '.join(over)}): the matmul probe that set the peak ran slower than these "
+                     "runs, as on a machine busy with something else at the start; rerun on an idle machine, or pass "
+                     "--peak_tflops")
+    for note in notes:
+        print(f"note: {note}")
     if args.profile_step:
         for variant in rows:
             summary = variant.run_dir(out, 1) / "profile" / f"step{args.profile_step}.json"
             if summary.is_file():
                 print(f"\n{variant.name}: " + format_summary(json.loads(summary.read_text())))
+
+
+def kept_summary(run_dir: Path, name: str, code: int, max_steps: int, round_: int,
+                 notes: list[str]) -> RunSummary | None:
+    """A run's figures; a run that failed after logging its last step (a crash in its teardown) keeps
+    them, one that failed before does not; either is noted, and the other rounds go on."""
+    summary = summarize(run_dir, name) if (run_dir / "metrics.jsonl").is_file() else None
+    if code == 0:
+        return summary
+    if summary is not None and summary.steps >= max_steps:
+        notes.append(f"{name}, round {round_}: exited with status {code} after logging all {max_steps} steps (a "
+                     "crash while shutting down); its figures are kept")
+        return summary
+    notes.append(f"{name}, round {round_}: failed (exit {code}) before its last step; left out of that round "
+                 "(its output is above)")
+    return None
 
 
 def print_table(header: list[str], rows: list[list[str]], markdown: bool) -> None:
