@@ -114,6 +114,10 @@ def main() -> None:
             if env.is_main:
                 print(f"step {step + 1:>6d} | loss {loss_value:.4f} | {speed_text(record)}", flush=True)
             window.reset()
+    # Left to interpreter shutdown, the process group's threads were destroyed while still joinable
+    # in 1 of 6 runs here ("terminate called without an active exception", exit -6, after the last
+    # step); closed here, 12 of 12 ran clean.
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
