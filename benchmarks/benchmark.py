@@ -226,40 +226,13 @@ def main() -> None:
     if not any(s is not None for runs in results.values() for s in runs):
         raise UserError("every run of the benchmark failed; see their output above")
 
-    def median(name: str, key: str) -> float | None:
-        values = [getattr(s, key, None) for s in results[name] if getattr(s, key, None) is not None]
-        return statistics.median(values) if values else None
-
-    def ratio(name: str, other: str) -> tuple[float, float, float] | None:
-        """Median, min and max over rounds of tokens/s against another row's in the same round:
-        a round's runs are minutes apart, so drifts in machine speed cancel out."""
-        ratios = [s.tokens_per_sec / r.tokens_per_sec for s, r in zip(results[name], results[other])
-                  if s is not None and r is not None and s.tokens_per_sec and r.tokens_per_sec]
-        return (statistics.median(ratios), min(ratios), max(ratios)) if ratios else None
-
-    header = ["run", "tokens/s", "step ms", "vs plain", "range over rounds", "vs minimal DS", "TFLOP/s/rank", "MFU",
-              "peak MiB/rank", "compile s"]
-    table = []
-    for variant in rows:
-        name = variant.name
-        if median(name, "tokens_per_sec") is None:
-            table.append([name, "failed", *[""] * (len(header) - 2)])
-            continue
-        mfu, compile_s = median(name, "mfu"), median(name, "compile_s")
-        against = ratio(name, reference)
-        versus = ratio(name, variant.compare_to) if variant.compare_to else None
-        table.append([name, f"{median(name, 'tokens_per_sec'):.0f}", f"{median(name, 'step_time_ms'):.1f}",
-                      f"{against[0]:.1%}" if against else "-", f"{against[1]:.0%}–{against[2]:.0%}" if against else "-",
-                      f"{versus[0]:.1%}" if versus else "",
-                      f"{median(name, 'tflops_per_rank'):.3g}", "-" if mfu is None else f"{mfu:.1%}",
-                      f"{median(name, 'peak_mem_mb'):.0f}", "" if compile_s is None else f"{compile_s:.0f}"])
+    table, over = results_table(rows, results, reference)
     print(f"\n{args.model}, seq_len {args.seq_len}, global batch {args.global_batch}, {args.precision}, "
           f"{args.ranks} rank(s); median over {args.repeats} round(s) of each run's median tokens/s "
           f"(steps {args.log_interval + 1}-{args.max_steps}); vs plain / vs minimal DS: median of each round's ratio")
     print(f"Machine: {machine()}")
     print(f"Command: python benchmarks/benchmark.py {' '.join(sys.argv[1:])}".rstrip())
-    print_table(header, table, args.markdown)
-    over = [v.name for v in rows if (median(v.name, "mfu") or 0) > 1]
+    print_table(HEADER, table, args.markdown)
     if over:
         notes.append(f"MFU above 100% ({', '.join(over)}): the matmul probe that set the peak ran slower than these "
                      "runs, as on a machine busy with something else at the start; rerun on an idle machine, or pass "
@@ -271,6 +244,42 @@ def main() -> None:
             summary = variant.run_dir(out, 1) / "profile" / f"step{args.profile_step}.json"
             if summary.is_file():
                 print(f"\n{variant.name}: " + format_summary(json.loads(summary.read_text())))
+
+
+HEADER = ["run", "tokens/s", "step ms", "vs plain", "range over rounds", "vs minimal DS", "TFLOP/s/rank", "MFU",
+          "peak MiB/rank", "compile s"]
+
+
+def results_table(rows: list[Variant], results: dict[str, list[RunSummary | None]],
+                  reference: str) -> tuple[list[list[str]], list[str]]:
+    """The table's cells, one row per variant (medians over rounds), and the rows whose MFU passed 100%."""
+
+    def median(name: str, key: str) -> float | None:
+        values = [getattr(s, key, None) for s in results[name] if getattr(s, key, None) is not None]
+        return statistics.median(values) if values else None
+
+    def ratio(name: str, other: str) -> tuple[float, float, float] | None:
+        """Median, min and max over rounds of tokens/s against another row's in the same round:
+        a round's runs are minutes apart, so drifts in machine speed cancel out."""
+        ratios = [s.tokens_per_sec / r.tokens_per_sec for s, r in zip(results[name], results[other])
+                  if s is not None and r is not None and s.tokens_per_sec and r.tokens_per_sec]
+        return (statistics.median(ratios), min(ratios), max(ratios)) if ratios else None
+
+    table = []
+    for variant in rows:
+        name = variant.name
+        if median(name, "tokens_per_sec") is None:
+            table.append([name, "failed", *[""] * (len(HEADER) - 2)])
+            continue
+        mfu, compile_s = median(name, "mfu"), median(name, "compile_s")
+        against = ratio(name, reference)
+        versus = ratio(name, variant.compare_to) if variant.compare_to else None
+        table.append([name, f"{median(name, 'tokens_per_sec'):.0f}", f"{median(name, 'step_time_ms'):.1f}",
+                      f"{against[0]:.1%}" if against else "-", f"{against[1]:.0%}–{against[2]:.0%}" if against else "-",
+                      f"{versus[0]:.1%}" if versus else "",
+                      f"{median(name, 'tflops_per_rank'):.3g}", "-" if mfu is None else f"{mfu:.1%}",
+                      f"{median(name, 'peak_mem_mb'):.0f}", "" if compile_s is None else f"{compile_s:.0f}"])
+    return table, [v.name for v in rows if (median(v.name, "mfu") or 0) > 1]
 
 
 def kept_summary(run_dir: Path, name: str, code: int, max_steps: int, round_: int,
