@@ -45,7 +45,7 @@ def master_port() -> Iterator[int]:
     try:
         yield port
     finally:
-        remove_shm_buffers("127.0.0.1", str(port))
+        remove_shm_buffers("127.0.0.1", str(port), marks=True)
 
 
 def unbuffered_env(**extra: str) -> dict[str, str]:

@@ -211,7 +211,7 @@ class Background:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        remove_shm_buffers("127.0.0.1", str(self.port))
+        remove_shm_buffers("127.0.0.1", str(self.port), marks=True)
 
 
 def ds_json(tmp_path, stage: int, micro: int, accum: int = 1, fp32: bool = False, clip: bool = False,

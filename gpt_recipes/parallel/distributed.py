@@ -130,15 +130,16 @@ def remove_own_shm_buffers() -> None:
         remove_shm_buffers(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
 
 
-def remove_shm_buffers(addr: str, port: str) -> None:
+def remove_shm_buffers(addr: str, port: str, marks: bool = False) -> None:
     """Unlink the shared-memory buffers DeepSpeed's CPU communication creates for this run.
 
     DeepSpeed never removes /dev/shm/deepspeed_allreduce_buffer_*_<addr>_<port>_<rank> (69 MB
     per rank here), so every run would leave them behind until memory runs out. Unlinking
     only drops the names; ranks still running keep their mappings.
     """
+    # `marks`: also the mark a rank leaves its peers as it ends (train/preemption.py), once all have ended.
     for path in [*glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_*"),
-                 *glob.glob(f"/dev/shm/gpt_recipes_stopped_{addr}_{port}")]:  # train/preemption.py's mark
+                 *(glob.glob(f"/dev/shm/gpt_recipes_stopped_{addr}_{port}") if marks else [])]:
         try:
             os.unlink(path)
         except OSError:

@@ -28,14 +28,14 @@ from gpt_recipes.console import resume_command
 from gpt_recipes.data.samples import Samples
 from gpt_recipes.data.tokens import GlobalBatchOrder
 from gpt_recipes.ds_config import BatchPlan
-from gpt_recipes.errors import DivergedError, RecipeExit
+from gpt_recipes.errors import DivergedError, RankError, RecipeExit
 from gpt_recipes.metrics.log import MetricsLog
 from gpt_recipes.metrics.memory import MemoryProbe, peak_memory_mb
 from gpt_recipes.metrics.profile import profiled_step
 from gpt_recipes.metrics.throughput import ThroughputWindow, speed_text
 from gpt_recipes.parallel.distributed import DistEnv, all_reduce, rank_max, remove_own_shm_buffers
 from gpt_recipes.train.objective import Objective, TrainStep
-from gpt_recipes.train.preemption import LAUNCHER_GONE, PeerWatch, StopSignal, ending_together
+from gpt_recipes.train.preemption import LAUNCHER_GONE, PeerWatch, StopSignal, ending_together, mark_said
 
 
 @dataclass
@@ -137,6 +137,8 @@ def train(engine, batches: Batches, plan: BatchPlan, env: DistEnv, settings: Loo
         loop = _Loop(engine, batches, plan, env, settings, state, metrics, objective, train_step, save_checkpoint)
         return loop.run(stop)
     except Exception as err:
+        if isinstance(err, RankError):  # this rank alone: it says why, and its peers need not guess
+            mark_said()
         if not isinstance(err, RecipeExit):  # planned ends (a save on a signal, a NaN) all ranks agree on
             watch.report_if_peer_lost(wait=10.0)  # a collective that broke because another rank died: say that
         raise

@@ -108,14 +108,29 @@ def mark_stopped(signum: int) -> None:
             f.write(str(signum))
 
 
+SAID = "said"  # the mark of a rank that ended on an error of its own, which it printed (a full disk)
+
+
+def mark_said() -> None:
+    path = _mark_path()
+    if path:
+        with contextlib.suppress(OSError), open(path, "w") as f:
+            f.write(SAID)
+
+
+def ended_mark() -> str:
+    """What another rank of this run left as it ended: a signal number, SAID, or "" (none)."""
+    try:
+        with open(_mark_path() or "") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def stopped_mark() -> int:
     """The signal another rank of this run ended itself on (0: none)."""
-    path = _mark_path()
-    try:
-        with open(path or "") as f:
-            return int(f.read() or 0)
-    except (OSError, ValueError):
-        return 0
+    mark = ended_mark()
+    return int(mark) if mark.isdigit() else 0
 
 
 def clear_stopped_mark() -> None:
@@ -339,6 +354,10 @@ class PeerWatch:
     def _stopped_too(self, gone: list[int]) -> bool:
         """A rank that ended itself on a stop signal left a mark: the ranks are being stopped, not lost
         (a launcher signals its ranks one after another, as each ends). Then this rank ends too."""
+        if ended_mark() == SAID:  # it printed why it ended; no second line from here
+            if self._on_exit is not None:
+                self._on_exit()
+            os._exit(PEER_LOST_EXIT)
         signum = stopped_mark()
         if signum and self._stop_signal is not None:
             self._stop_signal.end_now(signum, f"during a step, which rank {', '.join(map(str, gone))} stopped for "
