@@ -340,3 +340,13 @@ def scripts() -> list[str]:
     """Every script users run: recipes, tools and benchmarks."""
     return sorted(str(p.relative_to(REPO)) for folder in ("recipes", "tools", "benchmarks")
                   for p in (REPO / folder).glob("*.py"))
+
+
+def load_script(path: str):
+    """A script of the repository (tools/X.py, benchmarks/X.py) as a module, to test its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

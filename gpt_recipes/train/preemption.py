@@ -101,21 +101,22 @@ def _mark_path() -> str | None:
     return os.path.join(folder, f"gpt_recipes_stopped_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}")
 
 
-def mark_stopped(signum: int) -> None:
+def _mark(text: str) -> None:
     path = _mark_path()
     if path:
         with contextlib.suppress(OSError), open(path, "w") as f:
-            f.write(str(signum))
+            f.write(text)
+
+
+def mark_stopped(signum: int) -> None:
+    _mark(str(signum))
 
 
 SAID = "said"  # the mark of a rank that ended on an error of its own, which it printed (a full disk)
 
 
 def mark_said() -> None:
-    path = _mark_path()
-    if path:
-        with contextlib.suppress(OSError), open(path, "w") as f:
-            f.write(SAID)
+    _mark(SAID)
 
 
 def ended_mark() -> str:

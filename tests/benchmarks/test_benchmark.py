@@ -1,22 +1,14 @@
 """benchmarks/benchmark.py: a run that fails costs its own round only."""
 
-import importlib.util
 import shutil
 
-from tests.helpers import REPO
+from tests.helpers import REPO, load_script
 
 FIXTURE = REPO / "tests" / "fixtures" / "recipe_zero0_metrics.jsonl"  # a real run of 30 steps
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "benchmarks" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_run_that_crashes_after_its_last_step_keeps_its_figures_and_one_that_fails_before_is_left_out(tmp_path):
-    bench = _benchmark()
+    bench = load_script("benchmarks/benchmark.py")
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(FIXTURE, run / "metrics.jsonl")

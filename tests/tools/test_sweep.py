@@ -4,20 +4,11 @@ import json
 
 import pytest
 
-from tests.helpers import REPO, ds_json, run_python
-
-
-def _sweep():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sweep_configs", REPO / "tools" / "sweep_configs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import REPO, ds_json, load_script, run_python
 
 
 def test_rounds_run_the_configs_in_turn_and_a_spread_wider_than_the_gaps_is_said():
-    sweep = _sweep()
+    sweep = load_script("tools/sweep_configs.py")
     assert [(k, c.name) for k, c in sweep.run_order([REPO / "a.json", REPO / "b.json"], 2)] == \
         [(1, "a.json"), (1, "b.json"), (2, "a.json"), (2, "b.json")]
     noisy = sweep.spread_lines({"zero0": [100.0, 120.0, 110.0], "zero3": [115.0, 118.0, 116.0]})
