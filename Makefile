@@ -9,7 +9,7 @@ ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo DS_ACCELERA
 # The launcher as a module of $(PYTHON): its environment, activated or not.
 LAUNCH = $(ACCELERATOR) $(PYTHON) -m deepspeed.launcher.runner --quiet --num_gpus $(RANKS) --master_port $(PORT)
 
-.PHONY: install data quickstart finetune-demo lora-demo dpo-demo kto-demo grpo-demo test test-quick
+.PHONY: install data quickstart finetune-demo lora-demo dpo-demo kto-demo grpo-demo test test-quick test-docs
 
 install:
 	$(PYTHON) -m pip install -r requirements.txt
@@ -78,3 +78,7 @@ test: install
 
 test-quick:
 	$(PYTHON) -m pytest tests -m "not slow"
+
+# Every recipe command README.md and docs/ show, run as written through its first optimizer step.
+test-docs: install
+	$(PYTHON) -m pytest tests/test_docs.py --docs-walk -m docs_walk -s

@@ -208,6 +208,9 @@ class RunArgs(Flags):
                               at_least(0, "must be 0 (only at the end) or positive"))
     activation_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass "
                                           "(less memory, about a third more compute)")
+    router_aux_loss_coef: Optional[float] = flag(None, "mixture-of-experts models: weight of the router's "
+                                                 "load-balancing loss in the training loss (default: the model "
+                                                 "config's router_aux_loss_coef)", at_least(0))
     fused_loss: bool = flag(True, "compute the output layer and the loss together in chunks, never holding all "
                             "the logits (not under ZeRO-3, which partitions the output layer)")
     torch_compile: bool = flag(False, "compile the model with torch.compile through DeepSpeed (engine.compile); the "

@@ -46,6 +46,7 @@ from gpt_recipes.metrics.log import MetricsLog, log_wandb_by_step
 from gpt_recipes.metrics.memory import tensor_memory_mb
 from gpt_recipes.models.adapters import TrainedWeights, trainable_parameters
 from gpt_recipes.models.causal_lm import count_parameters, enable_activation_checkpointing
+from gpt_recipes.models import moe
 from gpt_recipes.models.compile import CompilePlan, plan_compile
 from gpt_recipes.parallel import distributed
 from gpt_recipes.parallel.distributed import DistEnv
@@ -294,6 +295,8 @@ def start_engine(run: RunPlan, job: Job, model: torch.nn.Module, mpu) -> tuple[A
         run.out_dir.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_DIR", str(run.out_dir))
+    if run.layout.expert > 1:
+        moe.adapt_output_recorder_registry()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=run.ds_cfg, mpu=mpu)
     engine_setup.check_runs_as_planned(engine, run.ds_cfg, run.batch)
     engine_setup.lighten_step(engine, run.env.world_size, run.layout.zero_stage)

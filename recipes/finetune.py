@@ -75,7 +75,7 @@ def main() -> None:
 
     # 3. Start the ranks, load the pretrained weights (under ZeRO-3 each rank loads only its
     # partition), add the adapters if asked, train.
-    objective = NextToken(args.fused_loss, one_length=False)
+    objective = NextToken(args.fused_loss, one_length=False, router_aux_loss_coef=args.router_aux_loss_coef)
     job = Job("finetune", objective, start.config, tokenizer, seq_len, start.builder(run, args.seed),
               weights=start.weights,
               data_fingerprint=fingerprint if len(sources) > 1 else sft.rows_digest(sources[0].train),

@@ -63,7 +63,7 @@ def main() -> None:
 
     # 3. Start the ranks, build a randomly initialised model (same seed on every rank; partitioned
     #    across ranks from the start under ZeRO-3), train on next-token prediction.
-    job = Job("pretrain", NextToken(args.fused_loss), model_config, tokenizer, seq_len,
+    job = Job("pretrain", NextToken(args.fused_loss, router_aux_loss_coef=args.router_aux_loss_coef), model_config, tokenizer, seq_len,
               lambda: build_model(model_config, run.ds_cfg), data=record, data_fingerprint=fingerprint)
     execute(args, run, job, batches)
 

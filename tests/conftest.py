@@ -72,3 +72,18 @@ def cross_stage(tmp_path_factory, tiny_data, tiny_model):
     reference = parity_run(tmp, tiny_data, tiny_model, 0, 1, 4, 1, True, "reference zero0 1x4")
     return reference, {label: parity_run(tmp, tiny_data, tiny_model, *spec, label)
                        for label, *spec in CROSS_STAGE_RUNS}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--docs-walk", action="store_true",
+                     help="also run every recipe command the docs show through its first optimizer step")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The docs walk starts each documented command for real (`make test-docs`); the suite leaves it out."""
+    if config.getoption("--docs-walk"):
+        return
+    skip = pytest.mark.skip(reason="the docs walk runs with `make test-docs` (--docs-walk)")
+    for item in items:
+        if "docs_walk" in item.keywords:
+            item.add_marker(skip)

@@ -120,31 +120,38 @@ def test_every_test_the_docs_cite_exists():
     assert not missing, "\n".join(missing)
 
 
-LAUNCH_LINE = re.compile(rf"(?:deepspeed|torchrun|\$\(LAUNCH\)|python3?)\b([^\n]*?)\s(recipes/[a-z_]+\.py)([^\n]*)")
+LAUNCH_LINE = re.compile(rf"(deepspeed|torchrun|\$\(LAUNCH\)|python3?)\b([^\n]*?)\s(recipes/[a-z_]+\.py)([^\n]*)")
 
 
-def recipe_launches() -> list[tuple[str, str, str, int]]:
-    """(where, recipe, its flags, ranks) for every recipe launch the docs show in full."""
+def recipe_launches(with_launcher: bool = False) -> list[tuple]:
+    """(where, recipe, its flags, ranks[, launcher]) for every recipe launch the docs show in full."""
     found = []
     for doc in _documents():
         text = re.sub(r"\\\n\s*", " ", doc.read_text())
         for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S) + re.findall(r"`([^`\n]+)`", text):
             for m in LAUNCH_LINE.finditer(block):
-                launcher, script, rest = m.groups()
-                ranks = re.search(r"--(?:num_gpus|nproc_per_node|num_processes)[ =](\d+)", launcher)
-                found.append((doc.name, script, rest, int(ranks.group(1)) if ranks else 1))
+                launcher, flags, script, rest = m.groups()
+                ranks = re.search(r"--(?:num_gpus|nproc_per_node|num_processes)[ =](\d+)", flags)
+                ranks = int(ranks.group(1)) if ranks else 2 if launcher == "$(LAUNCH)" else 1
+                found.append((doc.name, script, rest, ranks, *([launcher] if with_launcher else [])))
     return found
 
 
 # Inputs a command needs that earlier documented commands make (an export, a fine-tuned model,
 # the user's own text): such a command is parsed above but not started here.
+BUILT_ON_FIRST_USE = ("data/stdlib", "data/sft_demo/", "data/dpo_demo/", "data/kto_demo/", "data/grpo_demo/")
+
+
 def _missing_inputs(words: list[str], root: Path) -> list[str]:
     missing = []
     for flag, value in zip(words, words[1:]):
-        if flag in ("--data", "--model_name_or_path", "--deepspeed_config", "--val_data") or \
-                flag == "--model" and ("/" in value or value.endswith(".json")):
-            if not (root / value).exists() and not value.startswith("data/stdlib"):
-                missing.append(value)
+        if flag == "--reward_funcs" and ".py:" in value:
+            value = value.split(":")[0]
+        elif not (flag in ("--data", "--model_name_or_path", "--deepspeed_config", "--val_data") or
+                  flag == "--model" and ("/" in value or value.endswith(".json"))):
+            continue
+        if not (root / value).exists() and not value.startswith(BUILT_ON_FIRST_USE):
+            missing.append(value)
     return missing
 
 
@@ -172,6 +179,8 @@ def test_the_documented_recipe_commands_start(tmp_path, monkeypatch, capsys):
     problems, ran = [], 0
     for where, script, rest, ranks in recipe_launches():
         words = _words(rest)
+        if any(w.startswith(BUILT_ON_FIRST_USE[1:]) for w in words):
+            continue  # the demos' rows are built by the walk below, not by a parse
         if "..." in rest or any(PLACEHOLDER.match(w) for w in words) or _missing_inputs(words, tmp_path):
             continue
         monkeypatch.setattr(sys, "argv", [script, *words])
@@ -187,6 +196,62 @@ def test_the_documented_recipe_commands_start(tmp_path, monkeypatch, capsys):
     assert not problems, "\n".join(problems)
     assert ran >= 7, ran  # as many as the docs held, whole and runnable, when this was written
 
+
+
+def _walk_command(launcher: str, ranks: int, script: str, words: list[str], port: int) -> list[str]:
+    """The command as the docs show it (launcher, ranks, script, flags), through its first
+    optimizer step: a run longer than the README's 4-step long-context row trains 1 step."""
+    import sys
+
+    from gpt_recipes.launch import launcher_prefix
+
+    steps = next((int(v) for f, v in zip(words, words[1:]) if f == "--max_steps"), 200)
+    start = [sys.executable] if launcher.startswith("python") else launcher_prefix(
+        "torchrun" if launcher == "torchrun" else "deepspeed", ranks, port)
+    return [*start, script, *words, *(["--max_steps", "1"] if steps > 4 else [])]
+
+
+@pytest.mark.docs_walk
+def test_every_documented_recipe_command_trains(tmp_path):
+    """`make test-docs`: each recipe command the docs show in full runs here, with its launcher and
+    ranks, in a folder of its own, through its first optimizer step (to its end if it is 4 steps or
+    fewer) and to its exports; a command that needs what another makes (an export) runs after it."""
+    import subprocess
+    import time
+
+    from gpt_recipes.launch import master_port, unbuffered_env
+
+    (REPO / "data").mkdir(exist_ok=True)  # the default corpus and demos, prepared once for the clone
+    for name in ("data", "ds_configs", "recipes"):
+        (tmp_path / name).symlink_to(REPO / name)
+    pending, seen = [], set()
+    for where, script, rest, ranks, launcher in recipe_launches(with_launcher=True):
+        words = _words(rest)
+        key = (launcher, ranks, script, tuple(words))
+        if "..." in rest or any(PLACEHOLDER.match(w) for w in words) or key in seen:
+            continue
+        seen.add(key)
+        pending.append((where, key))
+    problems, times = [], []
+    while ready := [item for item in pending if not _missing_inputs(list(item[1][3]), tmp_path)]:
+        for item in ready:
+            pending.remove(item)
+            where, (launcher, ranks, script, words) = item
+            with master_port() as port:
+                cmd = _walk_command(launcher, ranks, script, list(words), port)
+                start = time.monotonic()
+                proc = subprocess.run(cmd, cwd=tmp_path, env=unbuffered_env(PYTHONPATH=str(REPO)),
+                                      capture_output=True, text=True, timeout=900)
+            times.append(f"{time.monotonic() - start:6.1f} s  {where}: {script} {' '.join(words)}")
+            if proc.returncode != 0:
+                problems.append(f"{where}: {' '.join(cmd)}\n    exit {proc.returncode}: {proc.stderr.strip()[-600:]}")
+    print("\n".join(times))
+    # A reward file named in the docs is the user's own code: only its flags are parsed above.
+    never = [f"{where}: {key[2]} (needs {needs})" for where, key in pending
+             if (needs := [p for p in _missing_inputs(list(key[3]), tmp_path) if not p.endswith(".py")])]
+    assert not problems, "\n".join(problems)
+    assert not never, "inputs no documented command makes:\n" + "\n".join(never)
+    assert len(times) >= 15, times
 
 def _slug(heading: str) -> str:
     """A heading's anchor as GitHub makes it."""

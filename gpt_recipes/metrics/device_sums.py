@@ -4,7 +4,7 @@ A step adds what it measured under a name (`sums.add(kl=..., tokens=...)`); the 
 on the device and nothing waits for them until `read()`, which stacks every name's total,
 all-reduces the stack once over the ranks and hands back plain floats by name (one wait for
 the device). Every rank must add the same names (the stack is reduced position by position;
-names are sorted). Figures every rank already holds alike (all-reduced or gathered by the
+names are sorted); a figure may be a vector, summed element by element. Figures every rank already holds alike (all-reduced or gathered by the
 step anyway) are added with `add_shared` and not reduced again: summing them over ranks would
 count them once per rank.
 """
@@ -40,14 +40,22 @@ class DeviceSums:
     def __bool__(self) -> bool:
         return bool(self._local or self._shared)
 
-    def read(self) -> dict[str, float]:
-        """Every figure's total (a collective: every rank calls it), and start again."""
+    def read(self) -> dict[str, float | list[float]]:
+        """Every figure's total (a collective: every rank calls it), and start again: a number for a
+        0-d figure, a list for a vector (e.g. tokens per expert)."""
         values = [*self._local.values(), *self._shared.values()]
         device = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
-        stack = lambda names, source: torch.stack([torch.as_tensor(source[n], dtype=torch.float64,  # noqa: E731
-                                                                   device=device) for n in names])
+        as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float64, device=device)  # noqa: E731
         local, shared = sorted(self._local), sorted(self._shared)
-        parts = ([all_reduce(stack(local, self._local))] if local else []) + (
-            [stack(shared, self._shared)] if shared else [])
+        shapes = [as_tensor(self._local[n]).shape for n in local] + [as_tensor(self._shared[n]).shape for n in shared]
+        flat = lambda names, source: torch.cat([as_tensor(source[n]).reshape(-1) for n in names])  # noqa: E731
+        parts = ([all_reduce(flat(local, self._local))] if local else []) + ([flat(shared, self._shared)] if shared else [])
         self._local, self._shared = {}, {}
-        return dict(zip(local + shared, torch.cat(parts).tolist())) if parts else {}
+        if not parts:
+            return {}
+        totals, out, at = torch.cat(parts).tolist(), {}, 0
+        for name, shape in zip(local + shared, shapes):
+            size = shape.numel()
+            out[name] = totals[at] if not shape else totals[at : at + size]
+            at += size
+        return out

@@ -8,7 +8,9 @@ as in the PaLM paper's appendix B (Chowdhery et al., 2022):
 - N_matmul counts the weights of every matrix multiply: the attention and MLP projections
   of each block and the output head (vocab x d_model, counted even when it is tied to the
   input embedding, because it is a real matmul). Input embeddings (token and position
-  lookups), norms and biases are left out: they are lookups or element-wise work.
+  lookups), norms and biases are left out: they are lookups or element-wise work. In a
+  mixture-of-experts model a token passes through its layer's router and top_k of E experts,
+  so N_matmul counts the routers and top_k / E of the experts' weights (active parameters).
 - The second term is attention's two matmuls (Q K^T and the weighted sum of V) over the
   full seq_len x seq_len square; d_attn = n_heads * head_dim. Causal attention kernels can
   skip half of it; it is counted whole, as PaLM and nanoGPT do, so figures compare.
@@ -49,7 +51,7 @@ GPU_PEAKS: list[tuple[tuple[str, ...], str, dict[str, float]]] = [
 
 @dataclass(frozen=True)
 class FlopsShape:
-    matmul_params: int
+    matmul_params: float
     n_layers: int
     d_attn: int
 
@@ -62,11 +64,15 @@ def flops_shape(model_config: PretrainedConfig) -> FlopsShape:
     from transformers.pytorch_utils import Conv1D
 
     from gpt_recipes.models.causal_lm import build_model
+    from gpt_recipes.models.moe import matmul_weights, moe_shape
 
     with torch.device("meta"):
         model = build_model(model_config)
-    # Every Linear (GPT-2's blocks use Conv1D) including the output head, tied or not.
-    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
+    shape = moe_shape(model_config)
+    # Every Linear (GPT-2's blocks use Conv1D) including the output head, tied or not; in an MoE
+    # model the routers and the top_k experts a token goes through (its active parameters).
+    matmul = (matmul_weights(model, shape) if shape else
+              sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))))
     c = model_config
     n_layers = getattr(c, "num_hidden_layers", None) or c.n_layer
     n_heads = getattr(c, "num_attention_heads", None) or c.n_head

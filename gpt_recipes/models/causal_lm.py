@@ -36,6 +36,17 @@ def _llama(layers: int, width: int, heads: int, kv_heads: int, ffn: int, context
             **_LLAMA_NO_DROPOUT}
 
 
+def _moe(model_type: str, layers: int, width: int, heads: int, experts: int, top_k: int, expert_ffn: int,
+         context: int) -> dict[str, Any]:
+    """A mixture-of-experts shape: each layer's MLP is `experts` experts of width `expert_ffn`, `top_k` per token."""
+    fields = ({"num_local_experts": experts, "intermediate_size": expert_ffn} if model_type == "mixtral" else
+              {"num_experts": experts, "moe_intermediate_size": expert_ffn, "intermediate_size": expert_ffn * top_k,
+               "head_dim": width // heads, "decoder_sparse_step": 1})
+    return {"model_type": model_type, "num_hidden_layers": layers, "hidden_size": width, "num_attention_heads": heads,
+            "num_key_value_heads": heads, "num_experts_per_tok": top_k, "max_position_embeddings": context,
+            "tie_word_embeddings": True, "rope_theta": 10000.0, "attention_dropout": 0.0, **fields}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Small shapes that train in minutes on a CPU.
     "gpt2-nano": _gpt2(4, 256, 4, 256),
@@ -45,6 +56,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # llama-nano with room for long sequences (rotary positions: no position table grows with it), for
     # sequence parallelism.
     "llama-nano-64k": _llama(4, 256, 4, 4, 688, 65536, tied=True),
+    # Mixtures of experts with llama-nano's active parameters: 8 experts of a quarter of its MLP
+    # width each, 2 per token (docs/parallelism_and_memory.md compares them).
+    "mixtral-nano": _moe("mixtral", 4, 256, 4, 8, 2, 344, 256),
+    "qwen3-moe-nano": _moe("qwen3_moe", 4, 256, 4, 8, 2, 344, 256),
     # The GPT-2 family's published shapes (124M, 350M, 774M, 1.5B with the GPT-2 vocabulary).
     "gpt2": _gpt2(12, 768, 12, 1024),
     "gpt2-medium": _gpt2(24, 1024, 16, 1024),

@@ -4,8 +4,9 @@ A layout has a data-parallel degree and at most one other: sequence (DeepSpeed U
 `"sequence_parallel_size"`), tensor (DeepSpeed AutoTP, `"tensor_parallel": {"autotp_size"}`)
 or pipeline (`"pipeline": {"stages"}`); the ZeRO stage partitions over the data-parallel
 ranks. The ranks of one sequence, tensor or pipeline group read the same samples;
-`data_rank` says which part of each global batch a rank reads. The expert degree is the room
-left for expert parallelism (1 until it is built).
+`data_rank` says which part of each global batch a rank reads. Expert parallelism (DeepSpeed
+AutoEP, `"expert_parallel": {"autoep_size"}`) splits each MoE layer's experts over ranks that
+still read different samples: it combines with data parallelism only.
 
 What combines with what is written here once, as two checks: `Layout.of_config` (the JSON
 alone, on this many ranks) and `Layout.refusal` (against a model, a sequence length and an
@@ -50,6 +51,7 @@ class Supports:
     sequence: bool = False
     tensor: bool = False
     pipeline: bool = False
+    experts: bool = False  # trains mixture-of-experts models (with their router's load-balancing loss)
     why_not: str = ""
     compiled: bool = True
     why_not_compiled: str = ""
@@ -58,7 +60,7 @@ class Supports:
         return {"sequence": self.sequence, "tensor": self.tensor, "pipeline": self.pipeline}[mode]
 
 
-EVERY_LAYOUT = Supports(sequence=True, tensor=True, pipeline=True)
+EVERY_LAYOUT = Supports(sequence=True, tensor=True, pipeline=True, experts=True)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class Layout:
     sequence: int = 1  # ranks that split each sample's sequence
     tensor: int = 1  # ranks that split each layer's projections
     pipeline: int = 1  # stages that split the layers
-    expert: int = 1  # ranks that split the experts (not built yet)
+    expert: int = 1  # ranks that split each MoE layer's experts (DeepSpeed AutoEP, "expert_parallel")
     partition: str = "parameters"  # a pipeline's partition method: parameters, uniform or type:REGEX
     activation_checkpoint_interval: int = 0  # a pipeline's, in layers
 
@@ -175,16 +177,17 @@ class Layout:
 
     def record(self) -> dict[str, int]:
         return {"world_size": self.world, "zero_stage": self.zero_stage, "sequence_parallel": self.sequence,
-                "tensor_parallel": self.tensor, "pipeline_stages": self.pipeline}
+                "tensor_parallel": self.tensor, "pipeline_stages": self.pipeline, "expert_parallel": self.expert}
 
     @classmethod
     def from_record(cls, info: dict[str, Any]) -> "Layout":
         return cls(world=info["world_size"], zero_stage=info["zero_stage"],
                    sequence=info.get("sequence_parallel", 1), tensor=info.get("tensor_parallel", 1),
-                   pipeline=info.get("pipeline_stages", 1))
+                   pipeline=info.get("pipeline_stages", 1), expert=info.get("expert_parallel", 1))
 
     def short(self) -> str:
-        return f"{self.world} ranks at ZeRO-{self.zero_stage}"
+        experts = f", experts over {self.expert}" if self.expert > 1 else ""
+        return f"{self.world} ranks at ZeRO-{self.zero_stage}{experts}"
 
     def resume_change(self, saved: "Layout") -> str | None:
         """What resuming a checkpoint written on `saved` means here: None (the same layout), a line
@@ -206,7 +209,7 @@ class Layout:
                             f"tensor_parallel.autotp_size {saved.tensor}; this run has {self.short()}, {self.sequence} "
                             f"and {self.tensor}: resume a sequence- or tensor-parallel run with the same ranks and "
                             "DeepSpeed JSON")
-        if (saved.world, saved.zero_stage) == (self.world, self.zero_stage):
+        if (saved.world, saved.zero_stage, saved.expert) == (self.world, self.zero_stage, self.expert):
             return None
         if (saved.zero_stage, self.zero_stage) not in UNIVERSAL_RESUMES:
             raise UserError(f"the checkpoint was written at ZeRO-{saved.zero_stage}; resuming it at ZeRO-{self.zero_stage} "
@@ -224,7 +227,8 @@ class Layout:
         stage = zero_stage(cfg)
         sp, tp, tp_block = _sequence_and_tensor(cfg)
         pp, partition, interval = _pipeline(cfg)
-        layout = cls(world, stage, sp, tp, pp, partition=partition, activation_checkpoint_interval=interval)
+        layout = cls(world, stage, sp, tp, pp, expert=_expert(cfg), partition=partition,
+                     activation_checkpoint_interval=interval)
         problem = layout._config_problem(tp_block, cfg)
         if problem:
             raise UserError(f"DeepSpeed config: {problem}")
@@ -232,6 +236,8 @@ class Layout:
 
     def _config_problem(self, tp_block: dict[str, Any], cfg: dict[str, Any]) -> str | None:
         sp, tp, pp = self.sequence, self.tensor, self.pipeline
+        if problem := _expert_problem(self, cfg.get("expert_parallel") or {}):
+            return problem
         if pp > 1 and sp * tp > 1:
             return ("pipeline.stages and " + ("sequence_parallel_size" if sp > 1 else "tensor_parallel.autotp_size")
                     + " are both above 1; these recipes combine a pipeline with data parallelism only")
@@ -266,6 +272,8 @@ class Layout:
         if uses.compiled and not supports.compiled:
             return (f"--torch_compile is not supported with {objective}: {supports.why_not_compiled}; drop "
                     "--torch_compile (or compile.deepcompile) to run it eagerly")
+        if problem := _experts_refusal(self, config, supports, objective, uses):
+            return problem
         if self.mode is None:
             return None
         what = self.what()
@@ -284,6 +292,55 @@ class Layout:
                     "pipeline.activation_checkpoint_interval in the DeepSpeed JSON (1: every layer) instead")
         return {"sequence": _sequence_refusal, "tensor": _tensor_refusal,
                 "pipeline": _pipeline_refusal}[self.mode](self, what, config, seq_len)
+
+
+def _expert_problem(layout: Layout, block: dict[str, Any]) -> str | None:
+    """What DeepSpeed's AutoEP (0.19.8) does not combine with, said before any rank starts."""
+    if "load_balance_coeff" in block:
+        return ("expert_parallel.load_balance_coeff is not supported by DeepSpeed's AutoEP; drop it: the router's "
+                "load-balancing loss is added by the recipe (--router_aux_loss_coef)")
+    if layout.expert == 1:
+        return None
+    if layout.pipeline > 1 or layout.sequence > 1 or layout.tensor > 1:
+        other = ("pipeline.stages" if layout.pipeline > 1 else "sequence_parallel_size" if layout.sequence > 1
+                 else "tensor_parallel.autotp_size")
+        return (f"expert_parallel.autoep_size {layout.expert} and {other} are both above 1; these recipes combine "
+                "expert parallelism with data parallelism only")
+    etp = block.get("expert_tensor_parallel_size", 1)
+    if etp != 1:
+        return f"expert_parallel.expert_tensor_parallel_size {etp}: only 1 is supported (experts are not split further)"
+    if layout.world % layout.expert:
+        return (f"expert_parallel.autoep_size {layout.expert} does not divide the {layout.world} ranks; launch a "
+                f"multiple of {layout.expert} ranks")
+    if block.get("comm_backend", "comm") != "comm":
+        return (f"expert_parallel.comm_backend {block['comm_backend']!r} runs on GPUs with DeepEP only; use \"comm\" "
+                "(the default)")
+    return None
+
+
+def _experts_refusal(layout: Layout, config, supports: Supports, objective: str, uses: Uses) -> str | None:
+    """Why a mixture-of-experts model (or expert parallelism) cannot run as asked; None when it can."""
+    from gpt_recipes.models.moe import moe_shape
+
+    shape = moe_shape(config)
+    if shape is None:
+        return None if layout.expert == 1 else (
+            f"expert_parallel.autoep_size {layout.expert}: model type {config.model_type!r} has no experts; use a "
+            "mixture-of-experts model (e.g. --model mixtral-nano) or a JSON without \"expert_parallel\"")
+    if not supports.experts:
+        return (f"mixture-of-experts models are not supported with {objective} yet (its loss does not add the "
+                "router's load-balancing loss); pretrain or fine-tune them with next-token prediction")
+    if uses.adapters:
+        return "LoRA (--use_peft) on a mixture-of-experts model is not supported yet; fine-tune every weight"
+    if uses.compiled:
+        return "--torch_compile with a mixture-of-experts model is not supported by these recipes; drop it"
+    if layout.mode is not None:
+        return (f"{layout.what()} with a mixture-of-experts model: these recipes run MoE models with data and "
+                "expert parallelism (\"expert_parallel\") only")
+    if shape.experts % layout.expert:
+        return (f"expert_parallel.autoep_size {layout.expert} does not divide the model's {shape.experts} experts; "
+                "each expert-parallel rank holds an equal share")
+    return None
 
 
 def _heads(config) -> tuple[int, int]:
@@ -369,6 +426,16 @@ def _sequence_and_tensor(cfg: dict[str, Any]) -> tuple[int, int, dict[str, Any]]
     sp = _positive("sequence_parallel_size", cfg.get("sequence_parallel_size", 1))
     tp = _positive("tensor_parallel.autotp_size", tp_block.get("autotp_size", 1) or 1)
     return sp, tp, tp_block
+
+
+def _expert(cfg: dict[str, Any]) -> int:
+    """The expert-parallel degree of the JSON's "expert_parallel" section (DeepSpeed AutoEP); 1 when off."""
+    block = cfg.get("expert_parallel", {})
+    if not isinstance(block, dict):
+        raise UserError("DeepSpeed config: expert_parallel must be an object such as {\"enabled\": true, \"autoep_size\": 2}")
+    if not block.get("enabled", False):
+        return 1
+    return _positive("expert_parallel.autoep_size", block.get("autoep_size", 1))
 
 
 def _pipeline(cfg: dict[str, Any]) -> tuple[int, str, int]:

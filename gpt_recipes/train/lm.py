@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from gpt_recipes.ds_config import BatchPlan
+from gpt_recipes.models import moe
 from gpt_recipes.models.loss import CausalLMLoss, fused_unavailable
 from gpt_recipes.parallel.layout import EVERY_LAYOUT, Supports
 from gpt_recipes.train.objective import Objective, StepResult, StepSetup, TrainStep
@@ -21,13 +22,17 @@ class NextToken(Objective):
     name = "next_token"
     title = "next-token prediction"
 
-    def __init__(self, fused_loss: bool = True, one_length: bool = True):
+    def __init__(self, fused_loss: bool = True, one_length: bool = True, router_aux_loss_coef: float | None = None):
         """fused_loss: the output layer and loss fused where the model allows (--fused_loss).
-        one_length: every sample has one length (pretraining windows), as a pipeline needs."""
-        self.fused_loss = fused_loss
+        one_length: every sample has one length (pretraining windows), as a pipeline needs.
+        router_aux_loss_coef: an MoE model's load-balancing loss weight (None: its config's)."""
+        self.fused_loss, self.router_aux_loss_coef = fused_loss, router_aux_loss_coef
         self.supports = EVERY_LAYOUT if one_length else Supports(
-            sequence=True, tensor=True, why_not="fine-tuning batches vary in length, and the pipeline engine needs "
-                                               "one shape for every micro-batch")
+            sequence=True, tensor=True, experts=True,
+            why_not="fine-tuning batches vary in length, and the pipeline engine needs one shape for every micro-batch")
+
+    def line_text(self, record: dict[str, Any]) -> str:
+        return moe.line_text(record)
 
     def make_step(self, setup: StepSetup) -> tuple[TrainStep, dict[str, Any]]:
         run = setup.run
@@ -36,7 +41,7 @@ class NextToken(Objective):
         loss_fn = self.loss(setup)
         return DataParallelStep(setup.batches, run.batch, run.env, loss_fn), {"fused_loss": loss_fn.fused}
 
-    def loss(self, setup: StepSetup) -> CausalLMLoss:
+    def loss(self, setup: StepSetup):
         """The training loss, fused with the output layer unless asked not to or it cannot be; says which."""
         model, run = setup.engine.module, setup.run
         why_not = fused_unavailable(model, setup.stage) if self.fused_loss else "--no-fused_loss"
@@ -45,7 +50,7 @@ class NextToken(Objective):
         loss_fn = CausalLMLoss(model, fused=why_not is None)
         run.say("Loss: output layer and cross-entropy fused, in chunks of rows (the logits are never held whole)"
                 if loss_fn.fused else f"Loss: cross-entropy over the model's logits ({why_not})")
-        return loss_fn
+        return moe.balanced(loss_fn, model, self.router_aux_loss_coef, run.say)
 
 
 class PipelineStep:

@@ -101,4 +101,6 @@ def registered() -> list[type[Objective]]:
 
 def reports() -> list[Report]:
     """What the summariser shows of each registered objective's runs (tools pass it to metrics/summary.py)."""
-    return [objective.report for objective in registered()]
+    from gpt_recipes.models import moe
+
+    return [objective.report for objective in registered()] + [moe.REPORT]
