@@ -295,7 +295,7 @@ def start_engine(run: RunPlan, job: Job, model: torch.nn.Module, mpu) -> tuple[A
         run.out_dir.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_DIR", str(run.out_dir))
-    if run.layout.expert > 1:
+    if (run.ds_cfg.get("expert_parallel") or {}).get("enabled"):  # DeepSpeed AutoEP replaces the MoE blocks
         moe.adapt_output_recorder_registry()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=run.ds_cfg, mpu=mpu)
     engine_setup.check_runs_as_planned(engine, run.ds_cfg, run.batch)

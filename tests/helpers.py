@@ -21,6 +21,15 @@ TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_p
 TINY_LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
               "num_key_value_heads": 1, "intermediate_size": 176, "max_position_embeddings": 64,
               "tie_word_embeddings": False}
+# Mixtures of experts small enough for fast multi-rank runs: 4 experts, 2 per token, widths multiples of 8
+# (AutoEP's grouped matmuls on CPU need them).
+TINY_MIXTRAL = {"model_type": "mixtral", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "max_position_embeddings": 64, "tie_word_embeddings": False}
+TINY_QWEN3_MOE = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "moe_intermediate_size": 64,
+                  "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                  "max_position_embeddings": 64, "tie_word_embeddings": False}
 
 
 def launch(script: str, args: list[str], ranks: int = 2, timeout: int = 600, check: bool = True,

@@ -46,9 +46,11 @@ def _consolidated(ckpt_dir: Path, tag: str | None, lazy: bool) -> dict[str, Any]
     tag_dir = ckpt_dir / tag
     if pipeline.is_pipeline_checkpoint(tag_dir):
         return pipeline.hf_state_dict(tag_dir)
-    tp = recorded_info(tag_dir).get("tensor_parallel", 1)
-    if tp > 1:
-        return _tensor_parallel_weights(tag_dir, tp)
+    info = recorded_info(tag_dir)
+    if info.get("tensor_parallel", 1) > 1:
+        return _tensor_parallel_weights(tag_dir, info["tensor_parallel"])
+    if info.get("autoep") or info.get("expert_parallel", 1) > 1:
+        return _expert_parallel_weights(tag_dir)
     if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         return (lazy and _lazy_zero2_weights(tag_dir)) or get_fp32_state_dict_from_zero_checkpoint(
             str(ckpt_dir), tag=tag, lazy_mode=lazy)
@@ -128,3 +130,31 @@ def _tensor_parallel_weights(tag_dir: Path, tp: int) -> dict[str, torch.Tensor]:
         split = [d for d, (have, whole) in enumerate(zip(first.shape, shapes.get(name, first.shape))) if have != whole]
         merged[name] = (torch.cat([s[name] for s in shards], dim=split[0]) if split else first).float()
     return merged
+
+
+def _expert_parallel_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """An expert-parallel (DeepSpeed AutoEP) checkpoint's fp32 weights under the model's names, at any
+    ZeRO stage. DeepSpeed's zero_to_fp32 refuses such checkpoints (each expert-parallel rank holds
+    its own experts); its universal conversion gathers every parameter whole, flat at ZeRO-3."""
+    import tempfile
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    from transformers import AutoConfig
+
+    from gpt_recipes.models.causal_lm import causal_lm_class
+    from gpt_recipes.models.moe import from_autoep_names
+
+    state = {}
+    with tempfile.TemporaryDirectory(prefix="gpt_recipes_universal_") as tmp:
+        ds_to_universal(Namespace(input_folder=str(tag_dir), output_folder=tmp, num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        for folder in sorted((Path(tmp) / "zero").iterdir()):
+            if (folder / "fp32.pt").is_file():
+                saved = torch.load(folder / "fp32.pt", map_location="cpu", weights_only=False)
+                state[folder.name] = (saved["param"] if isinstance(saved, dict) else saved).float()
+    config = AutoConfig.from_pretrained(tag_dir)
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in causal_lm_class(config)._from_config(config).state_dict().items()}
+    state = from_autoep_names(state)
+    return {name: t.view(shapes[name]) if name in shapes else t for name, t in state.items()}

@@ -43,6 +43,7 @@ from gpt_recipes.checkpoints.paths import (
 from gpt_recipes.data.tokenizer import load_tokenizer
 from gpt_recipes.errors import ExportMismatch, RecipeExit, UserError, first_line
 from gpt_recipes.models import adapters
+from gpt_recipes.models.moe import hub_names
 from gpt_recipes.parallel import pipeline
 from gpt_recipes.parallel.distributed import from_main
 
@@ -201,7 +202,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, 
         with console.heartbeat(f"exporting {tag_dir.name}"):
             weights = _final_weights(ckpt_dir, tag, config, lora, base_model, target, log)
             params = sum(t.numel() for t in weights.values())
-            files = _write_weights(weights, tmp, target, max_shard_size)
+            files = _write_weights(hub_names(_empty_model(config), weights), tmp, target, max_shard_size)
             _write_configs(tmp, config, tokenizer, target)
             diff = _verify(tmp, config, weights, target, log) if verify else None
         folders.mark(tmp, EXPORT_KIND, checkpoint=tag_dir.resolve(), dtype=_name(target),

@@ -81,6 +81,7 @@ class Layout:
     tensor: int = 1  # ranks that split each layer's projections
     pipeline: int = 1  # stages that split the layers
     expert: int = 1  # ranks that split each MoE layer's experts (DeepSpeed AutoEP, "expert_parallel")
+    autoep: bool = False  # AutoEP replaces the MoE blocks (also at autoep_size 1): its parameter names differ
     partition: str = "parameters"  # a pipeline's partition method: parameters, uniform or type:REGEX
     activation_checkpoint_interval: int = 0  # a pipeline's, in layers
 
@@ -177,13 +178,15 @@ class Layout:
 
     def record(self) -> dict[str, int]:
         return {"world_size": self.world, "zero_stage": self.zero_stage, "sequence_parallel": self.sequence,
-                "tensor_parallel": self.tensor, "pipeline_stages": self.pipeline, "expert_parallel": self.expert}
+                "tensor_parallel": self.tensor, "pipeline_stages": self.pipeline, "expert_parallel": self.expert,
+                "autoep": self.autoep}
 
     @classmethod
     def from_record(cls, info: dict[str, Any]) -> "Layout":
         return cls(world=info["world_size"], zero_stage=info["zero_stage"],
                    sequence=info.get("sequence_parallel", 1), tensor=info.get("tensor_parallel", 1),
-                   pipeline=info.get("pipeline_stages", 1), expert=info.get("expert_parallel", 1))
+                   pipeline=info.get("pipeline_stages", 1), expert=info.get("expert_parallel", 1),
+                   autoep=info.get("autoep", False))
 
     def short(self) -> str:
         experts = f", experts over {self.expert}" if self.expert > 1 else ""
@@ -209,6 +212,13 @@ class Layout:
                             f"tensor_parallel.autotp_size {saved.tensor}; this run has {self.short()}, {self.sequence} "
                             f"and {self.tensor}: resume a sequence- or tensor-parallel run with the same ranks and "
                             "DeepSpeed JSON")
+        if saved.autoep != self.autoep:
+            raise UserError("the checkpoint was written " + ("with" if saved.autoep else "without") + " DeepSpeed AutoEP "
+                            "(\"expert_parallel\"), this run is " + ("not" if saved.autoep else "") + ", and the two "
+                            "name the experts' weights differently: resume with a JSON that "
+                            + ("enables expert_parallel (autoep_size 1 on one rank)" if saved.autoep else
+                               "leaves expert_parallel off") + ", or export it with tools/convert_to_hf.py and start a "
+                            "new run from the export")
         if (saved.world, saved.zero_stage, saved.expert) == (self.world, self.zero_stage, self.expert):
             return None
         if (saved.zero_stage, self.zero_stage) not in UNIVERSAL_RESUMES:
@@ -227,7 +237,8 @@ class Layout:
         stage = zero_stage(cfg)
         sp, tp, tp_block = _sequence_and_tensor(cfg)
         pp, partition, interval = _pipeline(cfg)
-        layout = cls(world, stage, sp, tp, pp, expert=_expert(cfg), partition=partition,
+        expert = _expert(cfg)
+        layout = cls(world, stage, sp, tp, pp, expert=expert or 1, autoep=expert > 0, partition=partition,
                      activation_checkpoint_interval=interval)
         problem = layout._config_problem(tp_block, cfg)
         if problem:
@@ -429,12 +440,12 @@ def _sequence_and_tensor(cfg: dict[str, Any]) -> tuple[int, int, dict[str, Any]]
 
 
 def _expert(cfg: dict[str, Any]) -> int:
-    """The expert-parallel degree of the JSON's "expert_parallel" section (DeepSpeed AutoEP); 1 when off."""
+    """The expert-parallel degree of the JSON's "expert_parallel" section (DeepSpeed AutoEP); 0 when off."""
     block = cfg.get("expert_parallel", {})
     if not isinstance(block, dict):
         raise UserError("DeepSpeed config: expert_parallel must be an object such as {\"enabled\": true, \"autoep_size\": 2}")
     if not block.get("enabled", False):
-        return 1
+        return 0
     return _positive("expert_parallel.autoep_size", block.get("autoep_size", 1))
 
 

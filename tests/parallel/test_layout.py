@@ -11,9 +11,10 @@ from transformers import AutoConfig
 from gpt_recipes import ds_config
 from gpt_recipes.errors import UserError
 from gpt_recipes.parallel.layout import EVERY_LAYOUT, Layout, Supports, Uses
-from tests.helpers import REPO, TINY_GPT2, TINY_LLAMA, resolve_config, run_here
+from tests.helpers import REPO, TINY_GPT2, TINY_LLAMA, TINY_MIXTRAL, resolve_config, run_here
 
 TP2 = {"autotp_size": 2, "vocab_parallel_lm_head": False}
+EP2 = {"enabled": True, "autoep_size": 2}
 
 
 def test_the_layouts_from_the_json(tmp_path):
@@ -52,6 +53,16 @@ def test_the_layouts_from_the_json(tmp_path):
     ({"pipeline": {"stages": 3}}, 1, 2, "pipeline.stages 3 does not divide the 2 ranks"),
     ({"pipeline": {"stages": "2"}}, 1, 2, "pipeline.stages must be a positive integer"),
     ({"pipeline": {"stages": 2, "partition": "layers"}}, 1, 2, "is not one of parameters, uniform or type:REGEX"),
+    # DeepSpeed's AutoEP: what it does not combine with, before any rank starts.
+    ({"expert_parallel": {**EP2, "load_balance_coeff": 0.01}}, 2, 2, "load_balance_coeff is not supported"),
+    ({"expert_parallel": EP2, "pipeline": {"stages": 2}}, 1, 4, "expert parallelism with data parallelism only"),
+    ({"expert_parallel": EP2, "sequence_parallel_size": 2}, 2, 4, "expert parallelism with data parallelism only"),
+    ({"expert_parallel": EP2, "tensor_parallel": TP2}, 2, 4, "expert parallelism with data parallelism only"),
+    ({"expert_parallel": {**EP2, "expert_tensor_parallel_size": 2}}, 2, 2, "only 1 is supported"),
+    ({"expert_parallel": {"enabled": True, "autoep_size": 3}}, 2, 2, "autoep_size 3 does not divide the 2 ranks"),
+    ({"expert_parallel": {"enabled": True, "autoep_size": 0}}, 2, 2, "must be a positive integer"),
+    ({"expert_parallel": {**EP2, "comm_backend": "deepep"}}, 2, 2, "runs on GPUs with DeepEP only"),
+    ({"expert_parallel": True}, 2, 2, "expert_parallel must be an object"),
 ])
 def test_layouts_that_cannot_combine_are_one_line_errors(tmp_path, extra, stage, world, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -96,6 +107,42 @@ TINY = AutoConfig.for_model(**TINY_GPT2)
 ])
 def test_what_a_layout_cannot_run(layout, config, seq_len, supports, uses, message):
     assert message in layout.refusal(config, seq_len, supports, "DPO", uses)
+
+
+MIXTRAL = AutoConfig.for_model(**TINY_MIXTRAL)  # 4 experts
+EXPERTS = Supports(experts=True)
+
+
+@pytest.mark.parametrize("layout, config, supports, uses, message", [
+    (Layout(2, 2, expert=2, autoep=True), TINY, EVERY_LAYOUT, Uses(), "model type 'gpt2' has no experts"),
+    (Layout(3, 2, expert=3, autoep=True), MIXTRAL, EVERY_LAYOUT, Uses(), "autoep_size 3 does not divide the model's 4"),
+    (Layout(2, 2), MIXTRAL, Supports(), Uses(), "mixture-of-experts models are not supported with DPO yet"),
+    (Layout(2, 2, expert=2, autoep=True), MIXTRAL, EXPERTS, Uses(adapters=True), "LoRA (--use_peft) on a mixture"),
+    (Layout(2, 2), MIXTRAL, EXPERTS, Uses(compiled=True), "--torch_compile with a mixture-of-experts model"),
+    (SP2, MIXTRAL, EVERY_LAYOUT, Uses(), "with a mixture-of-experts model: these recipes run MoE models with data "
+                                         "and expert parallelism"),
+])
+def test_what_experts_cannot_run(layout, config, supports, uses, message):
+    assert message in layout.refusal(config, 64, supports, "DPO", uses)
+
+
+def test_experts_run_with_data_and_expert_parallelism():
+    for layout in (Layout(2, 3), Layout(2, 1, expert=2, autoep=True), Layout(4, 2, expert=4, autoep=True)):
+        assert layout.refusal(MIXTRAL, 64, EVERY_LAYOUT, "pretraining") is None
+    assert Layout.of_config({"expert_parallel": EP2}, 4) == Layout(4, 0, expert=2, autoep=True)
+    assert Layout.of_config({"expert_parallel": {"enabled": True}}, 1).autoep  # AutoEP's names at size 1 too
+    assert Layout.of_config({"expert_parallel": {"enabled": False, "autoep_size": 2}}, 2) == Layout(2)
+
+
+def test_a_resume_across_expert_parallel_sizes():
+    ep2 = Layout(2, 2, expert=2, autoep=True)
+    assert ep2.resume_change(ep2) is None
+    assert ep2.resume_change(Layout.from_record(ep2.record())) is None
+    assert "2 ranks at ZeRO-2, experts over 2 -> 1 ranks at ZeRO-2" == Layout(1, 2, autoep=True).resume_change(ep2)
+    with pytest.raises(UserError, match="enables expert_parallel"):
+        Layout(1, 2).resume_change(ep2)
+    with pytest.raises(UserError, match="leaves expert_parallel off"):
+        ep2.resume_change(Layout(2, 2))
 
 
 def test_what_a_layout_can_run():
