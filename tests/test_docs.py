@@ -143,9 +143,12 @@ BUILT_ON_FIRST_USE = ("data/stdlib", "data/sft_demo/", "data/dpo_demo/", "data/k
 
 
 def _missing_inputs(words: list[str], root: Path) -> list[str]:
-    missing = []
-    for flag, value in zip(words, words[1:]):
-        if flag == "--reward_funcs" and ".py:" in value:
+    missing, flag = [], None
+    for value in words:
+        if value.startswith("--"):
+            flag = value
+            continue
+        if flag == "--reward_funcs" and ".py:" in value:  # a list: every value after the flag
             value = value.split(":")[0]
         elif not (flag in ("--data", "--model_name_or_path", "--deepspeed_config", "--val_data") or
                   flag == "--model" and ("/" in value or value.endswith(".json"))):
@@ -214,19 +217,22 @@ def _walk_command(launcher: str, ranks: int, script: str, words: list[str], port
 @pytest.mark.docs_walk
 def test_every_documented_recipe_command_trains(tmp_path):
     """`make test-docs`: each recipe command the docs show in full runs here, with its launcher and
-    ranks, in a folder of its own, through its first optimizer step (to its end if it is 4 steps or
-    fewer) and to its exports; a command that needs what another makes (an export) runs after it."""
+    ranks, through its first optimizer step (to its end if it is 4 steps or fewer) and to its
+    exports. Each runs in a folder of its own (the docs' commands are alternatives, several writing
+    runs/pretrain), beside the clone's data/ and one exported/ that all share: a command that needs
+    what another makes (an export) runs after it. Of alternatives shown as [A | B], A is run."""
     import subprocess
     import time
 
     from gpt_recipes.launch import master_port, unbuffered_env
 
     (REPO / "data").mkdir(exist_ok=True)  # the default corpus and demos, prepared once for the clone
-    for name in ("data", "ds_configs", "recipes"):
+    (tmp_path / "exported").mkdir()
+    for name in ("data", "ds_configs"):  # what a command's inputs are looked for in
         (tmp_path / name).symlink_to(REPO / name)
     pending, seen = [], set()
     for where, script, rest, ranks, launcher in recipe_launches(with_launcher=True):
-        words = _words(rest)
+        words = _words(re.sub(r"\s+\|\s+[^\]\s]+", "", rest))
         key = (launcher, ranks, script, tuple(words))
         if "..." in rest or any(PLACEHOLDER.match(w) for w in words) or key in seen:
             continue
@@ -237,21 +243,28 @@ def test_every_documented_recipe_command_trains(tmp_path):
         for item in ready:
             pending.remove(item)
             where, (launcher, ranks, script, words) = item
+            folder = tmp_path / f"command{len(times)}"
+            folder.mkdir()
+            for name in ("data", "ds_configs", "recipes"):
+                (folder / name).symlink_to(REPO / name)
+            (folder / "exported").symlink_to(tmp_path / "exported")
             with master_port() as port:
                 cmd = _walk_command(launcher, ranks, script, list(words), port)
                 start = time.monotonic()
-                proc = subprocess.run(cmd, cwd=tmp_path, env=unbuffered_env(PYTHONPATH=str(REPO)),
+                proc = subprocess.run(cmd, cwd=folder, env=unbuffered_env(PYTHONPATH=str(REPO)),
                                       capture_output=True, text=True, timeout=900)
             times.append(f"{time.monotonic() - start:6.1f} s  {where}: {script} {' '.join(words)}")
             if proc.returncode != 0:
                 problems.append(f"{where}: {' '.join(cmd)}\n    exit {proc.returncode}: {proc.stderr.strip()[-600:]}")
     print("\n".join(times))
-    # A reward file named in the docs is the user's own code: only its flags are parsed above.
+    # Inputs the user brings (their text, their reward file) are parsed above; an export another
+    # command makes must have been made.
     never = [f"{where}: {key[2]} (needs {needs})" for where, key in pending
-             if (needs := [p for p in _missing_inputs(list(key[3]), tmp_path) if not p.endswith(".py")])]
+             if (needs := [p for p in _missing_inputs(list(key[3]), tmp_path) if p.startswith("exported/")])]
     assert not problems, "\n".join(problems)
     assert not never, "inputs no documented command makes:\n" + "\n".join(never)
     assert len(times) >= 15, times
+
 
 def _slug(heading: str) -> str:
     """A heading's anchor as GitHub makes it."""

@@ -24,6 +24,9 @@ embedding on the last stage), ZeRO-1 partitions over the world / P data-parallel
 under 1F1B stage s holds the activations of min(m, P - s) of the m micro-batches in flight,
 for its share of the decoder blocks.
 
+Expert parallelism over E ranks (DeepSpeed AutoEP) leaves each rank 1/E of every MoE layer's
+experts; ZeRO partitions them over the world / E ranks that hold the same experts.
+
 Activations are not guessed from a formula: one forward pass of the real model class is
 traced on the meta device (no memory used) and the tensors autograd saves for backward
 are summed, with attention counted as a fused kernel keeps it (inputs, output and the
@@ -96,6 +99,7 @@ class ModelSizes:
     projections: int = 0  # parameters of the layers' Linear projections, which tensor parallelism splits
     layers: tuple[int, ...] = ()  # parameters of each pipeline layer (embedding, [positions,] blocks, norm, head)
     blocks: tuple[int, ...] = ()  # the indices of those layers that are decoder blocks
+    experts: int = 0  # parameters of the MoE layers' experts, which expert parallelism splits
 
     def stage_parameters(self, stages: int, partition: str) -> list[int]:
         """Parameters each pipeline stage holds."""
@@ -175,7 +179,8 @@ def model_sizes(config: PretrainedConfig, lora: Any = None) -> ModelSizes:
         layers = tuple(pipeline.layer_parameters(model))
         first_block = 2 if config.model_type == "gpt2" else 1  # after the embedding (and GPT-2's positions)
         blocks = tuple(range(first_block, first_block + config.num_hidden_layers))
-    return ModelSizes(tuple(p.numel() for p in params), trainable, projections, layers, blocks)
+    experts = sum(p.numel() for p in params if p.dim() == 3)  # transformers keeps each layer's experts stacked
+    return ModelSizes(tuple(p.numel() for p in params), trainable, projections, layers, blocks, experts)
 
 
 def tensor_parallel_slice(config: PretrainedConfig, tp: int) -> PretrainedConfig:
@@ -199,10 +204,14 @@ def estimate(layout: MemoryConfig, sizes: ModelSizes, ranks: int, activations: f
     if pp > 1:  # the fullest stage's layers, ZeRO over the data-parallel pipelines
         psi = trainable = max(sizes.stage_parameters(pp, layout.parallel.partition))
         n = max(1, ranks // pp)
-    params, grads, optimizer, buffers, host = w * psi, g * trainable, o * trainable, 0.0, 0.0
+    # Expert parallelism over E ranks: a rank holds 1/E of the experts; ZeRO partitions them over the
+    # world / E ranks holding the same experts, so a partitioned share is 1/world of them, as for the rest.
+    elsewhere = sizes.experts * (1 - 1 / layout.parallel.expert)
+    params, grads, optimizer, buffers, host = w * (psi - elsewhere), g * (trainable - elsewhere), \
+        o * (trainable - elsewhere), 0.0, 0.0
     if layout.stage >= 1:
-        optimizer /= n
-        grads /= n  # DeepSpeed's stage 1 reduce-scatters gradients too
+        optimizer = o * trainable / n
+        grads = g * trainable / n  # DeepSpeed's stage 1 reduce-scatters gradients too
     if layout.stage == 3:
         persistent = sizes.below(layout.persistence_threshold)
         params = w * (persistent + (psi - persistent) / n)

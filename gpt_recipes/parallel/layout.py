@@ -133,6 +133,9 @@ class Layout:
         if self.mode == "tensor":
             return (f"Tensor parallel: {self.tensor} ranks split each layer's projections (DeepSpeed AutoTP); "
                     f"{self.data} data-parallel group(s)")
+        if self.expert > 1:
+            return (f"Expert parallel: {self.expert} ranks split each MoE layer's experts (DeepSpeed AutoEP, tokens "
+                    f"exchanged all-to-all); the other weights are data-parallel over all {self.world} ranks")
         return None
 
     # --- What a layout does to the run's parts -------------------------------------------------------

@@ -66,6 +66,19 @@ def test_tensor_parallel_splits_the_projections_and_partitions_over_data_paralle
     assert sp2.model_states == estimate(layout(2), sizes, 4, 0).model_states  # as data parallelism over all ranks
 
 
+def test_expert_parallel_ranks_hold_their_experts_and_partition_them_over_their_replicas():
+    """Half the parameters are experts; over 4 expert-parallel ranks of 8 a rank holds a quarter of them,
+    and ZeRO partitions each expert over the 2 ranks that hold it: 1/8 of the experts' states, as without."""
+    sizes = ModelSizes((PSI // 2, PSI // 2), experts=PSI // 2)
+    ep = {s: estimate(MemoryConfig("ep", s, "bf16", False, False, 1, 0, 0, Layout(8, s, expert=4, autoep=True)),
+                      sizes, 8, 0) for s in (0, 2)}
+    held = PSI // 2 + PSI // 8
+    assert (ep[0].params, ep[0].grads, ep[0].optimizer) == (2 * held, 2 * held, 12 * held)
+    dp = estimate(layout(2), sizes, 8, 0)
+    assert ep[2].params == 2 * held and (ep[2].grads, ep[2].optimizer) == (dp.grads, dp.optimizer)
+    assert model_sizes(build_config("mixtral-nano", 8192, 0)).experts == 4 * 8 * 3 * 256 * 344
+
+
 def test_a_pipeline_stage_holds_its_layers_and_its_micro_batches_in_flight():
     config = build_config("gpt2-nano", 1024, 0)
     sizes = model_sizes(config)

@@ -121,3 +121,20 @@ def test_resume_on_one_rank_through_the_universal_checkpoint(family, tiny_data):
     expected, got = _losses(unbroken), _losses(resumed)
     for step in (4, 5, 6):
         assert abs(got[step] - expected[step]) <= 1e-5, (name, step, got, expected)
+
+
+def test_fine_tuning_starts_from_an_moe_export(family, demo):
+    """The one-rank run's export fine-tunes with expert parallelism at ZeRO-3 (the load-balancing loss
+    on), and its export reloads to the engine's logits."""
+    name, hub_key, tmp, _, _, _ = family
+    if name != "mixtral":
+        pytest.skip("one family shows it; the parity tests cover both")
+    out = tmp / "finetuned"
+    launch("recipes/finetune.py", ["--deepspeed_config", _ds(tmp, 3, 2, 1, 2), "--model_name_or_path",
+                                   str(tmp / "reference_hf"), "--data", str(demo / "train.jsonl"), "--output_dir",
+                                   str(out), "--max_steps", "4", "--log_interval", "1", "--eval_batches", "2",
+                                   "--seq_len", "64", "--truncate", "--export_hf", str(tmp / "finetuned_hf")])
+    train, evaluated = read_metrics(out)
+    assert len(train) == 4 and all("aux_loss" in line for line in train)
+    assert evaluated[-1]["val_loss"] < evaluated[0]["val_loss"]
+    assert hf_only(tmp / "finetuned_hf", out / "export_check.pt")["max_logit_diff"] <= 1e-4
