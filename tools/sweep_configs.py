@@ -10,6 +10,10 @@ recipes/pretrain.py); the summary table and plots (OUTPUT_DIR/*.png) answer "whi
 stage is fastest, or smallest, for this model here". A config that fails is reported and
 the sweep goes on.
 
+With --models A B each config runs once per model (OUTPUT_DIR/<config>_<model>/): a dense model
+against a mixture of experts with its active parameters, say; a pair the recipe refuses (expert
+parallelism for a dense model) is reported like a failed run.
+
 With --repeats N the configs run in turn, N rounds over all of them (OUTPUT_DIR/<name>_r<k>/),
 so that a drift in the machine's speed (another job starting) hits every config alike; each
 config's tokens/s is then the median over rounds with its range, and the sweep says when that
@@ -22,6 +26,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gpt_recipes.args import flag, parse_args
 from gpt_recipes.errors import UserError, cli_entry
@@ -41,14 +46,23 @@ class SweepArgs(ComparisonArgs):
                               positional=True, metavar="CONFIG", nargs="*")
     output_dir: str = flag("runs/sweep", "one run folder per config is written under this folder")
     log_interval: int = flag(5, "steps between metrics lines")
+    models: list[str] = flag([], "run each config once per model (presets or config JSONs) instead of once with the "
+                                 "--model after `--`")
     repeats: int = flag(1, "rounds over all configs, run in turn; tokens/s is the median over rounds, with its range")
     plots: bool = flag(True, "write the comparison plots into OUTPUT_DIR")
     overwrite: bool = flag(False, "replace run folders left by an earlier sweep")
 
 
-def run_order(configs: list[Path], repeats: int) -> list[tuple[int, Path]]:
+def run_order(configs: list, repeats: int) -> list[tuple[int, Any]]:
     """(round, config) in the order they run: every config once per round, rounds one after another."""
     return [(k, config) for k in range(1, repeats + 1) for config in configs]
+
+
+def entries(configs: list[Path], models: list[str]) -> list[tuple[str, Path, list[str]]]:
+    """(name, config, the recipe's model flags) of each run of a round."""
+    if not models:
+        return [(config.stem, config, []) for config in configs]
+    return [(f"{config.stem}_{Path(model).stem}", config, ["--model", model]) for config in configs for model in models]
 
 
 def spread_lines(tokens_per_sec: dict[str, list[float]]) -> list[str]:
@@ -94,11 +108,12 @@ def main() -> None:
     run_args = ["--max_steps", str(args.max_steps), "--log_interval", str(args.log_interval),
                 "--eval_interval", "0", *(["--overwrite"] if args.overwrite else []), *recipe_args]
 
-    runs, order = [], run_order(configs, args.repeats)
-    for n, (k, config) in enumerate(order, 1):
-        print(f"[{n}/{len(order)}] {config}" + (f" (round {k})" if args.repeats > 1 else ""), flush=True)
-        name = config.stem if args.repeats == 1 else f"{config.stem}_r{k}"
-        runs.append(run_pretrain(config, out / name, args.ranks, run_args, quiet=True))
+    runs, order, names = [], run_order(entries(configs, args.models), args.repeats), {}
+    for n, (k, (entry, config, model_args)) in enumerate(order, 1):
+        print(f"[{n}/{len(order)}] {entry}" + (f" (round {k})" if args.repeats > 1 else ""), flush=True)
+        name = entry if args.repeats == 1 else f"{entry}_r{k}"
+        runs.append(run_pretrain(config, out / name, args.ranks, [*run_args, *model_args], quiet=True))
+        names[runs[-1].out_dir] = entry
     done = [r for r in runs if r.returncode == 0]
     for r in runs:
         if r.returncode:
@@ -112,7 +127,7 @@ def main() -> None:
         print(note)
     by_config: dict[str, list[float]] = {}
     for r, summary in zip(done, summaries):
-        by_config.setdefault(r.config.stem, []).extend([summary.tokens_per_sec] if summary.tokens_per_sec else [])
+        by_config.setdefault(names[r.out_dir], []).extend([summary.tokens_per_sec] if summary.tokens_per_sec else [])
     print("\n".join(spread_lines(by_config)))
     if args.plots:
         for path in plot([r.out_dir for r in done], [r.out_dir.name for r in done], out, reports()):

@@ -20,6 +20,16 @@ def test_rounds_run_the_configs_in_turn_and_a_spread_wider_than_the_gaps_is_said
                                                                            "spread")
 
 
+
+def test_models_multiply_the_runs_of_a_round():
+    sweep = load_script("tools/sweep_configs.py")
+    a, ep = REPO / "zero2.json", REPO / "zero2_ep2.json"
+    assert sweep.entries([a], []) == [("zero2", a, [])]
+    assert [(name, args) for name, _, args in sweep.entries([a, ep], ["llama-nano", "runs/m.json"])] == [
+        ("zero2_llama-nano", ["--model", "llama-nano"]), ("zero2_m", ["--model", "runs/m.json"]),
+        ("zero2_ep2_llama-nano", ["--model", "llama-nano"]), ("zero2_ep2_m", ["--model", "runs/m.json"])]
+
+
 @pytest.mark.slow
 def test_sweep_runs_each_config_and_summarises(tmp_path, tiny_data, tiny_model):
     configs = [ds_json(tmp_path, 0, micro=2, fp32=True, name="_a"), ds_json(tmp_path, 2, micro=2, name="_b")]
