@@ -12,6 +12,7 @@ from gpt_recipes.runner import plan_run
     ({"keep_last": -1}, "--keep_last must be 0 \\(keep all\\) or positive, got -1"),
     ({"seed": -3}, "--seed must lie between 0 and 2\\*\\*32 - 1, got -3"),
     ({"peak_tflops": -5.0}, "--peak_tflops must be positive, got -5.0"),
+    ({"router_aux_loss_coef": -1.0}, "--router_aux_loss_coef must be at least 0, got -1.0"),
     ({"output_dir": "{file}/run"}, "cannot create --output_dir .*/notes.txt/run: .*/notes.txt is a file"),
     ({"export_hf": "{file}/hf"}, "cannot create --export_hf .*/notes.txt/hf: .*/notes.txt is a file"),
     ({"output_dir": "/proc/x/run"}, "cannot write --output_dir /proc/x/run: /proc does not take new files"),
