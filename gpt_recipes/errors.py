@@ -60,6 +60,13 @@ def stop_on_signals(what: str) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+class Finished(RecipeExit):
+    """Nothing left to do (a requeued job whose run has already finished): said, and exit 0."""
+
+    exit_code = 0
+    prefix = "done"
+
+
 class RankError(UserError):
     """A user-fixable failure of one rank alone (its disk filled): printed by the rank that met it,
     where a UserError, which every rank meets alike, is printed by rank 0 only."""
@@ -89,7 +96,7 @@ def cli_entry(main: Callable[[], T]) -> Callable[[], T]:
         try:
             return main()
         except RecipeExit as err:
-            if int(os.environ.get("RANK", "0")) == 0 or isinstance(err, RankError):
+            if _rank() == 0 or isinstance(err, RankError):
                 print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
             sys.exit(err.exit_code)
         finally:
@@ -99,6 +106,16 @@ def cli_entry(main: Callable[[], T]) -> Callable[[], T]:
             gc.freeze()
 
     return wrapper
+
+
+def _rank() -> int:
+    """This process's rank, whichever launcher started it (srun and mpirun name it their own way)."""
+    from gpt_recipes.parallel.launchers import detect
+
+    try:
+        return detect().rank
+    except RecipeExit:
+        return 0
 
 
 def first_line(err: BaseException) -> str:

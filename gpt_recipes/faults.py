@@ -2,12 +2,15 @@
 
 Never set in normal use. The value is KIND@STEP or KIND@STEP:RANK (default rank 0):
   sigterm@5:1      rank 1 receives SIGTERM after step 5 (a preemption notice)
+  die@5:1          rank 1 dies (SIGKILL) after step 5, on a launcher's first attempt only (an
+                   elastic launcher's restart, TORCHELASTIC_RESTART_COUNT > 0, runs on)
   kill_in_save@6   rank 0 is SIGKILLed while saving the step-6 checkpoint, after its shards
                    are written and before the checkpoint is complete
   nan@7            rank 0's loss at step 7 is NaN
   export_skew@0    the export's logits are taken to differ from the engine's by 1.0 more
   disk_full@6      rank 0's disk fills while it writes the step-6 checkpoint
   slow@3           rank 0's step after step 3 takes ten minutes (the others wait for it)
+  hold@3           rank 0's step after step 3 takes ten seconds: time for a test to signal a live run
 """
 
 from __future__ import annotations
@@ -39,8 +42,12 @@ def after_step(step: int, rank: int) -> None:
     for kind, sig in (("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)):
         if armed(kind, step, rank):
             os.kill(os.getpid(), sig)
+    if armed("die", step, rank) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
     if armed("slow", step, rank):
         time.sleep(600)
+    if armed("hold", step, rank):
+        time.sleep(10)
 
 
 def during_save(step: int, rank: int) -> None:

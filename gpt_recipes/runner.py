@@ -40,7 +40,7 @@ from gpt_recipes.data.samples import Samples
 from gpt_recipes.data.tokenizer import vocabulary_digest
 from gpt_recipes.data.tokens import GlobalBatchOrder, eval_micro_batches
 from gpt_recipes.ds_config import BatchPlan
-from gpt_recipes.errors import UserError, first_line
+from gpt_recipes.errors import Finished, UserError, first_line
 from gpt_recipes.metrics import evaluation, flops
 from gpt_recipes.metrics.log import MetricsLog, log_wandb_by_step
 from gpt_recipes.metrics.memory import tensor_memory_mb
@@ -48,7 +48,7 @@ from gpt_recipes.models.adapters import TrainedWeights, trainable_parameters
 from gpt_recipes.models.causal_lm import count_parameters, enable_activation_checkpointing
 from gpt_recipes.models import moe
 from gpt_recipes.models.compile import CompilePlan, plan_compile
-from gpt_recipes.parallel import distributed
+from gpt_recipes.parallel import distributed, launchers
 from gpt_recipes.parallel.distributed import DistEnv
 from gpt_recipes.parallel.layout import Layout, Uses
 from gpt_recipes.train import engine_setup
@@ -138,6 +138,7 @@ def plan_run(args: RunArgs) -> RunPlan:
     if lock is not None and plan_output_dir(out_dir, args.resume, args.overwrite, args.resume_from) != output:
         raise UserError(f"--output_dir {out_dir} changed while this run was starting (another run ended there?); "
                         "start it again")
+    check_not_finished(args, out_dir, output)
     if args.export_hf:
         check_output_path(args.export_hf, "--export_hf", inputs, outputs={"--output_dir": out_dir})
         check_output_folder(Path(args.export_hf), args.overwrite, force_flag="--overwrite")
@@ -151,6 +152,17 @@ def plan_run(args: RunArgs) -> RunPlan:
     if args.num_epochs is None:  # else once the training set's size gives the run's length
         run.set_length(args.max_steps)
     return run
+
+
+def check_not_finished(args: RunArgs, out_dir: Path, output) -> None:
+    """--resume of a run whose latest checkpoint is its last step (a requeued or restarted job that
+    had finished) has nothing to do: it says so and exits 0 before any rank starts."""
+    if not args.resume or output.resume_tag is None or args.num_epochs is not None:
+        return
+    step = paths.saved_info(paths.checkpoints_dir(out_dir), output.resume_tag).get("step", 0)
+    if step >= args.max_steps:
+        raise Finished(f"{out_dir} holds a finished run: its latest checkpoint, {output.resume_tag}, is step {step} "
+                       f"of --max_steps {args.max_steps}; nothing to resume (raise --max_steps to train further)")
 
 
 def input_paths(args: RunArgs, config_path: str) -> dict[str, list[str]]:
@@ -232,7 +244,10 @@ def check_job(args: RunArgs, run: RunPlan, job: Job) -> None:
 
 def start_ranks(args: RunArgs, run: RunPlan) -> dict[str, Any]:
     """Join the process group (shared-memory collectives on CPU ranks where they work) and seed."""
+    found = launchers.detect()  # before init, which exports torch's variables for srun's and mpirun's ranks
     why_not_shm = distributed.init(run.env, args.shm_comm)
+    if run.env.world_size > 1:
+        run.say(found.describe())
     if run.device == "cpu" and run.env.world_size > 1:
         run.say("Collectives: " + ("all-reduce, all-gather and reduce-scatter through DeepSpeed's shared-memory kernel"
                                    if why_not_shm is None else f"gloo ({why_not_shm})"))

@@ -1,7 +1,8 @@
 """Process-group set-up and the few collectives the loop needs, for any launcher.
 
-The deepspeed launcher, torchrun and `accelerate launch` all export RANK, LOCAL_RANK and
-WORLD_SIZE; a plain `python recipes/...` run is treated as a world of one.
+The deepspeed launcher, torchrun and `accelerate launch` export RANK, LOCAL_RANK and WORLD_SIZE;
+Slurm's srun and MPI launchers their own variables (parallel/launchers.py reads them all); a
+plain `python recipes/...` run is a world of one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from gpt_recipes import console
+from gpt_recipes.parallel import launchers
 
 
 @dataclass(frozen=True)
@@ -36,15 +38,11 @@ class DistEnv:
 
 
 def environment() -> DistEnv:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    # torchrun exports LOCAL_WORLD_SIZE; the deepspeed launcher exports LOCAL_SIZE.
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-    return DistEnv(
-        rank=int(os.environ.get("RANK", "0")),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        world_size=world,
-        local_world_size=local_world,
-    )
+    """This rank's place, whichever launcher started it (torchrun, deepspeed, accelerate, Slurm's srun,
+    an MPI launcher: parallel/launchers.py)."""
+    launch = launchers.detect()
+    return DistEnv(rank=launch.rank, local_rank=launch.local_rank, world_size=launch.world,
+                   local_world_size=launch.local_world)
 
 
 def device_type() -> str:
@@ -78,9 +76,12 @@ def init(env: DistEnv, shm_comm: bool = False) -> str | None:
     # DeepSpeed's ZeRO collectives call torch APIs that torch now marks deprecated; the
     # warning repeats on every rank and says nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    if "MASTER_ADDR" not in os.environ:  # a bare `python` run: a world of one
+    launch = launchers.detect()
+    if launch.world == 1 and "MASTER_ADDR" not in os.environ:  # a bare `python` run: a world of one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1")
+    for key, value in launch.exports().items():  # srun's or mpirun's ranks, as torch's variables
+        os.environ.setdefault(key, value)
     why_not_shm = shm.unavailable(device_type(), env.world_size, env.local_world_size) if shm_comm else "--no-shm_comm"
     if why_not_shm is None:
         shm.prepare(env.world_size)
@@ -96,9 +97,30 @@ def init(env: DistEnv, shm_comm: bool = False) -> str | None:
 
         get_accelerator().set_device(env.local_rank)
         plain_cuda_arch_list()
+    _join_restarted_group()
     with console.quiet_prints():  # DeepSpeed's "built successfully", on every rank and launch
         deepspeed.init_distributed()
     return shm.enable() if why_not_shm is None else why_not_shm
+
+
+def _join_restarted_group() -> None:
+    """A group torchrun restarted (--max_restarts) joins through its own prefix of the launcher's store.
+
+    torch 2.13's env:// rendezvous reuses torchrun's store across restarts without a prefix, so the
+    restarted ranks' gloo read the dead ranks' addresses and fail ("Connection refused"); DeepSpeed
+    adopts a process group that exists."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return
+    from datetime import timedelta
+
+    from deepspeed.accelerator import get_accelerator
+
+    timeout = timedelta(minutes=30)  # DeepSpeed's default
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    dist.init_process_group(get_accelerator().communication_backend_name(), timeout=timeout,
+                            store=dist.PrefixStore(f"gpt_recipes/attempt_{restart}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
 def _say_if_building_ops(env: DistEnv) -> None:

@@ -1,6 +1,7 @@
 """Turn an interrupt, a preemption notice or a lost launcher into a checkpoint and a clean exit.
 
-Cluster schedulers send SIGTERM before they preempt a job, often to one process only; Ctrl-C
+Cluster schedulers send SIGTERM before they preempt a job, often to one process only (Slurm sends
+the signal its batch script asks for, SIGUSR1 in launch/slurm/, before a time limit); Ctrl-C
 in a terminal sends SIGINT to the launcher and every rank at once, and the launcher then
 forwards SIGTERM to each rank as well. Each rank records the first signal; after every step
 the ranks agree whether any of them received one, and all of them save and exit together
@@ -33,7 +34,8 @@ import torch.distributed as dist
 
 from gpt_recipes.console import launcher_processes, resume_command
 
-HANDLED = (signal.SIGTERM, signal.SIGINT)
+# SIGUSR1: Slurm's warning before a time limit or preemption (sbatch --signal=USR1@SECONDS).
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 FORWARD_WINDOW = 2.0  # seconds
 LAUNCHER_GONE = signal.SIGHUP
 LAUNCHER_CHECK_INTERVAL = 1.0  # seconds
