@@ -28,14 +28,23 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 def add_adapters(model: torch.nn.Module, config):
     """peft.get_peft_model, without the deprecation warning peft 0.21 triggers in transformers 5
-    (it asks for is_gradient_checkpointing, renamed is_activation_checkpointing)."""
+    (it asks for is_gradient_checkpointing, renamed is_activation_checkpointing), and with every
+    trainable tensor in one dtype: peft makes the adapters fp32 but copies modules_to_save in the
+    base's dtype (bf16 for a bf16 export), while ZeRO-3 flattens the trainable tensors into one
+    buffer and a plain copied layer must compute in the base's dtype. The base's dtype is taken
+    (DeepSpeed keeps fp32 master weights of what trains)."""
     import warnings
 
     from peft import get_peft_model
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)
+        adapted = get_peft_model(model, config)
+    trainable = [p for p in adapted.parameters() if p.requires_grad]
+    if trainable and len({p.dtype for p in trainable}) > 1:
+        for param in trainable:
+            param.data = param.data.to(model.dtype)
+    return adapted
 
 
 def requested_targets(names: list[str] | None) -> list[str] | str:

@@ -155,3 +155,15 @@ def test_frozen_digest_sees_any_change_to_the_base(gpt2_config, base_folder):
         assert adapters.frozen_digest(model) == before
         next(p for p in model.parameters() if not p.requires_grad).view(-1)[0] += 1e-3
     assert adapters.frozen_digest(model) != before
+
+
+def test_modules_to_save_train_in_the_dtype_of_the_adapters_on_a_bf16_base(gpt2_config):
+    """peft makes LoRA weights fp32 and copies modules_to_save in the base's bf16; ZeRO-3 flattens what
+    trains into one buffer (it asserted on the mix) and the copied head computes with bf16 inputs."""
+    from peft import LoraConfig
+
+    base = build_model(gpt2_config).to(torch.bfloat16)
+    model = adapters.add_adapters(base, LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
+    only_lora = adapters.add_adapters(build_model(gpt2_config).to(torch.bfloat16), LoraConfig(r=4, target_modules=["c_attn"]))
+    assert {p.dtype for p in only_lora.parameters() if p.requires_grad} == {torch.float32}  # peft's own choice, kept
