@@ -10,7 +10,7 @@ Never set in normal use. The value is KIND@STEP or KIND@STEP:RANK (default rank 
   export_skew@0    the export's logits are taken to differ from the engine's by 1.0 more
   disk_full@6      rank 0's disk fills while it writes the step-6 checkpoint
   slow@3           rank 0's step after step 3 takes ten minutes (the others wait for it)
-  hold@3           rank 0's step after step 3 takes ten seconds: time for a test to signal a live run
+  hold@3           rank 0's step after step 3 takes four seconds: time for a test to signal a live run
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def after_step(step: int, rank: int) -> None:
     if armed("slow", step, rank):
         time.sleep(600)
     if armed("hold", step, rank):
-        time.sleep(10)
+        time.sleep(4)
 
 
 def during_save(step: int, rank: int) -> None:
