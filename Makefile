@@ -9,11 +9,18 @@ ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo DS_ACCELERA
 # The launcher as a module of $(PYTHON): its environment, activated or not.
 LAUNCH = $(ACCELERATOR) $(PYTHON) -m deepspeed.launcher.runner --quiet --num_gpus $(RANKS) --master_port $(PORT)
 
-.PHONY: install data quickstart finetune-demo lora-demo dpo-demo kto-demo grpo-demo test test-quick test-docs
+.PHONY: install cluster-packages data quickstart finetune-demo lora-demo dpo-demo kto-demo grpo-demo test test-quick test-docs
 
 install:
 	$(PYTHON) -m pip install -r requirements.txt
 	$(PYTHON) -m pip install --no-deps -e .
+
+# What the cluster tests start (a one-host Slurm, mpirun): Debian's packages, as root. Without them
+# `make test` skips those tests and says why.
+CLUSTER_PACKAGES = slurm-wlm munge openmpi-bin
+cluster-packages:
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(CLUSTER_PACKAGES) \
+		|| (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(CLUSTER_PACKAGES))
 
 data:
 	$(PYTHON) tools/prepare_data.py

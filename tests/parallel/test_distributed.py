@@ -119,18 +119,27 @@ def _lines(out) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_mpirun_trains_as_the_deepspeed_launcher_does(tmp_path, tiny_data, tiny_model, deepspeed_run):
+@pytest.mark.parametrize("how", ["mpirun", "deepspeed --launcher openmpi"])
+def test_mpirun_trains_as_the_deepspeed_launcher_does(tmp_path, tiny_data, tiny_model, deepspeed_run, how):
+    """Open MPI starts the ranks (mpirun itself, or the deepspeed launcher's openmpi mode, which runs mpirun
+    for a hostfile; --force_multi makes it do so for this one host); each reads OMPI_COMM_WORLD_*."""
     if not shutil.which("mpirun"):
         pytest.skip("mpirun not installed here (apt-get install openmpi-bin; .ci/run installs it)")
     out = tmp_path / "mpirun"
     args = parity_args(tmp_path, tiny_data, tiny_model, 2, 2, 1, True, out)
     with master_port() as port:
         env = unbuffered_env(MASTER_PORT=str(port))
-        passed = [flag for key in ("MASTER_PORT", "PATH", "PYTHONUNBUFFERED", "DS_ACCELERATOR", "HF_HUB_OFFLINE")
-                  if key in env for flag in ("-x", key)]
-        proc = subprocess.run(["mpirun", "-np", "2", "--allow-run-as-root", *passed, sys.executable,
-                               "recipes/pretrain.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=600)
+        if how == "mpirun":
+            passed = [flag for key in ("MASTER_PORT", "PATH", "PYTHONUNBUFFERED", "DS_ACCELERATOR", "HF_HUB_OFFLINE")
+                      if key in env for flag in ("-x", key)]
+            start = ["mpirun", "-np", "2", "--allow-run-as-root", *passed, sys.executable]
+        else:
+            (tmp_path / "hostfile").write_text("localhost slots=2\n")
+            start = [sys.executable, "-m", "deepspeed.launcher.runner", "--launcher", "openmpi", "--hostfile",
+                     str(tmp_path / "hostfile"), "--force_multi", "--no_ssh_check", "--master_addr", "127.0.0.1",
+                     "--launcher_args=--allow-run-as-root"]
+        proc = subprocess.run([*start, "recipes/pretrain.py", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Launcher: Open MPI (mpirun), 2 rank(s) on one node" in proc.stdout
     assert _losses(out) == pytest.approx(_losses(deepspeed_run), abs=1e-6)
