@@ -113,3 +113,22 @@ def test_downstream_scores_reach_the_table_csv_and_a_plot(tmp_path):
     assert json.loads(next(csv.DictReader(csv_text([summary]).splitlines()))["task_scores"]) == summary.task_scores
     written = plot([run], ["run"], tmp_path / "plots")
     assert (tmp_path / "plots" / "task_scores.png") in written and (tmp_path / "plots" / "task_scores.png").stat().st_size
+
+
+def test_an_moe_runs_expert_load_reaches_the_table_and_a_plot(tmp_path):
+    """The summariser asks the MoE report (registered beside the objectives') for its column and curve."""
+    from gpt_recipes.metrics.summary import plot, text_table
+    from gpt_recipes.train.objective import reports
+
+    run = tmp_path / "moe"
+    run.mkdir()
+    lines = [{"step": 0, "tokens": 0, "val_loss": 6.0, "val_expert_imbalance_max": 1.1},
+             *({"step": s, "tokens": 80 * s, "loss": 6.0 - 0.1 * s, "tokens_per_sec": 100.0, "aux_loss": 2.0,
+                "expert_imbalance_max": 1.0 + 0.1 * s} for s in range(1, 6)),
+             {"step": 5, "tokens": 400, "val_loss": 5.6, "val_expert_imbalance_max": 1.3}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = summarize(run, reports=reports())
+    assert summary.objective["expert_imbalance_max"] == pytest.approx(1.5)
+    assert "expert load max/mean (last)" in text_table([summary]) and "1.50" in text_table([summary])
+    written = plot([run], ["moe"], tmp_path / "plots", reports())
+    assert (tmp_path / "plots" / "expert_load.png") in written
