@@ -106,10 +106,21 @@ def written_aside(folder: Path, kind: str, replace: bool = False, flag: str = "-
             yield tmp
             if not (tmp / MARKER).is_file():
                 mark(tmp, kind)
+            plain_permissions(tmp)
             move_into_place(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def plain_permissions(folder: Path) -> None:
+    """Files as a plain `open` makes them under the user's umask (0644 under 022): safetensors writes
+    its files owner-only (0600), which a teammate on a shared cluster could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
 
 
 @contextlib.contextmanager

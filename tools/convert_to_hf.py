@@ -5,8 +5,10 @@
     python tools/convert_to_hf.py runs/quickstart/checkpoints exported/step100 --tag step100 --dtype fp32
     python tools/convert_to_hf.py runs/lora exported/lora_merged              # LoRA merged into its base
     python tools/convert_to_hf.py runs/lora exported/lora_adapter --adapter   # the adapter alone (peft)
+    python tools/convert_to_hf.py runs/quickstart exported/quickstart --card_only  # refresh README.md only
 
-The folder loads with AutoModelForCausalLM/AutoTokenizer.from_pretrained and pipeline().
+The folder loads with AutoModelForCausalLM/AutoTokenizer.from_pretrained and pipeline(); its
+README.md is a model card (huggingface_hub's format) built from what the run recorded.
 The tool reloads what it wrote and compares logits with the checkpoint's weights; a
 mismatch is an error and leaves OUT_DIR untouched. A LoRA checkpoint needs its base model,
 found where it was trained from (or --base_model) and checked to hold the same weights.
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from gpt_recipes.args import flag, parse_args
-from gpt_recipes.checkpoints.export import export
+from gpt_recipes.checkpoints.export import export, refresh_card
 from gpt_recipes.checkpoints.run_dir import check_output_path
 from gpt_recipes.errors import cli_entry, stop_on_signals
 from gpt_recipes.metrics.memory import PeakAnonymous, peak_memory_mb
@@ -41,11 +43,16 @@ class ConvertToHFArgs:
                          "merged model")
     base_model: Optional[str] = flag(None, "for a LoRA checkpoint: the base model folder, if it moved since "
                                      "training (its weights must be the same)")
+    card_only: bool = flag(False, "write OUT_DIR's model card (README.md) again from its checkpoint's run as it is now, "
+                                  "leaving the weights as they are")
 
 
 @cli_entry
 def main() -> None:
     args = parse_args(ConvertToHFArgs, description=__doc__)
+    if args.card_only:
+        refresh_card(args.out_dir)
+        return
     check_output_path(args.out_dir, "OUT_DIR", {"CHECKPOINT_DIR": args.checkpoint,
                                                 **({"--base_model": args.base_model} if args.base_model else {})})
     stopped = f"the export was not written, and {args.out_dir} is as it was"

@@ -31,6 +31,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
 from gpt_recipes import console, faults, folders
+from gpt_recipes.checkpoints import model_card
 from gpt_recipes.checkpoints.consolidate import consolidated_state_dict, materialize
 from gpt_recipes.checkpoints.paths import (
     EXPORT_CHECK,
@@ -204,11 +205,32 @@ def export(checkpoint: str | Path, out_dir: str | Path, tag: str | None = None, 
             params = sum(t.numel() for t in weights.values())
             files = _write_weights(hub_names(_empty_model(config), weights), tmp, target, max_shard_size)
             _write_configs(tmp, config, tokenizer, target)
+            model_card.write(tmp, out_dir, tag_dir)
             diff = _verify(tmp, config, weights, target, log) if verify else None
         folders.mark(tmp, EXPORT_KIND, checkpoint=tag_dir.resolve(), dtype=_name(target),
                      max_logit_diff_vs_checkpoint=diff)
     log(f"Exported {params / 1e6:.2f}M parameters to {out_dir} ({', '.join(files)})")
     return ExportReport(out_dir, tag, target, params, files, diff)
+
+
+def refresh_card(out_dir: str | Path, log=print) -> Path:
+    """Write the model card of an existing export again, from its checkpoint's run as it is now (an
+    evaluation since, say), without touching the weights; returns the card's path."""
+    import os
+
+    out_dir = Path(out_dir)
+    if not folders.written_here(out_dir, EXPORT_KIND):
+        raise UserError(f"{out_dir} is not a Hugging Face export written by these tools; export a checkpoint into it first")
+    marker = json.loads((out_dir / folders.MARKER).read_text())
+    tag_dir = Path(marker.get("checkpoint", ""))
+    if not (tag_dir / "training.json").is_file():
+        raise UserError(f"the checkpoint {out_dir} was exported from, {tag_dir}, is gone; its card cannot be rebuilt")
+    fresh = out_dir / f".{model_card.CARD}.new"  # written whole, then put in place in one step
+    model_card.build(out_dir.resolve(), tag_dir, adapter="adapter_of" in marker).save(fresh)
+    os.replace(fresh, out_dir / model_card.CARD)
+    folders.plain_permissions(out_dir)
+    log(f"Wrote the model card {out_dir / model_card.CARD} from {tag_dir} (the weights are unchanged)")
+    return out_dir / model_card.CARD
 
 
 def _target_dtype(dtype: str | None, info: dict[str, Any], log) -> torch.dtype:
@@ -291,6 +313,7 @@ def _export_adapter(ckpt_dir: Path, tag: str, out_dir: Path, lora: dict, base_mo
         adapted = _adapted_model(ckpt_dir, tag, lora, base_model, log)
         adapted.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        model_card.write(tmp, out_dir, tag_dir, adapter=True)  # in place of peft's template
         params = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n or "modules_to_save" in n)
         diff = None
         if verify:

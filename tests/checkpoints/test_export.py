@@ -57,6 +57,18 @@ def test_convert_tool_named_tag_fp32_sharded(tmp_path, zero2_run):
     assert "Verified: reloaded logits differ" in proc.stdout and "Peak memory: " in proc.stdout
     index = json.loads((hf / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # sharded
+    from safetensors import safe_open
+
+    held, total = [], 0
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(str(hf / shard), "pt") as f:
+            for name in f.keys():
+                held.append(name)
+                assert index["weight_map"][name] == shard
+                tensor = f.get_tensor(name)
+                total += tensor.numel() * tensor.element_size()
+    assert sorted(held) == sorted(index["weight_map"]) and len(held) == len(set(held))  # each tensor once
+    assert index["metadata"]["total_size"] == total
     model = AutoModelForCausalLM.from_pretrained(hf)
     assert model.dtype == torch.float32
     master = consolidated_state_dict(zero2_run / "checkpoints", "step3")
@@ -200,3 +212,53 @@ def test_an_export_is_one_writer_that_leaves_nothing_behind(tmp_path, zero2_run,
     (killed / "model.safetensors").write_bytes(b"half")
     assert run_here("tools/convert_to_hf.py", [str(zero2_run), str(out)]).returncode == 0
     assert (out / "model.safetensors").is_file() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_export_has_a_model_card_readable_files_and_a_quick_start_that_runs(tmp_path, zero2_run):
+    """The card parses with huggingface_hub and carries the run's facts and results; every file is readable
+    by group and others under umask 022; the card's quick start, run as written, generates; --card_only
+    writes the card again from the run as it is now and leaves the weights alone."""
+    import os
+    import re
+    import stat
+    import subprocess
+    import sys
+
+    from huggingface_hub import ModelCard
+    from transformers import GenerationConfig
+
+    import shutil
+
+    run, hf = tmp_path / "run", tmp_path / "hf"
+    shutil.copytree(zero2_run, run)  # its metrics gain a line below
+    previous = os.umask(0o022)
+    try:
+        proc = run_here("tools/convert_to_hf.py", [str(run), str(hf)])
+    finally:
+        os.umask(previous)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for path in hf.iterdir():
+        assert path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH) == stat.S_IRGRP | stat.S_IROTH, path.name
+    card = ModelCard.load(hf / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert {"pretrain", "full", "zero-2", "deepspeed"} <= set(data["tags"]) and data["datasets"]
+    assert "base_model" not in data  # pretrained from scratch
+    metrics = {m["type"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
+    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["val_loss"] == pytest.approx(final["val_loss"], abs=1e-6)
+    assert "| ZeRO stage | 2 |" in card.text and "deepspeed 0.19" in card.text
+    snippet = re.search(r"```python\n(.*?)```", card.text, flags=re.S).group(1)
+    ran = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0 and ran.stdout.startswith("def main("), ran.stderr[-2000:]
+    generation = GenerationConfig.from_pretrained(hf)
+    assert generation.eos_token_id is not None and generation.pad_token_id is not None
+    weights = (hf / "model.safetensors").stat().st_mtime_ns
+    with open(run / "metrics.jsonl", "a") as metrics_file:  # an evaluation recorded after the export
+        metrics_file.write(json.dumps({"step": 6, "tokens": final["tokens"], "val_loss": 1.2345}) + "\n")
+    proc = run_here("tools/convert_to_hf.py", [str(run), str(hf), "--card_only"])
+    assert proc.returncode == 0 and "the weights are unchanged" in proc.stdout, proc.stderr
+    assert ModelCard.load(hf / "README.md").data.to_dict()["model-index"][0]["results"][0]["metrics"][0]["value"] == 1.2345
+    assert (hf / "model.safetensors").stat().st_mtime_ns == weights
+    refused = run_here("tools/convert_to_hf.py", [str(run), str(tmp_path), "--card_only"])
+    assert refused.returncode == 2 and "is not a Hugging Face export written by these tools" in refused.stderr
