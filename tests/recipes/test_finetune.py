@@ -25,7 +25,18 @@ def test_finetune_from_export_then_export_again(tmp_path, pretrained, demo, stag
     result = hf_only(hf, out / "export_check.pt")
     assert result["max_logit_diff"] <= TOLERANCE["bf16"] and result["same_greedy_tokens"], result
     tokenizer = AutoTokenizer.from_pretrained(hf)
-    assert tokenizer.chat_template  # the template trained with travels with the model
+    assert tokenizer.chat_template and (hf / "chat_template.jinja").is_file()  # the template trained with travels
+    from huggingface_hub import ModelCard
+    from transformers import GenerationConfig
+
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What does json.dumps do?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    assert "What does json.dumps do?" in prompt
+    generation = GenerationConfig.from_pretrained(hf)
+    assert generation.eos_token_id == tokenizer.eos_token_id and generation.pad_token_id is not None
+    card = ModelCard.load(hf / "README.md").data.to_dict()
+    assert card["base_model"] == str(pretrained) and card["base_model_relation"] == "finetune"
+    assert {"finetune", "full", f"zero-{stage}"} <= set(card["tags"])
 
 
 def test_a_weighted_mixture_of_files_resumes_exactly_after_sigterm(tmp_path, pretrained, demo):
