@@ -47,6 +47,13 @@ def _moe(model_type: str, layers: int, width: int, heads: int, experts: int, top
             "tie_word_embeddings": True, "rope_theta": 10000.0, "attention_dropout": 0.0, **fields}
 
 
+def _decoder(model_type: str, **extra: Any) -> dict[str, Any]:
+    """llama-nano's shape in another decoder family (its own blocks: norms, rotary, MLP, biases)."""
+    return {"model_type": model_type, "num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 688, "max_position_embeddings": 256,
+            "attention_dropout": 0.0, **extra}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Small shapes that train in minutes on a CPU.
     "gpt2-nano": _gpt2(4, 256, 4, 256),
@@ -60,6 +67,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # width each, 2 per token (docs/parallelism_and_memory.md compares them).
     "mixtral-nano": _moe("mixtral", 4, 256, 4, 8, 2, 344, 256),
     "qwen3-moe-nano": _moe("qwen3_moe", 4, 256, 4, 8, 2, 344, 256),
+    # One small shape per decoder family users fine-tune most.
+    "qwen2-nano": _decoder("qwen2", tie_word_embeddings=True),
+    "qwen3-nano": _decoder("qwen3", head_dim=64, tie_word_embeddings=True),
+    "mistral-nano": _decoder("mistral", tie_word_embeddings=False),
+    "gemma3-nano": _decoder("gemma3_text", head_dim=64, tie_word_embeddings=True),
+    "phi3-nano": _decoder("phi3", tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0),
+    "olmo2-nano": _decoder("olmo2", tie_word_embeddings=False),
     # The GPT-2 family's published shapes (124M, 350M, 774M, 1.5B with the GPT-2 vocabulary).
     "gpt2": _gpt2(12, 768, 12, 1024),
     "gpt2-medium": _gpt2(24, 1024, 16, 1024),
