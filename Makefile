@@ -81,7 +81,7 @@ grpo-demo:
 		--prompt "In Python's json module, what does dumps(obj, *, indent=None) do?"
 
 test: install
-	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest tests --durations=30
 
 test-quick:
 	$(PYTHON) -m pytest tests -m "not slow"

@@ -108,14 +108,16 @@ def cli_entry(main: Callable[[], T]) -> Callable[[], T]:
     return wrapper
 
 
+# The rank variables of the launchers parallel/launchers.py reads, in its order (srun's only in a job
+# step); tests/parallel/test_launchers.py checks that the two agree.
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
 def _rank() -> int:
     """This process's rank, whichever launcher started it (srun and mpirun name it their own way)."""
-    from gpt_recipes.parallel.launchers import detect
-
-    try:
-        return detect().rank
-    except RecipeExit:
-        return 0
+    keys = RANK_VARIABLES + (("SLURM_PROCID",) if "SLURM_STEP_ID" in os.environ else ())
+    value = next((os.environ[key] for key in keys if key in os.environ), "0")
+    return int(value) if value.isdigit() else 0
 
 
 def first_line(err: BaseException) -> str:

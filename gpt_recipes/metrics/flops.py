@@ -64,7 +64,8 @@ def flops_shape(model_config: PretrainedConfig) -> FlopsShape:
     from transformers.pytorch_utils import Conv1D
 
     from gpt_recipes.models.causal_lm import build_model
-    from gpt_recipes.models.moe import matmul_weights, moe_shape
+    from gpt_recipes.models.moe import matmul_weights
+    from gpt_recipes.parallel.experts import moe_shape
 
     with torch.device("meta"):
         model = build_model(model_config)

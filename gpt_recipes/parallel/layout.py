@@ -334,7 +334,7 @@ def _expert_problem(layout: Layout, block: dict[str, Any]) -> str | None:
 
 def _experts_refusal(layout: Layout, config, supports: Supports, objective: str, uses: Uses) -> str | None:
     """Why a mixture-of-experts model (or expert parallelism) cannot run as asked; None when it can."""
-    from gpt_recipes.models.moe import moe_shape
+    from gpt_recipes.parallel.experts import moe_shape
 
     shape = moe_shape(config)
     if shape is None:

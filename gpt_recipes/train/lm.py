@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from gpt_recipes.ds_config import BatchPlan
-from gpt_recipes.models import moe
 from gpt_recipes.models.loss import CausalLMLoss, fused_unavailable
 from gpt_recipes.parallel.layout import EVERY_LAYOUT, Supports
+from gpt_recipes.train import router_balance
 from gpt_recipes.train.objective import Objective, StepResult, StepSetup, TrainStep
 from gpt_recipes.train.step import DataParallelStep
 
@@ -32,7 +32,7 @@ class NextToken(Objective):
             why_not="fine-tuning batches vary in length, and the pipeline engine needs one shape for every micro-batch")
 
     def line_text(self, record: dict[str, Any]) -> str:
-        return moe.line_text(record)
+        return router_balance.line_text(record)
 
     def make_step(self, setup: StepSetup) -> tuple[TrainStep, dict[str, Any]]:
         run = setup.run
@@ -50,7 +50,7 @@ class NextToken(Objective):
         loss_fn = CausalLMLoss(model, fused=why_not is None)
         run.say("Loss: output layer and cross-entropy fused, in chunks of rows (the logits are never held whole)"
                 if loss_fn.fused else f"Loss: cross-entropy over the model's logits ({why_not})")
-        return moe.balanced(loss_fn, model, self.router_aux_loss_coef, run.say)
+        return router_balance.balanced(loss_fn, model, self.router_aux_loss_coef, run.say)
 
 
 class PipelineStep:

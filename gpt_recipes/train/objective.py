@@ -101,6 +101,6 @@ def registered() -> list[type[Objective]]:
 
 def reports() -> list[Report]:
     """What the summariser shows of each registered objective's runs (tools pass it to metrics/summary.py)."""
-    from gpt_recipes.models import moe
+    from gpt_recipes.train import router_balance
 
-    return [objective.report for objective in registered()] + [moe.REPORT]
+    return [objective.report for objective in registered()] + [router_balance.REPORT]

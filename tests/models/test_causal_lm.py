@@ -24,8 +24,11 @@ def test_presets_take_the_tokenizers_vocabulary_and_have_no_dropout(name):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_both_families_are_covered():
-    assert {raw["model_type"] for raw in PRESETS.values()} == {"gpt2", "llama"}
+def test_every_family_the_tests_run_has_a_preset():
+    assert {raw["model_type"] for raw in PRESETS.values()} == {"gpt2", "llama", "mixtral", "qwen3_moe", "qwen2", "qwen3",
+                                                               "mistral", "gemma3_text", "phi3", "olmo2"}
+    for name in PRESETS:  # each builds
+        build_config(name, 1024, 0)
 
 
 def test_config_json(tmp_path):

@@ -9,6 +9,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from gpt_recipes.metrics.flops import flops_shape
 from gpt_recipes.models import moe
+from gpt_recipes.parallel.experts import MoEShape, moe_shape
+from gpt_recipes.train.router_balance import RouterBalance, balanced
 from gpt_recipes.models.causal_lm import build_config
 from gpt_recipes.models.loss import CausalLMLoss
 from gpt_recipes.parallel.layout import Supports
@@ -23,9 +25,9 @@ def _model(spec: dict):
 
 
 def test_moe_shape_reads_each_family():
-    assert moe.moe_shape(build_config("mixtral-nano", 1024, 0)) == moe.MoEShape(8, 2, 0.001)  # transformers' Mixtral default coefficient
-    assert moe.moe_shape(build_config("qwen3-moe-nano", 1024, 0)).experts == 8
-    assert moe.moe_shape(build_config("llama-nano", 1024, 0)) is None
+    assert moe_shape(build_config("mixtral-nano", 1024, 0)) == MoEShape(8, 2, 0.001)  # transformers' Mixtral default coefficient
+    assert moe_shape(build_config("qwen3-moe-nano", 1024, 0)).experts == 8
+    assert moe_shape(build_config("llama-nano", 1024, 0)) is None
 
 
 def test_the_registry_adapter_is_still_needed():
@@ -56,12 +58,12 @@ def test_the_adapted_registry_answers_both_callers():
 def test_router_balance_adds_the_aux_loss_and_counts_every_routed_token(spec):
     model = _model(spec)
     inner = CausalLMLoss(model, fused=False)
-    shape = moe.moe_shape(model.config)
+    shape = moe_shape(model.config)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     inputs, targets = {"input_ids": ids}, torch.roll(ids, -1, 1)
     with torch.no_grad():
         plain = inner(model, inputs, targets, reduction="sum")
-        balanced = moe.RouterBalance(inner, shape, 0.5)
+        balanced = RouterBalance(inner, shape, 0.5)
         total = balanced(model, inputs, targets, reduction="sum")
         aux = model(**inputs, output_router_logits=True).aux_loss
     assert total.item() == pytest.approx(plain.item() + 0.5 * aux.item() * targets.numel(), rel=1e-6)
@@ -85,7 +87,7 @@ def test_a_dense_model_keeps_its_loss():
     model = _model({"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
                     "intermediate_size": 64})
     inner = CausalLMLoss(model, fused=False)
-    assert moe.balanced(inner, model, None, print) is inner
+    assert balanced(inner, model, None, print) is inner
 
 
 def _as_autoep(state: dict) -> dict:

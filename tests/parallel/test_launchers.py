@@ -60,3 +60,22 @@ def test_slurm_task_counts():
         tasks_per_node("two")
     with pytest.raises(UserError, match="SLURM_PROCID='x'"):
         detect({**SRUN, "SLURM_PROCID": "x"})
+
+
+@pytest.mark.parametrize("environ", [
+    {"RANK": "3", "WORLD_SIZE": "4", **SRUN},
+    SRUN,
+    {k: v for k, v in SRUN.items() if k != "SLURM_STEP_ID"},
+    {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+    {"PMI_RANK": "2", "PMI_SIZE": "4"},
+    {},
+])
+def test_one_line_errors_come_from_the_rank_the_launcher_names(monkeypatch, environ):
+    """errors.py (below the launchers in the import order) reads the same rank as detect()."""
+    from gpt_recipes import errors
+
+    for key in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK", *SRUN):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    assert errors._rank() == detect(environ).rank
