@@ -103,13 +103,17 @@ class SlurmCluster:
 
     def wait(self, job: str, timeout: float = 300) -> str:
         """Wait for the job to end (a requeued job pending its begin time is started at once)."""
-        deadline = time.monotonic() + timeout
+        deadline, pending_since = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
             state = self.state(job)
             if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
                 return state
-            if state == "PENDING":  # Slurm holds a requeued job back for a while: release it now
+            pending_since = (pending_since or time.monotonic()) if state == "PENDING" else None
+            # Slurm holds a requeued job back for a while; release it, but not in the seconds after the
+            # requeue, while slurmd still refuses the job's revoked credential ("Job credential revoked").
+            if pending_since is not None and self.restarts(job) and time.monotonic() - pending_since > 3:
                 self.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+                pending_since = time.monotonic()
             time.sleep(0.5)
         raise TimeoutError(f"job {job} still {self.state(job)} after {timeout} s\n{self.logs()}")
 

@@ -110,7 +110,8 @@ def main() -> None:
 
     runs, order, names = [], run_order(entries(configs, args.models), args.repeats), {}
     for n, (k, (entry, config, model_args)) in enumerate(order, 1):
-        print(f"[{n}/{len(order)}] {entry}" + (f" (round {k})" if args.repeats > 1 else ""), flush=True)
+        print(f"[{n}/{len(order)}] {config}{''.join(f' {a}' for a in model_args)}"
+              + (f" (round {k})" if args.repeats > 1 else ""), flush=True)
         name = entry if args.repeats == 1 else f"{entry}_r{k}"
         runs.append(run_pretrain(config, out / name, args.ranks, [*run_args, *model_args], quiet=True))
         names[runs[-1].out_dir] = entry

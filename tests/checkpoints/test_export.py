@@ -21,7 +21,7 @@ def test_recipe_export_round_trip(tmp_path, tiny_data, tiny_model, tiny_llama, s
     launch("recipes/pretrain.py", pretrain_args(cfg, tiny_data, model, out, 6, "--eval_interval", "0",
                                                 "--export_hf", str(hf)))
     names = sorted(p.name for p in hf.iterdir())
-    assert names == [".gpt-recipes.json", "config.json", "generation_config.json", "model.safetensors",
+    assert names == [".gpt-recipes.json", "README.md", "config.json", "generation_config.json", "model.safetensors",
                      "tokenizer.json", "tokenizer_config.json"]  # the first marks it as an export of ours
     result = hf_only(hf, out / "export_check.pt")
     assert result["foreign_modules"] == []
