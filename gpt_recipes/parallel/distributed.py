@@ -8,7 +8,6 @@ plain `python recipes/...` run is a world of one.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import glob
 import os
 import random
@@ -101,17 +100,7 @@ def init(env: DistEnv, shm_comm: bool = False) -> str | None:
     _join_restarted_group()
     with console.quiet_prints():  # DeepSpeed's "built successfully", on every rank and launch
         deepspeed.init_distributed()
-    atexit.register(_leave_group)  # runs before the shared-memory clean-up registered above
     return shm.enable() if why_not_shm is None else why_not_shm
-
-
-def _leave_group() -> None:
-    """Destroy the process group before the interpreter tears down: left to teardown, torch's gloo threads
-    sometimes end the process with "terminate called without an active exception" (status 250 or
-    SIGABRT) after a run that had saved and said its last line."""
-    if dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
 
 
 def _join_restarted_group() -> None:
