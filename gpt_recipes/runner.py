@@ -46,7 +46,6 @@ from gpt_recipes.metrics.log import MetricsLog, log_wandb_by_step
 from gpt_recipes.metrics.memory import tensor_memory_mb
 from gpt_recipes.models.adapters import TrainedWeights, trainable_parameters
 from gpt_recipes.models.causal_lm import count_parameters, enable_activation_checkpointing
-from gpt_recipes.models import moe
 from gpt_recipes.models.compile import CompilePlan, plan_compile
 from gpt_recipes.parallel import distributed, launchers
 from gpt_recipes.parallel.distributed import DistEnv
@@ -310,8 +309,7 @@ def start_engine(run: RunPlan, job: Job, model: torch.nn.Module, mpu) -> tuple[A
         run.out_dir.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_DIR", str(run.out_dir))
-    if (run.ds_cfg.get("expert_parallel") or {}).get("enabled"):  # DeepSpeed AutoEP replaces the MoE blocks
-        moe.adapt_output_recorder_registry()
+    run.layout.prepare_engine()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=run.ds_cfg, mpu=mpu)
     engine_setup.check_runs_as_planned(engine, run.ds_cfg, run.batch)
     engine_setup.lighten_step(engine, run.env.world_size, run.layout.zero_stage)

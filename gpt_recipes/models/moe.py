@@ -1,50 +1,15 @@
-"""Mixture-of-experts models and DeepSpeed's AutoEP: the registry adapter AutoEP needs with
-transformers 5, the weights a token multiplies by (for FLOPs), and AutoEP's parameter names
-against the model's and the hub's. Expert parallelism itself is AutoEP (the JSON's
+"""Mixture-of-experts models and DeepSpeed's AutoEP: the weights a token multiplies by (for FLOPs),
+and AutoEP's parameter names against the model's and the hub's. Expert parallelism itself is AutoEP (the JSON's
 `"expert_parallel"` section), which replaces each MoE block at `deepspeed.initialize`.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 
 import torch
 
 from gpt_recipes.parallel.experts import MoEShape
-
-
-def registry_needs_adapter() -> bool:
-    """True while transformers' output-recorder registry takes no default in `get` (transformers 5.x),
-    where DeepSpeed 0.19.8's AutoEP calls `registry.get(key, default)` and sets entries by class name."""
-    from transformers.utils import output_capturing
-
-    registry = type(output_capturing._CAN_RECORD_REGISTRY)
-    return registry is not dict and len(inspect.signature(registry.get).parameters) < 3
-
-
-def adapt_output_recorder_registry() -> None:
-    """Let the registry be read and written as DeepSpeed's AutoEP does (keys that are class names,
-    `get` with a default) while transformers' own calls (keys that are models) mean what they did.
-    The one registry object is re-classed in place, so every module that imported it sees the change."""
-    if not registry_needs_adapter():
-        return
-    from transformers.utils import output_capturing
-
-    base = type(output_capturing._CAN_RECORD_REGISTRY)
-
-    class _NamesOrModels(base):
-        _missing = object()
-
-        def __setitem__(self, key, value):
-            dict.__setitem__(self, key if isinstance(key, str) else str(key.__class__), value)
-
-        def get(self, key, default=_missing):
-            if not isinstance(key, str):
-                return base.get(self, key)
-            return dict.get(self, key) if default is self._missing else dict.get(self, key, default)
-
-    output_capturing._CAN_RECORD_REGISTRY.__class__ = _NamesOrModels
 
 
 def matmul_weights(model: torch.nn.Module, shape: MoEShape) -> float:

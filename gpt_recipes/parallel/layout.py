@@ -168,6 +168,13 @@ class Layout:
         module = pipeline.to_pipeline(model, self)
         return module, pipeline.describe(module)
 
+    def prepare_engine(self) -> None:
+        """What must hold before deepspeed.initialize builds this layout: AutoEP's registry adapter."""
+        if self.autoep:
+            from gpt_recipes.parallel.experts import adapt_output_recorder_registry
+
+            adapt_output_recorder_registry()
+
     def checkpoint_files(self, module) -> list[Any]:
         """Objects with save_pretrained that each checkpoint holds for this layout: which Hugging Face
         module each of a pipeline's layer files holds."""

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from gpt_recipes.metrics.flops import flops_shape
 from gpt_recipes.models import moe
-from gpt_recipes.parallel.experts import MoEShape, moe_shape
+from gpt_recipes.parallel.experts import MoEShape, adapt_output_recorder_registry, moe_shape
 from gpt_recipes.train.router_balance import RouterBalance, balanced
 from gpt_recipes.models.causal_lm import build_config
 from gpt_recipes.models.loss import CausalLMLoss
@@ -32,7 +32,7 @@ def test_moe_shape_reads_each_family():
 
 def test_the_registry_adapter_is_still_needed():
     """Fails once transformers' output-recorder registry takes a default in `get` as a dict does: then
-    DeepSpeed's AutoEP works without models/moe.py's adapter, and the adapter can go."""
+    DeepSpeed's AutoEP works without parallel/experts.py's adapter, and the adapter can go."""
     from transformers.utils import output_capturing
 
     fresh = output_capturing._CanRecordRegistry()
@@ -43,7 +43,7 @@ def test_the_registry_adapter_is_still_needed():
 def test_the_adapted_registry_answers_both_callers():
     from transformers.utils import output_capturing
 
-    moe.adapt_output_recorder_registry()
+    adapt_output_recorder_registry()
     registry = output_capturing._CAN_RECORD_REGISTRY
     model = _model(TINY_MIXTRAL)
     assert registry.get(model)  # transformers' call: by model, its class's recorders
