@@ -67,8 +67,10 @@ def _same_as_reference(out, reference_out, from_step, loss_tol=LOSS_TOL, weight_
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < weight_tol
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_sigterm_on_one_rank_saves_then_resumes_exactly(tmp_path, references, tiny_data, tiny_model, stage):
+def test_sigterm_on_one_rank_saves_then_resumes_exactly(tmp_path, references, tiny_data, tiny_model):
+    """At ZeRO-3 (partitioned parameters: the hardest to resume); a SIGTERM'd ZeRO-2 run resumes exactly
+    in the compiled and sequence-parallel tests, a ZeRO-1 one in the tensor-parallel test."""
+    stage = 3
     reference_out = references(stage)
     out = tmp_path / "run"
     proc = _run(tmp_path, stage, tiny_data, tiny_model, out, fault="sigterm@5:1", check=False)

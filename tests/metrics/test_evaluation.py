@@ -4,8 +4,6 @@ import json
 import sys
 
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from gpt_recipes.errors import UserError
 from gpt_recipes.metrics import evaluation
@@ -109,15 +107,13 @@ def test_in_training_scores_equal_the_tool_on_the_export_and_the_checkpoint(eval
 
 
 @pytest.mark.slow
-def test_the_fine_tuned_model_beats_a_random_one(evaluated_run, export_scores, pretrained):
-    tmp, _, hf = evaluated_run
-    torch.manual_seed(0)
-    random_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained))
-    random_model.save_pretrained(tmp / "random")
-    AutoTokenizer.from_pretrained(hf).save_pretrained(tmp / "random")  # same prompts (chat template)
-    tuned = export_scores["docstring_choice/acc"]
-    chance = _tool_scores(tmp / "random", tmp, "random")["docstring_choice/acc"]
-    assert tuned > chance + 0.05, (tuned, chance)
+def test_the_fine_tuned_model_beats_the_model_it_started_from(evaluated_run, export_scores):
+    """The task has four choices (chance 0.25); the pretrained base scored at step 0 is at chance, and
+    fine-tuning on the demo task lifts the exported model clearly above it."""
+    _, out, _ = evaluated_run
+    _, evals = read_metrics(out)
+    base, tuned = evals[0]["eval/docstring_choice/acc"], export_scores["docstring_choice/acc"]
+    assert evals[0]["step"] == 0 and tuned > base + 0.05 and tuned > 0.25 + 0.05, (base, tuned)
 
 
 @pytest.mark.slow

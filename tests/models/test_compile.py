@@ -1,5 +1,5 @@
 """torch.compile through DeepSpeed: the checks before any rank starts, compiled runs against eager
-ones at every ZeRO stage, exact resume of a compiled run, and its export."""
+ones at ZeRO-0 and ZeRO-2, exact resume of a compiled run, and its export."""
 
 import json
 from types import SimpleNamespace
@@ -87,13 +87,18 @@ def test_compile_time_is_kept_out_of_the_window(monkeypatch):
     assert 0.06 / 2 < record["step_time"] < 0.25 / 2, record  # (0.05 + 0.1) / 2, not (0.3 + 0.1) / 2
 
 
+# The compiled parity runs: ZeRO-0 (exported) and ZeRO-2, which share inductor's cached kernels. Each
+# further stage compiles its own graphs from cold (ZeRO-3: 70 s here), past the suite's budget.
+COMPILED = [run for run in CROSS_STAGE_RUNS if run[0] in ("zero0 2x2", "zero2 2x2")]
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory, tiny_data, tiny_model):
-    """The 2-rank parity runs of every ZeRO stage, compiled; the ZeRO-0 one also exported (and
+    """The 2-rank parity runs of ZeRO-0 and ZeRO-2, compiled; the ZeRO-0 one also exported (and
     checked against the engine as every export is); a compiled ZeRO-2 run stopped by SIGTERM."""
     tmp = tmp_path_factory.mktemp("compiled")
     runs = {}
-    for label, stage, ranks, micro, accum, fused in CROSS_STAGE_RUNS[:4]:
+    for label, stage, ranks, micro, accum, fused in COMPILED:
         extra = ["--torch_compile", *(["--export_hf", str(tmp / "hf")] if stage == 0 else [])]
         runs[label] = parity_run(tmp, tiny_data, tiny_model, stage, ranks, micro, accum, fused, label, *extra)
     stopped = parity_run(tmp, tiny_data, tiny_model, 2, 2, 2, 1, True, "zero2 stopped", "--torch_compile",
@@ -103,7 +108,7 @@ def compiled(tmp_path_factory, tiny_data, tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("label", [label for label, *_ in CROSS_STAGE_RUNS[:4]])
+@pytest.mark.parametrize("label", [label for label, *_ in COMPILED])
 def test_compiled_runs_train_as_eager_ones(cross_stage, compiled, label):
     eager, compiled_run = cross_stage[1][label], compiled[1][label]
     (eager_train, eager_eval), (train, evals) = read_metrics(eager), read_metrics(compiled_run)

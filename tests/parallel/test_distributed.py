@@ -24,8 +24,9 @@ def _losses(out) -> list[float]:
 
 @pytest.fixture(scope="module")
 def reference(cross_stage):
-    """Per-step losses of the 2-rank ZeRO-2 parity run (fp32, clipping 1.0) under torchrun, which
-    tests/recipes/test_pretrain.py compares with every other layout."""
+    """Per-step losses of the 2-rank ZeRO-2 parity run (fp32, clipping 1.0), its ranks started directly
+    with torch's variables (tests/helpers.py launch), which tests/recipes/test_pretrain.py compares with
+    every other layout."""
     out = cross_stage[1]["zero2 2x2"]
     return out, _losses(out)
 
@@ -38,8 +39,8 @@ def deepspeed_run(tmp_path_factory, tiny_data, tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
-def test_launchers_match_torchrun(tmp_path, tiny_data, tiny_model, reference, deepspeed_run, launcher):
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "accelerate"])
+def test_launchers_match_ranks_started_directly(tmp_path, tiny_data, tiny_model, reference, deepspeed_run, launcher):
     _, expected = reference
     out = deepspeed_run if launcher == "deepspeed" else parity_run(tmp_path, tiny_data, tiny_model, 2, 2, 2, 1, True,
                                                                    launcher, launcher=launcher)
