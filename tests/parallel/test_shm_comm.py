@@ -25,10 +25,12 @@ def test_collectives_equal_gloos():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 3])
-def test_bf16_training_is_identical_over_gloo(tmp_path, tiny_data, tiny_model, stage):
+def test_bf16_training_is_identical_over_gloo(tmp_path, tiny_data, tiny_model):
     """With 2 ranks each sum has two terms, which any order adds alike: the runs must agree exactly.
-    ZeRO-1 reduces with all-reduce; ZeRO-3 gathers parameters and reduce-scatters gradients."""
+    At ZeRO-3, which gathers parameters, reduce-scatters gradients and all-reduces norms and losses
+    (ZeRO-0/1/2's all-reduces match gloo's in the fp32 parity runs, which take this route, against
+    the two-node run in test_distributed.py, which cannot)."""
+    stage = 3
     cfg = ds_json(tmp_path, stage, micro=2)  # the shipped bf16 JSON, clipping on
     runs = {}
     for label, extra in (("shm", []), ("gloo", ["--no-shm_comm"])):

@@ -43,14 +43,14 @@ def test_sweep_runs_each_config_and_summarises(tmp_path, tiny_data, tiny_model):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     names = [p.split("/")[-1][:-5] for p in configs]
     started = [line.split("] ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("[")]
-    assert [s.split("/")[-1] for s in started] == [f"{n}.json (round 1)" for n in sorted([*names, "broken"])]
+    assert [s.split("/")[-1] for s in started] == [f"{n}.json" for n in sorted([*names, "broken"])]
     table = proc.stdout[proc.stdout.index("tokens/s (median)"):]
     for name in names:
-        assert any(line.startswith(f"{name}_r1") for line in table.splitlines())
-        lines = [json.loads(x) for x in (out / f"{name}_r1" / "metrics.jsonl").read_text().splitlines()]
+        assert any(line.startswith(name) for line in table.splitlines())
+        lines = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
         assert max(r["step"] for r in lines) == 4
         assert f"  {name}: " in proc.stdout  # its median over the rounds
     # Rounds and their spread: test_rounds_run_the_configs_in_turn_and_a_spread_wider_than_the_gaps_is_said.
     assert "tokens/s over 1 interleaved round(s)" in proc.stdout
-    assert "broken_r1 (" in proc.stdout and "failed (exit 2)" in proc.stdout
+    assert "broken (" in proc.stdout and "failed (exit 2)" in proc.stdout
     assert (out / "loss_vs_tokens.png").stat().st_size > 0 and (out / "tokens_per_sec.png").stat().st_size > 0
