@@ -11,6 +11,7 @@ fine-tuning demo holds out.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import random
 from pathlib import Path
@@ -134,12 +135,18 @@ def local_task_config() -> dict[str, Any]:
     }
 
 
+@functools.cache
+def task_manager() -> Any:
+    """The harness's index of its tasks: built once per process (it reads every task's YAML, ~10 s here)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def resolve_tasks(names: list[str]) -> list[Any]:
     """Task names as the harness takes them (the local task as its config); an unknown name is a
     one-line error listing the close ones."""
     harness()
-    from lm_eval.tasks import TaskManager
-
     if not names:
         raise UserError("--tasks: name at least one task")
     known, manager = None, None
@@ -149,7 +156,7 @@ def resolve_tasks(names: list[str]) -> list[Any]:
             out.append(local_task_config())
             continue
         if known is None:
-            manager = TaskManager()
+            manager = task_manager()
             known = set(manager.all_tasks) | {LOCAL_TASK}
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
