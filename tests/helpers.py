@@ -84,9 +84,15 @@ def _run(cmd: list[str], timeout: int, check: bool, fault: str | None = None) ->
     env = unbuffered_env(**({"GPT_RECIPES_FAULT": fault} if fault else {}))
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    _log_launch(cmd, time.monotonic() - start)
+    return _finished(proc, start, check)
+
+
+def _finished(proc: subprocess.CompletedProcess, start: float, check: bool) -> subprocess.CompletedProcess:
+    """A launch's ending: logged (GPT_RECIPES_LAUNCH_LOG), and with `check`, a failure raised with its output."""
+    _log_launch(proc.args, time.monotonic() - start)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
     return proc
 
 
@@ -107,35 +113,26 @@ def _run_env_ranks(script: str, args: list[str], ranks: int, port: int, timeout:
         procs = [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                                   stdout=out, stderr=err, text=True) for r, (out, err) in enumerate(files)]
         failed = None
-        try:
-            while any(p.poll() is None for p in procs):
-                failed = failed or next((p for p in procs if p.poll() not in (None, 0)), None)
-                if failed is not None or time.monotonic() - start > timeout:
-                    break
-                time.sleep(0.05)
-            if failed is not None:  # the others may wait on it in a collective: end them, as torchrun does
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                _wait_or_kill(procs, 10)
-            elif any(p.poll() is None for p in procs):
+        while failed is None and any(p.poll() is None for p in procs):
+            failed = next((p for p in procs if p.poll() not in (None, 0)), None)
+            if time.monotonic() - start > timeout:
                 _wait_or_kill(procs, 0)
                 raise subprocess.TimeoutExpired(cmd, timeout)
-        finally:
-            _wait_or_kill(procs, 0)
+            time.sleep(0.05)
+        if failed is not None:  # the others may wait on it in a collective: end them, as torchrun does
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+        _wait_or_kill(procs, 10)
         outputs = []
         for out, err in files:
             out.seek(0), err.seek(0)
             outputs.append((out.read(), err.read()))
             out.close(), err.close()
-    codes = [p.returncode for p in procs]
-    code = failed.returncode if failed is not None else next((c for c in codes if c), 0)
-    _log_launch(["(env ranks)", *cmd], time.monotonic() - start)
-    stdout, stderr = "".join(o for o, _ in outputs), "".join(e for _, e in outputs)
-    if check and code != 0:
-        raise AssertionError(f"{' '.join(cmd)} on {ranks} env ranks failed ({codes}):\n{stdout[-4000:]}\n"
-                             f"{stderr[-4000:]}")
-    return subprocess.CompletedProcess(cmd, code, stdout, stderr)
+    code = failed.returncode if failed is not None else next((p.returncode for p in procs if p.returncode), 0)
+    proc = subprocess.CompletedProcess(["(env ranks)", *cmd], code, "".join(o for o, _ in outputs),
+                                       "".join(e for _, e in outputs))
+    return _finished(proc, start, check)
 
 
 def _wait_or_kill(procs: list[subprocess.Popen], grace: float) -> None:
