@@ -102,37 +102,69 @@ def _run_env_ranks(script: str, args: list[str], ranks: int, port: int, timeout:
     MASTER_ADDR and MASTER_PORT set (torch's env:// initialisation, what torchrun's static rendezvous
     exports). As torchrun does, a rank that fails ends the others; the ranks' outputs come back
     concatenated in rank order, and the status is the first failing rank's."""
-    import tempfile
-
     env = unbuffered_env(**({"GPT_RECIPES_FAULT": fault} if fault else {}), MASTER_ADDR="127.0.0.1",
                          MASTER_PORT=str(port), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks))
-    cmd = [sys.executable, "-u", script, *args]
     start = time.monotonic()
-    with tempfile.TemporaryDirectory() as logs:
-        files = [(open(f"{logs}/{r}.out", "w+"), open(f"{logs}/{r}.err", "w+")) for r in range(ranks)]
-        procs = [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                                  stdout=out, stderr=err, text=True) for r, (out, err) in enumerate(files)]
-        failed = None
-        while failed is None and any(p.poll() is None for p in procs):
-            failed = next((p for p in procs if p.poll() not in (None, 0)), None)
-            if time.monotonic() - start > timeout:
-                _wait_or_kill(procs, 0)
-                raise subprocess.TimeoutExpired(cmd, timeout)
-            time.sleep(0.05)
-        if failed is not None:  # the others may wait on it in a collective: end them, as torchrun does
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-        _wait_or_kill(procs, 10)
-        outputs = []
-        for out, err in files:
-            out.seek(0), err.seek(0)
-            outputs.append((out.read(), err.read()))
-            out.close(), err.close()
-    code = failed.returncode if failed is not None else next((p.returncode for p in procs if p.returncode), 0)
-    proc = subprocess.CompletedProcess(["(env ranks)", *cmd], code, "".join(o for o, _ in outputs),
-                                       "".join(e for _, e in outputs))
+    status, outputs = _start_python(script, args, [{**env, "RANK": str(r), "LOCAL_RANK": str(r)}
+                                                   for r in range(ranks)], timeout)
+    proc = subprocess.CompletedProcess(["(env ranks)", sys.executable, "-u", script, *args], status,
+                                       "".join(o for o, _ in outputs), "".join(e for _, e in outputs))
     return _finished(proc, start, check)
+
+
+def run_python(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python script args...` from the repository root, without a launcher."""
+    start = time.monotonic()
+    code, [(out, err)] = _start_python(script, args, [unbuffered_env()], timeout)
+    _log_launch([script, *args], time.monotonic() - start)
+    return subprocess.CompletedProcess([sys.executable, script, *args], code, out, err)
+
+
+_WARM: list = []  # the session's warm start (tests/warm_start.py), once made
+
+
+def _start_python(script: str, args: list[str], envs: list[dict[str, str]],
+                  timeout: float) -> tuple[int, list[tuple[str, str]]]:
+    """`python -u script args...` from the repository root once per environment, all at once: the
+    status of the first to fail (0 if none did) and each one's (stdout, stderr). Forked from the
+    session's warm start (tests/warm_start.py), or with GPT_RECIPES_COLD_START=1 as fresh
+    interpreters; either way a failing one ends the others."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as logs:
+        files = [(f"{logs}/{i}.out", f"{logs}/{i}.err") for i in range(len(envs))]
+        if os.environ.get("GPT_RECIPES_COLD_START", "") in ("", "0"):
+            if not _WARM:
+                from tests.warm_start import WarmStart
+
+                _WARM.append(WarmStart(unbuffered_env(), str(REPO)))
+            status = _WARM[0].run([{"script": script, "args": args, "env": env, "cwd": str(REPO), "out": out,
+                                   "err": err} for env, (out, err) in zip(envs, files)], timeout)
+        else:
+            status = _run_cold([sys.executable, "-u", script, *args], envs, files, timeout)
+        return status, [(Path(out).read_text(errors="replace"), Path(err).read_text(errors="replace"))
+                        for out, err in files]
+
+
+def _run_cold(cmd: list[str], envs: list[dict[str, str]], files: list[tuple[str, str]], timeout: float) -> int:
+    start = time.monotonic()
+    procs = []
+    for env, (out, err) in zip(envs, files):
+        with open(out, "w") as out_file, open(err, "w") as err_file:
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out_file, stderr=err_file))
+    failed = None
+    while failed is None and any(p.poll() is None for p in procs):
+        failed = next((p for p in procs if p.poll() not in (None, 0)), None)
+        if time.monotonic() - start > timeout:
+            _wait_or_kill(procs, 0)
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        time.sleep(0.05)
+    if failed is not None:  # the others may wait on it in a collective: end them, as torchrun does
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+    _wait_or_kill(procs, 10)
+    return failed.returncode if failed is not None else next((p.returncode for p in procs if p.returncode), 0)
 
 
 def _wait_or_kill(procs: list[subprocess.Popen], grace: float) -> None:
@@ -143,15 +175,6 @@ def _wait_or_kill(procs: list[subprocess.Popen], grace: float) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-
-
-def run_python(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python script args...` from the repository root, without a launcher."""
-    start = time.monotonic()
-    proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=unbuffered_env(), capture_output=True,
-                          text=True, timeout=timeout)
-    _log_launch([script, *args], time.monotonic() - start)
-    return proc
 
 
 class _ReachedRanks(Exception):
