@@ -86,6 +86,10 @@ TINY = AutoConfig.for_model(**TINY_GPT2)
     (SP2, AutoConfig.for_model("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=96), 64,
      EVERY_LAYOUT, Uses(), "3 key-value heads and 2"),
     (SP2, GPT2, 64, EVERY_LAYOUT, Uses(adapters=True), "not supported with LoRA"),
+    (SP2, AutoConfig.for_model("gemma3_text", num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                               num_hidden_layers=2), 128, EVERY_LAYOUT, Uses(),
+     "sliding-window attention (16 tokens) is not kept by DeepSpeed Ulysses"),
+    (SP2, AutoConfig.for_model("mistral", sliding_window=64), 128, EVERY_LAYOUT, Uses(), "(64 tokens)"),
     (SP2, GPT2, 64, Supports(why_not="pairs are scored whole"), Uses(),
      "is not supported with DPO (pairs are scored whole)"),
     (TP2_, GPT2, 64, EVERY_LAYOUT, Uses(), "GPT-2 keeps its projections in Conv1D"),
@@ -107,6 +111,15 @@ TINY = AutoConfig.for_model(**TINY_GPT2)
 ])
 def test_what_a_layout_cannot_run(layout, config, seq_len, supports, uses, message):
     assert message in layout.refusal(config, seq_len, supports, "DPO", uses)
+
+
+@pytest.mark.parametrize("config", [
+    AutoConfig.for_model("gemma3_text", num_attention_heads=4, num_key_value_heads=2, sliding_window=128),
+    AutoConfig.for_model("mistral", sliding_window=None),
+    AutoConfig.for_model("qwen2", sliding_window=16, use_sliding_window=False),
+])
+def test_sequence_parallelism_takes_a_window_no_shorter_than_the_sequence(config):
+    assert SP2.refusal(config, 128, EVERY_LAYOUT, "pretraining") is None
 
 
 MIXTRAL = AutoConfig.for_model(**TINY_MIXTRAL)  # 4 experts
