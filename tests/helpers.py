@@ -38,13 +38,14 @@ def launch(script: str, args: list[str], ranks: int = 2, timeout: int = 600, che
     or `accelerate` (launch, with the DeepSpeed JSON given to accelerate), or "env": the ranks
     started directly with the variables torchrun gives them; returns the finished process.
 
-    By default a run expected to succeed starts as "env" ranks, 3-4 s sooner than under torchrun
-    and 7-10 s sooner than under the deepspeed launcher (test_distributed checks that all of them
-    train identically); a run whose ending is inspected (check=False) starts under the deepspeed
-    launcher, as users start it. `fault` sets GPT_RECIPES_FAULT for this run alone (see
+    By default the ranks start as "env" ranks, forked from the session's warm start (about 5 s
+    sooner than fresh interpreters, 7-10 s sooner than under the deepspeed launcher;
+    test_distributed checks that every launcher trains identically). Tests of what a user sees
+    when a run ends badly through the launcher (its exit status, its last lines) name
+    launcher="deepspeed". `fault` sets GPT_RECIPES_FAULT for this run alone (see
     gpt_recipes/faults.py).
     """
-    launcher = launcher or ("env" if check else "deepspeed")
+    launcher = launcher or "env"
     if launcher == "env":
         with master_port() as port:
             return _run_env_ranks(script, args, ranks, port, timeout, check, fault)
@@ -235,6 +236,17 @@ def _log_launch(cmd: list[str], seconds: float) -> None:
         with open(log, "a") as f:
             f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", "?"), "s": round(seconds, 1),
                                 "cmd": " ".join(cmd)[:300]}) + "\n")
+
+
+def demo_pairs(demo: Path, out: Path, train: int, val: int) -> Path:
+    """OUT/train.jsonl and OUT/val.jsonl: the first `train` and `val` pairs of the demo preference set."""
+    from gpt_recipes.data.sft_demo import build_preferences
+
+    build_preferences(demo, out / "all")
+    for split, n in (("train", train), ("val", val)):
+        lines = (out / "all" / f"{split}.jsonl").read_text().splitlines()[:n]
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return out
 
 
 def read_metrics(out_dir: Path) -> tuple[list[dict], list[dict]]:

@@ -151,7 +151,7 @@ def test_overwrite_replaces_the_run_and_a_failed_export_check_exits_nonzero(tmp_
     monkeypatch.setenv("GPT_RECIPES_FAULT", "export_skew@0")
     proc = launch("recipes/pretrain.py", pretrain_args(ds_json(tmp_path, 2, micro=2), tiny_data, tiny_model, out, 2,
                                                        "--eval_interval", "0", "--overwrite", "--export_hf", str(hf)),
-                  check=False)
+                  check=False, launcher="deepspeed")
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert re.search(r"error: the export in \S+ does not reproduce the trained engine: max \|logits difference\| "
                      r"1(\.\d+)? \(tolerance 0\.05\), greedy tokens identical; the checkpoint in \S+ is kept",

@@ -6,8 +6,7 @@ import math
 
 import pytest
 
-from gpt_recipes.data.sft_demo import build_preferences
-from tests.helpers import ds_json, launch, read_metrics, run_here, run_python
+from tests.helpers import demo_pairs, ds_json, launch, read_metrics, run_here, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -19,12 +18,7 @@ LOSS_TOL = 1e-5
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory, demo):
     """64 training and 32 held-out pairs of the demo preference set."""
-    out = tmp_path_factory.mktemp("pairs")
-    build_preferences(demo, out / "all")
-    for split, n in (("train", 64), ("val", 32)):
-        lines = (out / "all" / f"{split}.jsonl").read_text().splitlines()[:n]
-        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return out
+    return demo_pairs(demo, tmp_path_factory.mktemp("pairs"), 64, 32)
 
 
 def dpo_args(cfg: str, base, pairs, out, *extra: str) -> list[str]:

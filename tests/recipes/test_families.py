@@ -13,10 +13,9 @@ import pytest
 from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from gpt_recipes.data.sft_demo import build_preferences
 from gpt_recipes.models.causal_lm import PRESETS, build_config
 from gpt_recipes.parallel.layout import EVERY_LAYOUT, Layout
-from tests.helpers import ds_json, hf_only, launch, read_metrics
+from tests.helpers import demo_pairs, ds_json, hf_only, launch, read_metrics
 
 FAMILIES = ("qwen2", "qwen3", "mistral", "gemma3", "phi3", "olmo2")
 # Four runs a family cost about 30 s of the suite's 25 minutes: the suite runs the families whose blocks differ
@@ -45,10 +44,7 @@ REWARD = "def spaces(prompts, completions, **columns):\n    return [c.count(' ')
 def tasks(tmp_path_factory, demo):
     """Preference pairs (DPO) and prompts with a reward (GRPO), small: each family runs both."""
     out = tmp_path_factory.mktemp("family_tasks")
-    build_preferences(demo, out / "all")
-    for split, n in (("train", 32), ("val", 16)):
-        lines = (out / "all" / f"{split}.jsonl").read_text().splitlines()[:n]
-        (out / f"pairs_{split}.jsonl").write_text("\n".join(lines) + "\n")
+    demo_pairs(demo, out / "pairs", 32, 16)
     rows = [json.dumps({"prompt": f"Write code that handles {t}."}) + "\n"
             for t in ("a file", "a list", "a socket", "a thread", "a string", "a date", "a path", "a queue",
                       "a lock", "a table")]
@@ -84,7 +80,7 @@ def family_runs(request, tmp_path_factory, tiny_data, demo, tasks):
                                    str(tmp / "lora"), "--export_hf", str(tmp / "lora_hf")])
     short = ["--max_steps", "4", "--log_interval", "1", "--eval_interval", "4", "--eval_batches", "2"]
     launch("recipes/dpo.py", ["--deepspeed_config", zero3, "--model_name_or_path", str(tmp / "full_sp2_hf"),
-                              "--data", str(tasks / "pairs_train.jsonl"), "--val_data", str(tasks / "pairs_val.jsonl"),
+                              "--data", str(tasks / "pairs" / "train.jsonl"), "--val_data", str(tasks / "pairs" / "val.jsonl"),
                               "--truncate", "--beta", "0.5", *short, "--output_dir", str(tmp / "dpo"),
                               "--export_hf", str(tmp / "dpo_hf")])
     launch("recipes/grpo.py", ["--deepspeed_config", zero3, "--model_name_or_path", str(tmp / "full_sp2_hf"),

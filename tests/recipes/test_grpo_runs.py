@@ -103,7 +103,7 @@ def test_a_reward_that_fails_on_one_rank_is_named_with_its_message(tmp_path, pre
                        "    return [0.0] * len(completions)\n")
     args = grpo_args(tmp_path, pretrained, prompts, tmp_path / "run", "--max_steps", "2") + [
         "--reward_funcs", f"{rewards}:flaky"]
-    proc = launch("recipes/grpo.py", args, check=False)
+    proc = launch("recipes/grpo.py", args, check=False, launcher="deepspeed")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: reward function flaky failed: ValueError: cannot score this one (on rank 1)" in proc.stderr, \
         proc.stderr[-3000:]
