@@ -3,6 +3,7 @@ start (tests/warm_start.py) or, with GPT_RECIPES_COLD_START=1, as fresh interpre
 must see what `python -u script args...` sees and end as such a process ends."""
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -46,3 +47,13 @@ def test_a_failing_process_gives_its_status_and_ends_the_others(start, end, stat
     assert got == status
     assert said in outputs[1][1]
     assert time.monotonic() - began < 30  # the sleeping one was ended, not waited for
+
+
+@pytest.mark.slow
+def test_past_its_timeout_a_launch_is_killed_and_the_next_one_runs(start):
+    began = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        start(["sleep", "sleep"], timeout=3)
+    assert time.monotonic() - began < 20
+    status, outputs = start(["", ""])
+    assert status == 0 and [json.loads(out)["rank"] for out, _ in outputs] == ["0", "1"]

@@ -130,20 +130,29 @@ class WarmStart:
         all are killed."""
         self.proc.stdin.write((json.dumps({"procs": specs}) + "\n").encode())
         self.proc.stdin.flush()
-        pids = self._answer(60)["pids"]
-        codes: dict[int, int] = {}
+        forked = self._answer(60)
+        if forked is None:
+            raise RuntimeError("the warm start did not fork within 60 s")
+        pids, codes = forked["pids"], {}
         deadline, ended, timed_out, status = time.monotonic() + timeout, None, False, 0
-        while len(codes) < len(pids):
-            answer = self._answer(1.0)
-            if answer is not None:
-                codes[answer["pid"]] = answer["code"]
-                if answer["code"] != 0 and ended is None:
-                    status, ended = answer["code"], self._signal(pids, codes, signal.SIGTERM)
-            now = time.monotonic()
-            if ended is not None and now - ended > 10:
+        try:
+            while len(codes) < len(pids):
+                answer = self._answer(1.0)
+                if answer is not None:
+                    codes[answer["pid"]] = answer["code"]
+                    if answer["code"] != 0 and ended is None:
+                        status, ended = answer["code"], self._signal(pids, codes, signal.SIGTERM)
+                now = time.monotonic()
+                if ended is not None and now - ended > 10:
+                    self._signal(pids, codes, signal.SIGKILL)
+                if now > deadline and not timed_out:
+                    timed_out, ended = True, self._signal(pids, codes, signal.SIGKILL)
+        finally:  # interrupted (Ctrl-C): no process outlives its launch, no answer is left for the next
+            while len(codes) < len(pids):
                 self._signal(pids, codes, signal.SIGKILL)
-            if now > deadline and not timed_out:
-                timed_out, ended = True, self._signal(pids, codes, signal.SIGKILL)
+                answer = self._answer(10.0)
+                if answer is not None:
+                    codes[answer["pid"]] = answer["code"]
         if timed_out:
             raise subprocess.TimeoutExpired([s["script"] for s in specs], timeout)
         return status
