@@ -47,7 +47,7 @@ from gpt_recipes.metrics.memory import tensor_memory_mb
 from gpt_recipes.models.adapters import TrainedWeights, trainable_parameters
 from gpt_recipes.models.causal_lm import count_parameters, enable_activation_checkpointing
 from gpt_recipes.models.compile import CompilePlan, plan_compile
-from gpt_recipes.parallel import distributed, launchers
+from gpt_recipes.parallel import distributed, launchers, op_builds
 from gpt_recipes.parallel.distributed import DistEnv
 from gpt_recipes.parallel.layout import Layout, Uses
 from gpt_recipes.train import engine_setup
@@ -138,6 +138,7 @@ def plan_run(args: RunArgs) -> RunPlan:
         raise UserError(f"--output_dir {out_dir} changed while this run was starting (another run ended there?); "
                         "start it again")
     check_not_finished(args, out_dir, output)
+    op_builds.check_op_builds()
     if args.export_hf:
         check_output_path(args.export_hf, "--export_hf", inputs, outputs={"--output_dir": out_dir})
         check_output_folder(Path(args.export_hf), args.overwrite, force_flag="--overwrite")
