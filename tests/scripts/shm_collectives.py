@@ -67,8 +67,9 @@ def main() -> None:
     for numel in (1, 12345, 9_000_001):
         check(f"all_reduce fp32 x{numel}", False, *all_reduce(numel, torch.float32))
     check("all_reduce bf16", False, *all_reduce(300_001, torch.bfloat16))
-    group = dist.new_group(list(range(world)))  # ZeRO's data-parallel group: every rank
-    check("all_reduce over a group of every rank", False, *all_reduce(4097, torch.float32, group=group))
+    group = dist.new_group(list(range(world)))  # every rank, as AutoEP's replicated weights' ZeRO-3 group
+    check("all_reduce over another group of every rank goes to gloo", True,
+          *all_reduce(4097, torch.float32, group=group))
     check("all_reduce MAX falls back", True, *all_reduce(4097, torch.float32, op=comm.ReduceOp.MAX))
     check("all_reduce float64 falls back", True, *all_reduce(4097, torch.float64))
 
@@ -94,6 +95,26 @@ def main() -> None:
         handle.wait()
         return out
     check("all_gather asynchronous (ZeRO-3's call)", False, zero3_gather, gather(in_place=False)[1])
+
+    def two_groups():
+        # ZeRO-3 gathers a module's weights group by group in an order that can differ between ranks (it
+        # follows a set of parameters); only the order within each group is the same on every rank.
+        sizes = {"world": 1001, "other": 7}
+        order = ["world", "other"] if rank == 0 else ["other", "world"]
+        outs = {name: torch.empty(world * n) for name, n in sizes.items()}
+        handles = [comm.all_gather_into_tensor(outs[name], values(sizes[name], torch.float32, rank),
+                                               group=comm.get_world_group() if name == "world" else group,
+                                               async_op=True) for name in order]
+        for handle in handles:
+            handle.wait()
+        return torch.cat([outs["world"], outs["other"]])
+    def two_groups_gloo():
+        outs = []
+        for n in (1001, 7):
+            outs.append(torch.empty(world * n))
+            _gloo_all_gather(outs[-1], values(n, torch.float32, rank))
+        return torch.cat(outs)
+    check("all_gathers of two groups of every rank, in another order on each rank", True, two_groups, two_groups_gloo)
 
     part = 3_000_001
     def scatter(output_in_input: bool, dtype=torch.float32):
