@@ -47,7 +47,7 @@ from gpt_recipes.metrics.memory import tensor_memory_mb
 from gpt_recipes.models.adapters import TrainedWeights, trainable_parameters
 from gpt_recipes.models.causal_lm import count_parameters, enable_activation_checkpointing
 from gpt_recipes.models.compile import CompilePlan, plan_compile
-from gpt_recipes.parallel import distributed, launchers, op_builds
+from gpt_recipes.parallel import distributed, launchers, op_builds, shm_comm
 from gpt_recipes.parallel.distributed import DistEnv
 from gpt_recipes.parallel.layout import Layout, Uses
 from gpt_recipes.train import engine_setup
@@ -249,7 +249,8 @@ def start_ranks(args: RunArgs, run: RunPlan) -> dict[str, Any]:
     if run.env.world_size > 1:
         run.say(found.describe())
     if run.device == "cpu" and run.env.world_size > 1:
-        run.say("Collectives: " + ("all-reduce, all-gather and reduce-scatter through DeepSpeed's shared-memory kernel"
+        run.say("Collectives: " + ("all-reduce, all-gather and reduce-scatter of the engine's data-parallel group "
+                                   "through DeepSpeed's shared-memory kernel; other groups through gloo"
                                    if why_not_shm is None else f"gloo ({why_not_shm})"))
     distributed.barrier()  # every rank has checked the output folder before rank 0 writes to it
     distributed.seed_everything(args.seed)
@@ -312,6 +313,7 @@ def start_engine(run: RunPlan, job: Job, model: torch.nn.Module, mpu) -> tuple[A
         os.environ.setdefault("WANDB_DIR", str(run.out_dir))
     run.layout.prepare_engine()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=run.ds_cfg, mpu=mpu)
+    shm_comm.carry(shm_comm.engine_group(engine))  # the one group the kernel may serve (parallel/shm_comm.py)
     engine_setup.check_runs_as_planned(engine, run.ds_cfg, run.batch)
     engine_setup.lighten_step(engine, run.env.world_size, run.layout.zero_stage)
     facts = {}

@@ -5,18 +5,20 @@ shared-memory all-reduce kernel (`torch.ops.deepspeed.inference_all_reduce_`, wr
 inference tensor parallelism) that its training engine never calls. For gpt2-micro's 14M fp32
 gradients on 2 ranks here, gloo's all-reduce took 45 ms and the kernel 18 ms.
 
-`enable` routes the engine's SUM all-reduces, all-gathers and reduce-scatters over the
-world group through that kernel, the same way DeepSpeed's own backend routes world
-all-gathers to a faster transport where one exists. Anything else (other groups, other
-ops, dtypes the kernel lacks) still goes to gloo, so the engine needs no other change.
+`enable` routes SUM all-reduces, all-gathers and reduce-scatters of one group of every rank
+through that kernel, the same way DeepSpeed's own backend routes world all-gathers to a faster
+transport where one exists: the world group until the engine starts, then the group that
+carries most of the engine's traffic (`engine_group`). Anything else (other groups, other ops,
+dtypes the kernel lacks) still goes to gloo, so the engine needs no other change.
 
-The kernel is one channel whose n-th call on each rank meets the n-th call on every other,
-so it may carry one group's collectives only. DeepSpeed keeps each group's collectives in one
-order on every rank, but not the order between groups: with AutoEP at ZeRO-3, a layer's router
-weights are partitioned over a second group of every rank, and its weights are gathered group by
-group in an order that follows a set of parameters, so it differs between ranks from one run to
-the next. Served by one kernel, the two gathers met crossed and returned other weights (in 13
-of 56 runs here, the first step's loss was 0.006-0.015 off); gloo gives each group its own channel.
+One group, because the kernel is one channel whose n-th call on each rank meets the n-th call on
+every other. DeepSpeed keeps each group's collectives in one order on every rank, but not the
+order between groups: with AutoEP at ZeRO-3, a layer's router weights are partitioned over
+DeepSpeed's copy of the world group while the rest are partitioned over the world group itself,
+and a module's weights are gathered group by group in an order that follows a set of parameters,
+so it differs between ranks from one run to the next. Served by one kernel, the two gathers met
+crossed and returned other weights (in 13 of 56 runs here, the first step's loss was 0.006-0.015
+off); gloo gives each group its own channel.
 
 ZeRO-3 asks for its parameter all-gathers asynchronously, to overlap them with compute.
 The kernel runs them at once instead and hands back a finished handle: on a CPU, gloo's
@@ -32,6 +34,8 @@ import torch.distributed as dist
 
 # The kernel's fp32 reduction needs AVX2, its bf16/fp16 ones AVX-512BW (DeepSpeed's levels 1 and 2).
 _KERNEL_LEVEL = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 2}
+
+_route: "_SharedMemoryCollectives | None" = None  # once enabled
 
 
 def unavailable(device_type: str, world_size: int, local_world_size: int) -> str | None:
@@ -52,9 +56,11 @@ def prepare(world_size: int) -> None:
 
 
 def enable() -> str | None:
-    """Route world all-reduces, all-gathers and reduce-scatters through shared memory; None if done, else why not."""
+    """Route the world group's all-reduces, all-gathers and reduce-scatters through shared memory
+    (until `carry` names another group); None if done, else why not."""
     from deepspeed import comm
 
+    global _route
     backend = comm.comm.cdb
     level = getattr(backend, "shm_vector_kernel_level", 0)
     if getattr(backend, "shm_comm_op", None) is None or not hasattr(torch.ops.deepspeed, "inference_all_reduce_"):
@@ -63,28 +69,47 @@ def enable() -> str | None:
         return "this CPU lacks AVX2, which the shared-memory kernel needs"
     if int(os.environ.get("LOCAL_SIZE", "0")) != dist.get_world_size():
         return "LOCAL_SIZE does not cover every rank"
-    collectives = _SharedMemoryCollectives(backend, level)
-    backend.all_reduce = collectives.all_reduce
-    backend.all_gather_into_tensor = collectives.all_gather_into_tensor
-    backend.reduce_scatter_tensor = collectives.reduce_scatter_tensor
+    _route = _SharedMemoryCollectives(backend, level)
+    backend.all_reduce = _route.all_reduce
+    backend.all_gather_into_tensor = _route.all_gather_into_tensor
+    backend.reduce_scatter_tensor = _route.reduce_scatter_tensor
     return None
+
+
+def carry(group) -> None:
+    """From now on the kernel serves `group` alone; every rank calls this at the same point with its
+    copy of the same group. A group without every rank (the kernel sums over all) changes nothing."""
+    if _route is not None and group is not None and dist.get_world_size(group) == dist.get_world_size():
+        _route.group = group
+
+
+def engine_group(engine):
+    """The group that carries most of a DeepSpeed engine's collectives: at ZeRO-3, the one most of
+    the weights are partitioned over (their gathers, their gradients' reduce-scatters); at ZeRO-0/1/2,
+    the one its gradients are reduced over."""
+    numel: dict[int, list] = {}
+    for param in engine.module.parameters():
+        group = getattr(param, "ds_process_group", None)
+        if group is not None:
+            numel.setdefault(id(group), [group, 0])[1] += param.ds_numel
+    return max(numel.values(), key=lambda entry: entry[1])[0] if numel else engine.seq_data_parallel_group
 
 
 class _SharedMemoryCollectives:
     """The backend's collectives, served by the shared-memory kernel where it can (CPU tensors of the
-    world group, of a dtype the kernel sums), else by gloo as before."""
+    group it carries, of a dtype the kernel sums), else by gloo as before."""
 
     def __init__(self, backend, level: int):
-        self.level = level
+        self.level, self.group = level, dist.GroupMember.WORLD
         self.gloo_all_reduce = backend.all_reduce
         self.gloo_all_gather = backend.all_gather_into_tensor
         self.gloo_reduce_scatter = backend.reduce_scatter_tensor
 
     def served(self, tensor: torch.Tensor, group) -> bool:
-        # The world group itself, not any group of every rank (see the module's docstring).
+        # One group only, not any group of every rank (see the module's docstring); None is the world.
         return (tensor.device.type == "cpu" and tensor.is_contiguous()
                 and _KERNEL_LEVEL.get(tensor.dtype, 99) <= self.level
-                and (group is None or group is dist.GroupMember.WORLD))
+                and (group if group is not None else dist.GroupMember.WORLD) is self.group)
 
     def all_reduce(self, tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
         # DeepSpeed passes its own ReduceOp or torch's; the kernel only sums.

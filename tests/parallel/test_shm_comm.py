@@ -26,6 +26,14 @@ def test_collectives_equal_gloos():
 
 
 @pytest.mark.slow
+def test_the_kernel_carries_the_group_each_zero_stage_uses():
+    """ZeRO-1/2 reduce over DeepSpeed's copy of the world group, ZeRO-3 over the group its weights
+    are partitioned over: once the engine starts, every fp32 sum of its steps takes the kernel."""
+    proc = launch("tests/scripts/shm_engine_group.py", [], ranks=2)
+    assert proc.stdout.count("all through the kernel") == 2 * 3, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
 def test_bf16_training_is_identical_over_gloo(tmp_path, tiny_data, tiny_model):
     """With 2 ranks each sum has two terms, which any order adds alike: the runs must agree exactly.
     At ZeRO-3, which gathers parameters, reduce-scatters gradients and all-reduces norms and losses
@@ -38,7 +46,8 @@ def test_bf16_training_is_identical_over_gloo(tmp_path, tiny_data, tiny_model):
         out = tmp_path / label
         proc = launch("recipes/pretrain.py", pretrain_args(cfg, tiny_data, tiny_model, out, 6, "--log_interval", "1",
                                                            "--eval_interval", "0", *extra))
-        assert ("Collectives: all-reduce, all-gather and reduce-scatter through DeepSpeed's shared-memory kernel" if label == "shm"
+        assert ("Collectives: all-reduce, all-gather and reduce-scatter of the engine's data-parallel group through "
+                "DeepSpeed's shared-memory kernel; other groups through gloo" if label == "shm"
                 else "Collectives: gloo (--no-shm_comm)") in proc.stdout
         assert json.loads((out / "config.json").read_text())["shm_comm"] is (label == "shm")
         runs[label] = [(r["loss"], r["grad_norm"]) for r in read_metrics(out)[0]]
