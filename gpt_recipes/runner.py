@@ -313,7 +313,7 @@ def start_engine(run: RunPlan, job: Job, model: torch.nn.Module, mpu) -> tuple[A
         os.environ.setdefault("WANDB_DIR", str(run.out_dir))
     run.layout.prepare_engine()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=run.ds_cfg, mpu=mpu)
-    shm_comm.carry(shm_comm.engine_group(engine))  # the one group the kernel may serve (parallel/shm_comm.py)
+    shm_comm.carry_engine_group(engine)  # the one group the kernel may serve (parallel/shm_comm.py)
     engine_setup.check_runs_as_planned(engine, run.ds_cfg, run.batch)
     engine_setup.lighten_step(engine, run.env.world_size, run.layout.zero_stage)
     facts = {}

@@ -8,7 +8,7 @@ gradients on 2 ranks here, gloo's all-reduce took 45 ms and the kernel 18 ms.
 `enable` routes SUM all-reduces, all-gathers and reduce-scatters of one group of every rank
 through that kernel, the same way DeepSpeed's own backend routes world all-gathers to a faster
 transport where one exists: the world group until the engine starts, then the group that
-carries most of the engine's traffic (`engine_group`). Anything else (other groups, other ops,
+carries most of the engine's traffic (`carry_engine_group`). Anything else (other groups, other ops,
 dtypes the kernel lacks) still goes to gloo, so the engine needs no other change.
 
 One group, because the kernel is one channel whose n-th call on each rank meets the n-th call on
@@ -57,7 +57,7 @@ def prepare(world_size: int) -> None:
 
 def enable() -> str | None:
     """Route the world group's all-reduces, all-gathers and reduce-scatters through shared memory
-    (until `carry` names another group); None if done, else why not."""
+    (until `carry_engine_group` names another group); None if done, else why not."""
     from deepspeed import comm
 
     global _route
@@ -76,23 +76,19 @@ def enable() -> str | None:
     return None
 
 
-def carry(group) -> None:
-    """From now on the kernel serves `group` alone; every rank calls this at the same point with its
-    copy of the same group. A group without every rank (the kernel sums over all) changes nothing."""
-    if _route is not None and group is not None and dist.get_world_size(group) == dist.get_world_size():
-        _route.group = group
-
-
-def engine_group(engine):
-    """The group that carries most of a DeepSpeed engine's collectives: at ZeRO-3, the one most of
-    the weights are partitioned over (their gathers, their gradients' reduce-scatters); at ZeRO-0/1/2,
-    the one its gradients are reduced over."""
+def carry_engine_group(engine) -> None:
+    """From now on the kernel serves alone the group that carries most of a DeepSpeed engine's
+    collectives: at ZeRO-3, the one most of the weights are partitioned over (their gathers, their
+    gradients' reduce-scatters); at ZeRO-0/1/2, the one its gradients are reduced over. Every rank
+    calls this at the same point; a group without every rank (the kernel sums over all) changes nothing."""
     numel: dict[int, list] = {}
     for param in engine.module.parameters():
         group = getattr(param, "ds_process_group", None)
         if group is not None:
             numel.setdefault(id(group), [group, 0])[1] += param.ds_numel
-    return max(numel.values(), key=lambda entry: entry[1])[0] if numel else engine.seq_data_parallel_group
+    group = max(numel.values(), key=lambda entry: entry[1])[0] if numel else engine.seq_data_parallel_group
+    if _route is not None and group is not None and dist.get_world_size(group) == dist.get_world_size():
+        _route.group = group
 
 
 class _SharedMemoryCollectives:

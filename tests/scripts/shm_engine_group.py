@@ -1,5 +1,5 @@
 """Run under 2 ranks: once a DeepSpeed engine has started and its group is carried
-(shm_comm.carry(shm_comm.engine_group(engine))), every fp32 sum the engine's steps ask for goes
+(shm_comm.carry_engine_group(engine)), every fp32 sum the engine's steps ask for goes
 through the shared-memory kernel, at ZeRO-1, 2 and 3 (whose groups differ: DeepSpeed's copy of
 the world group, and the world group itself for weights partitioned at ZeRO-3)."""
 
@@ -34,7 +34,7 @@ def main() -> None:
                "zero_optimization": {"stage": stage}}
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                           config=cfg)
-        shm_comm.carry(shm_comm.engine_group(engine))
+        shm_comm.carry_engine_group(engine)
         asked.clear()
         for _ in range(2):
             loss = engine(torch.randn(2, 64)).pow(2).mean()
